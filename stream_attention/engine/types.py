@@ -1,0 +1,136 @@
+"""Public data types of the engine: what a request asks for and what comes back.
+
+These are the contract between the engine and its callers (the server, the clients'
+tests, offline scripts). They carry no HTTP or scheduling concerns.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # a stop string or stop token id (EOS included) was produced
+    LENGTH = "length"  # max_tokens reached, or the context length
+    ABORT = "abort"  # aborted by the caller (client disconnect, abort())
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. Defaults give greedy decoding of up to 16 tokens.
+
+    ``validate()`` raises ``ValueError`` naming the field that is out of range.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # return the top-N logprobs of each sampled token
+    include_stop_str_in_output: bool = False
+
+    def validate(self) -> SamplingParams:
+        checks = [
+            ("max_tokens", self.max_tokens >= 1),
+            ("temperature", 0.0 <= self.temperature <= 100.0),
+            ("top_k", self.top_k >= 0),
+            ("top_p", 0.0 < self.top_p <= 1.0),
+            ("min_p", 0.0 <= self.min_p <= 1.0),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
+        return self
+
+
+@dataclass
+class Request:
+    """One generation request as the engine sees it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    arrival_time: float = 0.0
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: dict[int, float] | None = None
+
+
+@dataclass
+class RequestOutput:
+    """A snapshot of a request's progress.
+
+    When streaming, each yielded object carries the *new* tokens and text since the
+    previous one in ``delta_token_ids`` / ``delta_text``, and the totals so far in
+    ``token_ids`` / ``text``. ``finished`` is True on the last one.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    delta_token_ids: list[int]
+    delta_text: str
+    finished: bool
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
+    # wall-clock seconds: arrival -> first token, arrival -> finish
+    time_to_first_token: float | None = None
+    latency: float | None = None
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": len(self.prompt_token_ids),
+            "completion_tokens": len(self.token_ids),
+            "total_tokens": len(self.prompt_token_ids) + len(self.token_ids),
+        }
+
+
+@dataclass
+class EngineStats:
+    """Counters and gauges the server exports as Prometheus metrics."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    preemptions_total: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    requests_finished_total: int = 0
+    prefix_cache_hits_total: int = 0
+    # KV compression (zeros when the cache is uncompressed)
+    kv_compression_ratio: float = 1.0
+    kv_bytes_saved: int = 0
+    kv_blocks_evicted_total: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound; the caller should retry later (HTTP 429)."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt plus max_tokens does not fit the model's context or the KV cache."""

@@ -1,0 +1,60 @@
+"""Where Triton kernels can run, decided once and shared by every launcher.
+
+Triton compiles for CUDA devices; with ``TRITON_INTERPRET=1`` (read by Triton when
+a kernel is decorated, so it must be set before this package is imported) the same
+kernels run on CPU tensors through Triton's interpreter. That is how CI tests them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = [
+    "triton_available",
+    "interpreter_enabled",
+    "triton_runs_on",
+    "TritonUnavailableError",
+]
+
+
+class TritonUnavailableError(RuntimeError):
+    """Raised when the Triton backend is forced but cannot run on the given tensors."""
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the ``triton`` package imports."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the environment
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether a Triton kernel can be launched on tensors living on ``device``."""
+    if not triton_available():
+        return False
+    if interpreter_enabled():
+        return device.type == "cpu"
+    return device.type == "cuda"
+
+
+def why_triton_cannot_run(device: torch.device) -> str:
+    """A human-readable reason for ``triton_runs_on(device) == False``."""
+    if not triton_available():
+        return "the 'triton' package is not installed"
+    if interpreter_enabled():
+        return f"TRITON_INTERPRET=1 runs kernels on CPU tensors only, got tensors on {device}"
+    return (
+        f"Triton kernels need CUDA tensors, got tensors on {device} "
+        "(set TRITON_INTERPRET=1 to run them on CPU through Triton's interpreter)"
+    )
