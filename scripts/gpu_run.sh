@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One device call: GPU tests and benchmarks, results as JSON under $OUT.
+#
+#   STAGES="tests fwd bwd hf engine kvquant server train" bash scripts/gpu_run.sh
+#
+# Runs from the repository root on the GPU machine (no network): the package is used
+# from the checkout via PYTHONPATH. Each stage is bounded by `timeout`; a failing stage
+# is recorded and the next one still runs. At most 8 files come back from $OUT, so all
+# stage outputs are packed into $OUT/results.tgz, with summary.json and gpu.log beside it.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+STAGES=${STAGES:-"tests fwd bwd"}
+RES=/tmp/gpu_results
+rm -rf "$RES"; mkdir -p "$RES" "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR=/tmp/triton_cache NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+LOG="$OUT/gpu.log"
+exec > >(tee -a "$LOG") 2>&1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+
+declare -A STATUS
+run() {  # run NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  echo "=== [$name] $(date +%T) $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@"; local rc=$?
+  STATUS[$name]="rc=$rc s=$((SECONDS - t0))"
+  echo "=== [$name] rc=$rc in $((SECONDS - t0)) s"
+}
+
+for stage in $STAGES; do
+  case $stage in
+    tests)   run tests 240 python3 -m pytest -m gpu -q -x --continue-on-collection-errors -p no:cacheprovider \
+                 --junitxml="$RES/gpu_tests.xml" tests ;;
+    fwd)     for d in 128 64; do for c in "" "--causal"; do
+               run "fwd_d${d}${c}" 200 python3 -m stream_attention.cli.benchmark --seq 1024 2048 4096 8192 16384 \
+                 --tokens-per-batch 16384 --heads $((2048 / d)) --dim $d $c --dtype bf16 --warmup 25 --iters 100 \
+                 --impls sdpa-flash sdpa-cudnn flex --no-progress --json "$RES/fwd_d${d}${c:+_causal}.json"
+             done; done ;;
+    bwd)     run bwd 240 python3 benchmarks/bench_backward.py --out "$RES/bwd.json" ;;
+    hf)      run hf 150 python3 benchmarks/bench_hf.py --out "$RES/hf.json" ;;
+    engine)  run engine 300 python3 benchmarks/bench_engine.py --out "$RES/engine.json" ;;
+    kvquant) run kvquant 150 python3 benchmarks/bench_kv_quant.py --out "$RES/kv_quant.json" ;;
+    server)  run server 300 python3 benchmarks/bench_server.py --out "$RES/server.json" ;;
+    train)   run train 480 bash benchmarks/train_default.sh "$RES" ;;
+    *)       echo "unknown stage $stage" ;;
+  esac
+done
+
+python3 - "$RES" "$OUT" <<'PY'
+import json, os, sys, glob
+res, out = sys.argv[1], sys.argv[2]
+summary = {}
+for path in sorted(glob.glob(os.path.join(res, "*.json"))):
+    try:
+        summary[os.path.basename(path)] = json.load(open(path))
+    except Exception as exc:
+        summary[os.path.basename(path)] = {"error": str(exc)}
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
+PY
+for k in "${!STATUS[@]}"; do echo "stage $k: ${STATUS[$k]}"; done
+tar -C "$RES" -czf "$OUT/results.tgz" .
+ls -la "$OUT"

@@ -1,0 +1,58 @@
+"""Timing and FLOP accounting shared by the modules' ``benchmark()`` and the CLIs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def attention_flops(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int, causal: bool) -> float:
+    """Forward FLOPs: two matmuls of ``2·Tq·Tk·D`` each per head; halved when causal.
+
+    The causal halving is the convention of FlashAttention's papers (exact for Tq = Tk
+    in the limit); the backward is counted as 2.5× the forward.
+    """
+    flops = 4.0 * batch * heads * seqlen_q * seqlen_k * head_dim
+    return flops / 2 if causal else flops
+
+
+def attention_bytes(
+    batch: int, heads_q: int, heads_kv: int, seqlen_q: int, seqlen_k: int, head_dim: int, elem: int
+) -> int:
+    """Fewest bytes a forward must move: Q, K, V read once, O written once."""
+    return elem * head_dim * batch * (2 * heads_q * seqlen_q + 2 * heads_kv * seqlen_k)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 10, iterations: int = 50) -> float:
+    """Median milliseconds per call of ``fn`` after ``warmup`` calls.
+
+    On CUDA this is ``triton.testing.do_bench``'s median (CUDA events, L2 flushed
+    between calls); elsewhere a host clock around each call.
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        fn()
+        torch.cuda.synchronize(device)
+        # do_bench takes milliseconds for warm-up and repetition; convert from counts
+        # using one measured call so short kernels still get many repetitions.
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        one_ms = max((time.perf_counter() - start) * 1e3, 1e-3)
+        return float(
+            triton.testing.do_bench(
+                fn, warmup=max(1, int(warmup * one_ms)), rep=max(5, int(iterations * one_ms)), return_mode="median"
+            )
+        )
+    for _ in range(max(warmup, 0)):
+        fn()
+    samples = []
+    for _ in range(max(iterations, 1)):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
