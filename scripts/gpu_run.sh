@@ -33,6 +33,8 @@ run() {  # run NAME SECONDS CMD...
 
 for stage in $STAGES; do
   case $stage in
+    ceil)    run ceilings 60 python3 benchmarks/ceilings.py --out "$RES/ceilings.json" ;;
+    fwdtests) run fwdtests 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_attention_fwd.py ;;
     tests)   run tests 240 python3 -m pytest -m gpu -q -x --continue-on-collection-errors -p no:cacheprovider \
                  --junitxml="$RES/gpu_tests.xml" tests ;;
     fwd)     for d in 128 64; do for c in "" "--causal"; do

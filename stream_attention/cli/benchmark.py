@@ -139,7 +139,7 @@ def run_benchmark(
                 row["backend"] = fused_backend
             try:
                 with torch.no_grad():
-                    ms = time_ms(lambda fn=fn: fn(q, k, v), dev, warmup=warmup, iterations=iters)
+                    ms = time_ms(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v), dev, warmup=warmup, iterations=iters)
                 row.update(time_ms=ms, tflops=flops / (ms * 1e-3) / 1e12, gb_s=nbytes / (ms * 1e-3) / 1e9)
             except Exception as exc:  # a backend that rejects this shape is a result, not a crash
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"

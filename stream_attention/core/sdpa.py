@@ -44,6 +44,18 @@ def visibility_mask(
     return (rel <= right) & (rel >= -left)
 
 
+def _combine_masks(
+    attn_mask: torch.Tensor | None, visible: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """One SDPA mask from a user mask (bool keep-mask or additive) and the band mask."""
+    if attn_mask is None:
+        return visible
+    if attn_mask.dtype != torch.bool:
+        mask = attn_mask.to(dtype)
+        return mask if visible is None else mask.masked_fill(~visible, float("-inf"))
+    return attn_mask if visible is None else attn_mask & visible
+
+
 def sdpa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -69,36 +81,45 @@ def sdpa_attention(
     compute_dtype = torch.float32 if q.device.type == "cpu" and q.dtype != torch.float64 else q.dtype
     qt, kt, vt = (t.transpose(1, 2).to(compute_dtype) for t in (q, k, v))
 
-    visible = visibility_mask(seqlen_q, seqlen_k, causal, window, q.device)
-    mask = attn_mask
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.to(compute_dtype)
-        if visible is not None:
-            mask = mask.masked_fill(~visible, float("-inf"))
-    elif visible is not None:
-        mask = visible if mask is None else (mask & visible)
-
-    use_is_causal = causal and mask is None and seqlen_q == seqlen_k
     gqa = {"enable_gqa": True} if hq != hkv else {}
+    plain_causal = causal and window is None and attn_mask is None
+    fused_causal = plain_causal and (seqlen_q == seqlen_k or (seqlen_q < seqlen_k and not gqa))
+    # The dense [Tq, Tk] band mask costs O(Tq*Tk) memory: build it only when SDPA or the LSE needs it.
+    need_dense = not fused_causal or return_lse
+    dense_visible = visibility_mask(seqlen_q, seqlen_k, causal, window, q.device) if need_dense else None
+    is_causal = False
+    if plain_causal and seqlen_q == seqlen_k:
+        # is_causal / a lower-right bias keep SDPA on its fused kernels (flash, cuDNN,
+        # efficient); a dense boolean mask would push it to slower paths.
+        sdpa_mask, is_causal = None, True
+    elif plain_causal and seqlen_q < seqlen_k and not gqa:
+        from torch.nn.attention.bias import causal_lower_right
+
+        sdpa_mask = causal_lower_right(seqlen_q, seqlen_k)
+    else:
+        sdpa_mask = _combine_masks(attn_mask, dense_visible, compute_dtype)
     with sdpa_kernel_context(sdpa_backend):
         out = F.scaled_dot_product_attention(
-            qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, is_causal=use_is_causal, scale=scale, **gqa
+            qt, kt, vt, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **gqa
         )
-    if mask is not None:
+    full_mask = _combine_masks(attn_mask, dense_visible, compute_dtype) if need_dense else None
+    if full_mask is not None and not plain_causal:
         # SDPA returns NaN for rows that see no key; the kernel's contract is zeros.
-        keep = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
+        keep = full_mask if full_mask.dtype == torch.bool else ~torch.isneginf(full_mask)
         empty = ~keep.any(dim=-1)
         if empty.any():
             out = out.masked_fill(empty.expand(batch, hq, seqlen_q)[..., None], 0.0)
+    elif plain_causal and seqlen_q > seqlen_k:
+        out[:, :, : seqlen_q - seqlen_k] = 0.0
     lse = None
     if return_lse:
         kr = kt.repeat_interleave(hq // hkv, dim=1) if hq != hkv else kt
         scores = torch.matmul(qt.float(), kr.float().transpose(-1, -2)) * scale
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        elif use_is_causal:
-            keep = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device).tril()
-            scores = scores.masked_fill(~keep, float("-inf"))
+        if full_mask is not None:
+            if full_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~full_mask, float("-inf"))
+            else:
+                scores = scores + full_mask
         lse = torch.logsumexp(scores, dim=-1)
     out = out.transpose(1, 2).to(orig_dtype)
     if return_lse:

@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass, field
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(str, enum.Enum):  # noqa: UP042 - str() must stay as in 3.10-style enums for callers
     STOP = "stop"  # a stop string or stop token id (EOS included) was produced
     LENGTH = "length"  # max_tokens reached, or the context length
     ABORT = "abort"  # aborted by the caller (client disconnect, abort())

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .masks_dropout import apply_masks, dropout_keep, mask_dropout_meta, prepare_masks
 from .runtime import interpreter_enabled
 
 # A window bound this large never clips anything; int32-safe for any realistic length.
@@ -43,12 +44,44 @@ INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16}
 
 @triton.jit
 def _stream_kv_tiles(
-    acc, l_i, m_i, q,
-    k_tile_ptrs, v_tile_ptrs, stride_kt, stride_vt,
-    offs_m, offs_n, offs_d,
-    lo, hi, seqlen_k, qk_scale, diag_offset, window_left, window_right,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_tile_ptrs,
+    v_tile_ptrs,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    diag_offset,
+    window_left,
+    window_right,
+    bias_base,
+    stride_bm,
+    stride_bn,
+    kpm_base,
+    stride_kpm,
+    philox_seed,
+    philox_offset,
+    philox_row_stride,
+    bh,
+    dropout_p,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BIAS_KIND: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_MASKS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
 ):
     d_mask = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -65,16 +98,33 @@ def _stream_kv_tiles(
         else:
             kT = tl.load(k_ptrs)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_MASKS:
+            qk = apply_masks(
+                qk,
+                offs_m[:, None],
+                cols[None, :],
+                seqlen_q,
+                seqlen_k,
+                bias_base,
+                stride_bm,
+                stride_bn,
+                kpm_base,
+                stride_kpm,
+                BIAS_KIND,
+                HAS_KPM,
+            )
         if MASKED:
             rel = cols[None, :] - (offs_m[:, None] + diag_offset)
             visible = col_ok[None, :] & (rel <= window_right) & (rel >= -window_left)
             qk = tl.where(visible, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASKED:
             # A row with nothing visible yet keeps m = -inf; subtract 0 instead so the
             # exponentials below are exp2(-inf) = 0 rather than NaN.
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        elif HAS_MASKS:
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_shift = m_new
         p = tl.math.exp2(qk - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
@@ -86,33 +136,122 @@ def _stream_kv_tiles(
             v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
         else:
             v = tl.load(v_ptrs)
+        if HAS_DROPOUT:
+            # The normaliser l keeps every probability; only the values see the mask.
+            keep = dropout_keep(
+                philox_seed, philox_offset, bh, offs_m[:, None], cols[None, :], philox_row_stride, dropout_p
+            )
+            p = tl.where(keep, p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
+def key_range(
+    m0,
+    seqlen_k,
+    diag_offset,
+    window_left,
+    window_right,
+    k_lo,
+    k_hi,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_BOUNDED: tl.constexpr,
+):
+    """Key tiles a query block ``[m0, m0 + BLOCK_M)`` visits: ``(lo_any, lo_full, hi_full, hi_any)``.
+
+    Keys outside ``[k_lo, k_hi)`` (key padding, or the whole ``[0, seqlen_k)``) are
+    never visited. ``[lo_full, hi_full)`` is the tile-aligned part every row fully sees.
+    """
+    last_row = m0 + BLOCK_M - 1
+    if IS_BOUNDED:
+        lo_any = tl.maximum(m0 + diag_offset - window_left, k_lo)
+        hi_any = tl.minimum(last_row + diag_offset + window_right + 1, k_hi)
+        lo_full = tl.maximum(last_row + diag_offset - window_left, k_lo)
+        hi_full = tl.maximum(tl.minimum(m0 + diag_offset + window_right + 1, k_hi), 0)
+    else:
+        lo_any = k_lo
+        hi_any = k_hi
+        lo_full = k_lo
+        hi_full = k_hi
+    lo_full = (lo_full + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    lo_any = lo_any // BLOCK_N * BLOCK_N
+    hi_any = tl.maximum(hi_any, lo_any)
+    lo_full = tl.minimum(tl.maximum(lo_full, lo_any), hi_any)
+    hi_full = tl.minimum(tl.maximum(hi_full // BLOCK_N * BLOCK_N, lo_full), hi_any)
+    return lo_any, lo_full, hi_full, hi_any
+
+
+@triton.jit(do_not_specialize=["philox_seed", "philox_offset"])
 def _attn_fwd_kernel(
-    Q, K, V, Out, Lse,
-    stride_qb, stride_qt, stride_qh, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kd,
-    stride_vb, stride_vt, stride_vh, stride_vd,
-    stride_ob, stride_ot, stride_oh, stride_od,
-    stride_lb, stride_lh, stride_lt,
-    cu_seqlens_q, cu_seqlens_k,
-    seqlen_q, seqlen_k, num_heads_q, group_size,
-    qk_scale, window_left, window_right,
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    stride_lb,
+    stride_lh,
+    stride_lt,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    seqlen_q,
+    seqlen_k,
+    num_heads_q,
+    group_size,
+    qk_scale,
+    window_left,
+    window_right,
+    Bias,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    Kpm,
+    stride_kpm_b,
+    stride_kpm_n,
+    KvBounds,
+    philox_seed,
+    philox_offset,
+    dropout_p,
     tune_bucket,  # autotune key only: the max query length rounded to a power of two
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, IS_BOUNDED: tl.constexpr, STORE_LSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    IS_BOUNDED: tl.constexpr,
+    STORE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    BIAS_KIND: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_MASKS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     batch_head = tl.program_id(1)
     b = batch_head // num_heads_q
     h = batch_head % num_heads_q
     kv_h = h // group_size
+    # Dropout counters are laid out on the (max) dense [Tq, Tk] grid of each head.
+    philox_row_stride = seqlen_k
 
     if IS_VARLEN:
         q_start = tl.load(cu_seqlens_q + b)
@@ -145,48 +284,148 @@ def _attn_fwd_kernel(
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
     k_tile_ptrs = K + k_base + kv_h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
     v_tile_ptrs = V + v_base + kv_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    bias_base = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
+    kpm_base = Kpm + b.to(tl.int64) * stride_kpm_b
 
-    # Key ranges this block must visit, and the sub-range it can visit without masks.
+    k_lo = 0
+    k_hi = seqlen_k
+    if HAS_KPM:
+        k_lo = tl.load(KvBounds + 2 * b)
+        k_hi = tl.load(KvBounds + 2 * b + 1)
     diag_offset = seqlen_k - seqlen_q
-    last_row = m0 + BLOCK_M - 1
-    if IS_BOUNDED:
-        lo_any = tl.maximum(m0 + diag_offset - window_left, 0)
-        hi_any = tl.minimum(last_row + diag_offset + window_right + 1, seqlen_k)
-        lo_full = tl.maximum(last_row + diag_offset - window_left, 0)
-        lo_full = (lo_full + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        hi_full = tl.maximum(tl.minimum(m0 + diag_offset + window_right + 1, seqlen_k), 0)
-    else:
-        lo_any = 0
-        hi_any = seqlen_k
-        lo_full = 0
-        hi_full = seqlen_k
-    lo_any = lo_any // BLOCK_N * BLOCK_N
-    hi_any = tl.maximum(hi_any, lo_any)
-    lo_full = tl.minimum(tl.maximum(lo_full, lo_any), hi_any)
-    hi_full = tl.minimum(tl.maximum(hi_full // BLOCK_N * BLOCK_N, lo_full), hi_any)
+    lo_any, lo_full, hi_full, hi_any = key_range(
+        m0, seqlen_k, diag_offset, window_left, window_right, k_lo, k_hi, BLOCK_M, BLOCK_N, IS_BOUNDED
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     acc, l_i, m_i = _stream_kv_tiles(
-        acc, l_i, m_i, q, k_tile_ptrs, v_tile_ptrs, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, lo_any, lo_full, seqlen_k, qk_scale, diag_offset,
-        window_left, window_right, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_tile_ptrs,
+        v_tile_ptrs,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_n,
+        offs_d,
+        lo_any,
+        lo_full,
+        seqlen_q,
+        seqlen_k,
+        qk_scale,
+        diag_offset,
+        window_left,
+        window_right,
+        bias_base,
+        stride_bm,
+        stride_bn,
+        kpm_base,
+        stride_kpm_n,
+        philox_seed,
+        philox_offset,
+        philox_row_stride,
+        batch_head,
+        dropout_p,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        True,
+        DOT_PRECISION,
+        BIAS_KIND,
+        HAS_KPM,
+        HAS_MASKS,
+        HAS_DROPOUT,
     )
     acc, l_i, m_i = _stream_kv_tiles(
-        acc, l_i, m_i, q, k_tile_ptrs, v_tile_ptrs, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, lo_full, hi_full, seqlen_k, qk_scale, diag_offset,
-        window_left, window_right, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_tile_ptrs,
+        v_tile_ptrs,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_n,
+        offs_d,
+        lo_full,
+        hi_full,
+        seqlen_q,
+        seqlen_k,
+        qk_scale,
+        diag_offset,
+        window_left,
+        window_right,
+        bias_base,
+        stride_bm,
+        stride_bn,
+        kpm_base,
+        stride_kpm_n,
+        philox_seed,
+        philox_offset,
+        philox_row_stride,
+        batch_head,
+        dropout_p,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        False,
+        DOT_PRECISION,
+        BIAS_KIND,
+        HAS_KPM,
+        HAS_MASKS,
+        HAS_DROPOUT,
     )
     acc, l_i, m_i = _stream_kv_tiles(
-        acc, l_i, m_i, q, k_tile_ptrs, v_tile_ptrs, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, hi_full, hi_any, seqlen_k, qk_scale, diag_offset,
-        window_left, window_right, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_tile_ptrs,
+        v_tile_ptrs,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_n,
+        offs_d,
+        hi_full,
+        hi_any,
+        seqlen_q,
+        seqlen_k,
+        qk_scale,
+        diag_offset,
+        window_left,
+        window_right,
+        bias_base,
+        stride_bm,
+        stride_bn,
+        kpm_base,
+        stride_kpm_n,
+        philox_seed,
+        philox_offset,
+        philox_row_stride,
+        batch_head,
+        dropout_p,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        True,
+        DOT_PRECISION,
+        BIAS_KIND,
+        HAS_KPM,
+        HAS_MASKS,
+        HAS_DROPOUT,
     )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
     o_ptrs = Out + o_base + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
     if STORE_LSE:
@@ -232,7 +471,16 @@ _GPU_CONFIGS = [
 
 _attn_fwd_tuned = triton.autotune(
     configs=_GPU_CONFIGS,
-    key=["HEAD_DIM", "IS_BOUNDED", "IS_VARLEN", "tune_bucket", "DOT_PRECISION"],
+    key=[
+        "HEAD_DIM",
+        "IS_BOUNDED",
+        "IS_VARLEN",
+        "tune_bucket",
+        "DOT_PRECISION",
+        "BIAS_KIND",
+        "HAS_KPM",
+        "HAS_DROPOUT",
+    ],
     prune_configs_by={"early_config_prune": _prune_configs},
     **({"cache_results": True} if "cache_results" in triton.autotune.__code__.co_varnames else {}),
 )(_attn_fwd_kernel)
@@ -264,6 +512,11 @@ def window_bounds(causal: bool, window: tuple[int, int] | None) -> tuple[int, in
     return left, right, bounded
 
 
+def dense_or_varlen_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
+    """``(batch, token, head, dim)`` strides; packed tensors have no batch stride."""
+    return (0, *t.stride()) if varlen else tuple(t.stride())
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -277,6 +530,11 @@ def attention_forward(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     store_lse: bool = True,
+    attn_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    dropout_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the forward kernel. Inputs are assumed validated by the caller.
 
@@ -284,29 +542,36 @@ def attention_forward(
     ``out`` with ``q``'s shape (and memory layout) and ``lse [B, Hq, Tq]`` (fp32).
     Varlen (``cu_seqlens_*`` given): ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]``;
     returns ``out [total_q, Hq, D]`` and ``lse [Hq, total_q]``.
+
+    Optional features, each compiled in only when used:
+
+    * ``attn_mask``: bool (True = attend) or additive float, broadcastable to
+      ``[B, Hq, Tq, Tk]`` (packed: ``[B, Hq, max_seqlen_q, max_seqlen_k]``, indexed by
+      positions within each sequence);
+    * ``key_padding_mask``: ``[B, Tk]`` (nonzero = attend); padding-only tiles are skipped;
+    * ``dropout_p`` with ``dropout_seed``/``dropout_offset`` (``0 <= seed, offset < 2**31``):
+      attention dropout on the probabilities (see :mod:`.masks_dropout`). The LSE is that
+      of the un-dropped scores, as the backward expects.
     """
     varlen = cu_seqlens_q is not None
     head_dim = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(head_dim))
     left, right, bounded = window_bounds(causal, window)
-    out = torch.empty_like(q)
 
     if varlen:
+        # Tokens past cu_seqlens_q[-1] belong to no sequence: zeros / -inf, not garbage.
+        out = torch.zeros_like(q)
         batch = cu_seqlens_q.numel() - 1
         _, hq, _ = q.shape
         hkv = k.shape[1]
         seqlen_q, seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
-        qs = (0, q.stride(0), q.stride(1), q.stride(2))
-        ks = (0, k.stride(0), k.stride(1), k.stride(2))
-        vs = (0, v.stride(0), v.stride(1), v.stride(2))
-        os_ = (0, out.stride(0), out.stride(1), out.stride(2))
-        lse = torch.empty((hq, q.shape[0]), device=q.device, dtype=torch.float32) if store_lse else None
+        lse = torch.full((hq, q.shape[0]), float("-inf"), device=q.device, dtype=torch.float32) if store_lse else None
         ls = (0, lse.stride(0), lse.stride(1)) if store_lse else (0, 0, 0)
         cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
     else:
+        out = torch.empty_like(q)
         batch, seqlen_q, hq, _ = q.shape
         seqlen_k, hkv = k.shape[1], k.shape[2]
-        qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
         lse = torch.empty((batch, hq, seqlen_q), device=q.device, dtype=torch.float32) if store_lse else None
         ls = lse.stride() if store_lse else (0, 0, 0)
         cu_q = cu_k = torch.empty(1, dtype=torch.int32, device=q.device)
@@ -316,21 +581,55 @@ def attention_forward(
             lse.fill_(float("-inf"))
         return out.zero_(), lse
 
+    masks = prepare_masks(
+        attn_mask, key_padding_mask, batch=batch, heads=hq, seqlen_q=seqlen_q, seqlen_k=seqlen_k, device=q.device
+    )
     args = (
-        q, k, v, out, lse if store_lse else out,
-        *qs, *ks, *vs, *os_, *ls,
-        cu_q, cu_k, seqlen_q, seqlen_k, hq, hq // hkv,
-        softmax_scale * _LOG2E, left, right, _bucket(seqlen_q),
+        q,
+        k,
+        v,
+        out,
+        lse if store_lse else out,
+        *dense_or_varlen_strides(q, varlen),
+        *dense_or_varlen_strides(k, varlen),
+        *dense_or_varlen_strides(v, varlen),
+        *dense_or_varlen_strides(out, varlen),
+        *ls,
+        cu_q,
+        cu_k,
+        seqlen_q,
+        seqlen_k,
+        hq,
+        hq // hkv,
+        softmax_scale * _LOG2E,
+        left,
+        right,
+        masks.bias,
+        *masks.bias_strides,
+        masks.kpm,
+        masks.kpm_stride,
+        1,
+        masks.kv_bounds,
+        int(dropout_seed),
+        int(dropout_offset),
+        float(dropout_p),
+        _bucket(seqlen_q),
     )
     meta = dict(
-        HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen, IS_BOUNDED=bounded,
-        STORE_LSE=store_lse, DOT_PRECISION=dot_precision_for(q.dtype),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        IS_VARLEN=varlen,
+        IS_BOUNDED=bounded,
+        STORE_LSE=store_lse,
+        DOT_PRECISION=dot_precision_for(q.dtype),
+        **mask_dropout_meta(masks, dropout_p),
     )
     if interpreter_enabled():
         blocks = INTERPRETER_BLOCKS
         grid = (triton.cdiv(seqlen_q, blocks["BLOCK_M"]), batch * hq)
         _attn_fwd_kernel[grid](*args, **meta, **blocks)
     else:
+
         def grid(cfg):
             return (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * hq)
 

@@ -1,0 +1,103 @@
+"""Engine configuration: what to load, where, and how much of the device it may use."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+# Quantized pages are the KV-compression issue's job; the names are reserved so that the
+# server's flag can already list them with a clear message.
+_QUANTIZED_KV = ("int8", "int4")
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """``"auto"``/``None`` -> ``None``; a name or a ``torch.dtype`` -> that float dtype."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    key = str(value).strip().lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"dtype={value!r}: expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[key]
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs besides the model object itself.
+
+    Memory: the KV cache takes ``kv_cache_memory_bytes`` when given; otherwise on CUDA it
+    takes whatever is left of ``gpu_memory_fraction`` of the device after the weights and
+    a profiled forward pass, and on CPU ``cpu_kv_cache_bytes``. ``num_kv_blocks`` overrides
+    both (tests use it to force preemption).
+    """
+
+    model: str | None = None  # local path or hub id; None -> the embedded demo model
+    tokenizer: str | None = None  # defaults to ``model``
+    dtype: str = "auto"  # weights/activations: auto = the checkpoint's (fp32 on CPU, bf16 on GPU if fp32)
+    device: str | None = None  # None -> cuda when available, else cpu
+    trust_remote_code: bool = False
+    revision: str | None = None
+    max_model_len: int | None = None  # None -> the model's max_position_embeddings
+    block_size: int = 16
+    gpu_memory_fraction: float = 0.90
+    kv_cache_memory_bytes: int | None = None
+    cpu_kv_cache_bytes: int = 512 * 1024 * 1024
+    num_kv_blocks: int | None = None
+    kv_cache_dtype: str = "auto"  # auto = the model dtype; fp16/bf16/fp32 store pages in that type
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192  # per-step token budget: decode tokens + prefill chunks
+    max_waiting: int = 1024  # bound of the waiting queue; beyond it add_request raises QueueFullError
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    attention_backend: str = "auto"  # auto | triton | sdpa (torch over gathered pages)
+    use_cuda_graphs: bool = True  # decode-only steps replay captured graphs (CUDA only)
+    cuda_graph_max_batch: int = 256
+    seed: int = 0  # seeds requests that have no seed of their own, so runs are repeatable
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> EngineConfig:
+        """Raise ``ValueError`` naming the first bad field; returns ``self``."""
+        parse_dtype(self.dtype)
+        if self.kv_cache_dtype in _QUANTIZED_KV:
+            raise ValueError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r}: quantized KV pages are not available in this build; "
+                "use auto, float16, bfloat16 or float32"
+            )
+        parse_dtype(self.kv_cache_dtype)
+        checks = [
+            ("block_size", self.block_size >= 1 and (self.block_size & (self.block_size - 1)) == 0),
+            ("gpu_memory_fraction", 0.0 < self.gpu_memory_fraction <= 1.0),
+            ("kv_cache_memory_bytes", self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0),
+            ("cpu_kv_cache_bytes", self.cpu_kv_cache_bytes > 0),
+            ("num_kv_blocks", self.num_kv_blocks is None or self.num_kv_blocks >= 1),
+            ("max_num_seqs", self.max_num_seqs >= 1),
+            ("max_num_batched_tokens", self.max_num_batched_tokens >= 1),
+            ("max_waiting", self.max_waiting >= 0),
+            ("attention_backend", self.attention_backend in ("auto", "triton", "sdpa")),
+            ("max_model_len", self.max_model_len is None or self.max_model_len >= 1),
+            ("cuda_graph_max_batch", self.cuda_graph_max_batch >= 1),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
+        return self
+
+    def replace(self, **changes) -> EngineConfig:
+        """A copy with ``changes`` applied (unknown names raise ``TypeError``)."""
+        return dataclasses.replace(self, **changes)
+
+    def resolved_device(self) -> torch.device:
+        if self.device:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,384 @@
+"""The synchronous engine: add requests, call ``step()``, read outputs.
+
+``LLMEngine`` ties the pieces together — scheduler and block manager decide what runs,
+the model runner computes logits for a packed step, the sampler picks tokens, and the
+output processing here applies stop conditions and produces :class:`RequestOutput`
+snapshots with token and text deltas. It is single-threaded by design; the
+:class:`~.async_engine.AsyncEngine` drives one from a background thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence as SequenceABC
+from typing import Any
+
+import torch
+
+from .block_manager import BlockManager
+from .config import EngineConfig, parse_dtype
+from .model_runner import ModelRunner
+from .sampler import Sampler
+from .scheduler import ScheduledSeq, Scheduler
+from .sequence import Sequence
+from .tokenizer import (
+    IncrementalDetokenizer,
+    decode_output,
+    eos_token_ids,
+    find_stop,
+    load_tokenizer,
+    stop_holdback,
+)
+from .types import (
+    EngineStats,
+    FinishReason,
+    PromptTooLongError,
+    Request,
+    RequestOutput,
+    SamplingParams,
+)
+
+log = logging.getLogger("stream_attention.engine")
+
+DEFAULT_MODEL_NAME = "stream-attention-default"
+PromptLike = str | list[int] | Request
+
+
+def _load_model(model: Any, tokenizer: Any, config: EngineConfig, device: torch.device) -> tuple[Any, Any, str]:
+    """Resolve ``model`` (None, a path/hub id, or a model object) to ``(model, tokenizer, name)``."""
+    dtype = parse_dtype(config.dtype)
+    if model is None and config.model is None:
+        from ..models.default import load_default_model
+
+        m, tok = load_default_model(device=device, dtype=dtype)
+        return m, (tokenizer or tok), DEFAULT_MODEL_NAME
+    if model is None or isinstance(model, str):
+        from transformers import AutoModelForCausalLM
+
+        path = model or config.model
+        m = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or "auto", trust_remote_code=config.trust_remote_code, revision=config.revision,
+        )
+        if dtype is None and m.dtype == torch.float32 and device.type == "cuda":
+            m = m.to(torch.bfloat16)  # serve fp32 checkpoints in bf16 on GPUs
+        tok = tokenizer or load_tokenizer(config.tokenizer or path, trust_remote_code=config.trust_remote_code,
+                                          revision=config.revision)
+        if isinstance(tok, str):
+            tok = load_tokenizer(tok, trust_remote_code=config.trust_remote_code)
+        return m.to(device).eval(), tok, str(path)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be None, a path or hub id, or a transformers model; got {type(model).__name__}")
+    if dtype is not None:
+        model = model.to(dtype)
+    tok = tokenizer
+    if tok is None or isinstance(tok, str):
+        tok = load_tokenizer(tok or config.tokenizer or model.config.name_or_path,
+                             trust_remote_code=config.trust_remote_code)
+    name = config.model or getattr(model.config, "name_or_path", "") or type(model).__name__
+    return model.to(device).eval(), tok, name
+
+
+class LLMEngine:
+    """Offline and step-wise generation with a paged KV cache and continuous batching.
+
+    Args:
+        model: ``None`` (the embedded demo model, or ``config.model`` when set), a local
+            path or hub id, a transformers causal-LM object, an ``(model, tokenizer)``
+            pair, or an :class:`EngineConfig`.
+        tokenizer: a tokenizer object or name; defaults to the model's.
+        config: engine settings; keyword ``overrides`` replace its fields.
+    """
+
+    def __init__(self, model: Any = None, tokenizer: Any = None, *, config: EngineConfig | None = None,
+                 **overrides: Any) -> None:
+        if isinstance(model, EngineConfig):
+            config, model = model, None
+        if isinstance(model, tuple):
+            model, tokenizer = model
+        config = (config or EngineConfig()).replace(**overrides) if overrides else (config or EngineConfig())
+        if isinstance(model, str):
+            config = config.replace(model=model)
+        self.config = config.validate()
+        self.device = config.resolved_device()
+        t0 = time.perf_counter()
+        hf_model, tok, name = _load_model(model, tokenizer, config, self.device)
+        self.model_name = name
+        self.tokenizer = tok
+        self.runner = ModelRunner(hf_model, config, self.device)
+        self.max_model_len = self.runner.max_model_len
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_waiting=config.max_waiting,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
+        self.sampler = Sampler(self.device, config.seed)
+        self.eos_token_ids = eos_token_ids(tok, hf_model)
+        self._seqs: dict[str, Sequence] = {}
+        self._pending: list[RequestOutput] = []
+        self._ids = itertools.count()
+        self._counters = EngineStats()
+        log.info("engine ready: %s on %s in %.1f s", name, self.device, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def model(self) -> Any:
+        return self.runner.model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runner.dtype
+
+    # ------------------------------------------------------------------ requests
+    def make_request(self, prompt: PromptLike, params: SamplingParams | None = None,
+                     request_id: str | None = None) -> Request:
+        """Tokenize and validate; raises ``ValueError`` / :class:`PromptTooLongError`."""
+        if isinstance(prompt, Request):
+            req = prompt
+        else:
+            params = params or SamplingParams()
+            if isinstance(prompt, str):
+                ids = self.tokenizer.encode(prompt)
+                text = prompt
+            else:
+                ids, text = [int(t) for t in prompt], None
+            req = Request(request_id=request_id or f"req-{next(self._ids)}", prompt_token_ids=ids,
+                          params=params, prompt=text, arrival_time=time.time())
+        self.validate(req)
+        return req
+
+    def validate(self, req: Request) -> None:
+        """Check a request against the model and the cache before it is queued."""
+        req.params.validate()
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt is empty")
+        vocab = self.runner.geometry.vocab_size
+        if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
+            raise ValueError(f"prompt_token_ids contain ids outside [0, {vocab})")
+        total = n + req.params.max_tokens
+        if total > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt ({n} tokens) + max_tokens ({req.params.max_tokens}) = {total} exceeds the context length "
+                f"{self.max_model_len}"
+            )
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if total > capacity:
+            raise PromptTooLongError(f"prompt + max_tokens = {total} tokens exceeds the KV cache ({capacity} tokens)")
+        if not self.config.enable_chunked_prefill and total > self.config.max_num_batched_tokens:
+            raise PromptTooLongError(f"{total} tokens exceed max_num_batched_tokens without chunked prefill")
+
+    def add_request(self, prompt: PromptLike, params: SamplingParams | None = None, *,
+                    request_id: str | None = None, stream: bool = True, bounded: bool = True) -> str:
+        """Queue a request; returns its id.
+
+        ``stream=False`` skips per-step detokenization (the text is produced once at the
+        end). ``bounded=False`` bypasses the waiting-queue bound (offline batches).
+        Raises :class:`QueueFullError`, :class:`PromptTooLongError` or ``ValueError``.
+        """
+        req = self.make_request(prompt, params, request_id)
+        if req.request_id in self._seqs:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        seq = Sequence(
+            request_id=req.request_id,
+            prompt_token_ids=list(req.prompt_token_ids),
+            params=req.params,
+            arrival_time=req.arrival_time or time.time(),
+            prompt=req.prompt,
+            stream=stream,
+            eos_token_ids=self.eos_token_ids,
+            max_model_len=self.max_model_len,
+        )
+        if stream or seq.params.stop:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
+        if bounded:
+            self.scheduler.add(seq)
+        else:
+            seq_max, self.scheduler.max_waiting = self.scheduler.max_waiting, 1 << 62
+            try:
+                self.scheduler.add(seq)
+            finally:
+                self.scheduler.max_waiting = seq_max
+        self._seqs[seq.request_id] = seq
+        return seq.request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is; its blocks are freed now and a final output with
+        ``finish_reason=ABORT`` comes out of the next :meth:`step`. False if unknown."""
+        seq = self._seqs.get(request_id)
+        if seq is None or not self.scheduler.abort(seq):
+            return False
+        seq.finish_time = time.time()
+        self._finish_text(seq)
+        self._pending.append(self._output(seq))
+        del self._seqs[request_id]
+        self._counters.requests_finished_total += 1
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._seqs) or bool(self._pending)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._seqs)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; returns a snapshot for every request that progressed
+        (a new token, or finished) and for requests aborted since the last step."""
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        self._counters.preemptions_total = self.scheduler.num_preemptions
+        if not sched:
+            return outputs
+        for s in sched.scheduled:
+            if not s.seq.prompt_counted:
+                s.seq.prompt_counted = True
+                self._counters.prompt_tokens_total += s.seq.num_prompt_tokens
+        logits = self.runner.execute(sched.scheduled)
+        sampling: list[ScheduledSeq] = [s for s in sched.scheduled if s.samples]
+        result = self.sampler(logits, [s.seq for s in sampling]) if sampling else None
+        self.scheduler.commit(sched.scheduled)
+        if result is None:
+            return outputs
+        now = time.time()
+        for s, token, lp in zip(sampling, result.token_ids, result.logprobs, strict=True):
+            seq = s.seq
+            seq.token_ids.append(token)
+            if seq.logprobs is not None and lp is not None:
+                seq.logprobs.append(lp)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self._counters.generation_tokens_total += 1
+            reason = self._process_token(seq, token)
+            if reason is not None:
+                seq.finish_time = now
+                self.scheduler.finish(seq, reason)
+                self._finish_text(seq)
+                self._seqs.pop(seq.request_id, None)
+                self._counters.requests_finished_total += 1
+            if seq.stream or reason is not None:
+                outputs.append(self._output(seq))
+        return outputs
+
+    def _process_token(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.params
+        by_token = token in p.stop_token_ids or (not p.ignore_eos and token in seq.eos_token_ids)
+        if seq.detokenizer is not None and not by_token:
+            delta = seq.detokenizer.step([token])
+            if delta:
+                before = len(seq.text)
+                seq.text += delta
+                if p.stop:
+                    hit = find_stop(seq.text, p.stop, before)
+                    if hit is not None:
+                        i, stop = hit
+                        seq.text = seq.text[:i + len(stop)] if p.include_stop_str_in_output else seq.text[:i]
+                        seq.detokenizer = None  # the text is final
+                        return FinishReason.STOP
+        if by_token:
+            return FinishReason.STOP
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish_text(self, seq: Sequence) -> None:
+        """Make ``seq.text`` final: flush the stream's held-back bytes, or decode in one go."""
+        if seq.detokenizer is not None:
+            seq.text += seq.detokenizer.flush()
+            seq.detokenizer = None
+        elif not seq.stream and not seq.params.stop:
+            out = seq.output_token_ids
+            if seq.finish_reason is FinishReason.STOP and out and (
+                out[-1] in seq.params.stop_token_ids or out[-1] in seq.eos_token_ids
+            ):
+                out = out[:-1]
+            seq.text = decode_output(self.tokenizer, seq.prompt_token_ids, out)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        finished = seq.is_finished
+        text = seq.text
+        if not finished and seq.params.stop:
+            text = text[:len(text) - stop_holdback(text, seq.params.stop)]
+        out_ids = seq.output_token_ids
+        delta_ids = out_ids[seq.emitted_token_count:]
+        delta_text = text[seq.emitted_text_len:]
+        seq.emitted_token_count = len(out_ids)
+        seq.emitted_text_len = len(text)
+        ttft = seq.first_token_time - seq.arrival_time if seq.first_token_time is not None else None
+        latency = seq.finish_time - seq.arrival_time if finished and seq.finish_time is not None else None
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(out_ids),
+            text=text,
+            delta_token_ids=delta_ids,
+            delta_text=delta_text,
+            finished=finished,
+            finish_reason=seq.finish_reason if finished else None,
+            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+            time_to_first_token=ttft,
+            latency=latency,
+        )
+
+    # ------------------------------------------------------------------ batch API
+    def generate(
+        self,
+        prompts: PromptLike | SequenceABC[PromptLike],
+        params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text, token ids, or :class:`Request`) and return the
+        final outputs in prompt order. Requests beyond the queue bound wait their turn."""
+        if isinstance(prompts, (str, Request)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params_list = [params] * len(prompts)
+        else:
+            params_list = list(params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp, stream=False, bounded=False) for p, sp in zip(prompts, params_list, strict=True)]
+        wanted = set(ids)
+        final: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate")
+        while len(final) < len(ids):
+            for out in self.step():
+                if out.finished and out.request_id in wanted:
+                    final[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [final[i] for i in ids]
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> EngineStats:
+        """A snapshot of gauges and counters (cheap; safe to call from another thread)."""
+        c = self._counters
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_total=self.block_manager.num_blocks,
+            kv_blocks_used=self.block_manager.num_used_blocks,
+            preemptions_total=self.scheduler.num_preemptions,
+            prompt_tokens_total=c.prompt_tokens_total,
+            generation_tokens_total=c.generation_tokens_total,
+            requests_finished_total=c.requests_finished_total,
+            prefix_cache_hits_total=self.block_manager.prefix_cache_hits * self.block_manager.block_size,
+            kv_blocks_evicted_total=self.block_manager.blocks_dropped,
+        )

@@ -1,0 +1,349 @@
+"""Runs a transformers causal LM over packed steps with a paged KV cache.
+
+A step's tokens (prefill chunks and decode tokens of many sequences) are flattened into
+one ``[1, total_tokens]`` batch with explicit ``position_ids``; attention layers resolve
+to :mod:`.attention`'s hook, which reads the step's block tables from an
+:class:`~.attention.AttentionContext`. Only the hidden states of positions that sample
+are projected to the vocabulary (``logits_to_keep`` with indices).
+
+On CUDA, decode-only steps replay CUDA graphs captured per padded batch size: HF's
+Python per layer costs more than the GPU work of a small model's decode step. Graph
+inputs are two device buffers refreshed by one host-to-device copy each.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.backend import resolve_backend
+from ..kernels.paged_attention import choose_num_splits
+from . import attention as attn_hook
+from .config import EngineConfig, parse_dtype
+from .scheduler import ScheduledSeq
+
+log = logging.getLogger("stream_attention.engine")
+
+
+@dataclass
+class ModelGeometry:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int | None
+
+    @classmethod
+    def of(cls, model: Any) -> ModelGeometry:
+        cfg = model.config
+        get_text = getattr(cfg, "get_text_config", None)
+        if callable(get_text):
+            cfg = get_text()
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return cls(
+            num_layers=cfg.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            vocab_size=cfg.vocab_size,
+            max_position_embeddings=getattr(cfg, "max_position_embeddings", None),
+        )
+
+
+def _check_supported(model: Any) -> None:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("attn_logit_softcapping", "sliding_window"):
+        value = getattr(cfg, name, None)
+        if value and not (name == "sliding_window" and not getattr(cfg, "use_sliding_window", True)):
+            layer_types = getattr(cfg, "layer_types", None)
+            if name == "sliding_window" and layer_types and all(t == "full_attention" for t in layer_types):
+                continue
+            raise ValueError(f"{type(model).__name__}: {name}={value!r} is not supported by the paged attention kernel")
+
+
+class _DecodeGraph:
+    """One captured decode step for a fixed (padded) batch size."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, batch: int, logits: torch.Tensor) -> None:
+        self.graph = graph
+        self.batch = batch
+        self.logits = logits
+
+
+class ModelRunner:
+    """Owns the model, the KV page pools and the step's forward pass."""
+
+    def __init__(self, model: Any, config: EngineConfig, device: torch.device) -> None:
+        _check_supported(model)
+        self.model = model
+        self.config = config
+        self.device = device
+        self.geometry = g = ModelGeometry.of(model)
+        self.dtype = next(model.parameters()).dtype
+        self.kv_dtype = parse_dtype(config.kv_cache_dtype) or self.dtype
+        self.block_size = config.block_size
+        limit = g.max_position_embeddings or 2048
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        backend = config.attention_backend
+        self.backend = "triton" if resolve_backend(backend, device) == "triton" else "torch"
+
+        model.set_attn_implementation(attn_hook.register())
+        model.eval()
+
+        self.num_blocks = self._size_cache()
+        # One extra page per layer is a scratch target for the padding rows of a graph.
+        shape = (g.num_layers, self.num_blocks + 1, self.block_size, g.num_kv_heads, g.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
+        self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(g.num_layers)]
+        self.scratch_slot = self.num_blocks * self.block_size
+        log.info(
+            "KV cache: %d blocks x %d tokens (%.2f GiB, %s), attention backend %s",
+            self.num_blocks, self.block_size, self.kv_cache_bytes / 2**30, self.kv_dtype, self.backend,
+        )
+
+        self.graphs: dict[int, _DecodeGraph] = {}
+        self._graph_sizes: list[int] = []
+        if config.use_cuda_graphs and device.type == "cuda" and self.backend == "triton":
+            try:
+                self._capture_graphs()
+            except Exception as exc:  # pragma: no cover - depends on the model's code
+                log.warning("CUDA graph capture failed (%s); decode runs eagerly", exc)
+                self.graphs.clear()
+                self._graph_sizes = []
+
+    # ----------------------------------------------------------------- sizing
+    @property
+    def block_bytes(self) -> int:
+        g = self.geometry
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
+        return 2 * g.num_layers * self.block_size * g.num_kv_heads * g.head_dim * elem
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.block_bytes * self.num_blocks
+
+    def _size_cache(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if cfg.kv_cache_memory_bytes is not None:
+            budget = cfg.kv_cache_memory_bytes
+        elif self.device.type != "cuda":
+            budget = cfg.cpu_kv_cache_bytes
+        else:
+            budget = self._profile_free_memory()
+        blocks = int(budget // self.block_bytes)
+        if blocks < 1:
+            raise RuntimeError(f"no memory left for the KV cache (budget {budget} bytes, block {self.block_bytes})")
+        return blocks
+
+    def _profile_free_memory(self) -> int:
+        """Bytes the cache may take: the memory fraction minus what is in use and the peak
+        a full-budget prefill step adds on top of it."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        tokens = min(self.config.max_num_batched_tokens, self.max_model_len * self.config.max_num_seqs)
+        g = self.geometry
+        n_seqs = max(1, min(self.config.max_num_seqs, -(-tokens // self.max_model_len)))
+        per = -(-tokens // n_seqs)
+        lens = [per] * (n_seqs - 1) + [tokens - per * (n_seqs - 1)]
+        blocks = sum(-(-n // self.block_size) for n in lens)
+        tmp_shape = (g.num_layers, blocks + 1, self.block_size, g.num_kv_heads, g.head_dim)
+        tmp_k = torch.empty(tmp_shape, dtype=self.kv_dtype, device=self.device)
+        tmp_v = torch.empty_like(tmp_k)
+        tmp_bytes = 2 * tmp_k.numel() * tmp_k.element_size()
+        self.kv_caches = [(tmp_k[i], tmp_v[i]) for i in range(g.num_layers)]
+        tables, nxt = [], 0
+        for n in lens:
+            nb = -(-n // self.block_size)
+            tables.append(list(range(nxt, nxt + nb)))
+            nxt += nb
+        fake = [_FakeScheduled(n, t) for n, t in zip(lens, tables, strict=True)]
+        self._run_eager(fake)
+        torch.cuda.synchronize(self.device)
+        del tmp_k, tmp_v
+        self.kv_caches = []
+        peak = torch.cuda.max_memory_allocated(self.device) - tmp_bytes
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_now = total - free
+        torch.cuda.empty_cache()
+        activations = max(0, peak - before)
+        budget = int(total * self.config.gpu_memory_fraction - used_now - activations)
+        log.info("memory: total %.1f GiB, in use %.1f GiB, step peak +%.2f GiB -> KV budget %.2f GiB",
+                 total / 2**30, used_now / 2**30, activations / 2**30, budget / 2**30)
+        return budget
+
+    # ------------------------------------------------------------ inputs
+    def _prepare(self, scheduled: list[ScheduledSeq]):
+        bs = self.block_size
+        ids: list[int] = []
+        pos_parts, slot_parts = [], []
+        seq_lens, cu, logit_rows = [], [0], []
+        max_q = max_kv = 0
+        fresh = True
+        width = max(len(s.seq.block_table) for s in scheduled)
+        tables = np.zeros((len(scheduled), width), dtype=np.int32)
+        for i, s in enumerate(scheduled):
+            seq, n = s.seq, s.num_new_tokens
+            start = seq.num_computed_tokens
+            kv0 = seq.num_kv_slots
+            table = seq.block_table
+            tables[i, :len(table)] = table
+            ids.extend(seq.token_ids[start:start + n])
+            if n == 1:
+                pos_parts.append(np.array([start], dtype=np.int64))
+                slot_parts.append(np.array([table[kv0 // bs] * bs + kv0 % bs], dtype=np.int64))
+            else:
+                pos_parts.append(np.arange(start, start + n, dtype=np.int64))
+                idx = np.arange(kv0, kv0 + n, dtype=np.int64)
+                slot_parts.append(tables[i, idx // bs].astype(np.int64) * bs + idx % bs)
+            seq_lens.append(kv0 + n)
+            cu.append(cu[-1] + n)
+            if s.samples:
+                logit_rows.append(cu[-1] - 1)
+            max_q = max(max_q, n)
+            max_kv = max(max_kv, kv0 + n)
+            fresh = fresh and kv0 == 0
+        return ids, np.concatenate(pos_parts), np.concatenate(slot_parts), seq_lens, cu, tables, logit_rows, max_q, \
+            max_kv, fresh
+
+    # ------------------------------------------------------------ forward
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_to_keep: int | torch.Tensor):
+        out = self.model(
+            input_ids=input_ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=logits_to_keep,
+        )
+        return out.logits[0]
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """Run one step; returns logits ``[num_sampling_seqs, vocab]`` in schedule order."""
+        n = len(scheduled)
+        if self.graphs and n <= self._graph_sizes[-1] and all(s.num_new_tokens == 1 for s in scheduled):
+            return self._run_graph(scheduled)
+        return self._run_eager(scheduled)
+
+    def _run_eager(self, scheduled) -> torch.Tensor:
+        dev = self.device
+        ids, pos, slots, seq_lens, cu, tables, rows, max_q, max_kv, fresh = self._prepare(scheduled)
+        ctx = attn_hook.AttentionContext(
+            kv_caches=self.kv_caches,
+            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True),
+            max_q_len=max_q,
+            max_kv_len=max_kv,
+            backend=self.backend,
+            num_splits=choose_num_splits(len(scheduled), self.geometry.num_kv_heads, max_kv, dev) if max_q == 1 else 1,
+            fresh_prefill=fresh,
+            seq_lens_cpu=seq_lens,
+            cu_seqlens_q_cpu=cu,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        positions = torch.from_numpy(pos).to(dev, non_blocking=True)
+        keep = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
+        with attn_hook.attention_context(ctx):
+            return self._forward(input_ids, positions, keep)
+
+    # ------------------------------------------------------------ CUDA graphs
+    def _graph_batch_sizes(self) -> list[int]:
+        top = min(self.config.max_num_seqs, self.config.cuda_graph_max_batch)
+        sizes = {b for b in (1, 2, 4, 8) if b <= top}
+        sizes.update(range(16, top + 1, 16))
+        sizes.add(top)
+        return sorted(sizes)
+
+    def _capture_graphs(self) -> None:
+        t0 = time.perf_counter()
+        sizes = self._graph_batch_sizes()
+        top = sizes[-1]
+        self._max_blocks = -(-self.max_model_len // self.block_size)
+        dev = self.device
+        self._meta64 = torch.zeros(3 * top, dtype=torch.long, device=dev)
+        self._meta32 = torch.zeros(top + 1 + top * self._max_blocks, dtype=torch.int32, device=dev)
+        self._stage64 = torch.zeros(3 * top, dtype=torch.long).pin_memory()
+        self._stage32 = torch.zeros(top + 1 + top * self._max_blocks, dtype=torch.int32).pin_memory()
+        self._cu_decode = torch.arange(top + 1, dtype=torch.int32, device=dev)
+        pool = None
+        for b in reversed(sizes):
+            ids, pos, slots, seq_lens, tables = self._graph_views(b)
+            slots.fill_(self.scratch_slot)
+            seq_lens.zero_()
+            tables.zero_()
+            ctx = attn_hook.AttentionContext(
+                kv_caches=self.kv_caches, slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
+                cu_seqlens_q=self._cu_decode[:b + 1], max_q_len=1, max_kv_len=self.max_model_len,
+                backend=self.backend,
+                num_splits=choose_num_splits(b, self.geometry.num_kv_heads, self.max_model_len, dev),
+            )
+            with attn_hook.attention_context(ctx):
+                self._forward(ids, pos, 0)  # warm-up: compiles kernels outside the capture
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._forward(ids, pos, 0)
+            pool = graph.pool()
+            self.graphs[b] = _DecodeGraph(graph, b, logits)
+        self._graph_sizes = sizes
+        torch.cuda.synchronize(dev)
+        log.info("captured %d decode CUDA graphs (batch %s) in %.1f s", len(sizes), sizes, time.perf_counter() - t0)
+
+    def _graph_views(self, b: int):
+        m64, m32, mb = self._meta64, self._meta32, self._max_blocks
+        return (m64[:b], m64[b:2 * b], m64[2 * b:3 * b], m32[:b], m32[b:b + b * mb].view(b, mb))
+
+    def _run_graph(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        n = len(scheduled)
+        b = next(s for s in self._graph_sizes if s >= n)
+        graph = self.graphs[b]
+        bs, mb = self.block_size, self._max_blocks
+        s64 = self._stage64.numpy()
+        s32 = self._stage32.numpy()
+        s64[2 * b:3 * b] = self.scratch_slot
+        s32[:b] = 0
+        tables = s32[b:b + b * mb].reshape(b, mb)
+        for i, s in enumerate(scheduled):
+            seq = s.seq
+            p = seq.num_computed_tokens
+            kv0 = seq.num_kv_slots
+            table = seq.block_table
+            s64[i] = seq.token_ids[p]
+            s64[b + i] = p
+            s64[2 * b + i] = table[kv0 // bs] * bs + kv0 % bs
+            s32[i] = kv0 + 1
+            tables[i, :len(table)] = table
+        # The staging buffers are rewritten next step only after the sampler has read this
+        # step's logits back to the host, which orders it after these copies.
+        self._meta64[:3 * b].copy_(self._stage64[:3 * b], non_blocking=True)
+        self._meta32[:b + b * mb].copy_(self._stage32[:b + b * mb], non_blocking=True)
+        graph.graph.replay()
+        rows = [i for i, s in enumerate(scheduled) if s.samples]
+        if len(rows) == n:
+            return graph.logits[:n]
+        return graph.logits[torch.tensor(rows, device=self.device)]
+
+
+@dataclass
+class _FakeSeq:
+    """The few fields :meth:`ModelRunner._prepare` reads, for the memory-profiling step."""
+
+    token_ids: list[int]
+    block_table: list[int]
+    num_computed_tokens: int = 0
+    num_kv_slots: int = 0
+
+
+class _FakeScheduled:
+    def __init__(self, n: int, table: list[int]) -> None:
+        self.seq = _FakeSeq([0] * n, table)
+        self.num_new_tokens = n
+        self.samples = True

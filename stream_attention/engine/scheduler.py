@@ -1,0 +1,180 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Each step the scheduler fills a token budget (``max_num_batched_tokens``) in this order:
+
+1. running sequences, oldest first: one token for those decoding, the next prompt chunk
+   for those still prefilling. When the pool has no block for one of them, the newest
+   running sequence is preempted (its blocks freed, its tokens kept for recompute) until
+   the block fits; if the sequence itself is the newest, it is the one preempted.
+2. waiting sequences, oldest first, while budget, sequence slots and blocks last
+   (prefix-cache hits are claimed first, so only the uncached part costs budget).
+
+Progress is guaranteed: requests whose prompt plus ``max_tokens`` cannot fit the whole
+pool are refused at admission, so the oldest running sequence can always get every
+block it needs by preempting the others. Nothing is admitted in a step that preempted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+from .types import FinishReason, QueueFullError
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+    # Whether this chunk reaches the end of the known tokens, so a token is sampled after it.
+    samples: bool = False
+
+    @classmethod
+    def of(cls, seq: Sequence, n: int) -> ScheduledSeq:
+        return cls(seq, n, seq.num_computed_tokens + n == seq.num_tokens)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(s.num_new_tokens == 1 for s in self.scheduled)
+
+    def __bool__(self) -> bool:
+        return bool(self.scheduled)
+
+
+class Scheduler:
+    """Decides which sequences run each step and how many tokens each computes."""
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_waiting: int,
+        enable_chunked_prefill: bool = True,
+        admission_reserve_blocks: int | None = None,
+    ) -> None:
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_waiting = max_waiting
+        self.enable_chunked_prefill = enable_chunked_prefill
+        # A little headroom when admitting keeps fresh admissions from being preempted by
+        # the decode growth of the very next step.
+        if admission_reserve_blocks is None:
+            admission_reserve_blocks = min(max(1, block_manager.num_blocks // 100), 16)
+        self.admission_reserve_blocks = admission_reserve_blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ intake
+    def add(self, seq: Sequence) -> None:
+        """Queue ``seq``; raises :class:`QueueFullError` when the waiting queue is full."""
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(f"waiting queue is full ({self.max_waiting} requests)")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence) -> bool:
+        """Drop ``seq`` wherever it is and free its blocks. False if it was not queued."""
+        if seq.status is SequenceStatus.RUNNING and seq in self.running:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        else:
+            return False
+        self.bm.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = FinishReason.ABORT
+        return True
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Retire a running sequence that produced its last token."""
+        if seq in self.running:
+            self.running.remove(seq)
+        self.bm.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # --------------------------------------------------------------- stepping
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.reset_for_recompute()
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        out.preempted.append(seq)
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        if remaining <= budget:
+            return remaining
+        return budget if self.enable_chunked_prefill else 0
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = self._chunk(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n == 0:
+                i += 1
+                continue
+            while not self.bm.allocate(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                out.scheduled.append(ScheduledSeq.of(seq, n))
+                budget -= n
+                i += 1
+
+        if out.preempted:
+            return out
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            cached = self.bm.match_prefix(seq)
+            remaining = seq.num_tokens - len(cached) * self.bm.block_size
+            n = self._chunk(remaining, budget)
+            if n == 0:
+                break
+            reserve = self.admission_reserve_blocks if self.running else 0
+            if not self.bm.can_admit(seq, cached, n, reserve):
+                break
+            self.waiting.popleft()
+            if cached:
+                self.bm.take_cached(seq, cached)
+            ok = self.bm.allocate(seq, n)
+            assert ok, "can_admit promised room"
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq.of(seq, n))
+            budget -= n
+        return out
+
+    def commit(self, scheduled: list[ScheduledSeq]) -> None:
+        """Advance ``num_computed_tokens`` after the model ran a step."""
+        for s in scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.bm.commit(s.seq)

@@ -1,0 +1,103 @@
+"""A request's mutable state while the engine works on it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .types import FinishReason, SamplingParams, TokenLogprob
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine.
+
+    Token accounting follows one rule: ``token_ids`` is the prompt plus everything sampled
+    so far, and ``num_computed_tokens`` of them have their K/V in the cache. A step
+    computes the next ``num_tokens - num_computed_tokens`` tokens (a prefill chunk, or the
+    one token sampled last step), so decode, chunked prefill and recompute after
+    preemption are the same code path.
+
+    ``num_dropped_tokens`` counts cache slots that were released while the sequence kept
+    running (KV eviction): the K/V of logical token ``p`` then lives at cache slot
+    ``p - num_dropped_tokens`` of the compacted block table.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    prompt: str | None = None
+    stream: bool = True  # streaming callers need text per step; batch callers only at the end
+    eos_token_ids: frozenset[int] = frozenset()
+    max_model_len: int | None = None
+
+    token_ids: list[int] = field(init=False)
+    status: SequenceStatus = field(default=SequenceStatus.WAITING, init=False)
+    num_computed_tokens: int = field(default=0, init=False)
+    num_dropped_tokens: int = field(default=0, init=False)
+    block_table: list[int] = field(default_factory=list, init=False)
+    # Chained hashes of this sequence's full blocks, in order (prefix caching).
+    block_hashes: list[int] = field(default_factory=list, init=False)
+    prefix_cacheable: bool = field(default=True, init=False)
+    num_cached_prompt_tokens: int = field(default=0, init=False)
+    finish_reason: FinishReason | None = field(default=None, init=False)
+    first_token_time: float | None = field(default=None, init=False)
+    finish_time: float | None = field(default=None, init=False)
+    logprobs: list[TokenLogprob] | None = field(default=None, init=False)
+    generator: torch.Generator | None = field(default=None, init=False, repr=False)
+    # Text state, owned by the engine's output processing.
+    text: str = field(default="", init=False)
+    emitted_text_len: int = field(default=0, init=False)
+    emitted_token_count: int = field(default=0, init=False)
+    detokenizer: object | None = field(default=None, init=False, repr=False)
+    num_preemptions: int = field(default=0, init=False)
+    prompt_counted: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+        if self.params.logprobs is not None:
+            self.logprobs = []
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def num_kv_slots(self) -> int:
+        """Cache slots holding this sequence's computed K/V."""
+        return self.num_computed_tokens - self.num_dropped_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def reset_for_recompute(self) -> None:
+        """Forget the cache after preemption; the tokens are kept and recomputed later."""
+        self.num_computed_tokens = 0
+        self.num_dropped_tokens = 0
+        self.block_table = []
+        self.block_hashes = []
+        self.prefix_cacheable = True
+        self.status = SequenceStatus.WAITING

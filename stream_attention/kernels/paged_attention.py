@@ -1,0 +1,396 @@
+"""Paged attention in Triton: queries attend to K/V stored in fixed-size pages.
+
+The engine keeps each layer's keys and values in a pool of pages laid out
+``[num_blocks, page_size, Hkv, D]``; a sequence owns an ordered list of page ids (its
+row of ``block_tables``) and the first ``seq_lens[b]`` slots of those pages hold its
+keys. One kernel serves decode (one query per sequence) and prefill chunks (several
+queries per sequence, causal over the cached keys plus the chunk itself), so a packed
+step of mixed requests is a single launch per layer.
+
+Work split, chosen for a memory-bound decode:
+
+* One program owns one KV head of one sequence and *all* the query heads of that
+  group (GQA), for ``BLOCK_Q`` consecutive query tokens. Its rows are the
+  ``BLOCK_Q x group`` (token, head) pairs, so each K/V tile is fetched once per group
+  rather than once per query head, and the row count reaches the 16 that ``tl.dot``
+  needs even for a single decode token.
+* Split-K (flash-decoding): the key range of a sequence is cut into ``num_splits``
+  slices handled by different programs; each writes an un-merged partial output and its
+  log-sum-exp, and a small combine kernel merges them. This keeps every SM busy when
+  there are few sequences and long contexts. ``num_splits`` is a runtime argument, so
+  a CUDA graph captured for one batch size replays for any context length.
+
+Causality is bottom-right aligned as in :mod:`.attention_fwd`: with ``q_len`` queries
+and ``kv_len`` keys, query ``i`` sees keys ``j <= i + kv_len - q_len``. Keys are
+assumed RoPE-rotated already, so a cache that later drops pages (eviction) only has to
+shrink ``seq_lens`` and the block table: logical positions never enter this kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_fwd import dot_precision_for
+from .runtime import interpreter_enabled
+
+_LOG2E = 1.0 / math.log(2.0)
+_MIN_DOT_ROWS = 16
+
+
+@triton.jit
+def _paged_tiles(
+    acc, l_i, m_i, q, K, V, bt_row,
+    stride_ks, stride_vs, k_head_off, v_head_off, stride_kb, stride_vb, stride_kd, stride_vd,
+    offs_n, offs_d, tok, lo, hi, kv_len, diag, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        # Each column finds its page through the block table; consecutive columns share
+        # a page, so these loads hit the same few cache lines.
+        if MASKED:
+            col_ok = cols < hi
+            page = tl.load(bt_row + cols // PAGE_SIZE, mask=col_ok, other=0).to(tl.int64)
+        else:
+            page = tl.load(bt_row + cols // PAGE_SIZE).to(tl.int64)
+        slot = (cols % PAGE_SIZE).to(tl.int64)
+        k_ptrs = K + k_head_off + page[None, :] * stride_kb + slot[None, :] * stride_ks + offs_d[:, None] * stride_kd
+        v_ptrs = V + v_head_off + page[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :] * stride_vd
+        if MASKED:
+            kT = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            kT = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        else:
+            kT = tl.load(k_ptrs)
+        # Pages may be stored in a different float type than the queries (kv_cache_dtype).
+        qk = tl.dot(q, kT.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            visible = (cols[None, :] <= tok[:, None] + diag) & (cols[None, :] < kv_len)
+            qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that has seen nothing keeps m = -inf; shifting by 0 keeps exp2 at 0, not NaN.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_shift = m_new
+        p = tl.math.exp2(qk - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _paged_attn_kernel(
+    Q, K, V, Out, PartOut, PartLse,
+    block_tables, seq_lens, cu_seqlens_q,
+    stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_od,
+    stride_bt,
+    stride_ps, stride_pt, stride_ph, stride_pd,
+    stride_ls, stride_lt, stride_lh,
+    num_kv_heads, group_size, num_splits, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // num_kv_heads
+    kvh = pid_bh % num_kv_heads
+
+    q_start = tl.load(cu_seqlens_q + b)
+    q_len = tl.load(cu_seqlens_q + b + 1) - q_start
+    m0 = pid_q * BLOCK_Q
+    if m0 >= q_len:
+        return
+    kv_len = tl.load(seq_lens + b)
+    diag = kv_len - q_len
+
+    offs_r = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    tok = m0 + offs_r // GROUP_PAD
+    g = offs_r % GROUP_PAD
+    row_ok = (tok < q_len) & (g < group_size)
+    head = kvh * group_size + g
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    row_t = (q_start + tok).to(tl.int64)
+    q_ptrs = Q + row_t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # Keys [0, full_hi) are visible to every row of this block; [full_hi, hi) need the mask.
+    hi = tl.minimum(kv_len, diag + m0 + BLOCK_Q)
+    hi = tl.maximum(hi, 0)
+    full_hi = tl.minimum(tl.maximum(diag + m0 + 1, 0) // BLOCK_N * BLOCK_N, hi)
+    n_tiles = tl.cdiv(hi, BLOCK_N)
+    tiles_per_split = tl.cdiv(n_tiles, num_splits)
+    lo_s = tl.minimum(pid_s * tiles_per_split * BLOCK_N, hi)
+    hi_s = tl.minimum(lo_s + tiles_per_split * BLOCK_N, hi)
+    mid = tl.minimum(tl.maximum(full_hi, lo_s), hi_s)
+
+    bt_row = block_tables + b.to(tl.int64) * stride_bt
+    k_head_off = kvh.to(tl.int64) * stride_kh
+    v_head_off = kvh.to(tl.int64) * stride_vh
+
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _paged_tiles(
+        acc, l_i, m_i, q, K, V, bt_row, stride_ks, stride_vs, k_head_off, v_head_off,
+        stride_kb, stride_vb, stride_kd, stride_vd, offs_n, offs_d, tok, lo_s, mid, kv_len, diag, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _paged_tiles(
+        acc, l_i, m_i, q, K, V, bt_row, stride_ks, stride_vs, k_head_off, v_head_off,
+        stride_kb, stride_vb, stride_kd, stride_vd, offs_n, offs_d, tok, mid, hi_s, kv_len, diag, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, DOT_PRECISION,
+    )
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if SPLIT:
+        p_ptrs = (PartOut + pid_s.to(tl.int64) * stride_ps + row_t[:, None] * stride_pt
+                  + head[:, None] * stride_ph + offs_d[None, :] * stride_pd)
+        tl.store(p_ptrs, out, mask=row_ok[:, None] & d_ok[None, :])
+        # Base-2 LSE of the scaled scores; the combine only compares and re-weights them.
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+        l_ptrs = PartLse + pid_s.to(tl.int64) * stride_ls + row_t * stride_lt + head * stride_lh
+        tl.store(l_ptrs, lse, mask=row_ok)
+    else:
+        o_ptrs = Out + row_t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _combine_splits_kernel(
+    PartOut, PartLse, Out,
+    stride_ps, stride_pt, stride_ph, stride_pd,
+    stride_ls, stride_lt, stride_lh,
+    stride_ot, stride_oh, stride_od,
+    num_heads, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = (pid // num_heads).to(tl.int64)
+    h = pid % num_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
+    d_ok = offs_d < HEAD_DIM
+    lse = tl.load(PartLse + offs_s * stride_ls + t * stride_lt + h * stride_lh, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)
+    denom = tl.sum(w, 0)
+    parts = tl.load(
+        PartOut + offs_s[:, None] * stride_ps + t * stride_pt + h * stride_ph + offs_d[None, :] * stride_pd,
+        mask=s_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    out = tl.sum(parts * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(Out + t * stride_ot + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
+
+
+def _decode_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bn, w, s in [(64, 4, 2), (64, 4, 3), (32, 4, 4), (128, 4, 2), (64, 8, 3), (128, 8, 2)]
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    page = named_args.get("PAGE_SIZE", kwargs.get("PAGE_SIZE", 16))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] >= page and c.kwargs["BLOCK_N"] % page == 0]
+    return kept or [triton.Config({"BLOCK_N": page}, num_warps=4, num_stages=2)]
+
+
+_autotune_kwargs = {"cache_results": True} if "cache_results" in triton.autotune.__code__.co_varnames else {}
+_paged_attn_tuned = triton.autotune(
+    configs=_decode_configs(),
+    key=["HEAD_DIM", "PAGE_SIZE", "BLOCK_Q", "GROUP_PAD", "SPLIT", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune},
+    **_autotune_kwargs,
+)(_paged_attn_kernel)
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors on ``device`` (a nominal 1 on CPU)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: torch.device,
+                      *, min_keys_per_split: int = 256) -> int:
+    """Split-K factor that fills the GPU about four programs deep without making slices tiny."""
+    if device.type != "cuda":
+        return 1
+    target = 4 * num_sms(device)
+    programs = max(batch * num_kv_heads, 1)
+    by_occupancy = -(-target // programs)
+    by_length = max(1, -(-max_kv_len // min_keys_per_split))
+    return int(max(1, min(by_occupancy, by_length, 32)))
+
+
+def block_q_for(max_q_len: int, group_size: int) -> tuple[int, int]:
+    """``(BLOCK_Q, GROUP_PAD)``: query tokens per program and the padded group size.
+
+    Decode uses the fewest tokens whose (token, head) rows reach ``tl.dot``'s minimum of
+    16; prefill chunks use up to 64 rows per program.
+    """
+    group_pad = triton.next_power_of_2(max(group_size, 1))
+    min_q = max(1, _MIN_DOT_ROWS // group_pad)
+    if max_q_len <= 1:
+        return min_q, group_pad
+    want = max(min_q, 64 // group_pad, 1)
+    want = min(want, max(min_q, triton.next_power_of_2(max_q_len)))
+    return want, group_pad
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    *,
+    max_q_len: int,
+    softmax_scale: float,
+    num_splits: int = 1,
+    out: torch.Tensor | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Attention of packed queries over paged keys/values.
+
+    ``q``: ``[total_q, Hq, D]`` (any strides), the queries of ``B`` sequences packed
+    back to back as delimited by ``cu_seqlens_q`` (int32 ``[B+1]``).
+    ``k_pages``, ``v_pages``: ``[num_blocks, page_size, Hkv, D]`` (any float dtype).
+    ``block_tables``: int32 ``[B, max_blocks]``; ``seq_lens``: int32 ``[B]``, the number of
+    keys of each sequence *including* this step's queries (already written to the pages).
+    ``max_q_len`` must bound every sequence's query count (it sizes the grid; no host
+    sync happens here, so the call can be captured in a CUDA graph).
+    Returns ``out [total_q, Hq, D]`` in ``q``'s dtype.
+    """
+    total_q, hq, head_dim = q.shape
+    page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+    batch = block_tables.shape[0]
+    group = hq // hkv
+    block_q, group_pad = block_q_for(max_q_len, group)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if out is None:
+        out = torch.empty((total_q, hq, head_dim), device=q.device, dtype=q.dtype)
+    if total_q == 0 or batch == 0:
+        return out
+    split = num_splits > 1
+    if split:
+        part_out = torch.empty((num_splits, total_q, hq, head_dim), device=q.device, dtype=torch.float32)
+        part_lse = torch.empty((num_splits, total_q, hq), device=q.device, dtype=torch.float32)
+    else:
+        part_out, part_lse = out, out.new_empty((1, 1, 1), dtype=torch.float32)
+    args = (
+        q, k_pages, v_pages, out, part_out, part_lse,
+        block_tables, seq_lens, cu_seqlens_q,
+        *q.stride(), *k_pages.stride(), *v_pages.stride(), *out.stride(),
+        block_tables.stride(0),
+        *(part_out.stride() if split else (0, 0, 0, 0)),
+        *(part_lse.stride() if split else (0, 0, 0)),
+        hkv, group, num_splits, softmax_scale * _LOG2E,
+    )
+    meta = dict(
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_Q=block_q, GROUP_PAD=group_pad,
+        SPLIT=split, DOT_PRECISION=dot_precision_for(q.dtype),
+    )
+    grid = (triton.cdiv(max_q_len, block_q), batch * hkv, num_splits)
+    if interpreter_enabled():
+        _paged_attn_kernel[grid](*args, **meta, BLOCK_N=block_n or max(16, page_size))
+    else:
+        with torch.cuda.device(q.device):
+            if block_n is not None:
+                _paged_attn_kernel[grid](*args, **meta, BLOCK_N=block_n, num_warps=4, num_stages=2)
+            else:
+                _paged_attn_tuned[grid](*args, **meta)
+    if split:
+        cgrid = (total_q * hq,)
+        cargs = (
+            part_out, part_lse, out, *part_out.stride(), *part_lse.stride(), *out.stride(), hq, num_splits,
+        )
+        cmeta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+        if interpreter_enabled():
+            _combine_splits_kernel[cgrid](*cargs, **cmeta)
+        else:
+            with torch.cuda.device(q.device):
+                _combine_splits_kernel[cgrid](*cargs, **cmeta)
+    return out
+
+
+def write_kv_pages(
+    key: torch.Tensor, value: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store new keys/values ``[T, Hkv, D]`` at flat slots ``page * page_size + offset``.
+
+    ``index_copy_`` is one device op with no host sync, so it can live inside a CUDA graph.
+    """
+    hkv, d = k_pages.shape[2], k_pages.shape[3]
+    k_pages.view(-1, hkv, d).index_copy_(0, slot_mapping, key.to(k_pages.dtype))
+    v_pages.view(-1, hkv, d).index_copy_(0, slot_mapping, value.to(v_pages.dtype))
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    *,
+    softmax_scale: float,
+    seq_lens_cpu: list[int] | None = None,
+    cu_seqlens_q_cpu: list[int] | None = None,
+) -> torch.Tensor:
+    """The same math as :func:`paged_attention` in plain PyTorch: gather each sequence's
+    pages and run SDPA with a bottom-right causal mask. For CPUs without Triton.
+
+    The ``*_cpu`` lists spare the device-to-host copies when the caller already has them.
+    """
+    total_q, hq, d = q.shape
+    page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+    lens = seq_lens_cpu if seq_lens_cpu is not None else seq_lens.tolist()
+    cu = cu_seqlens_q_cpu if cu_seqlens_q_cpu is not None else cu_seqlens_q.tolist()
+    out = torch.empty((total_q, hq, d), device=q.device, dtype=q.dtype)
+    group = hq // hkv
+    for b, kv_len in enumerate(lens):
+        q0, q1 = cu[b], cu[b + 1]
+        q_len = q1 - q0
+        if q_len == 0:
+            continue
+        n_pages = -(-kv_len // page_size)
+        pages = block_tables[b, :n_pages].long()
+        k = k_pages[pages].reshape(-1, hkv, d)[:kv_len]
+        v = v_pages[pages].reshape(-1, hkv, d)[:kv_len]
+        qb = q[q0:q1].transpose(0, 1)  # [Hq, q_len, D]
+        kb = k.to(q.dtype).transpose(0, 1).repeat_interleave(group, dim=0)
+        vb = v.to(q.dtype).transpose(0, 1).repeat_interleave(group, dim=0)
+        rows = torch.arange(q_len, device=q.device)[:, None] + (kv_len - q_len)
+        mask = torch.arange(kv_len, device=q.device)[None, :] <= rows
+        o = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=softmax_scale)
+        out[q0:q1] = o.transpose(0, 1)
+    return out

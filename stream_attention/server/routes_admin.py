@@ -1,0 +1,86 @@
+"""Operational routes: ``/health``, ``/ready``, ``/metrics``, ``/memory``, ``/benchmark``."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import TypeAdapter, ValidationError
+from starlette.responses import JSONResponse, Response
+
+from .. import __version__
+from .errors import APIError
+from .memory import snapshot
+from .routes_generate import get_state
+from .schemas import GenerationBenchmarkRequest, KernelBenchmarkRequest
+
+router = APIRouter(tags=["operations"])
+
+_KERNEL = TypeAdapter(KernelBenchmarkRequest)
+_GENERATION = TypeAdapter(GenerationBenchmarkRequest)
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """Liveness: the process answers. Never needs the API key; never waits on the engine."""
+    state = get_state(request)
+    return JSONResponse({"status": "ok", "uptime_s": time.time() - state.started_at, "version": __version__})
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: 200 once the model is loaded and the server is not draining, else 503."""
+    state = get_state(request)
+    if state.ready:
+        return JSONResponse({"status": "ready", "model": state.model_name, "device": state.device})
+    status = "draining" if state.draining else ("failed" if state.load_error else "loading")
+    body: dict[str, Any] = {"status": status}
+    if state.load_error:
+        body["error"] = state.load_error
+    return JSONResponse(body, status_code=503, headers=state.retry_headers())
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/memory")
+async def memory(request: Request, reset_peak: bool = False) -> JSONResponse:
+    """Memory profile: host RSS, CUDA allocator per device, KV-cache pool and engine stats."""
+    state = get_state(request)
+    return JSONResponse(snapshot(state.stats(), reset_peak=reset_peak))
+
+
+@router.post("/benchmark")
+async def benchmark(request: Request) -> JSONResponse:
+    """Kernel benchmark (``{"kind": "kernel", "seq_lens": [...]...}``, the default) or
+    generation benchmark (``{"kind": "generation", "num_requests": 8, ...}``)."""
+    state = get_state(request)
+    if not state.settings.benchmark_enabled:
+        raise APIError(
+            404, "/benchmark is disabled on this server (STREAM_ATTENTION_BENCHMARK_ENABLED)", code="disabled"
+        )
+    raw = await request.body()
+    try:
+        data = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_value")
+    kind = data.get("kind", "kernel")
+    adapter = {"kernel": _KERNEL, "generation": _GENERATION}.get(kind)
+    if adapter is None:
+        raise APIError(400, f"kind={kind!r}: expected 'kernel' or 'generation'", param="kind", code="invalid_value")
+    try:
+        spec = adapter.validate_python(data)
+    except ValidationError as exc:
+        # Same 400 shape as the routes FastAPI validates.
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
+    if kind == "generation":
+        state.require_engine()
+    return JSONResponse(await request.app.state.benchmark.run(spec))

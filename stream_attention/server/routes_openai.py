@@ -1,0 +1,283 @@
+"""OpenAI-compatible routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``.
+
+Shapes follow OpenAI's API so the official ``openai`` client works unchanged, streams
+included (``data: {...}`` chunks, then ``data: [DONE]``; with
+``stream_options.include_usage`` a last chunk with empty ``choices`` carries usage).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from functools import lru_cache
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse
+
+from ..engine.types import RequestOutput, TokenLogprob
+from .errors import APIError, sse_error_event
+from .routes_generate import build_params, get_state, new_logprobs
+from .schemas import ChatCompletionRequest, CompletionRequest
+from .sse import DONE, EventStreamResponse, event
+from .state import GenerationStream, ServerState, watch_disconnect
+
+log = logging.getLogger("stream_attention.server")
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+OPENAI_DEFAULT_TEMPERATURE = 1.0
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    state.require_engine()
+    if model and model != state.model_name:
+        raise APIError(
+            404,
+            f"model {model!r} is not served here; this server serves {state.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _finish_reason(out: RequestOutput) -> str | None:
+    return out.finish_reason.value if out.finish_reason is not None else None
+
+
+class _TokenText:
+    """Token id → its text, cached per tokenizer (logprob entries name tokens as text)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._decode = lru_cache(maxsize=65536)(lambda tid: tokenizer.decode([tid]))
+
+    def __call__(self, token_id: int) -> str:
+        return self._decode(token_id)
+
+
+def _token_text(state: ServerState) -> _TokenText:
+    cached = getattr(state, "_token_text", None)
+    if cached is None:
+        cached = _TokenText(state.tokenizer)
+        state._token_text = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def completion_logprobs(state: ServerState, lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    text_of = _token_text(state)
+    tokens, offsets = [], []
+    for lp in lps:
+        tokens.append(text_of(lp.token_id))
+        offsets.append(offset)
+        offset += len(tokens[-1])
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [{text_of(t): v for t, v in (lp.top or {}).items()} for lp in lps],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(state: ServerState, lps: list[TokenLogprob]) -> dict[str, Any]:
+    text_of = _token_text(state)
+
+    def entry(tid: int, logprob: float) -> dict[str, Any]:
+        tok = text_of(tid)
+        return {"token": tok, "logprob": logprob, "bytes": list(tok.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in (lp.top or {}).items()]}
+            for lp in lps
+        ]
+    }
+
+
+async def _run(request: Request, gen: GenerationStream) -> RequestOutput:
+    try:
+        return await watch_disconnect(request, gen.collect())
+    finally:
+        await gen.close()
+
+
+# --------------------------------------------------------------------------------------
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    state = get_state(request)
+    _check_model(state, body.model)
+    if isinstance(body.prompt, str):
+        ids = state.encode(body.prompt)
+        if not ids:
+            raise APIError(400, "prompt is empty after tokenization", param="prompt", code="invalid_value")
+        prompt_text = body.prompt
+    else:
+        ids = list(body.prompt)
+        state.check_ids(ids, "prompt")
+        prompt_text = None
+    max_tokens = state.resolve_max_tokens(body.max_tokens, len(ids), default=16)
+    temperature = OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
+    params = build_params(
+        lambda: body.sampling_params(max_tokens=max_tokens, temperature=temperature, logprobs=body.logprobs)
+    )
+    gen = await state.open(request, ids, params, prompt_text)
+    created = int(time.time())
+    cid = f"cmpl-{gen.request_id}"
+    echo = (prompt_text if prompt_text is not None else state.tokenizer.decode(ids)) if body.echo else ""
+
+    def base() -> dict[str, Any]:
+        return {"id": cid, "object": "text_completion", "created": created, "model": state.model_name}
+
+    if not body.stream:
+        out = await _run(request, gen)
+        choice: dict[str, Any] = {
+            "index": 0,
+            "text": echo + out.text,
+            "logprobs": None,
+            "finish_reason": _finish_reason(out),
+        }
+        if params.logprobs is not None:
+            choice["logprobs"] = completion_logprobs(state, new_logprobs(out, 0), len(echo))
+        return JSONResponse({**base(), "choices": [choice], "usage": out.usage})
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        seen = 0
+        text_len = len(echo)
+        last: RequestOutput | None = None
+        try:
+            if echo:
+                yield event(
+                    {**base(), "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]}
+                )
+            async for out in gen:
+                last = out
+                lps = new_logprobs(out, seen)
+                seen += len(out.delta_token_ids)
+                if not out.delta_text and not out.delta_token_ids and not out.finished:
+                    continue
+                choice = {
+                    "index": 0,
+                    "text": out.delta_text,
+                    "logprobs": None,
+                    "finish_reason": _finish_reason(out) if out.finished else None,
+                }
+                if params.logprobs is not None:
+                    choice["logprobs"] = completion_logprobs(state, lps, text_len)
+                text_len += len(out.delta_text)
+                chunk = {**base(), "choices": [choice]}
+                if include_usage:
+                    chunk["usage"] = out.usage if continuous else None
+                yield event(chunk)
+            if include_usage and last is not None:
+                yield event({**base(), "choices": [], "usage": last.usage})
+            yield DONE
+        except APIError as exc:
+            yield sse_error_event(exc.message, code=exc.code, status=exc.status)
+        except Exception as exc:  # after the 200 went out, an event is all that is left
+            log.exception("stream of %s failed", gen.request_id)
+            yield sse_error_event(f"internal error: {type(exc).__name__}", code="internal_error")
+        finally:
+            await gen.close()
+
+    return EventStreamResponse(chunks())
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    state = get_state(request)
+    _check_model(state, body.model)
+    messages = []
+    for m in body.messages:
+        msg = {"role": m.role, "content": m.text()}
+        if m.name:
+            msg["name"] = m.name
+        messages.append(msg)
+    prompt = state.chat_prompt(messages, add_generation_prompt=body.add_generation_prompt)
+    # The template already spells out BOS and friends; letting the tokenizer add them
+    # again would double them.
+    ids = state.encode(prompt, add_special_tokens=False)
+    requested = body.requested_max_tokens()
+    max_tokens = state.resolve_max_tokens(requested, len(ids), default=None)
+    temperature = OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
+    params = build_params(
+        lambda: body.sampling_params(max_tokens=max_tokens, temperature=temperature, logprobs=body.logprobs_n())
+    )
+    gen = await state.open(request, ids, params, prompt)
+    created = int(time.time())
+    cid = f"chatcmpl-{gen.request_id}"
+
+    def base() -> dict[str, Any]:
+        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
+
+    if not body.stream:
+        out = await _run(request, gen)
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": out.text},
+            "logprobs": chat_logprobs(state, new_logprobs(out, 0)) if params.logprobs is not None else None,
+            "finish_reason": _finish_reason(out),
+        }
+        return JSONResponse({**base(), "object": "chat.completion", "choices": [choice], "usage": out.usage})
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        seen = 0
+        last: RequestOutput | None = None
+        try:
+            first = {
+                **base(),
+                "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                ],
+            }
+            if include_usage:
+                first["usage"] = None
+            yield event(first)
+            async for out in gen:
+                last = out
+                lps = new_logprobs(out, seen)
+                seen += len(out.delta_token_ids)
+                if not out.delta_text and not out.delta_token_ids and not out.finished:
+                    continue
+                choice = {
+                    "index": 0,
+                    "delta": {"content": out.delta_text} if out.delta_text else {},
+                    "logprobs": chat_logprobs(state, lps) if params.logprobs is not None else None,
+                    "finish_reason": _finish_reason(out) if out.finished else None,
+                }
+                chunk = {**base(), "choices": [choice]}
+                if include_usage:
+                    chunk["usage"] = out.usage if continuous else None
+                yield event(chunk)
+            if include_usage and last is not None:
+                yield event({**base(), "choices": [], "usage": last.usage})
+            yield DONE
+        except APIError as exc:
+            yield sse_error_event(exc.message, code=exc.code, status=exc.status)
+        except Exception as exc:  # after the 200 went out, an event is all that is left
+            log.exception("stream of %s failed", gen.request_id)
+            yield sse_error_event(f"internal error: {type(exc).__name__}", code="internal_error")
+        finally:
+            await gen.close()
+
+    return EventStreamResponse(chunks())
+
+
+@router.get("/models")
+async def models(request: Request) -> JSONResponse:
+    state = get_state(request)
+    state.require_engine()
+    card = {
+        "id": state.model_name,
+        "object": "model",
+        "created": int(state.started_at),
+        "owned_by": "stream-attention",
+        "max_model_len": state.max_model_len,
+        "vocab_size": len(state.tokenizer) if state.tokenizer is not None else None,
+    }
+    return JSONResponse({"object": "list", "data": [card]})

@@ -1,0 +1,309 @@
+"""Request bodies of every route, validated strictly.
+
+Unknown fields are rejected (``extra="forbid"``) so a misspelt parameter is a 400 naming
+it rather than a silently ignored knob. Ranges mirror
+:meth:`stream_attention.engine.types.SamplingParams.validate`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..engine.types import SamplingParams
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _stop_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+class _Sampling(Strict):
+    """Sampling knobs shared by every generation route (vLLM-style extensions included)."""
+
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="0 or -1 = off")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = Field(None, description="stop strings (at most 16)")
+    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_bounds(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = _stop_list(value)
+        if len(stops) > 16:
+            raise ValueError("at most 16 stop strings")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        return value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _non_negative_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value and any(t < 0 for t in value):
+            raise ValueError("token ids must be >= 0")
+        return value
+
+    def sampling_params(self, *, max_tokens: int, temperature: float, logprobs: int | None = None) -> SamplingParams:
+        """The engine's params; ``validate()`` re-checks ranges the schema does not know."""
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=max(self.top_k or 0, 0),
+            top_p=1.0 if self.top_p is None else self.top_p,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            seed=self.seed,
+            stop=_stop_list(self.stop),
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+        )
+        return params.validate()
+
+
+# ---------------------------------------------------------------------------------------
+# /generate and /generate_stream (TGI-style)
+
+
+class GenerateRequest(_Sampling):
+    """``POST /generate`` and ``/generate_stream``.
+
+    Give ``prompt`` (alias ``inputs``) or ``prompt_token_ids``. Sampling parameters sit at
+    the top level or, as in TGI, inside ``parameters`` (with ``max_new_tokens`` and
+    ``do_sample``).
+    """
+
+    prompt: str | None = Field(None, validation_alias=AliasChoices("prompt", "inputs"))
+    prompt_token_ids: list[int] | None = Field(None, min_length=1)
+    max_tokens: int | None = Field(None, ge=1, validation_alias=AliasChoices("max_tokens", "max_new_tokens"))
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    do_sample: bool | None = Field(None, description="TGI: false = greedy; true with no temperature = 1.0")
+    logprobs: int | None = Field(None, ge=0, le=20, description="top-N logprobs per generated token")
+    details: bool = Field(True, description="include per-token ids/logprobs in the response")
+    return_full_text: bool = Field(False, description="prepend the prompt to generated_text")
+    add_special_tokens: bool = Field(True, description="let the tokenizer add BOS etc. to a text prompt")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flatten_parameters(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "parameters" in data:
+            data = dict(data)
+            nested = data.pop("parameters")
+            if nested is None:
+                return data
+            if not isinstance(nested, dict):
+                raise ValueError("parameters must be an object")
+            clash = sorted(set(nested) & set(data))
+            if clash:
+                raise ValueError(f"{clash[0]} is given both at the top level and in parameters")
+            data.update(nested)
+        return data
+
+    @field_validator("prompt_token_ids")
+    @classmethod
+    def _ids_non_negative(cls, value: list[int] | None) -> list[int] | None:
+        if value and any(t < 0 for t in value):
+            raise ValueError("token ids must be >= 0")
+        return value
+
+    def effective_temperature(self) -> float:
+        if self.do_sample is False:
+            return 0.0
+        if self.temperature is not None:
+            return self.temperature
+        return 1.0 if self.do_sample else 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# OpenAI-compatible
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _OpenAICommon(_Sampling):
+    model: str | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("logit_bias is not supported")
+        return value
+
+
+class CompletionRequest(_OpenAICommon):
+    """``POST /v1/completions``: one prompt, as text or as token ids."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    best_of: int | None = Field(None, ge=1, le=1)
+    suffix: str | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("suffix is not supported")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _single_prompt(cls, value: Any) -> str | list[int]:
+        # A list of one prompt is how some clients always send; more than one would need
+        # several choices per response, which this server does not do (n is 1).
+        if isinstance(value, list) and value and isinstance(value[0], str | list):
+            if len(value) != 1:
+                raise ValueError("exactly one prompt per request")
+            value = value[0]
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("prompt is empty")
+            if any(t < 0 for t in value):
+                raise ValueError("token ids must be >= 0")
+        return value
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    # Lenient: a message echoed back from an earlier response carries fields (refusal,
+    # annotations, tool_calls=None...) that have no meaning for the chat template.
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        out = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"content part of type {part.type!r} is not supported (text only)")
+            out.append(part.text)
+        return "".join(out)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_OpenAICommon):
+    """``POST /v1/chat/completions``; the prompt is the tokenizer's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    add_generation_prompt: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value:
+            raise ValueError("tool calling is not supported")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if value not in (None, "none", "auto"):
+            raise ValueError("tool calling is not supported")
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _text_only(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        for m in value:
+            m.text()  # raises for non-text parts
+        return value
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprobs_n(self) -> int | None:
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
+
+
+# ---------------------------------------------------------------------------------------
+# /benchmark
+
+
+class KernelBenchmarkRequest(Strict):
+    """Time the fused kernel beside SDPA on the serving device (seed CLI's table)."""
+
+    kind: Literal["kernel"] = "kernel"
+    seq_lens: list[int] = Field(default_factory=lambda: [512, 1024], min_length=1, max_length=8)
+    batch: int = Field(1, ge=1, le=64)
+    heads: int = Field(8, ge=1, le=128)
+    kv_heads: int | None = Field(None, ge=1, le=128)
+    dim: int = Field(64, ge=16, le=256)
+    causal: bool = True
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    warmup: int = Field(3, ge=0, le=100)
+    iters: int = Field(10, ge=1, le=200)
+
+    @field_validator("seq_lens")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(n < 1 for n in value):
+            raise ValueError("sequence lengths must be >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _gqa(self) -> KernelBenchmarkRequest:
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ValueError(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
+        return self
+
+
+class GenerationBenchmarkRequest(Strict):
+    """Run a short burst of generation through the serving engine and time it."""
+
+    kind: Literal["generation"]
+    num_requests: int = Field(8, ge=1)
+    concurrency: int | None = Field(None, ge=1, description="requests in flight at once (default: all)")
+    prompt_tokens: int = Field(64, ge=1, le=8192)
+    max_tokens: int = Field(32, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)

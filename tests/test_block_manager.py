@@ -1,0 +1,166 @@
+"""Block accounting and scheduling without a model: nothing leaks, whatever happens."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from stream_attention.engine.block_manager import BlockManager
+from stream_attention.engine.scheduler import Scheduler
+from stream_attention.engine.sequence import Sequence, SequenceStatus
+from stream_attention.engine.types import FinishReason, QueueFullError, SamplingParams
+
+
+def _seq(rid: str, tokens: list[int], max_tokens: int = 8) -> Sequence:
+    return Sequence(request_id=rid, prompt_token_ids=tokens, params=SamplingParams(max_tokens=max_tokens))
+
+
+def _run_step(sched: Scheduler, rng: random.Random) -> list[Sequence]:
+    """One step as the engine does it, with random tokens instead of a model.
+    Returns the sequences that finished."""
+    out = sched.schedule()
+    for s in out.scheduled:
+        seq = s.seq
+        # The scheduled chunk must fit the blocks the sequence holds.
+        assert -(-(seq.num_kv_slots + s.num_new_tokens) // sched.bm.block_size) <= len(seq.block_table)
+    sched.commit(out.scheduled)
+    done = []
+    for s in out.scheduled:
+        if s.samples:
+            s.seq.token_ids.append(rng.randrange(50))
+            if s.seq.num_output_tokens >= s.seq.params.max_tokens:
+                sched.finish(s.seq, FinishReason.LENGTH)
+                done.append(s.seq)
+    return done
+
+
+def test_prefix_blocks_are_shared_and_revived():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8)
+    prompt = list(range(13))  # 3 full blocks + 1 token
+    a = _seq("a", prompt)
+    sched.add(a)
+    _run_step(sched, random.Random(0))
+    assert a.num_computed_tokens == 13 and len(a.block_hashes) == 3
+    b = _seq("b", prompt + [99])
+    sched.add(b)
+    out = sched.schedule()
+    (sb,) = [s for s in out.scheduled if s.seq is b]
+    assert b.block_table[:3] == a.block_table[:3] and sb.num_new_tokens == 14 - 12
+    assert bm.blocks[a.block_table[0]].ref_count == 2
+    sched.commit(out.scheduled)
+    for s in (a, b):
+        sched.finish(s, FinishReason.STOP)
+    assert bm.num_free_blocks == bm.num_blocks
+    # Freed blocks keep their hash: the same prompt is served from the cache again.
+    c = _seq("c", prompt)
+    sched.add(c)
+    out = sched.schedule()
+    assert out.scheduled[0].num_new_tokens == 1 and bm.prefix_cache_hits == 6
+    sched.abort(c)
+    bm.check_invariants([])
+
+
+def test_whole_prompt_hit_still_computes_last_token():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_waiting=4)
+    a = _seq("a", list(range(8)))
+    sched.add(a)
+    _run_step(sched, random.Random(0))
+    b = _seq("b", list(range(8)))
+    sched.add(b)
+    out = sched.schedule()
+    (sb,) = [s for s in out.scheduled if s.seq is b]
+    # Only the first block can be reused: the second holds the token whose logits we need.
+    assert sb.num_new_tokens == 4 and sb.samples
+
+
+def test_preemption_frees_newest_and_recomputes():
+    bm = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_waiting=4, admission_reserve_blocks=0)
+    a, b = _seq("a", list(range(8)), max_tokens=12), _seq("b", list(range(100, 108)), max_tokens=12)
+    sched.add(a)
+    sched.add(b)
+    rng = random.Random(0)
+    _run_step(sched, rng)  # both prefill: 4 blocks used
+    preempted = 0
+    for _ in range(40):
+        out_before = sched.num_preemptions
+        _run_step(sched, rng)
+        preempted += sched.num_preemptions - out_before
+        if not sched.num_unfinished:
+            break
+    assert preempted > 0 and b.num_preemptions > 0 and a.num_preemptions == 0
+    assert a.num_output_tokens == 12 and b.num_output_tokens == 12
+    assert bm.num_free_blocks == bm.num_blocks
+    bm.check_invariants([])
+
+
+def test_queue_bound_and_abort_everywhere():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=3, max_waiting=2)
+    a, b, c = (_seq(x, list(range(10))) for x in "abc")
+    sched.add(a)
+    sched.add(b)
+    with pytest.raises(QueueFullError):
+        sched.add(c)
+    out = sched.schedule()  # a runs its first 3-token chunk; b waits
+    assert [s.seq for s in out.scheduled] == [a] and a.status is SequenceStatus.RUNNING
+    sched.commit(out.scheduled)
+    assert sched.abort(a) and sched.abort(b) and not sched.abort(b)
+    assert a.finish_reason is FinishReason.ABORT and not a.block_table
+    assert bm.num_free_blocks == 4 and sched.num_unfinished == 0
+
+
+def test_drop_blocks_compacts_table():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=64, max_waiting=2)
+    a = _seq("a", list(range(14)))
+    sched.add(a)
+    _run_step(sched, random.Random(0))
+    table = list(a.block_table)
+    freed = bm.drop_blocks(a, [1, 2])
+    assert freed == 2 and a.block_table == [table[0], table[3]] and a.num_kv_slots == 14 - 8
+    with pytest.raises(ValueError):
+        bm.drop_blocks(a, [1])  # the last block is partial
+    bm.check_invariants([a])
+    sched.finish(a, FinishReason.STOP)
+    assert bm.num_free_blocks == 8
+
+
+def test_thousand_requests_with_random_aborts_leave_every_block_free():
+    rng = random.Random(1234)
+    bm = BlockManager(num_blocks=48, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=12, max_num_batched_tokens=40, max_waiting=64)
+    prefixes = [[rng.randrange(50) for _ in range(rng.randrange(1, 12))] for _ in range(5)]
+    live: dict[str, Sequence] = {}
+    submitted = finished = aborted = 0
+    steps = 0
+    while submitted < 1000 or live:
+        for _ in range(rng.randrange(0, 4)):
+            if submitted >= 1000:
+                break
+            prompt = rng.choice(prefixes) + [rng.randrange(50) for _ in range(rng.randrange(1, 20))]
+            seq = _seq(f"r{submitted}", prompt, max_tokens=rng.randrange(1, 16))
+            try:
+                sched.add(seq)
+            except QueueFullError:
+                break
+            live[seq.request_id] = seq
+            submitted += 1
+        # Aborts land anywhere: waiting, mid-prefill, decoding, just preempted.
+        for rid in list(live):
+            if rng.random() < 0.02:
+                assert sched.abort(live.pop(rid))
+                aborted += 1
+        for seq in _run_step(sched, rng):
+            del live[seq.request_id]
+            finished += 1
+        steps += 1
+        if steps % 50 == 0:
+            bm.check_invariants(list(live.values()))
+        assert steps < 20000, "scheduler made no progress"
+    assert finished + aborted == 1000 and aborted > 0 and sched.num_preemptions > 0
+    assert bm.num_free_blocks == bm.num_blocks and bm.prefix_cache_hits > 0
+    bm.check_invariants([])

@@ -1,0 +1,221 @@
+"""The engine end to end on a tiny random Llama: HF-exact greedy output under continuous
+batching, chunked prefill, prefix caching and preemption; seeds; stops; the async API."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from stream_attention.engine import (
+    AsyncEngine,
+    EngineConfig,
+    FinishReason,
+    LLMEngine,
+    PromptTooLongError,
+    QueueFullError,
+    SamplingParams,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny Llama with peaked logits (large init) so greedy ties cannot flip, and the
+    shipped byte-level BPE tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    from stream_attention.models.default import default_config, load_tokenizer
+
+    cfg = default_config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).eval()
+    ref = LlamaForCausalLM(cfg).eval()
+    ref.load_state_dict(model.state_dict())
+    ref.generation_config.eos_token_id = None  # compare full lengths, as ignore_eos does
+    return model, ref, load_tokenizer()
+
+
+def _engine(tiny, **overrides) -> LLMEngine:
+    model, _, tok = tiny
+    cfg = dict(num_kv_blocks=64, block_size=8, max_num_batched_tokens=256, use_cuda_graphs=False)
+    cfg.update(overrides)
+    return LLMEngine(model, tok, **cfg)
+
+
+def _hf_greedy(ref, prompt: list[int], n: int) -> list[int]:
+    out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 4096, (n,), generator=g).tolist() for n in lengths]
+
+
+GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_greedy_matches_hf_with_midflight_arrivals_and_chunked_prefill(tiny, backend):
+    _, ref, _ = tiny
+    # A 16-token step budget splits the longer prompts into chunks that share steps with
+    # other requests' decode tokens.
+    eng = _engine(tiny, attention_backend=backend, max_num_batched_tokens=16)
+    prompts = _prompts([3, 21, 40, 9, 1, 17])
+    ids = [eng.add_request(p, GREEDY, stream=False) for p in prompts[:3]]
+    final = {}
+    steps = 0
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out
+        steps += 1
+        if steps in (2, 5, 9) and len(ids) < len(prompts):  # arrivals while others decode
+            ids.append(eng.add_request(prompts[len(ids)], GREEDY, stream=False))
+    assert len(ids) == len(prompts)
+    for rid, p in zip(ids, prompts, strict=True):
+        assert final[rid].token_ids == _hf_greedy(ref, p, 10), rid
+        assert final[rid].finish_reason is FinishReason.LENGTH
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_greedy_matches_hf_after_forced_preemption(tiny):
+    _, ref, _ = tiny
+    # 12 blocks of 4 tokens cannot hold five ~30-token sequences at once.
+    eng = _engine(tiny, attention_backend="sdpa", num_kv_blocks=12, block_size=4, max_num_batched_tokens=64)
+    prompts = _prompts([14, 19, 11, 23, 8], seed=1)
+    params = SamplingParams(max_tokens=14, ignore_eos=True)
+    outs = eng.generate(prompts, params)
+    assert eng.stats().preemptions_total > 0
+    for out, p in zip(outs, prompts, strict=True):
+        assert out.token_ids == _hf_greedy(ref, p, 14)
+    assert eng.block_manager.num_free_blocks == 12
+
+
+def test_preemption_and_prefix_cache_on_triton_path(tiny):
+    _, ref, _ = tiny
+    eng = _engine(tiny, attention_backend="triton", num_kv_blocks=9, block_size=4, max_num_batched_tokens=12)
+    shared = _prompts([12], seed=2)[0]
+    prompts = [shared + p for p in _prompts([3, 6, 1], seed=3)]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    outs = eng.generate(prompts, params)
+    stats = eng.stats()
+    assert stats.preemptions_total > 0 and stats.prefix_cache_hits_total > 0
+    for out, p in zip(outs, prompts, strict=True):
+        assert out.token_ids == _hf_greedy(ref, p, 8)
+    assert stats.kv_blocks_used == 0
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(tiny):
+    eng = _engine(tiny, attention_backend="sdpa")
+    p = _prompts([7, 12, 5], seed=4)
+    sp = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    alone = eng.generate([p[0]], sp)[0].token_ids
+    mixed = eng.generate(p, [sp, SamplingParams(max_tokens=5, temperature=1.0, ignore_eos=True),
+                             SamplingParams(max_tokens=20, temperature=0.7, seed=9, ignore_eos=True)])[0]
+    assert mixed.token_ids == alone
+    other = eng.generate([p[0]], SamplingParams(max_tokens=12, temperature=0.9, seed=99, ignore_eos=True))[0]
+    assert other.token_ids != alone
+
+
+def test_stop_strings_tokens_and_streamed_deltas(tiny):
+    _, _, tok = tiny
+    eng = _engine(tiny, attention_backend="sdpa")
+    prompt = _prompts([6], seed=5)[0]
+    free_run = eng.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    text = free_run.text
+    assert text == tok.decode(free_run.token_ids, skip_special_tokens=True)
+    stop = text[5:9]
+    # Stream with a stop string: deltas add up to the final text, which ends before the stop.
+    rid = eng.add_request(prompt, SamplingParams(max_tokens=24, ignore_eos=True, stop=[stop]))
+    streamed, last = "", None
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            assert out.request_id == rid
+            streamed += out.delta_text
+            assert not out.text.endswith(stop[:1]) or out.finished or stop[:1] not in out.text[-1:]
+            last = out
+    assert last.finished and last.finish_reason is FinishReason.STOP
+    assert last.text == text[:text.index(stop)] == streamed
+    with_stop = eng.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True, stop=[stop],
+                                                     include_stop_str_in_output=True))[0]
+    assert with_stop.text == text[:text.index(stop) + len(stop)]
+    # A stop token id ends the request on that token.
+    stop_tok = free_run.token_ids[3]
+    cut = eng.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True, stop_token_ids=[stop_tok]))[0]
+    assert cut.token_ids == free_run.token_ids[:free_run.token_ids.index(stop_tok) + 1]
+    assert cut.finish_reason is FinishReason.STOP
+
+
+def test_logprobs_and_validation(tiny):
+    eng = _engine(tiny, attention_backend="sdpa", max_waiting=1)
+    out = eng.generate([[5, 6, 7]], SamplingParams(max_tokens=3, logprobs=2, ignore_eos=True))[0]
+    assert len(out.logprobs) == 3 and all(lp.top and len(lp.top) == 2 for lp in out.logprobs)
+    assert [lp.token_id for lp in out.logprobs] == out.token_ids
+    with pytest.raises(PromptTooLongError):
+        eng.add_request([5] * 250, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError):
+        eng.add_request([5, 99999], SamplingParams())
+    with pytest.raises(ValueError):
+        eng.add_request([5], SamplingParams(top_p=0.0))
+    eng.add_request([5], SamplingParams())
+    with pytest.raises(QueueFullError):
+        eng.add_request([6], SamplingParams())
+    assert eng.abort(next(iter(eng._seqs)))
+    (aborted,) = eng.step()
+    assert aborted.finish_reason is FinishReason.ABORT and eng.stats().kv_blocks_used == 0
+
+
+def test_async_engine_streams_aborts_and_shuts_down(tiny):
+    model, _, tok = tiny
+
+    async def main():
+        eng = AsyncEngine(model, tok, config=EngineConfig(num_kv_blocks=64, block_size=8, attention_backend="sdpa",
+                                                          max_waiting=8, use_cuda_graphs=False))
+        await eng.start()
+
+        async def consume(prompt, n, stop_after=None):
+            got, text, last = [], "", None
+            async for out in eng.stream(prompt, SamplingParams(max_tokens=n, ignore_eos=True)):
+                got += out.delta_token_ids
+                text += out.delta_text
+                last = out
+                if stop_after is not None and len(got) >= stop_after:
+                    break  # a client disconnect
+            return got, text, last
+
+        results = await asyncio.gather(
+            consume("Hello, world", 12), consume("naïve café ✓", 9), consume("abort me", 40, stop_after=3),
+        )
+        (g0, t0, l0), (g1, t1, l1), (g2, _, l2) = results
+        assert g0 == l0.token_ids and t0 == l0.text and l0.finished and len(g0) == 12
+        assert g1 == l1.token_ids and t1 == l1.text and len(g1) == 9
+        assert len(g2) == 3 and not l2.finished
+        # An explicit abort of a live request ends its stream with ABORT.
+        agen = eng.stream("long one", SamplingParams(max_tokens=60, ignore_eos=True))
+        first = await agen.__anext__()
+        eng.abort(first.request_id)
+        rest = [o async for o in agen]
+        assert rest and rest[-1].finish_reason is FinishReason.ABORT
+        with pytest.raises(PromptTooLongError):
+            await eng.generate("x", SamplingParams(max_tokens=10_000))
+        for _ in range(100):  # the disconnect's abort is processed by the loop thread
+            if eng.stats().kv_blocks_used == 0 and eng.stats().running == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert eng.stats().kv_blocks_used == 0
+        final = await eng.generate("after", SamplingParams(max_tokens=4, ignore_eos=True))
+        assert final.finished and len(final.token_ids) == 4
+        await eng.shutdown()
+        assert not eng.is_running
+
+    asyncio.run(main())
+
+
+def test_default_model_runs_when_none_is_given():
+    eng = LLMEngine(None, attention_backend="sdpa", num_kv_blocks=32, use_cuda_graphs=False)
+    out = eng.generate("Hi", SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4 and eng.model_name == "stream-attention-default"

@@ -1,0 +1,366 @@
+"""The ``"stream_attention"`` transformers implementation against ``"sdpa"`` on tiny random models.
+
+Every model test forces ``STREAM_ATTENTION_BACKEND=triton`` (the kernels run through
+Triton's interpreter on CPU, see conftest) and counts kernel launches, so a test
+cannot pass on a silent fallback to SDPA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PhiConfig,
+    Qwen2Config,
+)
+from transformers import masking_utils  # noqa: E402
+
+import stream_attention.integration.hf as hf  # noqa: E402
+from stream_attention import StreamAttentionConfig  # noqa: E402
+from stream_attention.core.functional import fused_attention  # noqa: E402
+from stream_attention.kernels import attention_fwd  # noqa: E402
+from stream_attention.kernels.runtime import TritonUnavailableError  # noqa: E402
+
+VOCAB = 128
+# Larger than transformers' 0.02 so attention is far from uniform: a wrong mask then
+# moves the logits by much more than the tolerance.
+INIT = 0.2
+COMMON = dict(vocab_size=VOCAB, initializer_range=INIT, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+FAMILIES = {
+    "llama": lambda: LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        **COMMON,
+    ),
+    # sliding window (5) shorter than prompt + generation: decode steps slide past the padding.
+    "mistral": lambda: MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        sliding_window=5, **COMMON,
+    ),
+    # one full and one sliding layer: two mask types in one forward.
+    "qwen2": lambda: Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        use_sliding_window=True, sliding_window=6, max_window_layers=1, **COMMON,
+    ),
+    # MQA (one KV head) with an explicit head_dim.
+    "gemma": lambda: GemmaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=16, **COMMON,
+    ),
+    "phi": lambda: PhiConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, partial_rotary_factor=0.5,
+        **COMMON,
+    ),
+    # learned absolute positions, no GQA, layer-dependent scaling.
+    "gpt2": lambda: GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+        scale_attn_by_inverse_layer_idx=True, **COMMON,
+    ),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **COMMON,
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("STREAM_ATTENTION_BACKEND", "triton")
+    hf.reset_attention_stats()
+
+
+@contextlib.contextmanager
+def count_kernel_launches():
+    """Count launches of the Triton forward, wherever the package imported it from."""
+    original = attention_fwd.attention_forward
+    calls: list[tuple[int, ...]] = []
+
+    def counting(q, *args, **kwargs):
+        calls.append(tuple(q.shape))
+        return original(q, *args, **kwargs)
+
+    patched = [
+        mod
+        for name, mod in list(sys.modules.items())
+        if name.startswith("stream_attention") and getattr(mod, "attention_forward", None) is original
+    ]
+    for mod in patched:
+        mod.attention_forward = counting
+    try:
+        yield calls
+    finally:
+        for mod in patched:
+            mod.attention_forward = original
+
+
+def make_pair(family: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(sdpa reference, ours) with identical weights, fp32, eval mode."""
+    torch.manual_seed(0)
+    config = FAMILIES[family]()
+    # from_config writes the implementation into the config object: one copy each.
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa")
+    ours = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="stream_attention")
+    ours.load_state_dict(ref.state_dict())
+    assert ref.config._attn_implementation == "sdpa"
+    assert ours.config._attn_implementation == "stream_attention"
+    return ref.eval(), ours.eval()
+
+
+def left_padded_batch(seq_len: int = 10, pads: tuple[int, ...] = (0, 3, 6)) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, VOCAB, (len(pads), seq_len))
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        ids[row, :pad] = 0
+        mask[row, :pad] = 0
+    return ids, mask
+
+
+def test_registered_with_transformers():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    hf.register()
+    hf.register()
+    assert hf.is_registered()
+    assert AttentionInterface._global_mapping["stream_attention"] is hf.stream_attention_forward
+    assert AttentionMaskInterface._global_mapping["stream_attention"] is hf.stream_attention_mask
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_matches_sdpa(family):
+    ref, ours = make_pair(family)
+    ids, mask = left_padded_batch()
+    with torch.no_grad(), count_kernel_launches() as launches:
+        got = ours(ids, attention_mask=mask).logits
+    want = ref(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=1e-4)
+    assert launches, "the Triton kernel never ran"
+    assert not any(k.startswith("fallback") for k in hf.attention_stats()), hf.attention_stats()
+
+    gen = dict(max_new_tokens=16, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    hf.reset_attention_stats()
+    with count_kernel_launches() as launches:
+        out = ours.generate(ids, attention_mask=mask, **gen)
+    expected = ref.generate(ids, attention_mask=mask, **gen)
+    assert torch.equal(out.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(out.scores, expected.scores, strict=True)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, s=step: f"decode step {s}: {m}")
+    decode_launches = [shape for shape in launches if shape[1] == 1]
+    assert decode_launches, "cached decode steps did not reach the kernel"
+    assert not any(k.startswith("fallback") for k in hf.attention_stats()), hf.attention_stats()
+
+
+def test_sliding_window_semantics_match_transformers():
+    """transformers keeps key j for query i iff i - sw < j <= i: window (sw - 1, 0)."""
+    sw = 4
+    mask_fn = masking_utils.sliding_window_causal_mask_function(sw)
+    keep = hf.stream_attention_mask(
+        batch_size=2, q_length=9, kv_length=9, mask_function=mask_fn, local_size=sw, attention_mask=None
+    )
+    info = getattr(keep, hf.MASK_INFO_ATTR)
+    assert keep.shape == (2, 9) and keep.all()
+    assert info.causal and info.window_left == sw - 1 and not info.has_padding
+
+    dense = masking_utils.sdpa_mask(
+        batch_size=1, q_length=9, kv_length=9, mask_function=mask_fn, allow_is_causal_skip=False
+    )[0, 0]
+    rel = torch.arange(9)[None, :] - torch.arange(9)[:, None]
+    assert torch.equal(dense, (rel <= 0) & (rel >= -(sw - 1)))
+
+
+def test_mask_function_cached_decode_offsets():
+    """A sliding cache that dropped old keys: offsets shift, the keys stay bottom-right aligned."""
+    padding = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 10], dtype=torch.bool)
+    keep = hf.stream_attention_mask(
+        batch_size=2, q_length=1, kv_length=5, q_offset=9, kv_offset=5, local_size=5,
+        mask_function=masking_utils.sliding_window_causal_mask_function(5), attention_mask=padding,
+    )
+    info = getattr(keep, hf.MASK_INFO_ATTR)
+    assert torch.equal(keep, padding[:, 5:10]) and not info.has_padding and info.window_left == 4
+
+    keep = hf.stream_attention_mask(batch_size=2, q_length=1, kv_length=10, q_offset=9, attention_mask=padding)
+    info = getattr(keep, hf.MASK_INFO_ATTR)
+    assert info.has_padding and info.left_pad == (2, 0) and info.window_left is None
+
+
+def test_unrecognised_patterns_get_the_exact_sdpa_mask():
+    chunked = masking_utils.chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long))
+    args = dict(batch_size=2, q_length=10, kv_length=10, mask_function=chunked, local_size=4)
+    got = hf.stream_attention_mask(**args)
+    want = masking_utils.sdpa_mask(**args, allow_is_causal_skip=False)
+    assert got.dim() == 4 and torch.equal(got, want)
+    # A static cache (more slots than tokens) is not bottom-right aligned.
+    got = hf.stream_attention_mask(batch_size=1, q_length=3, kv_length=8, q_offset=2)
+    assert got.dim() == 4 and torch.equal(
+        got, masking_utils.sdpa_mask(batch_size=1, q_length=3, kv_length=8, q_offset=2, allow_is_causal_skip=False)
+    )
+
+
+def test_padding_that_is_not_a_prefix_stays_exact():
+    """Right padding and holes are not per-row prefixes: served with attn_mask or by SDPA, never wrong."""
+    ref, ours = make_pair("llama")
+    ids = torch.randint(3, VOCAB, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    mask[1, 4:6] = 0
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask).logits
+        want = ref(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=1e-4)
+    stats = hf.attention_stats()
+    assert stats.get("fused", 0) + stats.get("fallback:mask", 0) == 2, stats
+
+
+def test_packed_sequences_stay_exact():
+    """position_ids restarting inside a row (packing) give a block-diagonal mask."""
+    ref, ours = make_pair("llama")
+    ids = torch.randint(3, VOCAB, (1, 12))
+    position_ids = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    with torch.no_grad():
+        got = ours(ids, position_ids=position_ids).logits
+        want = ref(ids, position_ids=position_ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    stats = hf.attention_stats()
+    assert stats.get("fused", 0) + stats.get("fallback:mask", 0) == 2, stats
+
+
+def test_bidirectional_attention():
+    config = FAMILIES["gemma"]()
+    config.use_bidirectional_attention = True
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    ours = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="stream_attention").eval()
+    ours.load_state_dict(ref.state_dict())
+    ids, mask = left_padded_batch(seq_len=8, pads=(0, 3))
+    with torch.no_grad(), count_kernel_launches() as launches:
+        got = ours(ids, attention_mask=mask).logits
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=1e-4)
+    assert launches
+
+
+def test_set_attn_implementation_and_enable():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FAMILIES["llama"](), attn_implementation="sdpa").eval()
+    ids = torch.randint(3, VOCAB, (2, 9))
+    with torch.no_grad():
+        want = model(ids).logits
+    model.set_attn_implementation("stream_attention")
+    with torch.no_grad(), count_kernel_launches() as launches:
+        got = model(ids).logits
+    assert len(launches) == 2
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    model.set_attn_implementation("sdpa")
+    assert hf.enable_stream_attention(model) == 2
+    assert model.config._attn_implementation == "stream_attention"
+    model.set_attn_implementation("sdpa")
+    cfg = StreamAttentionConfig(num_heads=4, head_dim=16)
+    assert hf.replace_llama_attention(model, cfg) == 2
+    with pytest.raises(ValueError, match="head_dim"):
+        hf.replace_llama_attention(model, StreamAttentionConfig(num_heads=4, head_dim=32))
+
+
+def test_backend_pinned_per_model():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FAMILIES["llama"](), attn_implementation="sdpa").eval()
+    hf.enable_stream_attention(model, backend="sdpa")
+    with torch.no_grad(), count_kernel_launches() as launches:
+        model(torch.randint(3, VOCAB, (1, 6)))
+    assert launches == [] and hf.attention_stats() == {"fused": 2}
+
+
+def test_softcapping_is_refused():
+    from transformers import Gemma2Config
+
+    config = Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=VOCAB, attn_logit_softcapping=50.0,
+    )
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager")
+    with pytest.raises(hf.UnsupportedModelError, match="soft-capping"):
+        hf.enable_stream_attention(model)
+    # Reached without the up-front check, the call itself refuses rather than ignoring softcap.
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="stream_attention")
+    with pytest.raises(ValueError, match="soft-capping"):
+        model(torch.randint(3, VOCAB, (1, 5)))
+
+
+def test_dropout_is_never_silently_dropped():
+    """Attention dropout in training: applied (by the kernel or SDPA), visible in the stats."""
+    config = FAMILIES["gpt2"]()
+    config.attn_pdrop = 0.5
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="stream_attention").train()
+    ids = torch.randint(3, VOCAB, (1, 8))
+    with torch.no_grad():
+        a, b = model(ids).logits, model(ids).logits
+    assert not torch.allclose(a, b), "dropout had no effect"
+    stats = hf.attention_stats()
+    assert stats.get("fused", 0) + stats.get("fallback:dropout", 0) == 4, stats
+
+
+def _triton_has_backward() -> bool:
+    q = torch.randn(1, 16, 2, 16, requires_grad=True)
+    try:
+        fused_attention(q, q, q, backend="triton").sum().backward()
+    except TritonUnavailableError:
+        return False
+    return True
+
+
+def _train_step(model, ids, mask):
+    model.zero_grad(set_to_none=True)
+    labels = ids.masked_fill(mask == 0, -100)
+    loss = model(ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _compare_training(ref, ours, ids, mask):
+    ref.train()
+    ours.train()
+    want_loss, want = _train_step(ref, ids, mask)
+    got_loss, got = _train_step(ours, ids, mask)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_training_gradients_match_sdpa(family):
+    ref, ours = make_pair(family)
+    ids, mask = left_padded_batch(seq_len=10, pads=(0, 4))
+    if not _triton_has_backward():
+        with pytest.raises(TritonUnavailableError):
+            _compare_training(ref, ours, ids, mask)
+        pytest.xfail("the Triton backward has not landed: fused_attention refuses autograd under backend=triton")
+    with count_kernel_launches() as launches:
+        _compare_training(ref, ours, ids, mask)
+    assert launches, "the Triton kernel never ran in the training step"
+
+
+def test_training_plumbing_through_sdpa_backend(monkeypatch):
+    """Gradients flow through our routing (GQA views, per-row padding) whatever the backend."""
+    monkeypatch.setenv("STREAM_ATTENTION_BACKEND", "sdpa")
+    ref, ours = make_pair("qwen2")
+    ids, mask = left_padded_batch(seq_len=10, pads=(0, 4))
+    _compare_training(ref, ours, ids, mask)
+    assert hf.attention_stats().get("fused_rows", 0) + hf.attention_stats().get("fused", 0) == 2

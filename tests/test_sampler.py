@@ -1,0 +1,137 @@
+"""Sampling, penalties, seeds, logprobs, and the text side: detokenization and stop strings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stream_attention.engine.sampler import Sampler, apply_penalties, filter_logits
+from stream_attention.engine.sequence import Sequence
+from stream_attention.engine.tokenizer import (
+    IncrementalDetokenizer,
+    build_byte_tokenizer,
+    find_stop,
+    stop_holdback,
+)
+from stream_attention.engine.types import SamplingParams
+
+VOCAB = 32
+
+
+def _seq(params: SamplingParams, prompt=(1, 2, 3), out=()) -> Sequence:
+    s = Sequence(request_id="x", prompt_token_ids=list(prompt), params=params)
+    s.token_ids.extend(out)
+    return s
+
+
+def test_greedy_and_top_k_one_are_argmax():
+    logits = torch.randn(3, VOCAB)
+    sampler = Sampler(torch.device("cpu"))
+    seqs = [_seq(SamplingParams()), _seq(SamplingParams(temperature=1.5, top_k=1)),
+            _seq(SamplingParams(temperature=0.7, top_p=1e-6))]
+    out = sampler(logits, seqs)
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_filters_keep_the_right_support():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda p: torch.isfinite(filter_logits(logits.clone(), [p])).squeeze(0).tolist()
+    assert kept(SamplingParams(temperature=1.0, top_k=2)) == [True, True, False, False]
+    assert kept(SamplingParams(temperature=1.0, top_p=0.7)) == [True, True, False, False]
+    assert kept(SamplingParams(temperature=1.0, top_p=0.81)) == [True, True, True, False]
+    assert kept(SamplingParams(temperature=1.0, min_p=0.2)) == [True, True, True, False]
+
+
+def test_penalties():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    rep = apply_penalties(logits.clone(), [_seq(SamplingParams(repetition_penalty=2.0), prompt=[0], out=[1])])
+    assert rep.tolist() == [[1.0, -4.0, 1.0, 0.5]]
+    pf = apply_penalties(logits.clone(), [_seq(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
+                                                 prompt=[3], out=[2, 2, 0])])
+    # Prompt tokens are not penalised by presence/frequency (OpenAI semantics).
+    assert pf.tolist() == [[2.0 - 0.75, -2.0, 1.0 - 1.0, 0.5]]
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1, 0.0])
+    logits = torch.log(probs).expand(4000, 4).clone()
+    sampler = Sampler(torch.device("cpu"), seed=3)
+    seqs = [_seq(SamplingParams(temperature=1.0)) for _ in range(4000)]
+    ids = torch.tensor(sampler(logits, seqs).token_ids)
+    freq = torch.bincount(ids, minlength=4).float() / 4000
+    assert torch.allclose(freq, probs, atol=0.03) and freq[3] == 0
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    steps = [torch.randn(5, VOCAB) for _ in range(6)]
+    params = SamplingParams(temperature=1.0, seed=42)
+
+    def run(row: int, batch_seeds: list[int | None]) -> list[int]:
+        sampler = Sampler(torch.device("cpu"), seed=7)
+        mine = _seq(params)
+        others = [_seq(SamplingParams(temperature=1.0, seed=s)) for s in batch_seeds]
+        seqs = others[:row] + [mine] + others[row:]
+        got = []
+        for logits in steps:
+            # The same logits row for our request wherever it sits in the batch.
+            batch = torch.randn(len(seqs), VOCAB)
+            batch[row] = logits[0]
+            got.append(sampler(batch, seqs).token_ids[row])
+        return got
+
+    alone = run(0, [])
+    assert run(2, [None, 5, None, 9]) == alone
+    assert run(1, [1]) == alone
+    other = Sampler(torch.device("cpu"))
+    assert [other(s[:1], [_seq(SamplingParams(temperature=1.0, seed=43))]).token_ids[0] for s in steps] != alone
+
+
+def test_logprobs_of_the_raw_distribution():
+    logits = torch.randn(2, VOCAB)
+    sampler = Sampler(torch.device("cpu"))
+    out = sampler(logits, [_seq(SamplingParams(logprobs=3)), _seq(SamplingParams())])
+    lp = out.logprobs[0]
+    ref = torch.log_softmax(logits[0], -1)
+    assert lp.token_id == out.token_ids[0] and math.isclose(lp.logprob, ref.max().item(), rel_tol=1e-5)
+    assert list(lp.top) == ref.topk(3).indices.tolist()
+    assert out.logprobs[1] is None
+
+
+def test_incremental_detokenizer_across_multibyte_characters():
+    tok = build_byte_tokenizer()
+    text = "naïve 日本語 🎉 end"
+    ids = tok.encode(text, add_special_tokens=False)
+    det = IncrementalDetokenizer(tok, tok.encode("prompt:", add_special_tokens=False))
+    deltas = [det.step([i]) for i in ids]
+    assert "".join(deltas) + det.flush() == text
+    assert all("\ufffd" not in d for d in deltas)
+    # A character split over tokens appears whole, on the token that completes it.
+    first_cjk = ids.index(tok.encode("日", add_special_tokens=False)[0])
+    assert deltas[first_cjk] == "" and deltas[first_cjk + 2] == "日"
+
+
+def test_incremental_detokenizer_on_a_bpe_tokenizer():
+    from stream_attention.models.default import load_tokenizer
+
+    tok = load_tokenizer()
+    text = "Hello there, général Kenobi! ünïcödé ✓"
+    ids = tok.encode(text, add_special_tokens=False)
+    det = IncrementalDetokenizer(tok, [])
+    assert "".join(det.step([i]) for i in ids) + det.flush() == tok.decode(ids)
+
+
+@pytest.mark.parametrize(
+    ("text", "stops", "held"),
+    [("hello wor", ["world"], 3), ("hello", ["lo!"], 2), ("abc", ["x"], 0), ("ab", ["abc", "b"], 2)],
+)
+def test_stop_holdback(text, stops, held):
+    assert stop_holdback(text, stops) == held
+
+
+def test_find_stop_earliest():
+    assert find_stop("one two three", ["three", "two"], 0) == (4, "two")
+    assert find_stop("one two", ["one"], 5) is None
+    assert find_stop("one two", ["e t"], 3) == (2, "e t")
