@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     py = sys.executable
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    work = (args.work or Path("/tmp/stream_attention_train_default")).resolve()
+    work = (args.work or Path("/tmp/stream_attention_train_default" + ("_tiny" if args.tiny else ""))).resolve()
     model_dir = work / "model"
     dev = ["--device", args.device] if args.device else []
     train_cmd = [py, "-m", "stream_attention.models.train", "--out", str(work), "--time-budget-s",

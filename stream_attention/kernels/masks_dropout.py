@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import interpreter_enabled
 
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 _LOG2E = 1.4426950408889634
@@ -111,7 +110,7 @@ def dropout_keep_mask(
     out = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
     if out.numel() == 0:
         return out.bool()
-    block_m, block_n = (16, 16) if interpreter_enabled() else (64, 64)
+    block_m, block_n = 64, 64
     grid = (triton.cdiv(seqlen_q, block_m), triton.cdiv(seqlen_k, block_n), batch * heads)
     _dropout_mask_kernel[grid](
         out, int(seed), int(offset), seqlen_q, seqlen_k, float(dropout_p), BLOCK_M=block_m, BLOCK_N=block_n
