@@ -24,17 +24,13 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv $VIRTUAL_ENV
 
-# Dependencies first so code edits do not rebuild the torch layer.
-COPY pyproject.toml README.md /src/
-RUN pip install --upgrade pip \
-    && pip install --index-url ${TORCH_INDEX} torch \
-    && pip install "triton>=3.2" "numpy>=1.26" "tqdm>=4.60" \
-        "transformers>=4.56" "tokenizers>=0.21" "safetensors>=0.4" \
-        "fastapi>=0.110" "uvicorn>=0.29" "pydantic>=2.6" "pydantic-settings>=2.2" \
-        "prometheus-client>=0.20" "httpx>=0.27" "psutil>=5.9"
+# torch from the CUDA wheel index in its own layer: it is most of the image and changes
+# least. The package then brings the rest of its dependencies from pyproject.toml.
+RUN pip install --upgrade pip && pip install --index-url ${TORCH_INDEX} torch
 
+COPY pyproject.toml README.md /src/
 COPY stream_attention /src/stream_attention
-RUN pip install --no-deps "/src[hf,server]"
+RUN pip install "/src[hf,server]" && rm -rf /src
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
 USER app

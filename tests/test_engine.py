@@ -219,3 +219,20 @@ def test_default_model_runs_when_none_is_given():
     eng = LLMEngine(None, attention_backend="sdpa", num_kv_blocks=32, use_cuda_graphs=False)
     out = eng.generate("Hi", SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert len(out.token_ids) == 4 and eng.model_name == "stream-attention-default"
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_hf(tiny):
+    """On a GPU: Triton kernels, CUDA-graph decode, fp32 so greedy must agree exactly."""
+    model, ref, tok = tiny
+    dev = torch.device("cuda")
+    eng = LLMEngine(model.to(dev), tok, num_kv_blocks=64, block_size=16, max_num_batched_tokens=24, max_num_seqs=8)
+    assert eng.runner.graphs, "decode graphs were not captured"
+    prompts = _prompts([3, 21, 40, 9, 30, 17], seed=6)
+    outs = eng.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
+    ref = ref.to(dev)
+    for out, p in zip(outs, prompts, strict=True):
+        got = ref.generate(torch.tensor([p], device=dev), max_new_tokens=20, do_sample=False, pad_token_id=0)
+        assert out.token_ids == got[0, len(p):].tolist()
+    model.cpu()
+    ref.cpu()

@@ -29,7 +29,13 @@ def _compare(q, k, v, dout, *, ref_mask, tol, extra_ref=(), keep=None, dropout_p
     inputs = (q, k, v, *extra_ref)
     got = grads((out.float() * dout.float()).sum(), *inputs)
     ref, _ = reference_attention(
-        q, k, v, causal=kwargs.get("causal", True), window=kwargs.get("window"), mask=ref_mask, keep=keep,
+        q,
+        k,
+        v,
+        causal=kwargs.get("causal", True),
+        window=kwargs.get("window"),
+        mask=ref_mask,
+        keep=keep,
         dropout_p=dropout_p,
     )
     want = grads((ref * dout.double()).sum(), *inputs)
@@ -110,9 +116,7 @@ def test_additive_key_bias_2d_and_broadcast_gradient(device):
 def test_mask_and_window_combined_with_gqa(device):
     q, k, v, dout = _qkv(device, torch.float32, 2, 30, 30, 4, 1, 24)
     kpm = torch.rand(2, 30, device=device) > 0.2
-    _compare(
-        q, k, v, dout, ref_mask=kpm[:, None, None, :], tol=1e-5, causal=True, window=(8, -1), attn_mask=kpm
-    )
+    _compare(q, k, v, dout, ref_mask=kpm[:, None, None, :], tol=1e-5, causal=True, window=(8, -1), attn_mask=kpm)
 
 
 def test_sdpa_backend_applies_the_same_masks(device):
@@ -181,8 +185,18 @@ def test_dropout_exact_replay_forward_and_backward(device, dtype, causal, window
     keep = dropout_keep_mask(seed, b, hq, tq, tk, p, device=device)
     kpm = (torch.rand(b, tk, device=device) > 0.2) if use_mask else None
     _compare(
-        q, k, v, dout, ref_mask=None if kpm is None else kpm[:, None, None, :], tol=TOL[dtype], keep=keep,
-        dropout_p=p, dropout_seed=seed, causal=causal, window=window, attn_mask=kpm,
+        q,
+        k,
+        v,
+        dout,
+        ref_mask=None if kpm is None else kpm[:, None, None, :],
+        tol=TOL[dtype],
+        keep=keep,
+        dropout_p=p,
+        dropout_seed=seed,
+        causal=causal,
+        window=window,
+        attn_mask=kpm,
     )
 
 

@@ -168,7 +168,8 @@ class ModelRunner:
             tables.append(list(range(nxt, nxt + nb)))
             nxt += nb
         fake = [_FakeScheduled(n, t) for n, t in zip(lens, tables, strict=True)]
-        self._run_eager(fake)
+        with torch.inference_mode():
+            self._run_eager(fake)
         torch.cuda.synchronize(self.device)
         del tmp_k, tmp_v
         self.kv_caches = []
@@ -285,7 +286,7 @@ class ModelRunner:
                 backend=self.backend,
                 num_splits=choose_num_splits(b, self.geometry.num_kv_heads, self.max_model_len, dev),
             )
-            with attn_hook.attention_context(ctx):
+            with torch.inference_mode(), attn_hook.attention_context(ctx):
                 self._forward(ids, pos, 0)  # warm-up: compiles kernels outside the capture
                 torch.cuda.synchronize(dev)
                 graph = torch.cuda.CUDAGraph()

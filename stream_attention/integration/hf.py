@@ -20,31 +20,26 @@ every attention call through :func:`stream_attention.core.functional.fused_atten
     n = replace_llama_attention(model, cfg)     # the seed README's helper, same mechanism
 
 What is served by the fused kernel (``[B, H, T, D]`` tensors are read in place through
-``layout="bhtd"``; K/V are never repeated for GQA/MQA):
+``layout="bhtd"``; K/V are never repeated for GQA/MQA; forward and backward):
 
 * prefill and cached decode, ``Tq != Tk`` aligned bottom-right (the last query is the
   newest cached key), the alignment every transformers dynamic cache produces;
 * sliding windows: transformers keeps key ``j`` for query ``i`` when ``i - sw < j <= i``,
   i.e. ``window=(sliding_window - 1, 0)``;
-* left padding from batched generation: the mask function reduces the padding to one
-  start offset per row, and each row is attended on views that skip its padding keys
-  (one kernel call per row) until ``fused_attention`` takes a key-padding ``attn_mask``,
-  after which the whole batch goes in one call;
-* ``scaling`` (``softmax_scale``), ``is_causal`` / ``module.is_causal`` (non-causal
-  attention for bidirectional models).
+* padding (left padding from batched generation, right padding in training): the mask
+  function hands the kernel a ``[B, Tk]`` key-padding mask instead of a
+  ``[B, 1, Tq, Tk]`` one, and skips it entirely (one host sync per forward, as SDPA's
+  own mask does) when nothing is padded;
+* everything transformers has to materialise (packed sequences, chunked attention,
+  static caches, mask overlays, user-supplied 4D masks): the exact 4D mask that
+  ``"sdpa"`` would get, as ``fused_attention(attn_mask=...)``;
+* ``dropout`` (``dropout_p``), ``scaling`` (``softmax_scale``), ``is_causal`` /
+  ``module.is_causal`` (non-causal attention for bidirectional models), and mixed
+  q/k/v dtypes under ``torch.autocast`` (cast to the autocast dtype, as SDPA does).
 
-Documented fallbacks (exact, never approximate; each is counted in
-:func:`attention_stats` under ``"fallback:<reason>"`` and logged once):
-
-* ``"mask"``: padding that is not a left-aligned prefix, packed sequences, static-cache
-  masks, ``or``/``and`` mask overlays, user 4D masks: transformers' mask is
-  materialised (exactly as for ``"sdpa"``) and sent to ``fused_attention(attn_mask=...)``
-  when the installed kernel accepts ``attn_mask``, else to PyTorch SDPA;
-* ``"dropout"``: attention dropout in training mode goes to SDPA until
-  ``fused_attention`` accepts ``dropout_p``;
-* ``"shape"``: head dims outside 16..256, value head dim != key head dim, float64;
-* autograd: while the Triton kernel has no backward, ``fused_attention`` itself runs
-  SDPA under ``backend="auto"`` (``STREAM_ATTENTION_BACKEND=triton`` makes it raise).
+Documented fallback (exact, counted in :func:`attention_stats` as ``"fallback:shape"``
+and logged once): head dims outside 16..256, a value head dim different from the key
+head dim, or float64 go to PyTorch SDPA.
 
 Refused with :class:`UnsupportedModelError` (by :func:`enable_stream_attention`) or
 ``ValueError`` (at call time): attention logit soft-capping (Gemma 2), attention sinks
@@ -110,10 +105,9 @@ class UnsupportedModelError(ValueError):
 def attention_stats() -> dict[str, int]:
     """Counts of attention calls since the last reset, by route.
 
-    ``"fused"``: one ``fused_attention`` call for the whole batch; ``"fused_rows"``: one
-    per left-padded row; ``"fallback:<reason>"``: calls sent to PyTorch SDPA instead.
-    ``fused_attention`` itself runs SDPA where Triton cannot (CPU under ``auto``,
-    autograd before the Triton backward lands): count kernel launches for that.
+    ``"fused"``: calls that went to ``fused_attention``; ``"fallback:<reason>"``: calls
+    sent to PyTorch SDPA instead. ``fused_attention`` itself runs its SDPA path where
+    Triton cannot run (CPU under ``backend="auto"``): count kernel launches for that.
     """
     return dict(_STATS)
 
@@ -130,18 +124,6 @@ def _fallback(reason: str, detail: str) -> None:
         logger.warning("stream_attention: %s; this call (and similar ones) runs PyTorch SDPA instead", detail)
 
 
-_ACCEPTS: tuple[Callable | None, frozenset[str]] = (None, frozenset())
-
-
-def _fused_kwargs() -> frozenset[str]:
-    """Keyword arguments of the installed ``fused_attention`` (it is gaining attn_mask/dropout_p)."""
-    global _ACCEPTS
-    fn = _functional.fused_attention
-    if _ACCEPTS[0] is not fn:
-        _ACCEPTS = (fn, frozenset(inspect.signature(fn).parameters))
-    return _ACCEPTS[1]
-
-
 # --------------------------------------------------------------------------------------
 # Masks
 # --------------------------------------------------------------------------------------
@@ -151,15 +133,12 @@ def _fused_kwargs() -> frozenset[str]:
 class _MaskInfo:
     """What the mask function learned once per forward, read by every layer's call.
 
-    ``window_left`` counts keys strictly before the query (``None`` = unbounded);
-    ``left_pad`` holds per-row counts of leading padding keys when the padding is a
-    prefix of every row, ``None`` when it is not.
+    ``window_left`` counts keys strictly before the query (``None`` = unbounded).
     """
 
     causal: bool
     window_left: int | None
     has_padding: bool
-    left_pad: tuple[int, ...] | None
 
 
 def _matches_pattern(
@@ -193,17 +172,9 @@ def _matches_pattern(
         return False
 
 
-def _padding_info(keep: torch.Tensor) -> tuple[bool, tuple[int, ...] | None]:
-    """``(has_padding, left_pad)`` of a ``[B, Tk]`` keep-mask, with one host sync."""
-    kv_length = keep.shape[-1]
-    any_keep = keep.any(dim=-1)
-    first = keep.to(torch.int8).argmax(dim=-1)
-    start = torch.where(any_keep, first, torch.full_like(first, kv_length))
-    prefix = torch.arange(kv_length, device=keep.device)[None, :] >= start[:, None]
-    is_prefix = (prefix == keep).all()
-    summary = torch.cat([start, keep.all().reshape(1).long(), is_prefix.reshape(1).long()]).tolist()
-    *starts, all_keep, prefix_ok = summary
-    return (not all_keep), (tuple(int(s) for s in starts) if prefix_ok else None)
+def _has_padding(keep: torch.Tensor) -> bool:
+    """Whether a ``[B, Tk]`` keep-mask drops any key (one host sync)."""
+    return not bool(keep.all())
 
 
 def stream_attention_mask(
@@ -261,13 +232,13 @@ def stream_attention_mask(
 
     if attention_mask is None:
         keep = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
-        has_padding, left_pad = False, (0,) * batch_size
+        has_padding = False
     else:
         padded = _masking.prepare_padding_mask(attention_mask.to(device=device, dtype=torch.bool), kv_length, kv_offset)
         keep = padded[:, kv_offset : kv_offset + kv_length].expand(batch_size, kv_length)
-        has_padding, left_pad = _padding_info(keep)
+        has_padding = _has_padding(keep)
     causal, window_left = pattern
-    setattr(keep, MASK_INFO_ATTR, _MaskInfo(causal, window_left, has_padding, left_pad))
+    setattr(keep, MASK_INFO_ATTR, _MaskInfo(causal, window_left, has_padding))
     return keep
 
 
@@ -309,6 +280,24 @@ def _shape_supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return None
 
 
+def _common_dtype(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cast q, k, v the way SDPA does under ``torch.autocast``.
+
+    Rotary embeddings upcast q and k to fp32 under autocast while v stays in the
+    autocast dtype; SDPA is on autocast's low-precision list and casts all three, and the
+    kernel needs one dtype. Outside autocast mixed dtypes are an error, as for SDPA.
+    """
+    if query.dtype == key.dtype == value.dtype:
+        return query, key, value
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return query.to(dtype), key.to(dtype), value.to(dtype)
+    raise ValueError(f"stream_attention: q, k, v dtypes differ ({query.dtype}, {key.dtype}, {value.dtype})")
+
+
 def _fused(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -318,17 +307,22 @@ def _fused(
     scale: float | None,
     window: tuple[int, int] | None,
     backend: str,
-    attn_mask: torch.Tensor | None = None,
-    dropout: float = 0.0,
+    attn_mask: torch.Tensor | None,
+    dropout: float,
 ) -> torch.Tensor:
     """``fused_attention`` on ``[B, H, T, D]`` views; returns ``[B, H, Tq, D]``."""
-    extra: dict[str, Any] = {}
-    if attn_mask is not None:
-        extra["attn_mask"] = attn_mask
-    if dropout:
-        extra["dropout_p"] = dropout
+    _STATS["fused"] += 1
     return _functional.fused_attention(
-        query, key, value, causal=causal, softmax_scale=scale, backend=backend, layout="bhtd", window=window, **extra
+        query,
+        key,
+        value,
+        causal=causal,
+        softmax_scale=scale,
+        backend=backend,
+        layout="bhtd",
+        window=window,
+        attn_mask=attn_mask,
+        dropout_p=dropout,
     )
 
 
@@ -355,44 +349,6 @@ def _sdpa_bhtd(
         dropout_p=dropout,
     )
     return out.transpose(1, 2)
-
-
-def _rows(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    left_pad: tuple[int, ...],
-    *,
-    causal: bool,
-    scale: float | None,
-    window: tuple[int, int] | None,
-    backend: str,
-) -> torch.Tensor:
-    """Left-padded batch, one kernel call per row on views that start at its first real key.
-
-    Dropping a prefix of keys keeps the bottom-right alignment and every relative
-    distance, so causal and window masks are unchanged; queries that would only see
-    padding produce zeros (the kernel's contract for rows that see nothing).
-    """
-    _, _, q_len, _ = query.shape
-    k_len = key.shape[2]
-    out = query.new_zeros(query.shape)
-    for b, pad in enumerate(left_pad):
-        if pad >= k_len:
-            continue
-        q_start = max(0, pad - (k_len - q_len)) if causal else 0
-        if q_start >= q_len:
-            continue
-        out[b : b + 1, :, q_start:] = _fused(
-            query[b : b + 1, :, q_start:],
-            key[b : b + 1, :, pad:],
-            value[b : b + 1, :, pad:],
-            causal=causal,
-            scale=scale,
-            window=window,
-            backend=backend,
-        )
-    return out
 
 
 def stream_attention_forward(
@@ -435,49 +391,41 @@ def stream_attention_forward(
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"stream_attention: unsupported attention_mask type {type(attention_mask).__name__}")
 
+    query, key, value = _common_dtype(query, key, value)
     backend = _backend_of(module)
-    accepts = _fused_kwargs()
     shape_problem = _shape_supported(query, key, value)
     dropout = float(dropout or 0.0)
-    dropout_problem = None if dropout == 0.0 or "dropout_p" in accepts else "attention dropout needs dropout_p"
 
     if attention_mask is not None and attention_mask.dim() == 4:
         # A materialised mask already holds causality and windows, and SDPA reads it alone.
-        problem = shape_problem or dropout_problem
-        if problem is None and "attn_mask" in accepts:
-            _STATS["fused"] += 1
-            out = _fused(
-                query,
-                key,
-                value,
-                causal=False,
-                scale=scaling,
-                window=None,
-                backend=backend,
-                attn_mask=attention_mask,
-                dropout=dropout,
-            )
-            return out.transpose(1, 2).contiguous(), None
-        if shape_problem:
+        if shape_problem is not None:
             _fallback("shape", shape_problem)
-        elif dropout_problem:
-            _fallback("dropout", dropout_problem)
-        else:
-            _fallback("mask", "a materialised 4D mask (packed sequences, static cache, overlays) needs attn_mask")
-        return _hf_sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal
+            return _hf_sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal
+            )
+        out = _fused(
+            query,
+            key,
+            value,
+            causal=False,
+            scale=scaling,
+            window=None,
+            backend=backend,
+            attn_mask=attention_mask,
+            dropout=dropout,
         )
+        return out.transpose(1, 2).contiguous(), None
 
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     window_left: int | None = sliding_window - 1 if sliding_window else None
     batch, _, q_len, _ = query.shape
     k_len = key.shape[2]
-    keep, has_padding, left_pad = None, False, None
+    pad_mask = None
     if attention_mask is None:
         if causal and 1 < q_len < k_len:
             # SDPA's is_causal is top-left aligned and transformers crops the keys to the
             # queries for it (empty static-cache prefill); reproduce that exactly.
-            key, value, k_len = key[:, :, :q_len], value[:, :, :q_len], q_len
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
     elif attention_mask.dim() == 2:
         keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask.bool()
         if tuple(keep.shape) != (batch, k_len):
@@ -488,9 +436,9 @@ def stream_attention_forward(
         if info is not None:
             # transformers' SDPA path obeys the mask, not the module flags: so do we.
             causal, window_left = info.causal, info.window_left
-            has_padding, left_pad = info.has_padding, info.left_pad
+            pad_mask = keep if info.has_padding else None
         else:
-            has_padding, left_pad = _padding_info(keep)
+            pad_mask = keep if _has_padding(keep) else None
     else:
         raise ValueError(f"stream_attention: attention_mask must be 2D or 4D, got {tuple(attention_mask.shape)}")
     if window_left is not None and not causal:
@@ -499,13 +447,9 @@ def stream_attention_forward(
             "(transformers' bidirectional windows are symmetric and inclusive)"
         )
     window = (window_left, 0) if window_left is not None else None
-    pad_mask = keep if has_padding else None
 
-    problem = shape_problem or dropout_problem
-    if problem is None and pad_mask is not None and "attn_mask" not in accepts and left_pad is None:
-        problem = "padding that is not a left-aligned prefix needs attn_mask"
-    if problem is not None:
-        _fallback("shape" if shape_problem else "dropout" if dropout_problem else "mask", problem)
+    if shape_problem is not None:
+        _fallback("shape", shape_problem)
         out = _sdpa_bhtd(
             query,
             key,
@@ -516,8 +460,7 @@ def stream_attention_forward(
             attn_mask=pad_mask[:, None, None, :] if pad_mask is not None else None,
             dropout=dropout,
         )
-    elif pad_mask is None or "attn_mask" in accepts:
-        _STATS["fused"] += 1
+    else:
         out = _fused(
             query,
             key,
@@ -529,9 +472,6 @@ def stream_attention_forward(
             attn_mask=pad_mask,
             dropout=dropout,
         )
-    else:
-        _STATS["fused_rows"] += 1
-        out = _rows(query, key, value, left_pad, causal=causal, scale=scaling, window=window, backend=backend)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -548,8 +488,12 @@ def register() -> None:
 
 def is_registered() -> bool:
     """Whether both the attention and the mask function are registered under our name."""
+    # Other code may wrap our function (functools.wraps-style ``__wrapped__``) and re-register it.
+    fn = AttentionInterface._global_mapping.get(ATTN_IMPLEMENTATION)
+    while fn is not None and fn is not stream_attention_forward and hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
     return (
-        AttentionInterface._global_mapping.get(ATTN_IMPLEMENTATION) is stream_attention_forward
+        fn is stream_attention_forward
         and _masking.AttentionMaskInterface._global_mapping.get(ATTN_IMPLEMENTATION) is stream_attention_mask
     )
 

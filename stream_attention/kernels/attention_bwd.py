@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .attention_fwd import _LOG2E, _bucket, dense_or_varlen_strides, dot_precision_for, key_range, window_bounds
 from .masks_dropout import apply_masks, dropout_keep, mask_dropout_meta, prepare_masks
-from .runtime import interpreter_enabled
+from .runtime import autotune_enabled, first_config, interpreter_enabled, launch_kwargs
 
 __all__ = ["attention_backward", "INTERPRETER_BWD_BLOCKS"]
 
@@ -903,60 +903,41 @@ def _bwd_dq_kernel(
     )
 
 
-def _prune_bwd_configs(configs, named_args, **kwargs):
-    """Drop tiles whose pipelined operands would overflow shared memory or registers."""
+def _prune(configs, named_args, acc_rows_key: str, max_acc_regs: int, stream_rows_key: str, **kwargs):
+    """Drop tiles whose fp32 accumulators would spill registers or whose pipelined operands
+    would overflow shared memory (every kept entry costs a compile per key)."""
     block_d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
     elem = named_args["Q"].element_size()
     kept = []
     for cfg in configs:
-        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        smem = (2 * bn * block_d + cfg.num_stages * 2 * bm * block_d) * elem
-        if smem > 200 * 1024:
-            continue
-        if block_d >= 256 and bm * bn > 64 * 64:
-            continue
-        if block_d > 128 and cfg.num_warps < 8 and bm * bn >= 64 * 64:
-            continue
-        kept.append(cfg)
+        acc_rows, stream_rows = cfg.kwargs[acc_rows_key], cfg.kwargs[stream_rows_key]
+        acc_regs = acc_rows * block_d / (32 * cfg.num_warps)
+        smem = (2 * acc_rows * block_d + cfg.num_stages * 2 * stream_rows * block_d) * elem
+        if acc_regs <= max_acc_regs and smem <= 200 * 1024:
+            kept.append(cfg)
     return kept or configs[-1:]
+
+
+def _prune_dkdv_configs(configs, named_args, **kwargs):
+    # Two accumulators (dK, dV) of BLOCK_N rows; query tiles stream.
+    return _prune(configs, named_args, "BLOCK_N", 64, "BLOCK_M", **kwargs)
 
 
 def _prune_dq_configs(configs, named_args, **kwargs):
-    block_d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
-    elem = named_args["Q"].element_size()
-    kept = []
-    for cfg in configs:
-        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        smem = (2 * bm * block_d + cfg.num_stages * 2 * bn * block_d) * elem
-        if smem > 200 * 1024:
-            continue
-        if block_d >= 256 and bm * bn > 64 * 64:
-            continue
-        kept.append(cfg)
-    return kept or configs[-1:]
+    # One accumulator (dQ) of BLOCK_M rows; key tiles stream.
+    return _prune(configs, named_args, "BLOCK_M", 128, "BLOCK_N", **kwargs)
 
 
 # Key tiles wide, query tiles narrow for dK/dV (the accumulators are key-major) and the
-# reverse for dQ, as in FlashAttention-2. Kept short: every entry costs compile time.
+# reverse for dQ, as in FlashAttention-2. The last entry of each list is the one left for
+# head_dim 256.
 _DKDV_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (32, 128, 4, 3),
-        (32, 128, 8, 3),
-        (64, 128, 8, 3),
-        (32, 64, 4, 4),
-        (16, 64, 4, 3),
-    ]
+    for bm, bn, w, s in [(32, 128, 4, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 8, 2)]
 ]
 _DQ_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (128, 32, 4, 3),
-        (128, 64, 8, 3),
-        (64, 64, 4, 3),
-        (64, 32, 4, 4),
-        (64, 16, 4, 3),
-    ]
+    for bm, bn, w, s in [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2)]
 ]
 _TUNE_KEY = [
     "HEAD_DIM",
@@ -970,7 +951,7 @@ _TUNE_KEY = [
 ]
 _CACHE = {"cache_results": True} if "cache_results" in triton.autotune.__code__.co_varnames else {}
 _bwd_dkdv_tuned = triton.autotune(
-    configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_bwd_configs}, **_CACHE
+    configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_dkdv_configs}, **_CACHE
 )(_bwd_dkdv_kernel)
 _bwd_dq_tuned = triton.autotune(
     configs=_DQ_CONFIGS,
@@ -1165,8 +1146,18 @@ def attention_backward(
         )
     else:
         with torch.cuda.device(q.device):
-            _bwd_dkdv_tuned[lambda cfg: (triton.cdiv(seqlen_k, cfg["BLOCK_N"]), batch * hkv)](*dkdv_args, **meta)
-            _bwd_dq_tuned[lambda cfg: (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * hq)](
-                *dq_args, **meta, STORE_DBIAS=store_dbias
-            )
+            if autotune_enabled():
+                _bwd_dkdv_tuned[lambda cfg: (triton.cdiv(seqlen_k, cfg["BLOCK_N"]), batch * hkv)](*dkdv_args, **meta)
+                _bwd_dq_tuned[lambda cfg: (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * hq)](
+                    *dq_args, **meta, STORE_DBIAS=store_dbias
+                )
+            else:
+                c1 = first_config(_DKDV_CONFIGS, _prune_dkdv_configs, {"Q": q, **meta})
+                c2 = first_config(_DQ_CONFIGS, _prune_dq_configs, {"Q": q, **meta})
+                _bwd_dkdv_kernel[(triton.cdiv(seqlen_k, c1.kwargs["BLOCK_N"]), batch * hkv)](
+                    *dkdv_args, **meta, **launch_kwargs(c1)
+                )
+                _bwd_dq_kernel[(triton.cdiv(seqlen_q, c2.kwargs["BLOCK_M"]), batch * hq)](
+                    *dq_args, **meta, STORE_DBIAS=store_dbias, **launch_kwargs(c2)
+                )
     return dq, dk, dv

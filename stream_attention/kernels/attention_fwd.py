@@ -19,6 +19,12 @@ Causal masks are aligned bottom-right: with ``Tq`` queries and ``Tk`` keys, quer
 sees keys ``j <= i + (Tk - Tq)``, so a decode step or a prefill chunk against a longer
 cache is just a call. A sliding window ``(left, right)`` keeps ``i + off - left <= j <=
 i + off + right``. Rows that see no key at all produce zeros and an LSE of ``-inf``.
+
+Key-padding masks, general bool/additive masks and attention dropout
+(:mod:`.masks_dropout`) are compile-time features: a launch that uses none of them
+compiles to the same code as before they existed. A key-padding mask also narrows the
+visited key range to its first..last attended key, so padding-only tiles are skipped.
+The backward lives in :mod:`.attention_bwd`.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .masks_dropout import apply_masks, dropout_keep, mask_dropout_meta, prepare_masks
-from .runtime import interpreter_enabled
+from .runtime import autotune_enabled, first_config, interpreter_enabled, launch_kwargs
 
 # A window bound this large never clips anything; int32-safe for any realistic length.
 UNBOUNDED = 1 << 30
@@ -634,5 +640,9 @@ def attention_forward(
             return (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * hq)
 
         with torch.cuda.device(q.device):
-            _attn_fwd_tuned[grid](*args, **meta)
+            if autotune_enabled():
+                _attn_fwd_tuned[grid](*args, **meta)
+            else:
+                cfg = first_config(_GPU_CONFIGS, _prune_configs, {"Q": q, **meta})
+                _attn_fwd_kernel[grid(cfg.kwargs)](*args, **meta, **launch_kwargs(cfg))
     return out, lse

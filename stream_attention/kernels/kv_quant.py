@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,8 @@ __all__ = [
     "write_tokens_to_pages",
     "write_blocks_to_pages",
     "dequantize_pages",
+    "DEFAULT_LAUNCH",
+    "autotune_enabled",
     "choose_num_splits",
     "paged_attention_quantized",
     "paged_token_attention_mass",
@@ -692,12 +695,13 @@ def _token_mass_kernel(
 # quick while still crossing pages and splits.
 _INTERPRETER_BLOCK_N = 16
 
+# Few configs on purpose: decode is memory-bound and each compile costs seconds.
 _GPU_CONFIGS_TOKENS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bn, w, s in [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3), (32, 4, 3), (64, 8, 2)]
+    for bn, w, s in [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 2)]
 ]
 # Per-channel key scales bind a tile to one page, so only the schedule is tuned.
-_GPU_CONFIGS_PAGE = [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (4, 3), (8, 2), (2, 3)]]
+_GPU_CONFIGS_PAGE = [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (4, 3), (2, 3)]]
 # tune_bucket is the query count per sequence (capped): decode and prefill want different tiles.
 _AUTOTUNE_KEY = ["KV_BITS", "K_PER_CHANNEL", "PART", "BLOCK_M", "BLOCK_SIZE", "CAUSAL", "SPLIT", "tune_bucket"]
 _CACHE = {"cache_results": True} if "cache_results" in triton.autotune.__code__.co_varnames else {}
@@ -706,6 +710,18 @@ _paged_attn_tuned_tokens = triton.autotune(configs=_GPU_CONFIGS_TOKENS, key=_AUT
     _paged_attn_kernel
 )
 _paged_attn_tuned_page = triton.autotune(configs=_GPU_CONFIGS_PAGE, key=_AUTOTUNE_KEY, **_CACHE)(_paged_attn_kernel)
+
+
+# Fixed (BLOCK_N, num_warps, num_stages) used when autotuning is off: the engine's H100
+# sweep of the same loop structure (kernels/paged_attention.py). Engines capturing CUDA
+# graphs should pass ``launch`` explicitly: autotuning inside a graph warm-up would tune
+# on the dummy empty contexts used there.
+DEFAULT_LAUNCH = {"decode": (64, 4, 3), "prefill": (64, 4, 2)}
+
+
+def autotune_enabled() -> bool:
+    """False when ``STREAM_ATTENTION_AUTOTUNE=0``: launches then use :data:`DEFAULT_LAUNCH`."""
+    return os.environ.get("STREAM_ATTENTION_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _num_sms(device: torch.device) -> int:
@@ -781,6 +797,7 @@ def paged_attention_quantized(
     causal: bool = True,
     return_lse: bool = False,
     out: torch.Tensor | None = None,
+    launch: dict[str, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of new query tokens over a paged KV cache stored as int8/int4 (or float) pages.
 
@@ -797,7 +814,9 @@ def paged_attention_quantized(
     given, so the call can be captured in a CUDA graph; ``num_splits=None`` picks one
     from ``max_kv_len`` (read from ``seq_lens`` when not given). Returns ``out`` (and
     ``lse [Hq, total_q]``, natural log, fp32, ``-inf`` where no key is visible, with
-    ``return_lse``).
+    ``return_lse``). ``launch`` (``{"BLOCK_N", "num_warps", "num_stages"}``) skips the
+    GPU autotuner with a fixed schedule (so does ``STREAM_ATTENTION_AUTOTUNE=0``, with
+    :data:`DEFAULT_LAUNCH`); per-channel pages ignore its ``BLOCK_N`` (a tile is a page).
     """
     bits, per_channel, block_size, hkv, head_dim = _page_format(k_pages, v_pages)
     if q.dim() != 3 or q.shape[-1] != head_dim:
@@ -873,8 +892,15 @@ def paged_attention_quantized(
         block_n = block_size if per_channel else _INTERPRETER_BLOCK_N
         _paged_attn_kernel[grid](*args, **meta, BLOCK_N=block_n)
     else:
+        if launch is None and not autotune_enabled():
+            launch = dict(zip(("BLOCK_N", "num_warps", "num_stages"),
+                              DEFAULT_LAUNCH["decode" if max_q_len <= 1 else "prefill"], strict=True))
         with torch.cuda.device(device):
-            if per_channel:
+            if launch is not None:
+                fixed = dict(launch)
+                block_n = fixed.pop("BLOCK_N", 64)
+                _paged_attn_kernel[grid](*args, **meta, BLOCK_N=block_size if per_channel else block_n, **fixed)
+            elif per_channel:
                 _paged_attn_tuned_page[grid](*args, **meta, BLOCK_N=block_size)
             else:
                 _paged_attn_tuned_tokens[grid](*args, **meta)

@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 _LOG2E = 1.4426950408889634
 

@@ -209,26 +209,10 @@ def _combine_splits_kernel(
     tl.store(Out + t * stride_ot + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
 
 
-def _decode_configs() -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn, w, s in [(64, 4, 2), (64, 4, 3), (32, 4, 4), (128, 4, 2), (64, 8, 3), (128, 8, 2)]
-    ]
-
-
-def _prune(configs, named_args, **kwargs):
-    page = named_args.get("PAGE_SIZE", kwargs.get("PAGE_SIZE", 16))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] >= page and c.kwargs["BLOCK_N"] % page == 0]
-    return kept or [triton.Config({"BLOCK_N": page}, num_warps=4, num_stages=2)]
-
-
-_autotune_kwargs = {"cache_results": True} if "cache_results" in triton.autotune.__code__.co_varnames else {}
-_paged_attn_tuned = triton.autotune(
-    configs=_decode_configs(),
-    key=["HEAD_DIM", "PAGE_SIZE", "BLOCK_Q", "GROUP_PAD", "SPLIT", "DOT_PRECISION"],
-    prune_configs_by={"early_config_prune": _prune},
-    **_autotune_kwargs,
-)(_paged_attn_kernel)
+# (BLOCK_N, num_warps, num_stages) per kind of launch, from the H100 sweep in
+# benchmarks/bench_engine.py. Fixed rather than autotuned: autotuning inside a CUDA-graph
+# warm-up would tune on the dummy (empty) contexts used there.
+DEFAULT_LAUNCH = {"decode": (64, 4, 3), "prefill": (64, 4, 2)}
 
 
 def num_sms(device: torch.device) -> int:
@@ -277,7 +261,7 @@ def paged_attention(
     softmax_scale: float,
     num_splits: int = 1,
     out: torch.Tensor | None = None,
-    block_n: int | None = None,
+    launch: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Attention of packed queries over paged keys/values.
 
@@ -287,7 +271,9 @@ def paged_attention(
     ``block_tables``: int32 ``[B, max_blocks]``; ``seq_lens``: int32 ``[B]``, the number of
     keys of each sequence *including* this step's queries (already written to the pages).
     ``max_q_len`` must bound every sequence's query count (it sizes the grid; no host
-    sync happens here, so the call can be captured in a CUDA graph).
+    sync happens here, so the call can be captured in a CUDA graph). ``launch`` overrides
+    ``(BLOCK_N, num_warps, num_stages)`` (any power-of-two ``BLOCK_N``: each key column
+    looks its page up, so tiles may span or split pages).
     Returns ``out [total_q, Hq, D]`` in ``q``'s dtype.
     """
     total_q, hq, head_dim = q.shape
@@ -320,14 +306,12 @@ def paged_attention(
         SPLIT=split, DOT_PRECISION=dot_precision_for(q.dtype),
     )
     grid = (triton.cdiv(max_q_len, block_q), batch * hkv, num_splits)
+    block_n, warps, stages = launch or DEFAULT_LAUNCH["decode" if max_q_len <= 1 else "prefill"]
     if interpreter_enabled():
-        _paged_attn_kernel[grid](*args, **meta, BLOCK_N=block_n or max(16, page_size))
+        _paged_attn_kernel[grid](*args, **meta, BLOCK_N=16)
     else:
         with torch.cuda.device(q.device):
-            if block_n is not None:
-                _paged_attn_kernel[grid](*args, **meta, BLOCK_N=block_n, num_warps=4, num_stages=2)
-            else:
-                _paged_attn_tuned[grid](*args, **meta)
+            _paged_attn_kernel[grid](*args, **meta, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     if split:
         cgrid = (total_q * hq,)
         cargs = (
@@ -366,31 +350,48 @@ def paged_attention_torch(
     seq_lens_cpu: list[int] | None = None,
     cu_seqlens_q_cpu: list[int] | None = None,
 ) -> torch.Tensor:
-    """The same math as :func:`paged_attention` in plain PyTorch: gather each sequence's
-    pages and run SDPA with a bottom-right causal mask. For CPUs without Triton.
+    """The same math as :func:`paged_attention` in plain PyTorch, for CPUs without Triton:
+    gather the pages, then one batched GQA softmax for decode steps, or SDPA per sequence
+    with a bottom-right causal mask when some sequence has several queries.
 
     The ``*_cpu`` lists spare the device-to-host copies when the caller already has them.
     """
     total_q, hq, d = q.shape
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+    group = hq // hkv
     lens = seq_lens_cpu if seq_lens_cpu is not None else seq_lens.tolist()
     cu = cu_seqlens_q_cpu if cu_seqlens_q_cpu is not None else cu_seqlens_q.tolist()
+    batch = len(lens)
+    if batch == 0 or total_q == 0:
+        return q.new_zeros((total_q, hq, d))
+    max_len = max(lens)
+    n_pages = max(1, -(-max_len // page_size))
+    if total_q == batch:  # one query per sequence: decode
+        pages = block_tables[:, :n_pages].long()
+        k = k_pages[pages].reshape(batch, n_pages * page_size, hkv, d).to(q.dtype)
+        v = v_pages[pages].reshape(batch, n_pages * page_size, hkv, d).to(q.dtype)
+        qg = q.view(batch, hkv, group, d)
+        scores = torch.einsum("bhgd,blhd->bhgl", qg.float(), k.float()) * softmax_scale
+        keep = torch.arange(n_pages * page_size, device=q.device)[None, :] < seq_lens.to(q.device)[:, None].long()
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+        out = torch.einsum("bhgl,blhd->bhgd", probs, v.float())
+        return out.reshape(batch, hq, d).to(q.dtype)
     out = torch.empty((total_q, hq, d), device=q.device, dtype=q.dtype)
-    group = hq // hkv
     for b, kv_len in enumerate(lens):
         q0, q1 = cu[b], cu[b + 1]
         q_len = q1 - q0
         if q_len == 0:
             continue
-        n_pages = -(-kv_len // page_size)
-        pages = block_tables[b, :n_pages].long()
-        k = k_pages[pages].reshape(-1, hkv, d)[:kv_len]
-        v = v_pages[pages].reshape(-1, hkv, d)[:kv_len]
-        qb = q[q0:q1].transpose(0, 1)  # [Hq, q_len, D]
-        kb = k.to(q.dtype).transpose(0, 1).repeat_interleave(group, dim=0)
-        vb = v.to(q.dtype).transpose(0, 1).repeat_interleave(group, dim=0)
+        if kv_len == 0:
+            out[q0:q1] = 0
+            continue
+        pages = block_tables[b, :-(-kv_len // page_size)].long()
+        k = k_pages[pages].reshape(-1, hkv, d)[:kv_len].to(q.dtype).transpose(0, 1)
+        v = v_pages[pages].reshape(-1, hkv, d)[:kv_len].to(q.dtype).transpose(0, 1)
         rows = torch.arange(q_len, device=q.device)[:, None] + (kv_len - q_len)
         mask = torch.arange(kv_len, device=q.device)[None, :] <= rows
-        o = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=softmax_scale)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[q0:q1].transpose(0, 1), k, v, attn_mask=mask, scale=softmax_scale, enable_gqa=group > 1)
         out[q0:q1] = o.transpose(0, 1)
     return out

@@ -58,3 +58,22 @@ def why_triton_cannot_run(device: torch.device) -> str:
         f"Triton kernels need CUDA tensors, got tensors on {device} "
         "(set TRITON_INTERPRET=1 to run them on CPU through Triton's interpreter)"
     )
+
+
+def autotune_enabled() -> bool:
+    """Whether GPU launches autotune (default) or take the first feasible config.
+
+    ``STREAM_ATTENTION_AUTOTUNE=0`` skips autotuning: every new shape key otherwise
+    compiles and times each candidate config, which dominates short test runs.
+    """
+    return os.environ.get("STREAM_ATTENTION_AUTOTUNE", "1") not in ("0", "false", "False", "no")
+
+
+def first_config(configs, prune, named_args):
+    """The first config of a preference-ordered list that the pruning function keeps."""
+    return prune(configs, named_args)[0]
+
+
+def launch_kwargs(cfg) -> dict:
+    """Meta-parameters and launch options of a ``triton.Config`` for a direct launch."""
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}

@@ -44,10 +44,6 @@ _QUIET = {"/health", "/ready", "/metrics"}
 _NO_AUTH = {"/health"}
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class ServerMiddleware:
     """Request ID, API key, body-size limit, per-route metrics and the access log."""
 
@@ -107,24 +103,35 @@ class ServerMiddleware:
                 )
                 return
             received = 0
+            too_large = False
 
             async def bounded_receive() -> Message:
-                nonlocal received
+                # A chunked body has no Content-Length to check up front: answer 413 as
+                # soon as it overflows, then tell the app the client is gone.
+                nonlocal received, too_large
                 message = await receive()
-                if message["type"] == "http.request":
+                if message["type"] == "http.request" and not too_large:
                     received += len(message.get("body", b""))
-                    if received > settings.max_request_bytes:
-                        raise _BodyTooLarge()
+                    if received > settings.max_request_bytes and not started:
+                        too_large = True
+                        await reply(
+                            413,
+                            error_body(
+                                413, f"request body exceeds {settings.max_request_bytes} bytes", code="too_large"
+                            ),
+                        )
+                        return {"type": "http.disconnect"}
                 return message
 
+            async def app_send(message: Message) -> None:
+                if not too_large:
+                    await send_with_id(message)
+
             try:
-                await self.app(scope, bounded_receive, send_with_id)
-            except _BodyTooLarge:
-                if not started:
-                    await reply(
-                        413,
-                        error_body(413, f"request body exceeds {settings.max_request_bytes} bytes", code="too_large"),
-                    )
+                await self.app(scope, bounded_receive, app_send)
+            except Exception:
+                if not too_large:
+                    raise
         finally:
             state.in_flight -= 1
             elapsed = time.perf_counter() - start
@@ -225,7 +232,10 @@ def create_app(
             if loader is not None and not loader.done():
                 loader.cancel()
             if owned and state.engine is not None:
-                await bridge.shutdown(state.engine)
+                try:
+                    await bridge.shutdown(state.engine)
+                except Exception:  # the process is going away either way; say why it was untidy
+                    log.exception("engine shutdown failed")
             log.info("server stopped")
 
     app = FastAPI(

@@ -47,7 +47,7 @@ class _EngineCollector(Collector):
         gauges: list[tuple[str, str, float]] = [
             ("requests_running", "Requests being decoded.", s.running),
             ("requests_waiting", "Requests queued for admission.", s.waiting),
-            ("kv_cache_blocks_total", "KV-cache blocks in the pool.", s.kv_blocks_total),
+            ("kv_cache_blocks_capacity", "KV-cache blocks in the pool (used + free).", s.kv_blocks_total),
             ("kv_cache_blocks_used", "KV-cache blocks holding tokens.", s.kv_blocks_used),
             ("kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1).", s.kv_usage),
             (

@@ -51,7 +51,9 @@ def logprob_json(lp: TokenLogprob) -> dict[str, Any]:
 
 def prepare(state: ServerState, body: GenerateRequest) -> tuple[list[int], SamplingParams]:
     if (body.prompt is None) == (body.prompt_token_ids is None):
-        raise APIError(400, "give exactly one of prompt (or inputs) and prompt_token_ids", param="prompt", code="missing_field")
+        raise APIError(
+            400, "give exactly one of prompt (or inputs) and prompt_token_ids", param="prompt", code="missing_field"
+        )
     state.require_engine()
     if body.prompt is not None:
         ids = state.encode(body.prompt, add_special_tokens=body.add_special_tokens)
