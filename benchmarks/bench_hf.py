@@ -7,17 +7,17 @@
 Random weights (no download): hidden 2048, 16 layers, 32 query / 8 KV heads (head_dim
 64), intermediate 8192, vocab 128256. One model, switched between implementations with
 ``set_attn_implementation``, so both see identical weights. Three checks, written to
-``--out`` as they finish (in the order logits, prefill, greedy; a check that would start
-past ``--budget-s`` is listed under ``skipped``):
+``--out`` as they finish (a check that would start past ``--budget-s`` is listed under
+``skipped``):
 
 * ``logits``: a left-padded batch (4 x 128, pads 0/16/40/77) through both; max and mean
   |logits diff| over real tokens and argmax agreement, next to the same numbers for
   ``eager`` vs ``sdpa`` (the bf16 noise floor any two correct implementations show);
-* ``greedy``: 32 greedy tokens from that batch; token agreement with ``sdpa`` and the
-  first diverging step per row (random weights give flat logits, so near-ties can flip
-  under bf16 noise; the ``eager`` vs ``sdpa`` agreement is the floor again);
 * ``prefill``: batch 4 x 2048 tokens, ``use_cache=False``, ``logits_to_keep=1``; median of
-  CUDA-event timings for each implementation and the ratio.
+  CUDA-event timings for each implementation and the ratio;
+* ``greedy``: 32 greedy tokens from the ``logits`` batch; token agreement with ``sdpa`` and the
+  first diverging step per row (random weights give flat logits, so near-ties can flip
+  under bf16 noise; the ``eager`` vs ``sdpa`` agreement is the floor again).
 
 The Triton backend is forced (``enable_stream_attention(model, backend="triton")``), and
 the call routes are recorded from ``attention_stats()`` so a silent SDPA fallback shows.

@@ -37,12 +37,17 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 # Set before torch (and NCCL) are imported, and inherited by every spawned rank.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 os.environ.update(SAFE_ENV)
+# Every (shape bucket, causal) key would autotune a dozen configs, and ring/star launch
+# several new keys per length: one heuristic config keeps the run inside its time budget
+# (the same policy for 1 and N devices, so the comparison stays fair). --autotune restores it.
+if "--autotune" not in sys.argv:
+    os.environ.setdefault("STREAM_ATTENTION_AUTOTUNE", "0")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -79,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--backward-seqlen", type=int, default=32768, help="0 skips the backward check")
     p.add_argument("--no-variants", action="store_true", help="skip the no-overlap / contiguous ring timings")
+    p.add_argument("--autotune", action="store_true", help="let the kernels autotune (slow first calls)")
     p.add_argument("--timeout", type=float, default=600.0, help="--world-size spawn: give up after this many s")
     return p
 
@@ -166,24 +172,27 @@ def _bench_seqlen(args: argparse.Namespace, seqlen: int, device: torch.device) -
         row["single_ms"] = _time_ms(lambda: fused_attention(q, k, v, causal=True), device, args.warmup, args.iters)
         row["single_tflops"] = _attn_tflops(seqlen, args, row["single_ms"])
 
-        ql, kl, vl = (zigzag_shard(t, rank, world) for t in (q, k, v))
-        out = ring_attention(ql, kl, vl, causal=True, zigzag=True)
-        row["ring_err"] = _errors(out, zigzag_shard(ref, rank, world), device)
-        row["ring_ms"] = _time_ms(lambda: ring_attention(ql, kl, vl, causal=True), device, args.warmup, args.iters)
-        row["ring_efficiency"] = row["single_ms"] / (world * row["ring_ms"])
-        row["ring_speedup"] = row["single_ms"] / row["ring_ms"]
-        if world > 1 and not args.no_variants:
-            row["ring_no_overlap_ms"] = _time_ms(
-                lambda: ring_attention(ql, kl, vl, causal=True, overlap=False), device, args.warmup, args.iters
-            )
-            qc, kc, vc = (t.chunk(world, dim=1)[rank] for t in (q, k, v))
-            row["ring_contiguous_ms"] = _time_ms(
-                lambda: ring_attention(qc, kc, vc, causal=True, zigzag=False), device, args.warmup, args.iters
-            )
-        del ql, kl, vl, out
-
+        row.update(_bench_ring(args, q, k, v, ref, device, row["single_ms"]))
         row.update(_bench_star(args, q, k, v, ref, device))
     return row
+
+
+def _bench_ring(args, q, k, v, ref, device, single_ms: float) -> dict[str, Any]:
+    world, rank = group_info(None)
+    ql, kl, vl = (zigzag_shard(t, rank, world) for t in (q, k, v))
+    res: dict[str, Any] = {"ring_err": _errors(ring_attention(ql, kl, vl, causal=True), zigzag_shard(ref, rank, world), device)}
+    res["ring_ms"] = _time_ms(lambda: ring_attention(ql, kl, vl, causal=True), device, args.warmup, args.iters)
+    res["ring_efficiency"] = single_ms / (world * res["ring_ms"])
+    res["ring_speedup"] = single_ms / res["ring_ms"]
+    if world > 1 and not args.no_variants:
+        res["ring_no_overlap_ms"] = _time_ms(
+            lambda: ring_attention(ql, kl, vl, causal=True, overlap=False), device, args.warmup, args.iters
+        )
+        qc, kc, vc = (t.chunk(world, dim=1)[rank] for t in (q, k, v))
+        res["ring_contiguous_ms"] = _time_ms(
+            lambda: ring_attention(qc, kc, vc, causal=True, zigzag=False), device, args.warmup, args.iters
+        )
+    return res
 
 
 def _bench_star(args, q, k, v, ref, device) -> dict[str, Any]:
@@ -267,7 +276,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     report: dict[str, Any] = {
         "benchmark": "ring_star_prefill",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "world_size": world,
         "dist_backend": dist.get_backend() if world > 1 else None,
@@ -275,7 +284,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "shape": {"batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads, "dim": args.dim},
         "star": {"block": args.star_block, "anchor": args.star_anchor, "query_len": args.query_len},
         "torch": torch.__version__,
-        "env": {key: os.environ.get(key) for key in SAFE_ENV},
+        "env": {key: os.environ.get(key) for key in [*SAFE_ENV, "STREAM_ATTENTION_AUTOTUNE"]},
         "results": [],
     }
     try:

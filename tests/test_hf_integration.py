@@ -182,6 +182,7 @@ def test_registered_with_transformers():
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_matches_sdpa(family):
     ref, ours = make_pair(family)
+    assert hf.enable_stream_attention(ours) == 2  # both layers' attention modules
     ids, mask = left_padded_batch()
     with torch.no_grad(), count_kernel_launches() as launches:
         got = ours(ids, attention_mask=mask).logits
@@ -356,6 +357,26 @@ def test_set_attn_implementation_and_enable():
         hf.replace_llama_attention(model, StreamAttentionConfig(num_heads=4, head_dim=32))
 
 
+def test_seed_readme_helper_on_a_base_model():
+    """The seed README: ``AutoModel`` + ``replace_llama_attention(model, StreamAttentionConfig(...))``."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(FAMILIES["llama"]()).eval()
+    cfg = StreamAttentionConfig(
+        num_heads=model.config.num_attention_heads,
+        head_dim=model.config.hidden_size // model.config.num_attention_heads,
+    )
+    ids = torch.randint(3, VOCAB, (1, 7))
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+    assert hf.replace_llama_attention(model, cfg) == 2
+    with torch.no_grad(), count_kernel_launches() as launches:
+        got = model(ids).last_hidden_state
+    assert len(launches) == 2
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_backend_pinned_per_model():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(FAMILIES["llama"](), attn_implementation="sdpa").eval()
@@ -455,3 +476,33 @@ def test_autocast_mixed_dtypes_are_cast_like_sdpa():
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     with pytest.raises(ValueError, match="dtypes differ"):
         hf.stream_attention_forward(module, q, k, v, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_bf16_on_gpu_within_the_bf16_noise_floor(family, monkeypatch):
+    """bf16 on CUDA: our logits differ from sdpa's no more than eager's do, forward and backward run Triton."""
+    monkeypatch.setenv("STREAM_ATTENTION_BACKEND", "auto")
+    torch.manual_seed(0)
+    config = FAMILIES[family]()
+    models = {}
+    for impl in ("sdpa", "eager", "stream_attention"):
+        models[impl] = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=impl)
+        if impl != "sdpa":
+            models[impl].load_state_dict(models["sdpa"].state_dict())
+        models[impl] = models[impl].to("cuda", torch.bfloat16).eval()
+    ids, mask = left_padded_batch(seq_len=40, pads=(0, 7, 19))
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.no_grad(), count_kernel_launches() as launches:
+        logits = {impl: m(ids, attention_mask=mask).logits.float() for impl, m in models.items()}
+    valid = mask.bool()
+    ours = (logits["stream_attention"] - logits["sdpa"])[valid].abs().max().item()
+    floor = (logits["eager"] - logits["sdpa"])[valid].abs().max().item()
+    assert ours <= 4 * floor + 1e-2, (ours, floor)
+    assert len(launches) == 2
+
+    ours_model = models["stream_attention"].train()
+    with count_calls(attention_bwd, "attention_backward") as backward:
+        ours_model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    assert len(backward) == 2
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in ours_model.parameters())

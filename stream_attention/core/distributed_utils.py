@@ -18,7 +18,9 @@ import datetime
 import os
 import pickle
 import queue as queue_mod
+import signal
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -296,6 +298,11 @@ def launch_local(
     deadline = time.monotonic() + timeout_s
     outputs: dict[int, Any] = {}
     errors: list[str] = []
+    # SIGTERM would end this process without its ``finally`` and orphan the ranks;
+    # turned into SystemExit, the cleanup below still kills them.
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         while len(outputs) + len(errors) < world_size:
             remaining = deadline - time.monotonic()
@@ -326,3 +333,9 @@ def launch_local(
                 proc.kill()
                 proc.join(timeout=5)
         results.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)

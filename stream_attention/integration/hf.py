@@ -48,6 +48,11 @@ Refused with :class:`UnsupportedModelError` (by :func:`enable_stream_attention`)
 The backend is chosen per call by ``fused_attention(backend="auto")``: Triton on CUDA,
 SDPA on CPU; ``STREAM_ATTENTION_BACKEND=triton|sdpa`` overrides it globally, and
 ``enable_stream_attention(model, backend=...)`` pins it per model.
+
+Notes: ``from_config(config, attn_implementation=...)`` writes the implementation into
+the ``config`` object it is given, so build a reference model from a copy. The mask
+function reads on the host whether anything is padded (once per forward), so a
+``torch.compile(fullgraph=True)`` graph breaks there, as it does on SDPA's mask.
 """
 
 from __future__ import annotations
@@ -524,6 +529,12 @@ def check_model_supported(model: nn.Module) -> None:
     if not type(model)._can_set_attn_implementation():
         raise UnsupportedModelError(
             f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface"
+        )
+    if not (getattr(model, "_supports_sdpa", False) or getattr(model, "_supports_flash_attn", False)):
+        # Models opt out of both fused backends when their attention adds something to the
+        # scores (soft-capping, biases) or needs the weights: the same holds for ours.
+        raise UnsupportedModelError(
+            f"{type(model).__name__} supports neither sdpa nor flash attention, so its attention is not plain softmax"
         )
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for cfg in {id(c): c for c in (config, text)}.values():

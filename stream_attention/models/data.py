@@ -6,14 +6,15 @@ elsewhere, because the standard library differs between Python versions:
 * held-out: whole files of the CPython standard library, chosen by a hash of their
   path, committed as ``stream_attention/models/data/heldout.txt`` (< 1 MB) so that the
   recorded quality numbers are reproducible on every machine;
-* train: every other stdlib file plus a per-package-capped sample of the pure-Python
-  packages installed in the development environment (transformers, torch, numpy, ...),
+* train: every other stdlib file plus a per-package-capped (16 MB) sample of the pure-Python
+  packages installed in the development environment (transformers, torch, sympy, ...),
   with vendored copies and near-duplicates of held-out files removed; shipped to the
   GPU machine as pre-tokenized ``uint16`` ids (``train_tokens.u16.xz``) in an ignored
   folder that the run carries.
 
-``python -m stream_attention.models.data --out build/default_model`` rebuilds both
-and the tokenizer (``stream_attention/models/default/tokenizer*.json``).
+``python -m stream_attention.models.data --out build/default_model`` rebuilds both;
+``--retrain-tokenizer`` also retrains ``stream_attention/models/default/tokenizer.json``
+(which invalidates any trained weights).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ DOC_MARKER = "<|file|>"
 HELDOUT_MAX_BYTES = 950_000
 HELDOUT_MAX_FILE_BYTES = 60_000
 MAX_FILE_BYTES = 400_000
-PER_PACKAGE_CAP = 4_000_000
+PER_PACKAGE_CAP = 16_000_000
 SKIP_DIRS = {"test", "tests", "idle_test", "testing", "site-packages", "__pycache__", "_vendor", "vendor",
              "_vendored", "vendored", "_distutils", "extern", "_extern"}
 SPLIT_SALT = "stream-attention-default-model-v1"
@@ -191,17 +192,27 @@ def read_tokens(path: Path | str) -> np.ndarray:
         return np.frombuffer(f.read(), dtype="<u2").astype(np.int64)
 
 
-def build(out_dir: Path, vocab_size: int) -> dict:
-    """Collect, split, train the tokenizer, tokenize; returns the manifest it writes."""
+def build(out_dir: Path, vocab_size: int, cap: int = PER_PACKAGE_CAP, retrain_tokenizer: bool = False) -> dict:
+    """Collect, split, tokenize (training the tokenizer only if asked or absent); returns the manifest.
+
+    The shipped tokenizer is reused by default: a trained model is tied to it, and the
+    held-out split (stdlib only) does not depend on how much package code is added.
+    """
+    from tokenizers import Tokenizer
+
     from .tokenizer import save_tokenizer, special_token_ids, train_tokenizer
 
     t0 = time.time()
     stdlib = stdlib_documents()
-    extra = package_documents()
+    extra = package_documents(cap)
     train, heldout = split_documents(stdlib, extra)
     write_heldout(heldout)
-    tok = train_tokenizer((d.text for d in train), vocab_size=vocab_size)
-    save_tokenizer(tok, HERE / "default")
+    tok_path = HERE / "default" / "tokenizer.json"
+    if retrain_tokenizer or not tok_path.is_file():
+        tok = train_tokenizer((d.text for d in train), vocab_size=vocab_size)
+        save_tokenizer(tok, HERE / "default")
+    else:
+        tok = Tokenizer.from_file(str(tok_path))
     ids = special_token_ids(tok)
     tokens = tokenize_documents(tok, train, ids["bos"], ids["eos"])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -220,6 +231,8 @@ def build(out_dir: Path, vocab_size: int) -> dict:
                   "bytes_per_token": train_bytes / max(1, tokens.size), "bytes_by_source": by_source,
                   "tokens_sha256": hashlib.sha256(tokens.astype("<u2").tobytes()).hexdigest()},
         "vocab_size": tok.get_vocab_size(),
+        "per_package_cap_bytes": cap,
+        "tokenizer_sha256": hashlib.sha256(tok_path.read_bytes()).hexdigest(),
         "build_seconds": round(time.time() - t0, 1),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -232,8 +245,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("build/default_model"))
     ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--cap-bytes", type=int, default=PER_PACKAGE_CAP, help="most bytes taken from one package")
+    ap.add_argument("--retrain-tokenizer", action="store_true", help="replace the shipped tokenizer (invalidates weights)")
     args = ap.parse_args(argv)
-    manifest = build(args.out, args.vocab_size)
+    manifest = build(args.out, args.vocab_size, args.cap_bytes, args.retrain_tokenizer)
     print(json.dumps(manifest, indent=2))
 
 

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ..engine.types import EngineStats
-from .memory import cuda_memory, host_rss_bytes
+from .memory import cuda_rows, host_rss_bytes
 
 PREFIX = "stream_attention"
 log = logging.getLogger("stream_attention.server")
@@ -97,7 +97,7 @@ class _MemoryCollector(Collector):
                 f"{PREFIX}_cuda_memory_total_bytes", "Device memory capacity.", labels=["device"]
             ),
         }
-        for dev in cuda_memory():
+        for dev in cuda_rows():
             for key, fam in families.items():
                 fam.add_metric([dev["device"]], float(dev[f"{key}_bytes"]))
         yield from families.values()
@@ -166,7 +166,7 @@ class ServerMetrics:
         )
         if info:
             build.labels(**info).set(1)
-        for reason in ("stop", "length", "abort"):
+        for reason in ("stop", "length", "abort", "error"):
             self.finished.labels(finish_reason=reason)
         for reason in ("queue_full", "prompt_too_long", "not_ready"):
             self.rejected.labels(reason=reason)

@@ -152,12 +152,6 @@ class ServerState:
         full, prompt too long) still get their own HTTP status on streaming routes.
         """
         engine = self.require_engine()
-        stats = self.stats()
-        if stats is not None and self.settings.max_queue >= 0 and stats.waiting >= self.settings.max_queue:
-            self.metrics.rejected.labels(reason="queue_full").inc()
-            raise APIError(
-                429, "the request queue is full; retry later", code="queue_full", headers=self.retry_headers()
-            )
         request = Request(
             request_id=self.new_engine_id(http_request),
             prompt_token_ids=prompt_ids,
@@ -220,34 +214,41 @@ class GenerationStream:
         self._first: RequestOutput | None = None
         self._start = time.perf_counter()
         self._last_token_at: float | None = None
+        self.submitted = False
+        self.failed = False
         self.finished = False
         self.closed = False
         self.output: RequestOutput | None = None
         self.ttft: float | None = None
         self.e2e: float | None = None
 
+    def _check_queue(self) -> None:
+        state = self.state
+        stats = state.stats()
+        if stats is not None and stats.waiting >= state.settings.max_queue:
+            state.metrics.rejected.labels(reason="queue_full").inc()
+            raise APIError(
+                429, "the request queue is full; retry later", code="queue_full", headers=state.retry_headers()
+            )
+
     async def prime(self) -> None:
+        # The queue check and the engine's submission (which runs synchronously inside
+        # the first __anext__) share one event-loop step, so a burst of requests cannot
+        # all pass the check before any of them is counted as waiting.
+        self._check_queue()
+        self.submitted = True
         self._first = await self._next()
 
     async def _next(self) -> RequestOutput:
         m = self.state.metrics
         try:
             out = await self._iter.__anext__()
-        except QueueFullError as exc:
-            m.rejected.labels(reason="queue_full").inc()
-            raise APIError(
-                429, str(exc) or "the request queue is full", code="queue_full", headers=self.state.retry_headers()
-            ) from exc
-        except PromptTooLongError as exc:
-            m.rejected.labels(reason="prompt_too_long").inc()
-            raise APIError(400, str(exc), param="prompt", code="context_length_exceeded") from exc
-        except ValueError as exc:
-            param = str(exc).split("=", 1)[0].strip() if "=" in str(exc) else None
-            raise APIError(400, str(exc), param=param if param and param.isidentifier() else None) from exc
-        except RuntimeError as exc:
-            if bridge.is_engine_dead(exc):
-                raise APIError(503, str(exc), code="engine_unavailable", headers=self.state.retry_headers()) from exc
-            raise APIError(500, f"generation failed: {exc}", code="engine_error") from exc
+        except StopAsyncIteration:
+            raise
+        except Exception as exc:
+            # The engine's stream raised, so it is over: nothing left to abort.
+            self.failed = True
+            raise self._http_error(exc) from exc
         now = time.perf_counter()
         n = len(out.delta_token_ids)
         if n:
@@ -269,6 +270,30 @@ class GenerationStream:
             m.request_prompt_tokens.inc(len(out.prompt_token_ids))
             m.request_generation_tokens.inc(len(out.token_ids))
         return out
+
+    def _http_error(self, exc: Exception) -> APIError:
+        """The HTTP answer to an engine exception (refusals before the first output,
+        failures after it)."""
+        m = self.state.metrics
+        if isinstance(exc, APIError):
+            return exc
+        if isinstance(exc, QueueFullError):
+            m.rejected.labels(reason="queue_full").inc()
+            return APIError(
+                429, str(exc) or "the request queue is full", code="queue_full", headers=self.state.retry_headers()
+            )
+        if isinstance(exc, PromptTooLongError):
+            m.rejected.labels(reason="prompt_too_long").inc()
+            return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
+        if isinstance(exc, ValueError):
+            param = str(exc).split("=", 1)[0].strip() if "=" in str(exc) else None
+            return APIError(
+                400, str(exc), param=param if param and param.isidentifier() else None, code="invalid_value"
+            )
+        if bridge.is_engine_dead(exc):
+            return APIError(503, str(exc), code="engine_unavailable", headers=self.state.retry_headers())
+        log.error("engine request %s failed: %r", self.request_id, exc)
+        return APIError(500, f"generation failed: {exc}", code="engine_error")
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         if self._first is not None:
@@ -301,7 +326,9 @@ class GenerationStream:
             await self._close()
 
     async def _close(self) -> None:
-        if not self.finished:
+        if self.failed and self.output is not None:
+            self.state.metrics.finished.labels(finish_reason="error").inc()
+        elif self.submitted and not self.finished and not self.failed:
             try:
                 await bridge.abort(self.engine, self.request_id)
             except Exception:

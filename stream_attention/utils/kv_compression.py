@@ -19,6 +19,8 @@ compression_ratio)``):
   into bytes with fp16 scales and zero points (:mod:`.quantization`). The widest format
   that still reaches the requested ratio is used; formats are discrete, so the achieved
   ratio is at least the requested one when any format reaches it.
+* ``streaming`` - StreamingLLM's sinks plus the most recent tokens (the baseline the
+  scored policies must beat).
 * ``hybrid`` - quantization first (int8 below int4's ratio, int4 above), then importance
   eviction for the rest of the ratio, so any ratio is met closely.
 
@@ -55,6 +57,7 @@ __all__ = [
     "KVCompressor",
     "ImportanceKVCompressor",
     "ChunkKVCompressor",
+    "StreamingKVCompressor",
     "QuantizedKVCompressor",
     "HybridKVCompressor",
     "create_kv_compressor",
@@ -469,6 +472,16 @@ class ChunkKVCompressor(ImportanceKVCompressor):
                              sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens)
 
 
+class StreamingKVCompressor(ImportanceKVCompressor):
+    """StreamingLLM (Xiao et al. 2023): the attention sinks plus the most recent tokens."""
+
+    name = "streaming"
+
+    def scores(self, keys: torch.Tensor, queries: torch.Tensor | None) -> torch.Tensor:
+        b, t, h, _ = keys.shape
+        return torch.arange(t, device=keys.device, dtype=torch.float32)[None, :, None].expand(b, t, h)
+
+
 class QuantizedKVCompressor(KVCompressor):
     """KIVI quantization: keys per channel over token groups, values per token."""
 
@@ -545,6 +558,7 @@ class HybridKVCompressor(QuantizedKVCompressor, _EvictionMixin):
 
 _REGISTRY: dict[str, type[KVCompressor]] = {
     "importance": ImportanceKVCompressor,
+    "streaming": StreamingKVCompressor,
     "chunk": ChunkKVCompressor,
     "quantized": QuantizedKVCompressor,
     "hybrid": HybridKVCompressor,
@@ -556,7 +570,7 @@ def available_kv_compressors() -> list[str]:
 
 
 def create_kv_compressor(name: str, **kwargs: Any) -> KVCompressor:
-    """A compressor by name: ``'importance'``, ``'chunk'``, ``'quantized'`` or ``'hybrid'``.
+    """A compressor by name: ``'importance'``, ``'chunk'``, ``'quantized'``, ``'hybrid'`` or ``'streaming'``.
 
     Keyword arguments go to the compressor (e.g. ``sink_tokens``, ``recent_tokens``,
     ``bits``, ``chunk_size``).

@@ -1,7 +1,7 @@
 """Memory optimisation utilities (the seed's ``stream_attention.utils.memory`` module).
 
 * KV-cache compression: ``create_kv_compressor('importance' | 'chunk' | 'quantized' |
-  'hybrid')``, whose ``.compress(keys, values, compression_ratio=8.0)`` returns
+  'hybrid' | 'streaming')``, whose ``.compress(keys, values, compression_ratio=8.0)`` returns
   ``(compressed_keys, compressed_values, stats)`` (see :mod:`.kv_compression`);
 * ``MemoryProfiler`` for peak/current allocation snapshots and a report (:mod:`.profiler`);
 * gradient checkpointing of sequential modules (:mod:`.checkpointing`).
@@ -25,6 +25,7 @@ from .kv_compression import (
     KVCompressor,
     QuantizedKV,
     QuantizedKVCompressor,
+    StreamingKVCompressor,
     attention_error,
     available_kv_compressors,
     create_kv_compressor,
@@ -42,6 +43,7 @@ __all__ = [
     "ChunkKVCompressor",
     "QuantizedKVCompressor",
     "HybridKVCompressor",
+    "StreamingKVCompressor",
     "QuantizedKV",
     "CompressionResult",
     "token_importance",

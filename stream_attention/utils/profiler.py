@@ -147,7 +147,7 @@ class MemoryProfiler:
 
     # ------------------------------------------------------ context manager
     def __enter__(self) -> MemoryProfiler:
-        if torch.cuda.is_available():
+        if torch.cuda.is_initialized():
             torch.cuda.synchronize()
         if self.reset_on_enter:
             self.reset_peak()
@@ -157,7 +157,7 @@ class MemoryProfiler:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if torch.cuda.is_available():
+        if torch.cuda.is_initialized():
             torch.cuda.synchronize()
         self.end = self.snapshot("end")
 

@@ -1,0 +1,508 @@
+"""Compressed KV cache for the engine: quantized pages, block eviction, and their numbers.
+
+Two independent mechanisms, combinable (``policy="hybrid"``):
+
+* **Quantized pages** (``kv_cache_dtype`` ``int8`` / ``int4``): every layer's K and V pools are
+  :class:`~stream_attention.kernels.kv_quant.QuantizedPages` (uint8 codes + fp16 scale/zero
+  per token and KV head). New tokens are quantized as they are written
+  (:func:`write_kv`); attention reads the codes and dequantizes in registers
+  (:func:`compressed_attention_step`), so a page never exists in 16-bit form. Scales are
+  per token for keys too: a decode step writes one token at a time (inside CUDA graphs),
+  while KIVI's per-channel key scales need a page's tokens before quantizing it; the
+  kernels support per-channel pages for block writes, and ``benchmarks/kv_quality.py``
+  reports both. A block costs :func:`block_bytes`, so the same memory budget holds about
+  1.9x (int8) / 3.6x (int4) more blocks at head_dim 128.
+* **Eviction** (``streaming`` = StreamingLLM sinks + recent window; ``heavy-hitter`` =
+  H2O/SnapKV scores): once a sequence holds more cache slots than its budget, whole
+  full blocks outside the sinks and the recent window are released back to the pool
+  through ``BlockManager.drop_blocks`` (which compacts the block table; RoPE positions
+  stay logical). Heavy-hitter scores are the attention probability mass each block
+  received, measured by :func:`~stream_attention.kernels.kv_quant.paged_token_attention_mass`
+  on scoring steps (every prefill step, for the last ``observation_window`` queries of
+  each sequence as SnapKV does, and every ``score_interval``-th decode step), averaged
+  over the steps that observed the block.
+
+:class:`KVCompressionManager` owns the policy state and the statistics; the engine calls
+it at a handful of points (listed in ``docs/TEAM-NOTES.md``): allocation and sizing,
+the attention hook, after each step, when a sequence leaves, and for ``stats()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ..kernels.kv_quant import (
+    DEFAULT_LAUNCH,
+    QuantizedPages,
+    kv_bytes_per_token,
+    paged_attention_quantized,
+    paged_attention_ref,
+    paged_token_attention_mass,
+    paged_token_attention_mass_ref,
+    write_tokens_to_pages,
+    write_tokens_to_pages_ref,
+)
+from ..kernels.runtime import triton_runs_on
+
+__all__ = [
+    "KV_CACHE_DTYPES",
+    "KV_COMPRESSION_POLICIES",
+    "KVCompressionConfig",
+    "KVCompressionManager",
+    "BlockScoreCollector",
+    "EvictionPolicy",
+    "StreamingLLMPolicy",
+    "HeavyHitterPolicy",
+    "allocate_quantized_caches",
+    "block_bytes",
+    "write_kv",
+    "compressed_attention_step",
+]
+
+QUANTIZED_BITS = {"int8": 8, "int4": 4}
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "int8", "int4")
+KV_COMPRESSION_POLICIES = ("none", "streaming", "heavy-hitter", "hybrid")
+# Names users (and the server's flag help) reach for, mapped onto the policies above.
+POLICY_ALIASES = {"off": "none", "streamingllm": "streaming", "sink-window": "streaming", "importance": "heavy-hitter",
+                  "h2o": "heavy-hitter", "snapkv": "heavy-hitter", "heavy_hitter": "heavy-hitter"}
+
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class KVCompressionConfig:
+    """Per-server KV compression settings (``--kv-cache-dtype``, ``--kv-compression``, ...).
+
+    Eviction budget per sequence, in cache slots: ``budget_tokens`` when given, else
+    ``ceil(tokens / ratio)`` when ``ratio`` is given (so it grows with the sequence), and
+    never less than the sinks plus the window plus one block. ``hybrid`` evicts like
+    ``heavy-hitter`` and stores pages in ``int4`` unless ``kv_cache_dtype`` names a
+    quantized type.
+    """
+
+    kv_cache_dtype: str = "auto"
+    policy: str = "none"
+    budget_tokens: int | None = None
+    ratio: float | None = None
+    sink_tokens: int = 4
+    window_tokens: int = 256
+    observation_window: int = 32
+    score_interval: int = 8
+
+    def __post_init__(self) -> None:
+        policy = str(self.policy).strip().lower()
+        self.policy = POLICY_ALIASES.get(policy, policy)
+        self.kv_cache_dtype = str(self.kv_cache_dtype).strip().lower()
+
+    def validate(self) -> KVCompressionConfig:
+        """Raise ``ValueError`` naming the first bad field; returns ``self``."""
+        checks = [
+            ("kv_cache_dtype", self.kv_cache_dtype in KV_CACHE_DTYPES),
+            ("policy", self.policy in KV_COMPRESSION_POLICIES),
+            ("budget_tokens", self.budget_tokens is None or self.budget_tokens >= 1),
+            ("ratio", self.ratio is None or self.ratio >= 1.0),
+            ("sink_tokens", self.sink_tokens >= 0),
+            ("window_tokens", self.window_tokens >= 0),
+            ("observation_window", self.observation_window >= 1),
+            ("score_interval", self.score_interval >= 1),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
+        if self.evicts and self.budget_tokens is None and self.ratio is None:
+            raise ValueError(f"policy={self.policy!r} needs budget_tokens or ratio")
+        return self
+
+    @property
+    def bits(self) -> int | None:
+        """Page bit width, or None for float pages."""
+        bits = QUANTIZED_BITS.get(self.kv_cache_dtype)
+        if bits is None and self.policy == "hybrid":
+            return 4
+        return bits
+
+    @property
+    def evicts(self) -> bool:
+        return self.policy in ("streaming", "heavy-hitter", "hybrid")
+
+    @property
+    def scores(self) -> bool:
+        return self.policy in ("heavy-hitter", "hybrid")
+
+
+# --------------------------------------------------------------------------------------
+# Pages: sizing, allocation, writes, attention
+# --------------------------------------------------------------------------------------
+
+
+def block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, bits: int,
+                float_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes one block takes over all layers (K and V, scales included)."""
+    if bits == 16 or bits is None:
+        elem = torch.empty((), dtype=float_dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
+    return int(num_layers * block_size * kv_bytes_per_token(num_kv_heads, head_dim, bits, block_size=block_size))
+
+
+def allocate_quantized_caches(
+    num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, bits: int,
+    device: torch.device | str,
+) -> list[tuple[QuantizedPages, QuantizedPages]]:
+    """Per-layer ``(k_pages, v_pages)`` pools of ``num_blocks`` blocks (include the scratch block)."""
+    return [
+        (QuantizedPages.empty(num_blocks, block_size, num_kv_heads, head_dim, bits, device=device),
+         QuantizedPages.empty(num_blocks, block_size, num_kv_heads, head_dim, bits, device=device))
+        for _ in range(num_layers)
+    ]
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_pages: QuantizedPages | torch.Tensor,
+             v_pages: QuantizedPages | torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store new ``k, v [T, Hkv, D]`` at ``slot_mapping [T]``: quantized for
+    :class:`QuantizedPages`, copied for float pages. No host sync (CUDA-graph safe)."""
+    if not isinstance(k_pages, QuantizedPages):
+        hkv, d = k_pages.shape[2], k_pages.shape[3]
+        k_pages.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(k_pages.dtype))
+        v_pages.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(v_pages.dtype))
+    elif triton_runs_on(k.device):
+        write_tokens_to_pages(k, slot_mapping, k_pages)
+        write_tokens_to_pages(v, slot_mapping, v_pages)
+    else:
+        write_tokens_to_pages_ref(k, slot_mapping, k_pages)
+        write_tokens_to_pages_ref(v, slot_mapping, v_pages)
+
+
+class _StepContext(Protocol):
+    """The fields of the engine's ``AttentionContext`` this module reads."""
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    max_q_len: int
+    num_splits: int
+    backend: str
+
+
+def compressed_attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pages: QuantizedPages | torch.Tensor,
+    v_pages: QuantizedPages | torch.Tensor,
+    ctx: _StepContext,
+    softmax_scale: float,
+    *,
+    collector: BlockScoreCollector | None = None,
+    layer_idx: int = 0,
+) -> torch.Tensor:
+    """One layer's attention step: write ``k, v`` into the pages, then attend over them.
+
+    ``q [T, Hq, D]``, ``k, v [T, Hkv, D]`` are the step's packed tokens; ``ctx`` is the
+    engine's attention context. Quantized pages are always handled here. Float pages only
+    need this on scoring steps (``collector`` given): the attention then also returns its
+    log-sum-exps, and the block attention mass of each sequence's last queries is
+    accumulated into the collector.
+    """
+    write_kv(k, v, k_pages, v_pages, ctx.slot_mapping)
+    want_lse = collector is not None
+    fast = ctx.backend == "triton" and triton_runs_on(q.device) and (
+        isinstance(k_pages, QuantizedPages) or k_pages.dtype == q.dtype)
+    if fast:
+        launch = DEFAULT_LAUNCH["decode" if ctx.max_q_len <= 1 else "prefill"]
+        res = paged_attention_quantized(
+            q, k_pages, v_pages, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q, max_q_len=ctx.max_q_len,
+            softmax_scale=softmax_scale, num_splits=ctx.num_splits, return_lse=want_lse,
+            launch=dict(zip(("BLOCK_N", "num_warps", "num_stages"), launch, strict=True)),
+        )
+        out, lse = res if want_lse else (res, None)
+    else:
+        out32, lse = paged_attention_ref(q, k_pages, v_pages, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q,
+                                         softmax_scale=softmax_scale, dtype=torch.float32)
+        out = out32.to(q.dtype)
+    if collector is not None:
+        collector.add(layer_idx, q, k_pages, ctx, lse, softmax_scale)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------------------
+
+
+class BlockScoreCollector:
+    """Attention mass per block of each sequence of one step, summed over layers.
+
+    Only the last ``observation_window`` queries of each sequence contribute (SnapKV's
+    observation window; a decode step has one query per sequence anyway).
+    """
+
+    def __init__(self, request_ids: list[str], block_size: int, observation_window: int = 32) -> None:
+        self.request_ids = request_ids
+        self.block_size = block_size
+        self.observation_window = observation_window
+        self.mass: torch.Tensor | None = None  # [B, max_blocks], fp32, on the device
+        self.seq_lens: torch.Tensor | None = None
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _observation_rows(self, ctx: _StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices of the observed queries and their cu_seqlens (computed once per step)."""
+        if self._rows is None:
+            cu = ctx.cu_seqlens_q.to(torch.int64)
+            q_len = cu[1:] - cu[:-1]
+            n_obs = q_len.clamp(max=self.observation_window)
+            cu_obs = torch.zeros_like(cu)
+            cu_obs[1:] = n_obs.cumsum(0)
+            seq = torch.repeat_interleave(torch.arange(len(q_len), device=cu.device), n_obs)
+            within = torch.arange(int(cu_obs[-1]), device=cu.device) - cu_obs[seq]
+            rows = cu[seq + 1] - n_obs[seq] + within
+            self._rows = (rows, cu_obs.to(torch.int32))
+        return self._rows
+
+    def add(self, layer_idx: int, q: torch.Tensor, k_pages: QuantizedPages | torch.Tensor, ctx: _StepContext,
+            lse: torch.Tensor, softmax_scale: float) -> None:
+        """Accumulate one layer's mass from the step's queries and the attention's ``lse``."""
+        rows, cu_obs = self._observation_rows(ctx)
+        q_obs, lse_obs = q[rows], lse[:, rows]
+        max_kv = ctx.block_tables.shape[1] * self.block_size
+        if triton_runs_on(q.device):
+            mass = paged_token_attention_mass(q_obs, k_pages, ctx.block_tables, ctx.seq_lens, lse_obs, cu_obs,
+                                              softmax_scale=softmax_scale, max_kv_len=max_kv)
+        else:
+            mass = paged_token_attention_mass_ref(q_obs, k_pages, ctx.block_tables, ctx.seq_lens, cu_obs,
+                                                  softmax_scale=softmax_scale).float()
+            mass = torch.nn.functional.pad(mass, (0, max_kv - mass.shape[-1]))
+        per_block = mass.sum(1).view(mass.shape[0], -1, self.block_size).sum(-1)
+        self.mass = per_block if self.mass is None else self.mass + per_block
+        self.seq_lens = ctx.seq_lens
+
+    def per_sequence(self) -> dict[str, np.ndarray]:
+        """``request_id -> mass of each of its blocks`` (host copies; one transfer for the step)."""
+        if self.mass is None:
+            return {}
+        host = self.mass.double().cpu().numpy()
+        lens = self.seq_lens.cpu().tolist()
+        return {rid: host[i, :math.ceil(lens[i] / self.block_size)] for i, rid in enumerate(self.request_ids)}
+
+
+@dataclass
+class _BlockScores:
+    total: np.ndarray
+    seen: np.ndarray
+
+    def resize(self, n: int) -> None:
+        if n > len(self.total):
+            self.total = np.concatenate([self.total, np.zeros(n - len(self.total))])
+            self.seen = np.concatenate([self.seen, np.zeros(n - len(self.seen))])
+
+    def drop(self, indices: list[int]) -> None:
+        keep = np.ones(len(self.total), dtype=bool)
+        keep[[i for i in indices if i < len(keep)]] = False
+        self.total, self.seen = self.total[keep], self.seen[keep]
+
+    def mean(self, n: int) -> np.ndarray:
+        """Average mass per observation; never-observed blocks are +inf (kept until seen)."""
+        self.resize(n)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.seen[:n] > 0, self.total[:n] / np.maximum(self.seen[:n], 1), np.inf)
+
+
+# --------------------------------------------------------------------------------------
+# Eviction policies
+# --------------------------------------------------------------------------------------
+
+
+class EvictionPolicy:
+    """Which full blocks of a sequence to release when it is over its budget."""
+
+    name = "none"
+
+    def __init__(self, *, block_size: int, sink_tokens: int = 4, window_tokens: int = 256,
+                 budget_tokens: int | None = None, ratio: float | None = None) -> None:
+        self.block_size = block_size
+        self.sink_tokens = sink_tokens
+        self.window_tokens = window_tokens
+        self.budget_tokens = budget_tokens
+        self.ratio = ratio
+
+    def budget(self, num_tokens: int) -> int:
+        """Cache slots a sequence of ``num_tokens`` computed tokens may keep."""
+        floor = self.sink_tokens + self.window_tokens + self.block_size
+        if self.budget_tokens is not None:
+            return max(self.budget_tokens, floor)
+        if self.ratio is not None:
+            return max(math.ceil(num_tokens / self.ratio), floor)
+        return num_tokens
+
+    def candidates(self, num_slots: int) -> list[int]:
+        """Full blocks outside the sink blocks and the recent window, oldest first."""
+        bs = self.block_size
+        first = math.ceil(self.sink_tokens / bs)
+        # A block is evictable only if all of it is older than the window.
+        last = (num_slots - self.window_tokens) // bs
+        return list(range(first, min(last, num_slots // bs)))
+
+    def select(self, num_tokens: int, num_slots: int, scores: np.ndarray | None = None) -> list[int]:
+        """Block indices (into the compacted table) to drop, so ``num_slots`` fits the budget."""
+        excess = num_slots - self.budget(num_tokens)
+        if excess <= 0:
+            return []
+        need = math.ceil(excess / self.block_size)
+        return sorted(self._order(self.candidates(num_slots), scores)[:need])
+
+    def _order(self, candidates: list[int], scores: np.ndarray | None) -> list[int]:
+        return candidates
+
+
+class StreamingLLMPolicy(EvictionPolicy):
+    """StreamingLLM (Xiao et al. 2023): keep the attention sinks and a recent window; drop the oldest."""
+
+    name = "streaming"
+
+
+class HeavyHitterPolicy(EvictionPolicy):
+    """H2O / SnapKV at block granularity: drop the blocks that received the least attention."""
+
+    name = "heavy-hitter"
+
+    def _order(self, candidates: list[int], scores: np.ndarray | None) -> list[int]:
+        if scores is None:
+            return candidates
+        # Stable sort: among equal scores the older block goes first.
+        return sorted(candidates, key=lambda i: scores[i])
+
+
+# --------------------------------------------------------------------------------------
+# Manager
+# --------------------------------------------------------------------------------------
+
+
+class KVCompressionManager:
+    """Policy state, eviction and statistics of one engine's compressed KV cache."""
+
+    def __init__(self, config: KVCompressionConfig, *, num_layers: int, num_kv_heads: int, head_dim: int,
+                 block_size: int, float_dtype: torch.dtype = torch.bfloat16) -> None:
+        self.config = config.validate()
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.float_dtype = float_dtype
+        self.bits = config.bits
+        kwargs = dict(block_size=block_size, sink_tokens=config.sink_tokens, window_tokens=config.window_tokens,
+                      budget_tokens=config.budget_tokens, ratio=config.ratio)
+        if config.policy == "streaming":
+            self.policy: EvictionPolicy | None = StreamingLLMPolicy(**kwargs)
+        elif config.scores:
+            self.policy = HeavyHitterPolicy(**kwargs)
+        else:
+            self.policy = None
+        self._scores: dict[str, _BlockScores] = {}
+        self._decode_steps = 0
+        self.blocks_evicted = 0
+        self.blocks_freed = 0
+        self.tokens_evicted = 0
+
+    # ------------------------------------------------------------ sizing
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+    def block_bytes(self) -> int:
+        """Bytes per block over all layers in this cache's page format."""
+        return block_bytes(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.bits or 16,
+                           self.float_dtype)
+
+    def dense_bytes_per_token(self) -> int:
+        """What one token costs in an uncompressed cache of ``float_dtype`` (all layers)."""
+        return block_bytes(self.num_layers, 1, self.num_kv_heads, self.head_dim, 16, self.float_dtype)
+
+    def allocate(self, num_blocks: int, device: torch.device | str) -> list[tuple[QuantizedPages, QuantizedPages]]:
+        """Quantized per-layer pools (``num_blocks`` including any scratch block)."""
+        if not self.quantized:
+            raise RuntimeError("float pages are allocated by the model runner")
+        return allocate_quantized_caches(self.num_layers, num_blocks, self.block_size, self.num_kv_heads,
+                                         self.head_dim, self.bits, device)
+
+    # ------------------------------------------------------------ scoring
+    def start_step(self, scheduled: Iterable[Any]) -> BlockScoreCollector | None:
+        """A collector when this step should measure block scores (it then runs eagerly).
+
+        ``scheduled`` are the step's ``ScheduledSeq`` (``.seq.request_id``,
+        ``.num_new_tokens``). Prefill steps always score (SnapKV); decode-only steps every
+        ``score_interval``-th time.
+        """
+        if self.policy is None or not self.config.scores:
+            return None
+        scheduled = list(scheduled)
+        prefill = any(s.num_new_tokens > 1 for s in scheduled)
+        if not prefill:
+            self._decode_steps += 1
+            if self._decode_steps % self.config.score_interval:
+                return None
+        return BlockScoreCollector([s.seq.request_id for s in scheduled], self.block_size,
+                                   self.config.observation_window)
+
+    # ------------------------------------------------------------ eviction
+    def after_step(self, running: Iterable[Any], block_manager: Any,
+                   collector: BlockScoreCollector | None = None) -> int:
+        """Merge the step's scores, then evict over-budget sequences. Returns blocks freed to the pool.
+
+        Call after the scheduler committed the step (``num_computed_tokens`` advanced).
+        """
+        if collector is not None:
+            for rid, mass in collector.per_sequence().items():
+                st = self._scores.setdefault(rid, _BlockScores(np.zeros(0), np.zeros(0)))
+                n = len(mass)
+                st.resize(n)
+                st.total[:n] += mass
+                st.seen[:n] += 1
+        if self.policy is None:
+            return 0
+        freed = 0
+        for seq in running:
+            slots = seq.num_kv_slots
+            st = self._scores.get(seq.request_id)
+            scores = st.mean(math.ceil(slots / self.block_size)) if st is not None else None
+            drop = self.policy.select(seq.num_computed_tokens, slots, scores)
+            if not drop:
+                continue
+            freed += block_manager.drop_blocks(seq, drop)
+            if st is not None:
+                st.drop(drop)
+            self.blocks_evicted += len(drop)
+            self.tokens_evicted += len(drop) * self.block_size
+        self.blocks_freed += freed
+        return freed
+
+    def forget(self, request_id: str) -> None:
+        """Drop a finished, aborted or preempted sequence's scores."""
+        self._scores.pop(request_id, None)
+
+    # ------------------------------------------------------------ stats
+    def stats(self, running: Iterable[Any], block_manager: Any) -> dict[str, Any]:
+        """``kv_compression_ratio`` (dense bytes of the running sequences' tokens over the
+        bytes of the blocks in use), ``kv_bytes_saved``, ``kv_blocks_evicted_total``, and more."""
+        tokens = sum(s.num_computed_tokens for s in running)
+        dense = tokens * self.dense_bytes_per_token()
+        stored = block_manager.num_used_blocks * self.block_bytes()
+        return {
+            "kv_cache_format": f"int{self.bits}" if self.quantized else str(self.float_dtype).removeprefix("torch."),
+            "kv_compression_policy": self.config.policy,
+            "kv_compression_ratio": dense / stored if stored else 1.0,
+            "kv_bytes_saved": max(dense - stored, 0),
+            "kv_blocks_evicted_total": self.blocks_evicted,
+            "kv_blocks_freed_total": self.blocks_freed,
+            "kv_tokens_evicted_total": self.tokens_evicted,
+            "kv_block_bytes": self.block_bytes(),
+            "kv_dense_block_bytes": self.dense_bytes_per_token() * self.block_size,
+        }
