@@ -35,6 +35,8 @@ RUN pip install "/src[hf,server]" && rm -rf /src
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
 USER app
 WORKDIR /home/app
+# Created as the app user so named volumes mounted here start out writable by it.
+RUN mkdir -p /home/app/.cache/huggingface /home/app/.triton
 
 ENV STREAM_ATTENTION_HOST=0.0.0.0 \
     STREAM_ATTENTION_PORT=8000 \

@@ -77,9 +77,8 @@ def _decode_case(batch: int, ctx: int, quick: bool) -> dict:
     row["paged_TBps"] = kv_bytes / ms / 1e9
 
     sweep = []
-    split_choices = sorted({1, 2, 4, 8, default_splits})
-    launches = [(64, 4, 3)] if quick else [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2),
-                                           (128, 8, 3), (64, 8, 3)]
+    split_choices = sorted({1, max(1, default_splits // 2), default_splits, 2 * default_splits})
+    launches = [(64, 4, 3)] if quick else [(32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 3)]
     for launch in launches:
         for splits in split_choices:
             try:

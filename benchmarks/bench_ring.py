@@ -131,7 +131,8 @@ def _errors(got: torch.Tensor, want: torch.Tensor, device: torch.device) -> dict
     diff = (got.float() - want.float()).reshape(-1)
     stats = torch.tensor(
         [diff.abs().max().item(), diff.pow(2).sum().item(), want.float().pow(2).sum().item()],
-        device=device, dtype=torch.float64,
+        device=device,
+        dtype=torch.float64,
     )
     if group_info(None)[0] > 1:
         parts = stats[1:].clone()
@@ -180,7 +181,9 @@ def _bench_seqlen(args: argparse.Namespace, seqlen: int, device: torch.device) -
 def _bench_ring(args, q, k, v, ref, device, single_ms: float) -> dict[str, Any]:
     world, rank = group_info(None)
     ql, kl, vl = (zigzag_shard(t, rank, world) for t in (q, k, v))
-    res: dict[str, Any] = {"ring_err": _errors(ring_attention(ql, kl, vl, causal=True), zigzag_shard(ref, rank, world), device)}
+    res: dict[str, Any] = {
+        "ring_err": _errors(ring_attention(ql, kl, vl, causal=True), zigzag_shard(ref, rank, world), device)
+    }
     res["ring_ms"] = _time_ms(lambda: ring_attention(ql, kl, vl, causal=True), device, args.warmup, args.iters)
     res["ring_efficiency"] = single_ms / (world * res["ring_ms"])
     res["ring_speedup"] = single_ms / res["ring_ms"]

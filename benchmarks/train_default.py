@@ -1,10 +1,11 @@
 """Train, evaluate and package the embedded default model in one GPU call.
 
 Needs the carried corpus ``build/default_model/`` (``python -m stream_attention.models.data``).
-Writes at most 6 files into ``--out`` (``$OUT`` on the device machine):
+Writes at most 7 files into ``--out`` (``$OUT`` on the device machine):
 
-* ``default_model.tar.gz``: the HF model directory (config, bf16 ``model.safetensors``,
-  tokenizer, ``metrics.json``), ready to unpack into ``stream_attention/models/``;
+* ``default_model.tar.part-aa``, ``-ab``: the HF model directory as ``default/*`` (config,
+  bf16 ``model.safetensors``, tokenizer, ``metrics.json``) in pieces under the 16 MiB
+  file cap; ``cat default_model.tar.part-* | tar xf - -C stream_attention/models`` installs it;
 * ``metrics.json``: recipe, training summary, held-out perplexity / bits per byte against
   ``xz -9`` and ``zstd -19``, the CI-slice reference value, greedy and sampled outputs;
 * ``loss.png``, ``train_log.json`` (loss history), ``train.log`` and ``eval.log``.
@@ -21,6 +22,7 @@ CPU check of the whole path (a tiny model, one step, through the Triton interpre
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -33,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The CI test (tests/test_default_model.py) recomputes exactly this slice on CPU.
 CI_SLICE_BYTES = 12_000
+PART_BYTES = 15_000_000
 
 
 def run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
@@ -49,6 +52,26 @@ def run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
             f.write(line)
         if proc.wait() != 0:
             raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+
+
+def write_parts(model_dir: Path, out: Path, part_bytes: int = PART_BYTES) -> list[Path]:
+    """``default_model.tar.part-aa, -ab, ...``: the model dir as ``default/*``, cut below the 16 MiB file cap.
+
+    bf16 weights barely compress, so the tar is uncompressed; reassemble with
+    ``cat default_model.tar.part-* | tar xf - -C stream_attention/models``.
+    """
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for f in sorted(model_dir.iterdir()):
+            tar.add(f, arcname=f"default/{f.name}")
+    data = buf.getvalue()
+    parts = []
+    for i in range(0, len(data), part_bytes):
+        suffix = chr(ord("a") + i // part_bytes // 26) + chr(ord("a") + i // part_bytes % 26)
+        path = out / f"default_model.tar.part-{suffix}"
+        path.write_bytes(data[i : i + part_bytes])
+        parts.append(path)
+    return parts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,9 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     shutil.copy2(work / "train_log.json", out / "train_log.json")
     if (work / "loss.png").is_file():
         shutil.copy2(work / "loss.png", out / "loss.png")
-    with tarfile.open(out / "default_model.tar.gz", "w:gz") as tar:
-        for f in sorted(model_dir.iterdir()):
-            tar.add(f, arcname=f"default/{f.name}")
+    write_parts(model_dir, out)
     s = metrics["heldout"]["score"]
     xz = (metrics["anchors"] or {}).get("xz -9", {}).get("bits_per_byte")
     zs = (metrics["anchors"] or {}).get("zstd -19", {}).get("bits_per_byte")

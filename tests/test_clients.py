@@ -248,3 +248,13 @@ def test_loadgen_duration_bound(srv: LiveServer) -> None:
     result = asyncio.run(loadgen.run_load(cfg))
     assert 0 < result["summary"]["requests"] < 10_000
     assert result["summary"]["duration_s"] < 30
+
+
+def test_loadgen_disconnects_leave_no_blocks(srv: LiveServer) -> None:
+    cfg = loadgen.LoadConfig(
+        url=srv.url, num_requests=24, concurrency=12, prompt_tokens=8, max_tokens=40, disconnect_fraction=0.5, seed=3
+    )
+    s = asyncio.run(loadgen.run_load(cfg))["summary"]
+    assert s["disconnected"] > 0 and s["completed"] + s["disconnected"] == 24 and s["failed"] == 0
+    stats = wait_idle(srv.engine)
+    assert (stats.running, stats.kv_blocks_used) == (0, 0)

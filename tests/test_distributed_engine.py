@@ -96,7 +96,9 @@ def test_star_engine_runs_and_reports_agreement(two_ranks, capsys, record_proper
     agree = [sum(a == b for a, b in zip(d, r, strict=True)) / MAX_TOKENS for d, r in zip(star, local, strict=True)]
     record_property("star_engine_token_agreement", agree)
     with capsys.disabled():
-        print(f"\n[distributed engine] star (anchor 16, blocks 64) vs single-device greedy tokens, "
-              f"agreement per prompt: {agree}")
+        print(
+            f"\n[distributed engine] star (anchor 16, blocks 64) vs single-device greedy tokens, "
+            f"agreement per prompt: {agree}"
+        )
     # The short prompt never leaves rank 0, so it is exact whatever the mode.
     assert star[2] == local[2]

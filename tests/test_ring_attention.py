@@ -73,7 +73,9 @@ def _ring_worker(rank: int, world: int, cases, backend: str, overlap: bool) -> d
             return zigzag_shard(x, rank, world, dim) if zigzag else contiguous_shard(x, rank, world, dim)
 
         local = [shard(t).clone().requires_grad_() for t in (q, k, v)]
-        out, lse = ring_attention(*local, causal=causal, zigzag=zigzag, backend=backend, overlap=overlap, return_lse=True)
+        out, lse = ring_attention(
+            *local, causal=causal, zigzag=zigzag, backend=backend, overlap=overlap, return_lse=True
+        )
         ((out * shard(dout)).sum() + (lse * shard(dlse, dim=2)).sum()).backward()
         results[name] = {
             "out": (out - shard(ref)).abs().max().item(),
@@ -260,3 +262,129 @@ def _failing_worker(rank: int, world: int) -> None:
 def test_launch_local_reports_a_failing_rank():
     with pytest.raises(RuntimeError, match="boom on rank 1"):
         launch_local(_failing_worker, 2, timeout_s=60.0)
+
+
+# ------------------------------------------------- every rank's blocks in one process
+
+
+def _simulated_ring(q, k, v, dout, world, causal, zigzag, backend):
+    """The ring's per-block schedule for every rank, run in one process (no transfers).
+
+    Same ``block_plan``, per-block kernels (strided half-shard views included), LSE
+    merges and dK/dV accumulation as the distributed code; what it leaves out is only
+    the movement of the blocks. Returns the unsharded output and gradients.
+    """
+    from stream_attention.core.ring_attention import _block_backward, _block_forward
+
+    def shard(x, rank, dim=1):
+        return zigzag_shard(x, rank, world, dim) if zigzag else contiguous_shard(x, rank, world, dim)
+
+    def unshard(parts, dim=1):
+        return zigzag_unshard(parts, dim) if zigzag else torch.cat(parts, dim)
+
+    scale = q.shape[-1] ** -0.5
+    qs, ks, vs, dos = ([shard(t, r) for r in range(world)] for t in (q, k, v, dout))
+    t_local = qs[0].shape[1]
+    outs, lses = [], []
+    for rank in range(world):
+        out = torch.zeros(qs[rank].shape, dtype=torch.float32, device=q.device)
+        lse = torch.full((q.shape[0], q.shape[2], t_local), -math.inf, device=q.device)
+        for src in range(world):
+            plan = block_plan(rank, src, t_local, causal, zigzag)
+            if plan is not None:
+                rows, cols, block_causal = plan
+                o, l_ = _block_forward(
+                    qs[rank][:, rows], ks[src][:, cols], vs[src][:, cols], block_causal, scale, backend
+                )
+                merge_partial_(out[:, rows], lse[:, :, rows], o, l_)
+        outs.append(out.to(q.dtype))
+        lses.append(lse)
+    dq = [torch.zeros(t.shape, dtype=torch.float32, device=q.device) for t in qs]
+    dk = [torch.zeros(t.shape, dtype=torch.float32, device=q.device) for t in ks]
+    dv = [torch.zeros(t.shape, dtype=torch.float32, device=q.device) for t in vs]
+    for rank in range(world):
+        for src in range(world):
+            plan = block_plan(rank, src, t_local, causal, zigzag)
+            if plan is None:
+                continue
+            rows, cols, block_causal = plan
+            g = _block_backward(
+                dos[rank][:, rows], qs[rank][:, rows], ks[src][:, cols], vs[src][:, cols],
+                outs[rank][:, rows], lses[rank][:, :, rows], block_causal, scale, backend, None,
+            )  # fmt: skip
+            dq[rank][:, rows] += g[0]
+            dk[src][:, cols] += g[1]
+            dv[src][:, cols] += g[2]
+    return unshard(outs), unshard(dq), unshard(dk), unshard(dv)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize(("world", "zigzag"), [(3, True), (3, False)])
+def test_simulated_ring_with_triton_kernels_odd_world(world, zigzag):
+    """Three 'ranks' through the Triton forward and backward kernels (interpreter on CPU)."""
+    q, k, v, dout = _inputs(1, 16 * world, 2, 1, 16, seed=4)
+    if q.device.type == "cpu":
+        from stream_attention.kernels.runtime import interpreter_enabled
+
+        if not interpreter_enabled():
+            pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = fused_attention(*ref_in, causal=True, backend="sdpa")
+    ref.backward(dout)
+    out, dq, dk, dv = _simulated_ring(q, k, v, dout, world, True, zigzag, "triton")
+    for got, want in ((out, ref), (dq, ref_in[0].grad), (dk, ref_in[1].grad), (dv, ref_in[2].grad)):
+        torch.testing.assert_close(got.float(), want, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_simulated_ring_bf16_cuda(causal):
+    """Four 'ranks' on one GPU, bf16, Triton kernels: equal to single-GPU attention."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape_q, shape_kv = (2, 2048, 8, 128), (2, 2048, 2, 128)
+    q, dout = (torch.randn(shape_q, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(shape_kv, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = fused_attention(*ref_in, causal=causal)
+    ref.backward(dout)
+    out, dq, dk, dv = _simulated_ring(q, k, v, dout, 4, causal, True, "triton")
+    errors = {
+        "out": _rel(out, ref),
+        "dq": _rel(dq, ref_in[0].grad),
+        "dk": _rel(dk, ref_in[1].grad),
+        "dv": _rel(dv, ref_in[2].grad),
+    }
+    assert all(e < 2e-2 for e in errors.values()), errors
+
+
+def _nccl_worker(rank: int, world: int) -> dict:
+    torch.cuda.set_device(rank)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, dout = (torch.randn(1, 4096, 8, 128, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(1, 4096, 2, 128, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = fused_attention(*ref_in, causal=True)
+    ref.backward(dout)
+    local = [zigzag_shard(t, rank, world).detach().clone().requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*local, causal=True)
+    out.backward(zigzag_shard(dout, rank, world))
+    pairs = [(out, ref)] + [(mine.grad, theirs.grad) for mine, theirs in zip(local, ref_in, strict=True)]
+    return {
+        name: _rel(got, zigzag_shard(want, rank, world))
+        for name, (got, want) in zip(("out", "dq", "dk", "dv"), pairs, strict=True)
+    }
+
+
+@pytest.mark.gpu
+def test_ring_nccl_multi_gpu_bf16():
+    """Real ranks on NCCL (needs two GPUs or more; NVLink multicast kept off)."""
+    count = torch.cuda.device_count()
+    if count < 2:
+        pytest.skip("needs at least two GPUs")
+    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    per_rank = launch_local(_nccl_worker, min(count, 4), backend="nccl", timeout_s=240.0, env=env)
+    worst = {key: max(r[key] for r in per_rank) for key in per_rank[0]}
+    assert all(e < 2e-2 for e in worst.values()), worst

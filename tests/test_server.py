@@ -353,6 +353,10 @@ def test_benchmark_kernel_generation_and_busy(http: httpx.Client, srv: LiveServe
 
     too_big = http.post("/benchmark", json={"seq_lens": [100000]})
     assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "seq_lens"
+    too_wide = http.post("/benchmark", json={"seq_lens": [8192], "batch": 64, "heads": 128, "dim": 256})
+    assert too_wide.status_code == 400 and "MiB" in too_wide.json()["error"]["message"]
+    too_slow = http.post("/benchmark", json={"seq_lens": [4096], "batch": 2, "heads": 8, "dim": 128, "iters": 200})
+    assert too_slow.status_code == 400 and "FLOPs" in too_slow.json()["error"]["message"]
 
     # A long benchmark runs in a worker thread: a second one is refused, and generation
     # keeps being served meanwhile.
@@ -849,6 +853,19 @@ def test_engine_failure_mid_stream_becomes_error_event_and_not_ready_is_503() ->
         srv.stop()
 
 
+def test_dead_engine_fails_health_and_readiness() -> None:
+    engine = FaultyEngine("dead")
+    engine.is_running = False  # the engine loop has stopped
+    srv = LiveServer(create_app(_settings(), engine=engine))
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            assert client.get("/health").status_code == 503
+            r = client.get("/ready")
+            assert r.status_code == 503 and r.json()["status"] == "failed"
+    finally:
+        srv.stop()
+
+
 def test_not_ready_while_loading_and_load_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     from stream_attention.server import engine_bridge
 
@@ -957,3 +974,5 @@ def test_serve_cli_rejects_bad_settings(capsys: pytest.CaptureFixture[str]) -> N
 
     assert main(["--max-queue", "-5"]) == 2
     assert "max_queue" in capsys.readouterr().err
+    assert main(["--kv-block-size", "24"]) == 2  # the engine wants a power of two
+    assert "block_size" in capsys.readouterr().err

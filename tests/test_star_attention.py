@@ -75,8 +75,15 @@ def _star_worker(rank: int, world: int, cases, backend: str) -> dict:
             mine = slice(rank * t_local, (rank + 1) * t_local)
             query = slice(t_ctx, t_ctx + t_query)
             ctx_out, query_out, (k_cache, v_cache) = star_attention(
-                q[:, mine], k[:, mine], v[:, mine], q[:, query], k[:, query], v[:, query],
-                anchor_size=anchor, block_size=block, backend=backend,
+                q[:, mine],
+                k[:, mine],
+                v[:, mine],
+                q[:, query],
+                k[:, query],
+                v[:, query],
+                anchor_size=anchor,
+                block_size=block,
+                backend=backend,
             )
             full = fused_attention(q, k, v, causal=True, backend="sdpa")
             defined = _phase1_definition(q, k, v, world, t_local, anchor, block)[:, mine]
@@ -135,8 +142,10 @@ def _report(per_rank, case, world, record_property, capsys) -> tuple[float, floa
     rel = (sum(r[case]["star_sq_err"] for r in per_rank) / sum(r[case]["full_sq"] for r in per_rank)) ** 0.5
     record_property(f"star_error_w{world}_{case}", {"max_abs": max_abs, "rel_l2": rel})
     with capsys.disabled():
-        print(f"\n[star attention] world={world} case={case}: phase-1 error vs full attention "
-              f"max_abs={max_abs:.3e} rel_l2={rel:.3e}")
+        print(
+            f"\n[star attention] world={world} case={case}: phase-1 error vs full attention "
+            f"max_abs={max_abs:.3e} rel_l2={rel:.3e}"
+        )
     return max_abs, rel
 
 
@@ -196,8 +205,12 @@ def test_star_single_process_and_no_grad_guard():
     q, k, v = _sequence(1, 12, 4, 2, 16, False)
     module = StarAttention(
         StreamAttentionConfig(
-            num_heads=4, head_dim=16, num_kv_heads=2, backend="sdpa",
-            star_attention_block_size=4, star_attention_anchor_size=2,
+            num_heads=4,
+            head_dim=16,
+            num_kv_heads=2,
+            backend="sdpa",
+            star_attention_block_size=4,
+            star_attention_anchor_size=2,
         )
     )
     with torch.no_grad():

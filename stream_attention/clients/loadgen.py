@@ -344,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--timeout", type=float, default=d.timeout)
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target")
+    p.add_argument(
+        "--disconnect-fraction", type=float, default=0.0, help="hang up this share of streams after their first token"
+    )
     p.add_argument("--json", metavar="PATH", help="write config and summary as JSON ('-' = stdout)")
     return p
 
@@ -368,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         timeout=args.timeout,
         allow_remote=args.allow_remote,
+        disconnect_fraction=args.disconnect_fraction,
     )
     try:
         result = asyncio.run(run_load(cfg))

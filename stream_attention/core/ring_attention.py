@@ -260,8 +260,16 @@ def _ring_backward(
         if plan is not None:
             rows, cols, block_causal = plan
             dq_b, dk_b, dv_b = _block_backward(
-                dout[:, rows], q[:, rows], kv[0][:, cols], kv[1][:, cols], out[:, rows], lse[:, :, rows],
-                block_causal, scale, backend, None if dlse is None else dlse[:, :, rows],
+                dout[:, rows],
+                q[:, rows],
+                kv[0][:, cols],
+                kv[1][:, cols],
+                out[:, rows],
+                lse[:, :, rows],
+                block_causal,
+                scale,
+                backend,
+                None if dlse is None else dlse[:, :, rows],
             )
             dq[:, rows] += dq_b
             dk[:, cols] += dk_b
@@ -350,7 +358,9 @@ def ring_attention(
     """
     check_qkv(q, k, v)
     if q.shape[1] != k.shape[1]:
-        raise ValueError(f"ring attention needs equal local query and key lengths, got q{tuple(q.shape)}, k{tuple(k.shape)}")
+        raise ValueError(
+            f"ring attention needs equal local query and key lengths, got q{tuple(q.shape)}, k{tuple(k.shape)}"
+        )
     world, _ = group_info(group)
     if causal and zigzag and world > 1 and q.shape[1] % 2:
         raise ValueError(f"zigzag shards hold two equal chunks: local length {q.shape[1]} must be even")

@@ -189,16 +189,29 @@ def star_attention(
     """
     world, rank = group_info(group)
     context_out = star_attention_phase1(
-        context_q, context_k, context_v, anchor_size=anchor_size, block_size=block_size, causal=causal,
-        softmax_scale=softmax_scale, group=group, backend=backend,
+        context_q,
+        context_k,
+        context_v,
+        anchor_size=anchor_size,
+        block_size=block_size,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        group=group,
+        backend=backend,
     )
     k_cache, v_cache = context_k, context_v
     if rank == query_rank % world:
         k_cache = torch.cat([k_cache, query_k], dim=1)
         v_cache = torch.cat([v_cache, query_v], dim=1)
     query_out = star_attention_phase2(
-        query_q, k_cache, v_cache, causal=causal, query_rank=query_rank, softmax_scale=softmax_scale,
-        group=group, backend=backend,
+        query_q,
+        k_cache,
+        v_cache,
+        causal=causal,
+        query_rank=query_rank,
+        softmax_scale=softmax_scale,
+        group=group,
+        backend=backend,
     )
     return context_out, query_out, (k_cache, v_cache)
 

@@ -111,7 +111,11 @@ class DistributedConfig:
     def threshold(self, world: int) -> int:
         if self.min_prompt_tokens is not None:
             return int(self.min_prompt_tokens)
-        block = self.attention.ring_attention_block_size if self.mode == "ring" else self.attention.star_attention_block_size
+        block = (
+            self.attention.ring_attention_block_size
+            if self.mode == "ring"
+            else self.attention.star_attention_block_size
+        )
         return world * block
 
     def validate(self, world: int) -> DistributedConfig:
@@ -220,13 +224,27 @@ class _PrefillContext:
         group = self.executor.group
         if self.mode == "ring":
             out = ring_attention(
-                q, k, v, causal=True, softmax_scale=scale, group=group, zigzag=cfg.ring_attention_zigzag,
-                overlap=cfg.ring_attention_overlap, backend=cfg.backend,
+                q,
+                k,
+                v,
+                causal=True,
+                softmax_scale=scale,
+                group=group,
+                zigzag=cfg.ring_attention_zigzag,
+                overlap=cfg.ring_attention_overlap,
+                backend=cfg.backend,
             )
         else:
             out = star_attention_phase1(
-                q, k, v, anchor_size=cfg.star_attention_anchor_size, block_size=cfg.star_attention_block_size,
-                causal=True, softmax_scale=scale, group=group, backend=cfg.backend,
+                q,
+                k,
+                v,
+                anchor_size=cfg.star_attention_anchor_size,
+                block_size=cfg.star_attention_block_size,
+                causal=True,
+                softmax_scale=scale,
+                group=group,
+                backend=cfg.backend,
             )
         k_rows, v_rows = (k[0], v[0]) if self.keep is None else (k[0, self.keep], v[0, self.keep])
         n = k_rows.shape[0]
@@ -249,10 +267,10 @@ class _ReplicatedContext:
         for cache, off, n in self.parts:
             end = cache.length
             if owner:
-                cache.k[layer, end:end + n] = k[0, off:off + n]
-                cache.v[layer, end:end + n] = v[0, off:off + n]
+                cache.k[layer, end : end + n] = k[0, off : off + n]
+                cache.v[layer, end : end + n] = v[0, off : off + n]
                 end += n
-            q_part = q[:, off:off + n]
+            q_part = q[:, off : off + n]
             if end == 0:
                 outs.append(torch.zeros_like(q_part))
                 lses.append(torch.full((1, q.shape[2], n), float("-inf"), device=q.device, dtype=torch.float32))
@@ -260,8 +278,13 @@ class _ReplicatedContext:
             # On the owner the new tokens are the cache's last keys: causal, bottom-right
             # aligned. Every other rank's keys all precede them.
             out, lse = fused_attention(
-                q_part, cache.k[layer, None, :end], cache.v[layer, None, :end], causal=owner, softmax_scale=scale,
-                return_lse=True, backend=ex.config.attention.backend,
+                q_part,
+                cache.k[layer, None, :end],
+                cache.v[layer, None, :end],
+                causal=owner,
+                softmax_scale=scale,
+                return_lse=True,
+                backend=ex.config.attention.backend,
             )
             outs.append(out)
             lses.append(lse)
@@ -317,8 +340,9 @@ def broadcast_weights(model: torch.nn.Module, group: dist.ProcessGroup | None = 
 class ShardExecutor:
     """What every rank does with a :class:`StepCommand`: the same code on rank 0 and workers."""
 
-    def __init__(self, model: Any, device: torch.device, config: DistributedConfig,
-                 group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self, model: Any, device: torch.device, config: DistributedConfig, group: dist.ProcessGroup | None = None
+    ) -> None:
         self.model = model
         self.device = device
         self.config = config
@@ -369,8 +393,10 @@ class ShardExecutor:
         ctx = _PrefillContext(self, spec.mode, cache, None if keep is None else keep.to(self.device))
         with _installed(ctx):
             self.model(
-                input_ids=local_ids[None].to(self.device), position_ids=positions[None].to(self.device),
-                use_cache=False, logits_to_keep=1,
+                input_ids=local_ids[None].to(self.device),
+                position_ids=positions[None].to(self.device),
+                use_cache=False,
+                logits_to_keep=1,
             )
         cache.length = kept
         self.caches[spec.request_id] = cache
@@ -411,9 +437,16 @@ class DistributedLLMEngine(LLMEngine):
     manager) to release the workers.
     """
 
-    def __init__(self, model: Any = None, tokenizer: Any = None, *, config: EngineConfig | None = None,
-                 distributed: DistributedConfig | None = None,
-                 control_group: dist.ProcessGroup | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        model: Any = None,
+        tokenizer: Any = None,
+        *,
+        config: EngineConfig | None = None,
+        distributed: DistributedConfig | None = None,
+        control_group: dist.ProcessGroup | None = None,
+        **overrides: Any,
+    ) -> None:
         super().__init__(model, tokenizer, config=config, **overrides)
         self.world_size, _ = group_info(None)
         self.distributed = (distributed or DistributedConfig()).validate(self.world_size)
@@ -448,8 +481,15 @@ class DistributedLLMEngine(LLMEngine):
                 f"exceeds the context length {self.max_model_len}"
             )
 
-    def add_request(self, prompt: PromptLike, params: SamplingParams | None = None, *,
-                    request_id: str | None = None, stream: bool = True, bounded: bool = True) -> str:
+    def add_request(
+        self,
+        prompt: PromptLike,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        stream: bool = True,
+        bounded: bool = True,
+    ) -> str:
         if self._closed:
             raise RuntimeError("the distributed engine is closed")
         req = self.make_request(prompt, params, request_id)
@@ -498,8 +538,12 @@ class DistributedLLMEngine(LLMEngine):
         return ids
 
     def has_unfinished_requests(self) -> bool:
-        return (super().has_unfinished_requests() or bool(self._dist_seqs) or bool(self._dist_pending)
-                or bool(self._release))
+        return (
+            super().has_unfinished_requests()
+            or bool(self._dist_seqs)
+            or bool(self._dist_pending)
+            or bool(self._release)
+        )
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -530,7 +574,9 @@ class DistributedLLMEngine(LLMEngine):
             seq = self._dist_waiting.popleft()
             tail = self.distributed.tail_tokens(seq.num_prompt_tokens)
             context = seq.prompt_token_ids[:-tail]
-            cmd.prefill.append(PrefillSpec(seq.request_id, context, self.distributed.mode, tail + seq.params.max_tokens))
+            cmd.prefill.append(
+                PrefillSpec(seq.request_id, context, self.distributed.mode, tail + seq.params.max_tokens)
+            )
             cmd.segments.append(Segment(seq.request_id, seq.prompt_token_ids[-tail:], len(context)))
             seq.status = SequenceStatus.RUNNING
             self._counters.prompt_tokens_total += seq.num_prompt_tokens
@@ -591,8 +637,9 @@ def _prepare_replica(model: Any, config: DistributedConfig) -> None:
         broadcast_weights(model)
 
 
-def run_worker(model: Any, device: torch.device, config: DistributedConfig,
-               control_group: dist.ProcessGroup | None) -> None:
+def run_worker(
+    model: Any, device: torch.device, config: DistributedConfig, control_group: dist.ProcessGroup | None
+) -> None:
     """A worker rank's loop: execute rank 0's step commands until it says stop."""
     _prepare_replica(model, config)
     executor = ShardExecutor(model, device, config)
@@ -622,8 +669,9 @@ def init_distributed_engine(
     distributed = (distributed or DistributedConfig()).validate(world)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if world > 1 else None
     if rank == 0:
-        return DistributedLLMEngine(model, tokenizer, config=config, distributed=distributed, control_group=control,
-                                    **overrides)
+        return DistributedLLMEngine(
+            model, tokenizer, config=config, distributed=distributed, control_group=control, **overrides
+        )
     if isinstance(model, EngineConfig):
         config, model = model, None
     if isinstance(model, tuple):
@@ -669,7 +717,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _engine_from_args(args: argparse.Namespace) -> DistributedLLMEngine | None:
     distributed = DistributedConfig(
-        mode=args.mode, min_prompt_tokens=args.min_prompt_tokens, star_query_tokens=args.star_query_tokens,
+        mode=args.mode,
+        min_prompt_tokens=args.min_prompt_tokens,
+        star_query_tokens=args.star_query_tokens,
         attention=StreamAttentionConfig.from_env(),
     )
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
@@ -743,8 +793,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             dist.destroy_process_group()
     elif args.world_size > 1:
-        result = launch_local(_spawned_rank, args.world_size, (argv,), backend=backend, timeout_s=args.timeout,
-                              env=SAFE_NCCL_ENV)[0]
+        result = launch_local(
+            _spawned_rank, args.world_size, (argv,), backend=backend, timeout_s=args.timeout, env=SAFE_NCCL_ENV
+        )[0]
     else:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{find_free_port()}", rank=0, world_size=1)
         try:

@@ -58,14 +58,18 @@ class ModelGeometry:
 
 
 def _check_supported(model: Any) -> None:
+    """Refuse models whose attention needs what the paged kernel does not do."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in ("attn_logit_softcapping", "sliding_window"):
-        value = getattr(cfg, name, None)
-        if value and not (name == "sliding_window" and not getattr(cfg, "use_sliding_window", True)):
-            layer_types = getattr(cfg, "layer_types", None)
-            if name == "sliding_window" and layer_types and all(t == "full_attention" for t in layer_types):
-                continue
-            raise ValueError(f"{type(model).__name__}: {name}={value!r} is not supported by the paged attention kernel")
+    if getattr(cfg, "attn_logit_softcapping", None):
+        raise ValueError(f"{type(model).__name__}: attention logit soft-capping is not supported by the paged kernel")
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None) or []
+    uses_window = getattr(cfg, "use_sliding_window", True) and (
+        "sliding_attention" in layer_types or (window and not layer_types)
+    )
+    if window and uses_window:
+        raise ValueError(f"{type(model).__name__}: sliding-window attention ({window}) is not supported by the "
+                         "paged kernel")
 
 
 class _DecodeGraph:

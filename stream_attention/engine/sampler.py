@@ -105,6 +105,9 @@ class Sampler:
         """``logits``: ``[len(seqs), vocab]`` for the rows that sample this step."""
         params = [s.params for s in seqs]
         want_logprobs = any(p.logprobs is not None for p in params)
+        if not want_logprobs and all(p.temperature == 0.0 and not _needs_penalties(p) for p in params):
+            # Plain greedy batch: argmax is exact in the logits' own dtype.
+            return SamplerOutput(torch.argmax(logits, dim=-1).tolist(), [None] * len(seqs))
         raw = logits
         logits = logits.float()
         if any(_needs_penalties(p) for p in params):

@@ -272,10 +272,12 @@ def score_documents(
     }
 
 
+# Prompts stop before the line break: the tokenizer merges "\n" with the indentation that
+# follows, so a prompt ending in a bare "\n" tells the model the next line is not indented.
 SAMPLE_PROMPTS = (
     "import os\n",
-    "def fibonacci(n):\n",
-    "class Stack:\n    \"\"\"A last-in, first-out container.\"\"\"\n\n    def __init__(self):\n",
+    "def fibonacci(n):",
+    "class Stack:\n    \"\"\"A last-in, first-out container.\"\"\"\n\n    def __init__(self):",
 )
 
 

@@ -233,7 +233,11 @@ def save_hf(model, out_dir: Path, dtype: torch.dtype, extra_config: dict[str, An
     attn = model.config._attn_implementation
     # Saved configs must load anywhere, including where our attention is not registered.
     model.config._attn_implementation = "sdpa"
+    model.config.dtype = dtype  # what the file holds, so dtype="auto" loads bf16
     state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        # An explicit state_dict keeps the tied copy; it would add 3 MB of duplicate weights.
+        state.pop("lm_head.weight", None)
     model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     model.config._attn_implementation = attn
     for name in TOKENIZER_FILES:

@@ -204,9 +204,7 @@ def create_app(
             await bridge.start(built)
             state.attach(built)
             log.info("engine ready: model=%s device=%s context=%d", state.model_name, state.device, state.max_model_len)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
+        except Exception as exc:
             state.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("engine failed to load")
             if on_load_failure is not None:
@@ -218,6 +216,7 @@ def create_app(
         loader = None
         if engine is not None:
             state.attach(engine)
+            await bridge.start(engine)
         else:
             loader = asyncio.create_task(load())
         try:

@@ -97,6 +97,19 @@ class BenchmarkRunner:
                 param="seq_lens",
                 code="out_of_range",
             )
+        elem = 4 if spec.dtype == "fp32" or self._kernel_device().startswith("cpu") else 2
+        kv_heads = spec.kv_heads or spec.heads
+        footprint = spec.batch * longest * (2 * spec.heads + 2 * kv_heads) * spec.dim * elem
+        if footprint > s.benchmark_max_memory_bytes:
+            # The serving device holds the model and the KV pool: a benchmark must not
+            # take the memory live requests need.
+            raise APIError(
+                400,
+                f"the largest size needs {footprint / 2**20:.0f} MiB for q, k, v and the output; this server allows "
+                f"{s.benchmark_max_memory_bytes / 2**20:.0f} MiB (smaller batch, heads, dim or seq_lens)",
+                param="seq_lens",
+                code="too_large",
+            )
         from ..core.benchmarking import attention_flops
 
         device_kind = self._kernel_device().split(":")[0]

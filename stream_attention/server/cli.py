@@ -47,7 +47,12 @@ def serve(settings: ServerSettings) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(argv)
-    except Exception as exc:  # pydantic's ValidationError names the field; no traceback needed
+        # Checked before binding the port: a bad engine option (e.g. a KV format this
+        # build lacks) should fail the command, not a background load a minute later.
+        from .engine_bridge import engine_config
+
+        engine_config(settings)
+    except Exception as exc:  # pydantic's ValidationError / ValueError name the field; no traceback needed
         print(f"stream-attention-serve: invalid settings: {exc}", file=sys.stderr)
         return 2
     return serve(settings)

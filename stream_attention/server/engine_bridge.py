@@ -44,6 +44,9 @@ def engine_config(settings: ServerSettings) -> Any:
         "seed": settings.seed,
         "kv_compression": settings.kv_compression,
         "kv_compression_ratio": settings.kv_compression_ratio,
+        "kv_budget_tokens": settings.kv_budget_tokens,
+        "kv_sink_tokens": settings.kv_sink_tokens,
+        "kv_window_tokens": settings.kv_window_tokens,
     }
     known = {f.name for f in dataclasses.fields(EngineConfig)}
     kwargs = {k: v for k, v in wanted.items() if k in known}
@@ -98,6 +101,12 @@ async def abort(engine: Any, request_id: str) -> None:
     result = engine.abort(request_id)
     if inspect.isawaitable(result):
         await result
+
+
+def is_alive(engine: Any) -> bool:
+    """False once the engine's background loop has stopped (it can serve nothing more)."""
+    running = getattr(engine, "is_running", None)
+    return True if running is None else bool(running)
 
 
 def stats(engine: Any) -> EngineStats:

@@ -26,9 +26,14 @@ _GENERATION = TypeAdapter(GenerationBenchmarkRequest)
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """Liveness: the process answers. Never needs the API key; never waits on the engine."""
+    """Liveness: 200 while the process can serve (or is still loading its model); 503 once
+    the engine's loop has died, so an orchestrator restarts the container. Never needs the
+    API key; never waits on the engine."""
     state = get_state(request)
-    return JSONResponse({"status": "ok", "uptime_s": time.time() - state.started_at, "version": __version__})
+    body = {"status": "ok", "uptime_s": time.time() - state.started_at, "version": __version__}
+    if state.engine_dead:
+        return JSONResponse({**body, "status": "engine stopped"}, status_code=503)
+    return JSONResponse(body)
 
 
 @router.get("/ready")
@@ -37,7 +42,7 @@ async def ready(request: Request) -> JSONResponse:
     state = get_state(request)
     if state.ready:
         return JSONResponse({"status": "ready", "model": state.model_name, "device": state.device})
-    status = "draining" if state.draining else ("failed" if state.load_error else "loading")
+    status = "draining" if state.draining else ("failed" if state.load_error or state.engine_dead else "loading")
     body: dict[str, Any] = {"status": status}
     if state.load_error:
         body["error"] = state.load_error

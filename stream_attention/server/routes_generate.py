@@ -49,14 +49,14 @@ def logprob_json(lp: TokenLogprob) -> dict[str, Any]:
     }
 
 
-def prepare(state: ServerState, body: GenerateRequest) -> tuple[list[int], SamplingParams]:
+async def prepare(state: ServerState, body: GenerateRequest) -> tuple[list[int], SamplingParams]:
     if (body.prompt is None) == (body.prompt_token_ids is None):
         raise APIError(
             400, "give exactly one of prompt (or inputs) and prompt_token_ids", param="prompt", code="missing_field"
         )
     state.require_engine()
     if body.prompt is not None:
-        ids = state.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        ids = await state.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         if not ids:
             raise APIError(400, "prompt is empty after tokenization", param="prompt", code="invalid_value")
     else:
@@ -102,7 +102,7 @@ def _final_fields(
 async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
     """Generate to completion; text, token ids, finish reason, usage and timings."""
     state = get_state(request)
-    ids, params = prepare(state, body)
+    ids, params = await prepare(state, body)
     gen = await state.open(request, ids, params, body.prompt)
     try:
         out = await watch_disconnect(request, gen.collect())
@@ -125,7 +125,7 @@ async def generate_stream(body: GenerateRequest, request: Request) -> EventStrea
                "token_ids": [42], "generated_text": null, "details": null}
     """
     state = get_state(request)
-    ids, params = prepare(state, body)
+    ids, params = await prepare(state, body)
     gen = await state.open(request, ids, params, body.prompt)
     special = set(getattr(state.tokenizer, "all_special_ids", []) or [])
 

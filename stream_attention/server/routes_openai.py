@@ -55,11 +55,9 @@ class _TokenText:
 
 
 def _token_text(state: ServerState) -> _TokenText:
-    cached = getattr(state, "_token_text", None)
-    if cached is None:
-        cached = _TokenText(state.tokenizer)
-        state._token_text = cached  # type: ignore[attr-defined]
-    return cached
+    if state.token_text is None:
+        state.token_text = _TokenText(state.tokenizer)
+    return state.token_text
 
 
 def completion_logprobs(state: ServerState, lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
@@ -107,7 +105,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     state = get_state(request)
     _check_model(state, body.model)
     if isinstance(body.prompt, str):
-        ids = state.encode(body.prompt)
+        ids = await state.encode(body.prompt)
         if not ids:
             raise APIError(400, "prompt is empty after tokenization", param="prompt", code="invalid_value")
         prompt_text = body.prompt
@@ -198,9 +196,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     prompt = state.chat_prompt(messages, add_generation_prompt=body.add_generation_prompt)
     # The template already spells out BOS and friends; letting the tokenizer add them
     # again would double them.
-    ids = state.encode(prompt, add_special_tokens=False)
+    ids = await state.encode(prompt, add_special_tokens=False)
     requested = body.requested_max_tokens()
-    max_tokens = state.resolve_max_tokens(requested, len(ids), default=None)
+    max_tokens = state.resolve_max_tokens(requested, len(ids), default=None, prompt_param="messages")
     temperature = OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
     params = build_params(
         lambda: body.sampling_params(max_tokens=max_tokens, temperature=temperature, logprobs=body.logprobs_n())

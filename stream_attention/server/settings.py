@@ -63,9 +63,15 @@ class ServerSettings(BaseSettings):
         "auto", description="storage format of KV pages (auto = the model dtype)"
     )
     kv_compression: str = Field(
-        "none", description="KV compression policy: none, or an eviction policy the engine knows (importance, ...)"
+        "none",
+        description="KV eviction policy: none, streaming (sinks + recent window), heavy-hitter (H2O/SnapKV), hybrid",
     )
-    kv_compression_ratio: float = Field(1.0, ge=1.0, le=64.0, description="target compression ratio of eviction")
+    kv_compression_ratio: float | None = Field(
+        None, ge=1.0, le=64.0, description="eviction target: keep 1/ratio of each sequence's tokens"
+    )
+    kv_budget_tokens: int | None = Field(None, ge=1, description="eviction target: KV tokens kept per sequence")
+    kv_sink_tokens: int = Field(4, ge=0, description="first tokens eviction never drops (attention sinks)")
+    kv_window_tokens: int = Field(256, ge=0, description="most recent tokens eviction never drops")
     kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
     kv_cache_blocks: int = Field(0, ge=0, description="KV blocks in the pool (0 = size from memory)")
     kv_cache_memory_fraction: float = Field(
@@ -95,6 +101,9 @@ class ServerSettings(BaseSettings):
     # --- /benchmark ------------------------------------------------------------
     benchmark_enabled: bool = Field(True, description="serve POST /benchmark")
     benchmark_max_seq_len: int = Field(8192, ge=16, description="longest sequence /benchmark may time")
+    benchmark_max_memory_bytes: int = Field(
+        1 << 30, ge=1 << 20, description="largest q+k+v+out footprint a kernel benchmark may allocate"
+    )
     benchmark_max_tokens: int = Field(256, ge=1, description="largest generation-benchmark max_tokens")
     benchmark_max_requests: int = Field(64, ge=1, description="most requests in a generation benchmark")
     benchmark_time_budget: float = Field(

@@ -30,6 +30,8 @@ from .settings import ServerSettings
 log = logging.getLogger("stream_attention.server")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 T = TypeVar("T")
+# Below this many characters tokenizing inline costs less than the hop to a thread.
+_INLINE_TOKENIZE_CHARS = 8192
 
 
 class ClientGone(Exception):
@@ -51,10 +53,16 @@ class ServerState:
     device: str = "cpu"
     tokenizer: Any = None
     in_flight: int = 0  # HTTP requests being served, for the shutdown drain
+    token_text: Any = None  # token id -> text cache for logprob entries (built on first use)
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and not self.draining
+        return self.engine is not None and not self.draining and bridge.is_alive(self.engine)
+
+    @property
+    def engine_dead(self) -> bool:
+        """Loaded once, but its loop has stopped: only a restart helps."""
+        return self.engine is not None and not bridge.is_alive(self.engine)
 
     def attach(self, engine: Any) -> None:
         """Adopt a loaded engine and cache what routes read on every request."""
@@ -83,8 +91,14 @@ class ServerState:
 
     # --- prompts --------------------------------------------------------------------
 
-    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    async def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; long texts are tokenized off the event loop so other
+        streams keep flowing meanwhile."""
+
+        def run() -> list[int]:
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+        return await asyncio.to_thread(run) if len(text) > _INLINE_TOKENIZE_CHARS else run()
 
     def chat_prompt(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -103,15 +117,20 @@ class ServerState:
                 400, f"{param}: token ids must be < vocabulary size {vocab}", param=param, code="invalid_value"
             )
 
-    def resolve_max_tokens(self, requested: int | None, prompt_len: int, *, default: int | None) -> int:
-        """``max_tokens`` after limits; ``default=None`` means "the rest of the context"."""
+    def resolve_max_tokens(
+        self, requested: int | None, prompt_len: int, *, default: int | None, prompt_param: str = "prompt"
+    ) -> int:
+        """``max_tokens`` after limits; ``default=None`` means "the rest of the context".
+
+        Errors name ``prompt_param`` (``messages`` for chat) when the prompt alone is too long.
+        """
         limit = self.settings.max_tokens
         room = self.max_model_len - prompt_len
         if prompt_len >= self.max_model_len:
             raise APIError(
                 400,
-                f"prompt has {prompt_len} tokens; the context length is {self.max_model_len}",
-                param="prompt",
+                f"{prompt_param} has {prompt_len} tokens; the context length is {self.max_model_len}",
+                param=prompt_param,
                 code="context_length_exceeded",
             )
         if requested is None:
