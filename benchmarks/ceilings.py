@@ -25,7 +25,8 @@ def main() -> None:
     res = {"gpu": torch.cuda.get_device_name(), "copy_tb_s": copy_tb_s, "matmul_bf16_tflops": mm_tflops}
     print(json.dumps(res))
     if args.out:
-        json.dump(res, open(args.out, "w"))
+        with open(args.out, "w") as fh:
+            json.dump(res, fh)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,8 @@ Public API::
 from .core.attention import StreamAttention
 from .core.config import StreamAttentionConfig
 from .core.flash_baseline import FlashAttentionV3
-from .core.functional import fused_attention
+from .core.functional import fused_attention, fused_attention_varlen
 from .core.fused_online_attention import FusedOnlineAttention
-
-try:  # the varlen entry point lands with the backward kernels
-    from .core.functional import fused_attention_varlen
-except ImportError:  # pragma: no cover
-    pass
 
 __version__ = "0.1.0"
 
