@@ -308,9 +308,10 @@ def load_model(
     """``"default"`` (the embedded model) or a Hugging Face directory / hub id available offline."""
     info: dict[str, Any] = {"model": model, "attn_implementation": attn or "transformers default"}
     if attn == "stream_attention":
-        from .hf_attention import ensure_registered
+        from ..integration.hf import register
 
-        info["registered_by"] = ensure_registered()
+        register()
+        info["registered_by"] = "stream_attention.integration.hf"
     if model == "default":
         from .default import default_model_dir, load_default_model
 

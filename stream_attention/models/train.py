@@ -127,9 +127,10 @@ def setup_attention(args: argparse.Namespace, device: torch.device) -> dict[str,
     info: dict[str, Any] = {"attn_implementation": args.attn}
     if args.attn != "stream_attention":
         return info
-    from .hf_attention import ensure_registered
+    from ..integration.hf import register
 
-    info["registered_by"] = ensure_registered()
+    register()
+    info["registered_by"] = "stream_attention.integration.hf"
     from ..core.backend import ENV_VAR, env_backend
 
     backend = args.backend or (env_backend() if os.environ.get(ENV_VAR) else None)
