@@ -96,6 +96,16 @@ def test_strided_queries_and_empty_sequences(device):
     assert torch.all(out[1] == 0)
 
 
+def test_pages_in_another_float_type(device):
+    """kv_cache_dtype: fp16 pages under fp32 queries are upcast in the kernel."""
+    q, kp, vp, table, seq_lens, cu = _make_case([1, 4], [29, 40], hq=4, hkv=2, d=16, page=8, dtype=torch.float32,
+                                                  device=device, seed=5)
+    kp16, vp16 = kp.half(), vp.half()
+    out = paged_attention(q, kp16, vp16, table, seq_lens, cu, max_q_len=4, softmax_scale=0.25)
+    ref = _reference(q, kp16.float(), vp16.float(), table, seq_lens, cu, 0.25)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_write_kv_pages_round_trip(device):
     pages = torch.zeros((4, 4, 2, 16), device=device)
     vpages = torch.zeros_like(pages)

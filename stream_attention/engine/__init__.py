@@ -9,6 +9,14 @@
     print(out.text)
 
 ``AsyncEngine`` serves concurrent streams (``async for out in engine.stream(request)``).
+
+With no model the engine runs the embedded demo model (``stream_attention.models.default``,
+a small Llama shipped in the package; no download). To serve a real model, pass a local
+directory or a hub id (``LLMEngine("meta-llama/Llama-3.2-1B-Instruct")``, or
+``EngineConfig(model=...)``), or an already loaded ``(model, tokenizer)`` pair. Any
+transformers causal LM whose attention goes through ``AttentionInterface`` works
+(Llama, Mistral/Qwen2 without sliding windows, ...); its attention is replaced by the
+engine's paged kernels for the engine's steps only.
 """
 
 from .async_engine import AsyncEngine, EngineDeadError
