@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .fused_online_attention import _DeviceTracked, benchmark_attention
+from .fused_online_attention import _DeviceTracked
 from .sdpa import sdpa_attention
 
 
@@ -68,27 +68,5 @@ class FlashAttentionV3(_DeviceTracked):
             query, key, value, causal=causal, softmax_scale=self.softmax_scale, sdpa_backend=backend
         )
 
-    def benchmark(
-        self,
-        seq_len: int,
-        batch_size: int = 1,
-        warmup: int = 10,
-        iterations: int = 100,
-        causal: bool = True,
-        dtype: torch.dtype | None = None,
-    ) -> dict[str, Any]:
-        """Time the forward on random inputs; the result names the SDPA backend used."""
-        return benchmark_attention(
-            lambda q, k, v: self.forward(q, k, v, causal=causal),
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            warmup=warmup,
-            iterations=iterations,
-            causal=causal,
-            device=self.device,
-            dtype=dtype,
-            extra={"sdpa_backend": self.effective_backend},
-        )
+    def _benchmark_metadata(self) -> dict[str, Any]:
+        return {"sdpa_backend": self.effective_backend}

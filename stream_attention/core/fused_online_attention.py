@@ -12,7 +12,16 @@ from .functional import fused_attention
 
 
 class _DeviceTracked(nn.Module):
-    """Keeps an empty buffer so ``.device`` follows ``.to()``/``.cuda()`` moves."""
+    """Base of the attention modules on ``[B, T, H, D]`` tensors.
+
+    Keeps an empty buffer so ``.device`` follows ``.to()``/``.cuda()`` moves, and gives
+    every module the same ``benchmark()``. Subclasses set ``num_heads``, ``num_kv_heads``
+    and ``head_dim``.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
 
     def __init__(self) -> None:
         super().__init__()
@@ -21,6 +30,34 @@ class _DeviceTracked(nn.Module):
     @property
     def device(self) -> torch.device:
         return self._device_probe.device
+
+    def _benchmark_metadata(self) -> dict[str, Any]:
+        return {}
+
+    def benchmark(
+        self,
+        seq_len: int,
+        batch_size: int = 1,
+        warmup: int = 10,
+        iterations: int = 100,
+        causal: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, Any]:
+        """Time the forward on random inputs; returns latency, TFLOP/s and GB/s."""
+        return benchmark_attention(
+            lambda q, k, v: self.forward(q, k, v, causal=causal),
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            warmup=warmup,
+            iterations=iterations,
+            causal=causal,
+            device=self.device,
+            dtype=dtype,
+            extra=self._benchmark_metadata(),
+        )
 
 
 class FusedOnlineAttention(_DeviceTracked):
@@ -88,30 +125,6 @@ class FusedOnlineAttention(_DeviceTracked):
             backend=self.backend,
             window=window,
             **_mask_and_dropout_kwargs(attention_mask, self.dropout if self.training else 0.0, key),
-        )
-
-    def benchmark(
-        self,
-        seq_len: int,
-        batch_size: int = 1,
-        warmup: int = 10,
-        iterations: int = 100,
-        causal: bool = True,
-        dtype: torch.dtype | None = None,
-    ) -> dict[str, Any]:
-        """Time the forward on random inputs; returns latency, TFLOP/s and GB/s."""
-        return benchmark_attention(
-            lambda q, k, v: self.forward(q, k, v, causal=causal),
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            warmup=warmup,
-            iterations=iterations,
-            causal=causal,
-            device=self.device,
-            dtype=dtype,
         )
 
 
