@@ -236,9 +236,13 @@ class AsyncEngine:
                     outputs = engine.step()
                 except Exception as exc:
                     log.exception("engine step failed; aborting the requests in flight")
-                    failed = list(engine._seqs)
-                    for rid in failed:
-                        engine.abort(rid)
+                    abort_all = getattr(engine, "abort_all", None)
+                    if callable(abort_all):
+                        failed = list(abort_all())
+                    else:
+                        failed = list(engine._seqs)
+                        for rid in failed:
+                            engine.abort(rid)
                     engine._pending.clear()
                     for rid in failed:
                         self._deliver(RuntimeError(f"engine step failed: {exc!r}"), rid, final=True)

@@ -19,10 +19,15 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..kernels.kv_quant import QuantizedPages
 from ..kernels.paged_attention import paged_attention, paged_attention_torch, write_kv_pages
+
+if TYPE_CHECKING:
+    from .kv_compression import BlockScoreCollector
 
 ATTN_NAME = "stream_attention_paged"
 
@@ -31,7 +36,8 @@ ATTN_NAME = "stream_attention_paged"
 class AttentionContext:
     """Per-step metadata shared by all layers of one forward pass.
 
-    ``kv_caches[layer] = (k_pages, v_pages)``, each ``[num_blocks, block_size, Hkv, D]``.
+    ``kv_caches[layer] = (k_pages, v_pages)``, each ``[num_blocks, block_size, Hkv, D]`` (float
+    tensors, or :class:`~stream_attention.kernels.kv_quant.QuantizedPages` of that geometry).
     ``slot_mapping`` (int64 ``[T]``) is where each new token's K/V goes; ``seq_lens`` (int32
     ``[B]``) counts each sequence's keys including this step's tokens; ``cu_seqlens_q``
     (int32 ``[B+1]``) delimits the packed queries.
@@ -51,6 +57,8 @@ class AttentionContext:
     fresh_prefill: bool = False
     seq_lens_cpu: list[int] | None = None
     cu_seqlens_q_cpu: list[int] | None = None
+    # Set on KV-compression scoring steps: every layer adds its block attention mass.
+    kv_scores: BlockScoreCollector | None = None
 
 
 _local = threading.local()
@@ -96,6 +104,12 @@ def paged_attention_forward(
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
     k_pages, v_pages = ctx.kv_caches[module.layer_idx]
+    if isinstance(k_pages, QuantizedPages) or ctx.kv_scores is not None:
+        from .kv_compression import compressed_attention_step
+
+        out = compressed_attention_step(q, k, v, k_pages, v_pages, ctx, scale, collector=ctx.kv_scores,
+                                        layer_idx=module.layer_idx)
+        return out.unsqueeze(0), None
     write_kv_pages(k, v, k_pages, v_pages, ctx.slot_mapping)
     if ctx.backend == "triton":
         if ctx.fresh_prefill:

@@ -17,8 +17,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-# Quantized pages are the KV-compression issue's job; the names are reserved so that the
-# server's flag can already list them with a clear message.
+# Quantized page formats (``kv_compression.QuantizedPages``): never parsed as torch dtypes.
 _QUANTIZED_KV = ("int8", "int4")
 
 
@@ -54,7 +53,14 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None
     cpu_kv_cache_bytes: int = 512 * 1024 * 1024
     num_kv_blocks: int | None = None
-    kv_cache_dtype: str = "auto"  # auto = the model dtype; fp16/bf16/fp32 store pages in that type
+    kv_cache_dtype: str = "auto"  # auto = the model dtype; fp16/bf16/fp32 store pages in that type; int8/int4 quantize
+    # KV compression (``engine/kv_compression.py``): none | streaming | heavy-hitter | hybrid (aliases accepted).
+    kv_compression: str = "none"
+    kv_compression_ratio: float | None = None  # eviction budget = ceil(tokens / ratio) (unless kv_budget_tokens)
+    kv_budget_tokens: int | None = None  # eviction budget in cache slots per sequence
+    kv_sink_tokens: int = 4
+    kv_window_tokens: int = 256
+    kv_score_interval: int = 8  # heavy-hitter: score every n-th decode step
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192  # per-step token budget: decode tokens + prefill chunks
     max_waiting: int = 1024  # bound of the waiting queue; beyond it add_request raises QueueFullError
@@ -69,12 +75,9 @@ class EngineConfig:
     def validate(self) -> EngineConfig:
         """Raise ``ValueError`` naming the first bad field; returns ``self``."""
         parse_dtype(self.dtype)
-        if self.kv_cache_dtype in _QUANTIZED_KV:
-            raise ValueError(
-                f"kv_cache_dtype={self.kv_cache_dtype!r}: quantized KV pages are not available in this build; "
-                "use auto, float16, bfloat16 or float32"
-            )
-        parse_dtype(self.kv_cache_dtype)
+        if not self.kv_cache_quantized:
+            parse_dtype(self.kv_cache_dtype)
+        self.kv_compression_config()  # validates the compression fields
         checks = [
             ("block_size", self.block_size >= 1 and (self.block_size & (self.block_size - 1)) == 0),
             ("gpu_memory_fraction", 0.0 < self.gpu_memory_fraction <= 1.0),
@@ -92,6 +95,22 @@ class EngineConfig:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
         return self
+
+    @property
+    def kv_cache_quantized(self) -> bool:
+        """Whether ``kv_cache_dtype`` names a quantized page format (int8 / int4)."""
+        return str(self.kv_cache_dtype).strip().lower() in _QUANTIZED_KV
+
+    def kv_compression_config(self):
+        """The validated :class:`~.kv_compression.KVCompressionConfig` these fields describe."""
+        from .kv_compression import KVCompressionConfig
+
+        kv_dtype = str(self.kv_cache_dtype).strip().lower() if self.kv_cache_quantized else "auto"
+        return KVCompressionConfig(
+            kv_cache_dtype=kv_dtype, policy=self.kv_compression, budget_tokens=self.kv_budget_tokens,
+            ratio=self.kv_compression_ratio, sink_tokens=self.kv_sink_tokens, window_tokens=self.kv_window_tokens,
+            score_interval=self.kv_score_interval,
+        ).validate()
 
     def replace(self, **changes) -> EngineConfig:
         """A copy with ``changes`` applied (unknown names raise ``TypeError``)."""

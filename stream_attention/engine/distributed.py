@@ -62,7 +62,7 @@ from ..core.ring_attention import ring_attention
 from ..core.star_attention import star_attention_phase1
 from . import attention as paged_hook
 from .config import EngineConfig
-from .llm_engine import LLMEngine, PromptLike, _load_model
+from .llm_engine import LLMEngine, PromptLike, load_model
 from .model_runner import ModelGeometry
 from .sequence import Sequence, SequenceStatus
 from .tokenizer import IncrementalDetokenizer
@@ -527,7 +527,7 @@ class DistributedLLMEngine(LLMEngine):
             self._dist_running.remove(seq)
             self._release.append(request_id)
         self._retire(seq, FinishReason.ABORT, time.time())
-        self._dist_pending.append(self._output(seq))
+        self._dist_pending.append(self.make_output(seq))
         return True
 
     def abort_all(self) -> list[str]:
@@ -579,7 +579,7 @@ class DistributedLLMEngine(LLMEngine):
             )
             cmd.segments.append(Segment(seq.request_id, seq.prompt_token_ids[-tail:], len(context)))
             seq.status = SequenceStatus.RUNNING
-            self._counters.prompt_tokens_total += seq.num_prompt_tokens
+            self.counters.prompt_tokens_total += seq.num_prompt_tokens
             self._dist_running.append(seq)
             order.append(seq)
         broadcast_command(cmd, self.control_group)
@@ -596,23 +596,23 @@ class DistributedLLMEngine(LLMEngine):
                 seq.logprobs.append(lp)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            self._counters.generation_tokens_total += 1
-            reason = self._process_token(seq, token)
+            self.counters.generation_tokens_total += 1
+            reason = self.process_token(seq, token)
             if reason is not None:
                 self._dist_running.remove(seq)
                 self._dist_seqs.pop(seq.request_id, None)
                 self._release.append(seq.request_id)
                 self._retire(seq, reason, now)
             if seq.stream or reason is not None:
-                outputs.append(self._output(seq))
+                outputs.append(self.make_output(seq))
         return outputs
 
     def _retire(self, seq: Sequence, reason: FinishReason, now: float) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.finish_time = now
-        self._finish_text(seq)
-        self._counters.requests_finished_total += 1
+        self.finish_text(seq)
+        self.counters.requests_finished_total += 1
 
     # -------------------------------------------------------------- lifecycle
     def close(self) -> None:
@@ -683,7 +683,7 @@ def init_distributed_engine(
     device = cfg.resolved_device()
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    hf_model, _, _ = _load_model(model, tokenizer, cfg, device)
+    hf_model, _, _ = load_model(model, tokenizer, cfg, device)
     run_worker(hf_model, device, distributed, control)
     return None
 

@@ -166,14 +166,19 @@ def allocate_quantized_caches(
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_pages: QuantizedPages | torch.Tensor,
-             v_pages: QuantizedPages | torch.Tensor, slot_mapping: torch.Tensor) -> None:
+             v_pages: QuantizedPages | torch.Tensor, slot_mapping: torch.Tensor, *,
+             use_triton: bool | None = None) -> None:
     """Store new ``k, v [T, Hkv, D]`` at ``slot_mapping [T]``: quantized for
-    :class:`QuantizedPages`, copied for float pages. No host sync (CUDA-graph safe)."""
+    :class:`QuantizedPages`, copied for float pages. No host sync (CUDA-graph safe).
+    ``use_triton=None`` uses the Triton kernel wherever it can run; False forces the
+    torch reference (the engine's torch backend)."""
+    if use_triton is None:
+        use_triton = triton_runs_on(k.device)
     if not isinstance(k_pages, QuantizedPages):
         hkv, d = k_pages.shape[2], k_pages.shape[3]
         k_pages.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(k_pages.dtype))
         v_pages.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(v_pages.dtype))
-    elif triton_runs_on(k.device):
+    elif use_triton:
         write_tokens_to_pages(k, slot_mapping, k_pages)
         write_tokens_to_pages(v, slot_mapping, v_pages)
     else:
@@ -213,10 +218,10 @@ def compressed_attention_step(
     log-sum-exps, and the block attention mass of each sequence's last queries is
     accumulated into the collector.
     """
-    write_kv(k, v, k_pages, v_pages, ctx.slot_mapping)
+    triton_ok = ctx.backend == "triton" and triton_runs_on(q.device)
+    write_kv(k, v, k_pages, v_pages, ctx.slot_mapping, use_triton=triton_ok)
     want_lse = collector is not None
-    fast = ctx.backend == "triton" and triton_runs_on(q.device) and (
-        isinstance(k_pages, QuantizedPages) or k_pages.dtype == q.dtype)
+    fast = triton_ok and (isinstance(k_pages, QuantizedPages) or k_pages.dtype == q.dtype)
     if fast:
         launch = DEFAULT_LAUNCH["decode" if ctx.max_q_len <= 1 else "prefill"]
         res = paged_attention_quantized(
@@ -230,7 +235,7 @@ def compressed_attention_step(
                                          softmax_scale=softmax_scale, dtype=torch.float32)
         out = out32.to(q.dtype)
     if collector is not None:
-        collector.add(layer_idx, q, k_pages, ctx, lse, softmax_scale)
+        collector.add(layer_idx, q, k_pages, ctx, lse, softmax_scale, use_triton=fast)
     return out
 
 
@@ -269,12 +274,14 @@ class BlockScoreCollector:
         return self._rows
 
     def add(self, layer_idx: int, q: torch.Tensor, k_pages: QuantizedPages | torch.Tensor, ctx: _StepContext,
-            lse: torch.Tensor, softmax_scale: float) -> None:
+            lse: torch.Tensor, softmax_scale: float, *, use_triton: bool | None = None) -> None:
         """Accumulate one layer's mass from the step's queries and the attention's ``lse``."""
         rows, cu_obs = self._observation_rows(ctx)
         q_obs, lse_obs = q[rows], lse[:, rows]
         max_kv = ctx.block_tables.shape[1] * self.block_size
-        if triton_runs_on(q.device):
+        if use_triton is None:
+            use_triton = triton_runs_on(q.device)
+        if use_triton:
             mass = paged_token_attention_mass(q_obs, k_pages, ctx.block_tables, ctx.seq_lens, lse_obs, cu_obs,
                                               softmax_scale=softmax_scale, max_kv_len=max_kv)
         else:

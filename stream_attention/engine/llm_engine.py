@@ -46,8 +46,11 @@ DEFAULT_MODEL_NAME = "stream-attention-default"
 PromptLike = str | list[int] | Request
 
 
-def _load_model(model: Any, tokenizer: Any, config: EngineConfig, device: torch.device) -> tuple[Any, Any, str]:
-    """Resolve ``model`` (None, a path/hub id, or a model object) to ``(model, tokenizer, name)``."""
+def load_model(model: Any, tokenizer: Any, config: EngineConfig, device: torch.device) -> tuple[Any, Any, str]:
+    """Resolve ``model`` (None, a path/hub id, or a model object) to ``(model, tokenizer, name)``.
+
+    Public so that other engines (e.g. the distributed workers) load the same model
+    without a paged cache."""
     dtype = parse_dtype(config.dtype)
     if model is None and config.model is None:
         from ..models.default import load_default_model
@@ -80,6 +83,9 @@ def _load_model(model: Any, tokenizer: Any, config: EngineConfig, device: torch.
     return model.to(device).eval(), tok, name
 
 
+_load_model = load_model  # the name engine/distributed.py used first
+
+
 class LLMEngine:
     """Offline and step-wise generation with a paged KV cache and continuous batching.
 
@@ -103,10 +109,11 @@ class LLMEngine:
         self.config = config.validate()
         self.device = config.resolved_device()
         t0 = time.perf_counter()
-        hf_model, tok, name = _load_model(model, tokenizer, config, self.device)
+        hf_model, tok, name = load_model(model, tokenizer, config, self.device)
         self.model_name = name
         self.tokenizer = tok
         self.runner = ModelRunner(hf_model, config, self.device)
+        self.kv_mgr = self.runner.kv_mgr
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
@@ -215,11 +222,19 @@ class LLMEngine:
         if seq is None or not self.scheduler.abort(seq):
             return False
         seq.finish_time = time.time()
-        self._finish_text(seq)
-        self._pending.append(self._output(seq))
+        self.kv_mgr.forget(request_id)
+        self.finish_text(seq)
+        self._pending.append(self.make_output(seq))
         del self._seqs[request_id]
         self._counters.requests_finished_total += 1
         return True
+
+    def abort_all(self) -> list[str]:
+        """Abort every unfinished request; returns their ids."""
+        ids = list(self._seqs)
+        for rid in ids:
+            self.abort(rid)
+        return ids
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._seqs) or bool(self._pending)
@@ -235,6 +250,8 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
         self._counters.preemptions_total = self.scheduler.num_preemptions
+        for seq in sched.preempted:  # recomputed from scratch later: their scores are stale
+            self.kv_mgr.forget(seq.request_id)
         if not sched:
             return outputs
         for s in sched.scheduled:
@@ -245,6 +262,9 @@ class LLMEngine:
         sampling: list[ScheduledSeq] = [s for s in sched.scheduled if s.samples]
         result = self.sampler(logits, [s.seq for s in sampling]) if sampling else None
         self.scheduler.commit(sched.scheduled)
+        # KV compression: merge this step's block scores and evict over-budget sequences.
+        self.kv_mgr.after_step(self.scheduler.running, self.block_manager, self.runner.last_collector)
+        self.runner.last_collector = None
         if result is None:
             return outputs
         now = time.time()
@@ -256,18 +276,27 @@ class LLMEngine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self._counters.generation_tokens_total += 1
-            reason = self._process_token(seq, token)
+            reason = self.process_token(seq, token)
             if reason is not None:
                 seq.finish_time = now
                 self.scheduler.finish(seq, reason)
-                self._finish_text(seq)
+                self.kv_mgr.forget(seq.request_id)
+                self.finish_text(seq)
                 self._seqs.pop(seq.request_id, None)
                 self._counters.requests_finished_total += 1
             if seq.stream or reason is not None:
-                outputs.append(self._output(seq))
+                outputs.append(self.make_output(seq))
         return outputs
 
-    def _process_token(self, seq: Sequence, token: int) -> FinishReason | None:
+    # Per-token output processing, public for engines whose sequences live outside the
+    # scheduler (engine/distributed.py): apply a sampled token, finalize text, snapshot.
+    @property
+    def counters(self) -> EngineStats:
+        """The engine's running counters (tokens, finished requests), updated in place."""
+        return self._counters
+
+    def process_token(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Apply stop conditions to ``token`` (already appended to ``seq``); the finish reason or None."""
         p = seq.params
         by_token = token in p.stop_token_ids or (not p.ignore_eos and token in seq.eos_token_ids)
         if seq.detokenizer is not None and not by_token:
@@ -288,7 +317,7 @@ class LLMEngine:
             return FinishReason.LENGTH
         return None
 
-    def _finish_text(self, seq: Sequence) -> None:
+    def finish_text(self, seq: Sequence) -> None:
         """Make ``seq.text`` final: flush the stream's held-back bytes, or decode in one go."""
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.flush()
@@ -301,7 +330,8 @@ class LLMEngine:
                 out = out[:-1]
             seq.text = decode_output(self.tokenizer, seq.prompt_token_ids, out)
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    def make_output(self, seq: Sequence) -> RequestOutput:
+        """A :class:`RequestOutput` snapshot of ``seq`` with the deltas since the last one."""
         finished = seq.is_finished
         text = seq.text
         if not finished and seq.params.stop:
@@ -326,6 +356,11 @@ class LLMEngine:
             time_to_first_token=ttft,
             latency=latency,
         )
+
+    # Old private names (kept for callers written against them).
+    _process_token = process_token
+    _finish_text = finish_text
+    _output = make_output
 
     # ------------------------------------------------------------------ batch API
     def generate(
@@ -370,6 +405,11 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """A snapshot of gauges and counters (cheap; safe to call from another thread)."""
         c = self._counters
+        ratio, saved = 1.0, 0
+        mgr = self.kv_mgr
+        if mgr.quantized or mgr.policy is not None:
+            kv = mgr.stats(list(self.scheduler.running), self.block_manager)
+            ratio, saved = kv["kv_compression_ratio"], kv["kv_bytes_saved"]
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
@@ -381,4 +421,6 @@ class LLMEngine:
             requests_finished_total=c.requests_finished_total,
             prefix_cache_hits_total=self.block_manager.prefix_cache_hits * self.block_manager.block_size,
             kv_blocks_evicted_total=self.block_manager.blocks_dropped,
+            kv_compression_ratio=ratio,
+            kv_bytes_saved=saved,
         )

@@ -25,6 +25,7 @@ from ..core.backend import resolve_backend
 from ..kernels.paged_attention import choose_num_splits
 from . import attention as attn_hook
 from .config import EngineConfig, parse_dtype
+from .kv_compression import BlockScoreCollector, KVCompressionManager
 from .scheduler import ScheduledSeq
 
 log = logging.getLogger("stream_attention.engine")
@@ -91,7 +92,14 @@ class ModelRunner:
         self.device = device
         self.geometry = g = ModelGeometry.of(model)
         self.dtype = next(model.parameters()).dtype
-        self.kv_dtype = parse_dtype(config.kv_cache_dtype) or self.dtype
+        # Float pages' dtype; with quantized pages, the dtype K/V are computed in (and the
+        # dense format the compression ratio is measured against).
+        self.kv_dtype = (None if config.kv_cache_quantized else parse_dtype(config.kv_cache_dtype)) or self.dtype
+        self.kv_mgr = KVCompressionManager(
+            config.kv_compression_config(), num_layers=g.num_layers, num_kv_heads=g.num_kv_heads,
+            head_dim=g.head_dim, block_size=config.block_size, float_dtype=self.kv_dtype,
+        )
+        self.last_collector: BlockScoreCollector | None = None
         self.block_size = config.block_size
         limit = g.max_position_embeddings or 2048
         self.max_model_len = min(config.max_model_len or limit, limit)
@@ -103,14 +111,21 @@ class ModelRunner:
 
         self.num_blocks = self._size_cache()
         # One extra page per layer is a scratch target for the padding rows of a graph.
-        shape = (g.num_layers, self.num_blocks + 1, self.block_size, g.num_kv_heads, g.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
-        self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(g.num_layers)]
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+        if self.kv_mgr.quantized:
+            # Quantized pools only: the pages never exist in 16-bit form.
+            self.kv_caches = self.kv_mgr.allocate(self.num_blocks + 1, device)
+        else:
+            shape = (g.num_layers, self.num_blocks + 1, self.block_size, g.num_kv_heads, g.head_dim)
+            self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
+            self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
+            self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(g.num_layers)]
         self.scratch_slot = self.num_blocks * self.block_size
         log.info(
-            "KV cache: %d blocks x %d tokens (%.2f GiB, %s), attention backend %s",
-            self.num_blocks, self.block_size, self.kv_cache_bytes / 2**30, self.kv_dtype, self.backend,
+            "KV cache: %d blocks x %d tokens (%.2f GiB, %s, compression %s), attention backend %s",
+            self.num_blocks, self.block_size, self.kv_cache_bytes / 2**30, self.kv_cache_format,
+            self.kv_mgr.config.policy, self.backend,
         )
 
         self.graphs: dict[int, _DecodeGraph] = {}
@@ -126,9 +141,12 @@ class ModelRunner:
     # ----------------------------------------------------------------- sizing
     @property
     def block_bytes(self) -> int:
-        g = self.geometry
-        elem = torch.empty((), dtype=self.kv_dtype).element_size()
-        return 2 * g.num_layers * self.block_size * g.num_kv_heads * g.head_dim * elem
+        """Bytes of one block over all layers, K and V (quantization scales included)."""
+        return self.kv_mgr.block_bytes()
+
+    @property
+    def kv_cache_format(self) -> str:
+        return f"int{self.kv_mgr.bits}" if self.kv_mgr.quantized else str(self.kv_dtype).removeprefix("torch.")
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -161,11 +179,18 @@ class ModelRunner:
         per = -(-tokens // n_seqs)
         lens = [per] * (n_seqs - 1) + [tokens - per * (n_seqs - 1)]
         blocks = sum(-(-n // self.block_size) for n in lens)
-        tmp_shape = (g.num_layers, blocks + 1, self.block_size, g.num_kv_heads, g.head_dim)
-        tmp_k = torch.empty(tmp_shape, dtype=self.kv_dtype, device=self.device)
-        tmp_v = torch.empty_like(tmp_k)
-        tmp_bytes = 2 * tmp_k.numel() * tmp_k.element_size()
-        self.kv_caches = [(tmp_k[i], tmp_v[i]) for i in range(g.num_layers)]
+        if self.kv_mgr.quantized:
+            tmp_caches = self.kv_mgr.allocate(blocks + 1, self.device)
+            tmp_bytes = (blocks + 1) * self.block_bytes
+            self.kv_caches = tmp_caches
+        else:
+            tmp_shape = (g.num_layers, blocks + 1, self.block_size, g.num_kv_heads, g.head_dim)
+            tmp_k = torch.empty(tmp_shape, dtype=self.kv_dtype, device=self.device)
+            tmp_v = torch.empty_like(tmp_k)
+            tmp_bytes = 2 * tmp_k.numel() * tmp_k.element_size()
+            tmp_caches = [(tmp_k[i], tmp_v[i]) for i in range(g.num_layers)]
+            del tmp_k, tmp_v
+            self.kv_caches = tmp_caches
         tables, nxt = [], 0
         for n in lens:
             nb = -(-n // self.block_size)
@@ -175,7 +200,7 @@ class ModelRunner:
         with torch.inference_mode():
             self._run_eager(fake)
         torch.cuda.synchronize(self.device)
-        del tmp_k, tmp_v
+        del tmp_caches
         self.kv_caches = []
         peak = torch.cuda.max_memory_allocated(self.device) - tmp_bytes
         free, total = torch.cuda.mem_get_info(self.device)
@@ -232,11 +257,15 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Run one step; returns logits ``[num_sampling_seqs, vocab]`` in schedule order."""
         n = len(scheduled)
-        if self.graphs and n <= self._graph_sizes[-1] and all(s.num_new_tokens == 1 for s in scheduled):
+        # KV compression: a scoring step (heavy-hitter) runs eagerly and hands the
+        # collector to the engine, which passes it to ``kv_mgr.after_step``.
+        self.last_collector = collector = self.kv_mgr.start_step(scheduled)
+        if collector is None and self.graphs and n <= self._graph_sizes[-1] and all(
+                s.num_new_tokens == 1 for s in scheduled):
             return self._run_graph(scheduled)
-        return self._run_eager(scheduled)
+        return self._run_eager(scheduled, collector)
 
-    def _run_eager(self, scheduled) -> torch.Tensor:
+    def _run_eager(self, scheduled, collector: BlockScoreCollector | None = None) -> torch.Tensor:
         dev = self.device
         ids, pos, slots, seq_lens, cu, tables, rows, max_q, max_kv, fresh = self._prepare(scheduled)
         ctx = attn_hook.AttentionContext(
@@ -252,6 +281,7 @@ class ModelRunner:
             fresh_prefill=fresh,
             seq_lens_cpu=seq_lens,
             cu_seqlens_q_cpu=cu,
+            kv_scores=collector,
         )
         input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
         positions = torch.from_numpy(pos).to(dev, non_blocking=True)

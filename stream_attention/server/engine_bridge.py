@@ -47,6 +47,7 @@ def engine_config(settings: ServerSettings) -> Any:
         "kv_budget_tokens": settings.kv_budget_tokens,
         "kv_sink_tokens": settings.kv_sink_tokens,
         "kv_window_tokens": settings.kv_window_tokens,
+        "kv_score_interval": settings.kv_score_interval,
     }
     known = {f.name for f in dataclasses.fields(EngineConfig)}
     kwargs = {k: v for k, v in wanted.items() if k in known}

@@ -72,6 +72,7 @@ class ServerSettings(BaseSettings):
     kv_budget_tokens: int | None = Field(None, ge=1, description="eviction target: KV tokens kept per sequence")
     kv_sink_tokens: int = Field(4, ge=0, description="first tokens eviction never drops (attention sinks)")
     kv_window_tokens: int = Field(256, ge=0, description="most recent tokens eviction never drops")
+    kv_score_interval: int = Field(8, ge=1, description="heavy-hitter eviction: score every n-th decode step")
     kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
     kv_cache_blocks: int = Field(0, ge=0, description="KV blocks in the pool (0 = size from memory)")
     kv_cache_memory_fraction: float = Field(

@@ -1,0 +1,168 @@
+"""KV compression live in the engine (issue 7): quantized int8/int4 pages, StreamingLLM and
+heavy-hitter eviction freeing whole blocks, the stats, and the server flags, on the shipped
+default model (CPU, torch attention path)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from stream_attention.engine import EngineConfig, LLMEngine, SamplingParams
+from stream_attention.kernels.kv_quant import QuantizedPages, kv_bytes_per_token
+
+PROMPTS = ["def fibonacci(n):", "import os", "class Stack:", "for i in range(10):", "def main():",
+           "import numpy as np"]
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+
+def _engine(**overrides) -> LLMEngine:
+    cfg = dict(num_kv_blocks=64, use_cuda_graphs=False, device="cpu")
+    cfg.update(overrides)
+    return LLMEngine(**cfg)
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[list[int]]:
+    return [o.token_ids for o in _engine().generate(PROMPTS, GREEDY)]
+
+
+def test_config_fields_and_validation() -> None:
+    for dtype in ("int8", "int4"):
+        assert EngineConfig(kv_cache_dtype=dtype).validate().kv_cache_quantized
+    cfg = EngineConfig(kv_compression="h2o", kv_budget_tokens=128).validate()
+    assert cfg.kv_compression_config().policy == "heavy-hitter"
+    assert EngineConfig(kv_compression="hybrid", kv_compression_ratio=4.0).kv_compression_config().bits == 4
+    with pytest.raises(ValueError, match="budget_tokens or ratio"):
+        EngineConfig(kv_compression="streaming").validate()
+    with pytest.raises(ValueError, match="policy"):
+        EngineConfig(kv_compression="lru", kv_budget_tokens=64).validate()
+    with pytest.raises(ValueError, match="dtype"):
+        EngineConfig(kv_cache_dtype="int3").validate()
+
+
+def test_quantized_pool_fits_more_blocks_for_the_same_bytes() -> None:
+    budget = 8 * 2**20
+    blocks = {}
+    for dtype in ("bfloat16", "int8", "int4"):
+        e = _engine(num_kv_blocks=None, kv_cache_memory_bytes=budget, kv_cache_dtype=dtype)
+        blocks[dtype] = e.block_manager.num_blocks
+        assert e.runner.block_bytes * blocks[dtype] <= budget
+        k_pages, v_pages = e.runner.kv_caches[0]
+        if dtype == "bfloat16":
+            assert k_pages.dtype == torch.bfloat16
+        else:  # quantized pools only: no 16-bit pages anywhere
+            assert isinstance(k_pages, QuantizedPages) and isinstance(v_pages, QuantizedPages)
+            assert e.runner.k_cache is None and e.runner.v_cache is None
+            assert k_pages.bits == int(dtype[3:])
+    g = e.runner.geometry
+    for dtype, bits in (("int8", 8), ("int4", 4)):
+        # bf16 K+V bytes per token over the quantized format's (scales included)
+        expected = 2 * 2 * g.head_dim * g.num_kv_heads / kv_bytes_per_token(g.num_kv_heads, g.head_dim, bits)
+        assert blocks[dtype] / blocks["bfloat16"] == pytest.approx(expected, rel=0.03)
+    assert blocks["int8"] / blocks["bfloat16"] > 1.8 and blocks["int4"] / blocks["bfloat16"] > 3.4
+
+
+@pytest.mark.parametrize("dtype,min_agree", [("int8", 0.80), ("int4", 0.40)])
+def test_quantized_pages_generate_close_to_float(reference, dtype: str, min_agree: float) -> None:
+    e = _engine(kv_cache_dtype=dtype)
+    outs = [o.token_ids for o in e.generate(PROMPTS, GREEDY)]
+    same = sum(a == b for ref, out in zip(reference, outs, strict=True) for a, b in zip(ref, out, strict=True))
+    total = sum(len(r) for r in reference)
+    # Measured on the shipped model (fp32 on CPU): int8 83/96 (5 of 6 prompts identical; the
+    # other splits at a 0.198-vs-0.191 near-tie), int4 50/96.
+    assert same / total >= min_agree, (dtype, same, total)
+    if dtype == "int8":
+        assert sum(r == o for r, o in zip(reference, outs, strict=True)) >= len(PROMPTS) - 2
+    s = e.stats()
+    assert s.kv_blocks_used == 0 and s.requests_finished_total == len(PROMPTS)
+    e.block_manager.check_invariants([])
+
+
+def _run_with_eviction(**overrides):
+    """Two long greedy generations under a small budget; checks every eviction's effect on the pool."""
+    e = _engine(num_kv_blocks=96, block_size=16, kv_sink_tokens=4, kv_window_tokens=32, kv_budget_tokens=64,
+                **overrides)
+    bm = e.block_manager
+    drops: list[tuple[int, int, int]] = []
+    real_drop = bm.drop_blocks
+
+    def drop_blocks(seq, indices):
+        before = bm.num_free_blocks
+        freed = real_drop(seq, indices)
+        drops.append((len(indices), freed, bm.num_free_blocks - before))
+        return freed
+
+    bm.drop_blocks = drop_blocks
+    params = SamplingParams(max_tokens=160, temperature=0.0, ignore_eos=True)
+    ids = [e.add_request(p, params) for p in PROMPTS[:2]]
+    budget_blocks = e.kv_mgr.policy.budget(0) // 16
+    finished, mid_stats = {}, None
+    while e.has_unfinished_requests():
+        for out in e.step():
+            if out.finished:
+                finished[out.request_id] = out
+        for seq in e.scheduler.running:
+            # Evicted right after each step: at most the budget plus the block being filled.
+            assert len(seq.block_table) <= budget_blocks + 1
+        if drops and e.scheduler.running:
+            mid_stats = e.stats()  # the last snapshot while the sequences still hold their cache
+    assert sorted(finished) == sorted(ids)
+    assert all(len(finished[i].token_ids) == 160 for i in ids)
+    assert drops and all(n == freed == rise for n, freed, rise in drops)
+    s = e.stats()
+    assert s.kv_blocks_evicted_total == sum(n for n, _, _ in drops) > 0
+    assert mid_stats.kv_bytes_saved > 0 and mid_stats.kv_compression_ratio > 1.0
+    # Every block is back once all requests finished.
+    bm.check_invariants([])
+    assert bm.num_free_blocks == bm.num_blocks and s.kv_blocks_used == 0
+    assert not e.kv_mgr._scores
+    return e, finished
+
+
+def test_streaming_eviction_keeps_blocks_within_budget_and_frees_them() -> None:
+    e, _ = _run_with_eviction(kv_compression="streaming")
+    assert e.kv_mgr.blocks_evicted == e.block_manager.blocks_dropped
+
+
+@pytest.mark.parametrize("policy,dtype", [("heavy-hitter", "auto"), ("hybrid", "int8")])
+def test_scored_eviction_with_quantized_pages(policy: str, dtype: str) -> None:
+    e, _ = _run_with_eviction(kv_compression=policy, kv_cache_dtype=dtype, kv_score_interval=4)
+    assert e.kv_mgr.quantized == (policy == "hybrid")
+
+
+def test_abort_and_preemption_forget_scores() -> None:
+    e = _engine(kv_compression="heavy-hitter", kv_budget_tokens=64, kv_window_tokens=32)
+    rid = e.add_request("def f(x):", SamplingParams(max_tokens=50, ignore_eos=True))
+    e.step()
+    assert rid in e.kv_mgr._scores  # the prefill step scored
+    assert e.abort(rid) and rid not in e.kv_mgr._scores
+    e.step()
+    e.block_manager.check_invariants([])
+
+
+@pytest.mark.parametrize("flags", [["--kv-cache-dtype", "int8"],
+                                   ["--kv-compression", "streaming", "--kv-budget-tokens", "256"]])
+def test_server_flags_build_an_engine_that_generates(flags: list[str]) -> None:
+    pytest.importorskip("pydantic_settings")
+    from stream_attention.server.engine_bridge import build_engine
+    from stream_attention.server.settings import settings_from_args
+
+    settings = settings_from_args([*flags, "--device", "cpu", "--kv-cache-blocks", "64", "--env-file", "/dev/null"])
+    engine = build_engine(settings)
+
+    async def run():
+        await engine.start()
+        try:
+            return await engine.generate("def add(a, b):", SamplingParams(max_tokens=8, ignore_eos=True))
+        finally:
+            await engine.shutdown()
+
+    out = asyncio.run(run())
+    assert len(out.token_ids) == 8 and out.finished
+    cfg = engine.engine.config
+    if "int8" in flags:
+        assert engine.engine.kv_mgr.quantized and cfg.kv_cache_dtype == "int8"
+    else:
+        assert cfg.kv_compression == "streaming" and cfg.kv_budget_tokens == 256
