@@ -3,13 +3,17 @@
 #
 #   STAGES="tests fwd bwd hf engine kvquant server train" bash scripts/gpu_run.sh
 #
+# The server stage needs FastAPI and friends, which the GPU image lacks: run
+# scripts/fetch_gpu_wheels.sh here first and carry `.whl`. The train stage needs the
+# corpus built by `python -m stream_attention.models.data`: carry `build/default_model`.
+#
 # Runs from the repository root on the GPU machine (no network): the package is used
 # from the checkout via PYTHONPATH. Each stage is bounded by `timeout`; a failing stage
 # is recorded and the next one still runs. At most 8 files come back from $OUT, so all
 # stage outputs are packed into $OUT/results.tgz, with summary.json and gpu.log beside it.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
-STAGES=${STAGES:-"tests fwd bwd"}
+STAGES=${STAGES:-"ceil tests fwd bwd hf engine kvquant"}
 RES=/tmp/gpu_results
 rm -rf "$RES"; mkdir -p "$RES" "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
