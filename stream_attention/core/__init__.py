@@ -1,10 +1,13 @@
-"""Attention modules: the fused kernel's module wrappers, the SDPA baseline, config."""
+"""Attention modules: the fused kernel's module wrappers, the SDPA baseline, config,
+and the long-context variants on ``torch.distributed``."""
 
 from .attention import StreamAttention
 from .config import StreamAttentionConfig
 from .flash_baseline import FlashAttentionV3
-from .functional import fused_attention
+from .functional import fused_attention, fused_attention_varlen
 from .fused_online_attention import FusedOnlineAttention
+from .ring_attention import RingAttention, ring_attention
+from .star_attention import StarAttention, star_attention
 
 __all__ = [
     "StreamAttention",
@@ -12,4 +15,9 @@ __all__ = [
     "FusedOnlineAttention",
     "FlashAttentionV3",
     "fused_attention",
+    "fused_attention_varlen",
+    "RingAttention",
+    "ring_attention",
+    "StarAttention",
+    "star_attention",
 ]

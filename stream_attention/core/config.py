@@ -38,7 +38,8 @@ class StreamAttentionConfig:
         causal: default masking of ``forward`` when the caller does not say.
         backend: ``"auto"``, ``"triton"`` or ``"sdpa"`` (``STREAM_ATTENTION_BACKEND``
             overrides ``"auto"`` at call time).
-        ring_attention_block_size: tokens per rank-local block in ring attention.
+        ring_attention_block_size: per-rank tokens above which the distributed engine
+            prefills a prompt with ring attention (threshold = world size × this).
         ring_attention_overlap: overlap K/V transfers with compute.
         ring_attention_zigzag: zigzag sharding to balance causal work across ranks.
         star_attention_block_size: context tokens per rank in star attention.
