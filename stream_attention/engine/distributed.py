@@ -65,7 +65,6 @@ from .config import EngineConfig
 from .llm_engine import LLMEngine, PromptLike, load_model
 from .model_runner import ModelGeometry
 from .sequence import Sequence, SequenceStatus
-from .tokenizer import IncrementalDetokenizer
 from .types import FinishReason, PromptTooLongError, QueueFullError, Request, RequestOutput, SamplingParams
 
 log = logging.getLogger("stream_attention.engine.distributed")
@@ -501,18 +500,7 @@ class DistributedLLMEngine(LLMEngine):
             raise ValueError(f"request_id {req.request_id!r} is already in use")
         if bounded and len(self._dist_waiting) >= self.config.max_waiting:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)")
-        seq = Sequence(
-            request_id=req.request_id,
-            prompt_token_ids=list(req.prompt_token_ids),
-            params=req.params,
-            arrival_time=req.arrival_time or time.time(),
-            prompt=req.prompt,
-            stream=stream,
-            eos_token_ids=self.eos_token_ids,
-            max_model_len=self.max_model_len,
-        )
-        if stream or seq.params.stop:
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
+        seq = self._new_sequence(req, stream)
         self._dist_waiting.append(seq)
         self._dist_seqs[seq.request_id] = seq
         return seq.request_id

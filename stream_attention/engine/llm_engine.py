@@ -181,17 +181,8 @@ class LLMEngine:
         if not self.config.enable_chunked_prefill and total > self.config.max_num_batched_tokens:
             raise PromptTooLongError(f"{total} tokens exceed max_num_batched_tokens without chunked prefill")
 
-    def add_request(self, prompt: PromptLike, params: SamplingParams | None = None, *,
-                    request_id: str | None = None, stream: bool = True, bounded: bool = True) -> str:
-        """Queue a request; returns its id.
-
-        ``stream=False`` skips per-step detokenization (the text is produced once at the
-        end). ``bounded=False`` bypasses the waiting-queue bound (offline batches).
-        Raises :class:`QueueFullError`, :class:`PromptTooLongError` or ``ValueError``.
-        """
-        req = self.make_request(prompt, params, request_id)
-        if req.request_id in self._seqs:
-            raise ValueError(f"request_id {req.request_id!r} is already in use")
+    def _new_sequence(self, req: Request, stream: bool) -> Sequence:
+        """The engine's record of a validated request (detokenized per step when streamed)."""
         seq = Sequence(
             request_id=req.request_id,
             prompt_token_ids=list(req.prompt_token_ids),
@@ -204,6 +195,20 @@ class LLMEngine:
         )
         if stream or seq.params.stop:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
+        return seq
+
+    def add_request(self, prompt: PromptLike, params: SamplingParams | None = None, *,
+                    request_id: str | None = None, stream: bool = True, bounded: bool = True) -> str:
+        """Queue a request; returns its id.
+
+        ``stream=False`` skips per-step detokenization (the text is produced once at the
+        end). ``bounded=False`` bypasses the waiting-queue bound (offline batches).
+        Raises :class:`QueueFullError`, :class:`PromptTooLongError` or ``ValueError``.
+        """
+        req = self.make_request(prompt, params, request_id)
+        if req.request_id in self._seqs:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        seq = self._new_sequence(req, stream)
         if bounded:
             self.scheduler.add(seq)
         else:
