@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import lru_cache
 from typing import Any
 
@@ -141,46 +141,26 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
-    async def chunks() -> AsyncIterator[bytes]:
-        seen = 0
-        text_len = len(echo)
-        last: RequestOutput | None = None
-        try:
-            if echo:
-                yield event(
-                    {**base(), "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]}
-                )
-            async for out in gen:
-                last = out
-                lps = new_logprobs(out, seen)
-                seen += len(out.delta_token_ids)
-                if not out.delta_text and not out.delta_token_ids and not out.finished:
-                    continue
-                choice = {
-                    "index": 0,
-                    "text": out.delta_text,
-                    "logprobs": None,
-                    "finish_reason": _finish_reason(out) if out.finished else None,
-                }
-                if params.logprobs is not None:
-                    choice["logprobs"] = completion_logprobs(state, lps, text_len)
-                text_len += len(out.delta_text)
-                chunk = {**base(), "choices": [choice]}
-                if include_usage:
-                    chunk["usage"] = out.usage if continuous else None
-                yield event(chunk)
-            if include_usage and last is not None:
-                yield event({**base(), "choices": [], "usage": last.usage})
-            yield DONE
-        except APIError as exc:
-            yield sse_error_event(exc.message, code=exc.code, status=exc.status)
-        except Exception as exc:  # after the 200 went out, an event is all that is left
-            log.exception("stream of %s failed", gen.request_id)
-            yield sse_error_event(f"internal error: {type(exc).__name__}", code="internal_error")
-        finally:
-            await gen.close()
+    text_len = len(echo)
 
-    return EventStreamResponse(chunks())
+    def completion_choice(out: RequestOutput, lps: Any) -> dict[str, Any]:
+        nonlocal text_len
+        choice: dict[str, Any] = {
+            "index": 0,
+            "text": out.delta_text,
+            "logprobs": None,
+            "finish_reason": _finish_reason(out) if out.finished else None,
+        }
+        if params.logprobs is not None:
+            choice["logprobs"] = completion_logprobs(state, lps, text_len)
+        text_len += len(out.delta_text)
+        return choice
+
+    opening = (
+        {**base(), "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]} if echo else None
+    )
+    chunks = _openai_chunks(gen, base, opening, completion_choice, include_usage, continuous)
+    return EventStreamResponse(chunks)
 
 
 @router.post("/chat/completions")
@@ -223,47 +203,24 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
-    async def chunks() -> AsyncIterator[bytes]:
-        seen = 0
-        last: RequestOutput | None = None
-        try:
-            first = {
-                **base(),
-                "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                ],
-            }
-            if include_usage:
-                first["usage"] = None
-            yield event(first)
-            async for out in gen:
-                last = out
-                lps = new_logprobs(out, seen)
-                seen += len(out.delta_token_ids)
-                if not out.delta_text and not out.delta_token_ids and not out.finished:
-                    continue
-                choice = {
-                    "index": 0,
-                    "delta": {"content": out.delta_text} if out.delta_text else {},
-                    "logprobs": chat_logprobs(state, lps) if params.logprobs is not None else None,
-                    "finish_reason": _finish_reason(out) if out.finished else None,
-                }
-                chunk = {**base(), "choices": [choice]}
-                if include_usage:
-                    chunk["usage"] = out.usage if continuous else None
-                yield event(chunk)
-            if include_usage and last is not None:
-                yield event({**base(), "choices": [], "usage": last.usage})
-            yield DONE
-        except APIError as exc:
-            yield sse_error_event(exc.message, code=exc.code, status=exc.status)
-        except Exception as exc:  # after the 200 went out, an event is all that is left
-            log.exception("stream of %s failed", gen.request_id)
-            yield sse_error_event(f"internal error: {type(exc).__name__}", code="internal_error")
-        finally:
-            await gen.close()
+    def chat_choice(out: RequestOutput, lps: Any) -> dict[str, Any]:
+        return {
+            "index": 0,
+            "delta": {"content": out.delta_text} if out.delta_text else {},
+            "logprobs": chat_logprobs(state, lps) if params.logprobs is not None else None,
+            "finish_reason": _finish_reason(out) if out.finished else None,
+        }
 
-    return EventStreamResponse(chunks())
+    opening = {
+        **base(),
+        "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        ],
+    }
+    if include_usage:
+        opening["usage"] = None
+    chunks = _openai_chunks(gen, base, opening, chat_choice, include_usage, continuous)
+    return EventStreamResponse(chunks)
 
 
 @router.get("/models")
@@ -279,3 +236,41 @@ async def models(request: Request) -> JSONResponse:
         "vocab_size": len(state.tokenizer) if state.tokenizer is not None else None,
     }
     return JSONResponse({"object": "list", "data": [card]})
+
+
+async def _openai_chunks(
+    gen: Any,
+    base: Callable[[], dict[str, Any]],
+    opening: dict[str, Any] | None,
+    make_choice: Callable[[RequestOutput, Any], dict[str, Any]],
+    include_usage: bool,
+    continuous: bool,
+) -> AsyncIterator[bytes]:
+    """The SSE frame both OpenAI streaming routes share: an optional opening chunk, one
+    chunk per non-empty output, the usage chunk when asked for, ``[DONE]``; failures after
+    the 200 went out become error events, and the request is always closed."""
+    seen = 0
+    last: RequestOutput | None = None
+    try:
+        if opening is not None:
+            yield event(opening)
+        async for out in gen:
+            last = out
+            lps = new_logprobs(out, seen)
+            seen += len(out.delta_token_ids)
+            if not out.delta_text and not out.delta_token_ids and not out.finished:
+                continue
+            chunk = {**base(), "choices": [make_choice(out, lps)]}
+            if include_usage:
+                chunk["usage"] = out.usage if continuous else None
+            yield event(chunk)
+        if include_usage and last is not None:
+            yield event({**base(), "choices": [], "usage": last.usage})
+        yield DONE
+    except APIError as exc:
+        yield sse_error_event(exc.message, code=exc.code, status=exc.status)
+    except Exception as exc:  # after the 200 went out, an event is all that is left
+        log.exception("stream of %s failed", gen.request_id)
+        yield sse_error_event(f"internal error: {type(exc).__name__}", code="internal_error")
+    finally:
+        await gen.close()
