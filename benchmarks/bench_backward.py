@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from stream_attention.core.benchmarking import spin_up_gpu, tuned_configs  # noqa: E402
 from stream_attention.core.functional import fused_attention  # noqa: E402
 
 IMPLS = ("fused", "sdpa_flash", "sdpa_cudnn")
@@ -186,6 +187,7 @@ def main() -> int:
         report["elapsed_s"] = time.perf_counter() - t0
         out_path.write_text(json.dumps(report, indent=1))
 
+    spin_up_gpu()
     report["gradient_check"] = gradient_check()
     flush()
     print("gradient check:", json.dumps(report["gradient_check"]), flush=True)
@@ -200,6 +202,7 @@ def main() -> int:
                 flush()
                 cells = "  ".join(f"{name}={row[name].get('fwd_bwd_tflops', float('nan')):.0f}" for name in IMPLS)
                 print(f"D={d} causal={causal!s:5} N={n:5}  fwd+bwd TFLOP/s  {cells}", flush=True)
+    report["tuned_configs"] = tuned_configs()
     flush()
     print(f"wrote {out_path} in {report['elapsed_s']:.0f} s", flush=True)
     return 0 if all(r["ok"] for r in report["gradient_check"]) else 1

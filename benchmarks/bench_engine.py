@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
     ap.add_argument("--only", choices=["decode", "throughput"], default=None)
     args = ap.parse_args(argv)
+    from stream_attention.core.benchmarking import spin_up_gpu
+
+    spin_up_gpu()
     if not torch.cuda.is_available():
         print("bench_engine needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         help="smoke run: a 2-layer fp32 Llama, on CPU through Triton's interpreter when there is no GPU",
     )
     args = parser.parse_args(argv)
+    from stream_attention.core.benchmarking import spin_up_gpu
+
+    spin_up_gpu()
     if not args.tiny and not torch.cuda.is_available():
         print("bench_hf needs a CUDA GPU (or --tiny)", file=sys.stderr)
         return 2

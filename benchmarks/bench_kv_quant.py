@@ -215,6 +215,9 @@ def main() -> None:
     p.add_argument("--seq-tokens", type=int, default=4096)
     p.add_argument("--time-budget", type=float, default=75.0, help="seconds before optional parts are skipped")
     args = p.parse_args()
+    from stream_attention.core.benchmarking import spin_up_gpu
+
+    spin_up_gpu()
     if not torch.cuda.is_available():
         sys.exit("bench_kv_quant.py needs a CUDA GPU")
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..core.benchmarking import attention_bytes, attention_flops, time_ms
+from ..core.benchmarking import attention_bytes, attention_flops, spin_up_gpu, time_ms
 from ..core.flash_baseline import available_sdpa_backends
 from ..core.functional import fused_attention
 from ..core.sdpa import sdpa_attention
@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--seq values must be positive")
     if not 16 <= args.dim <= 256:
         raise SystemExit(f"--dim {args.dim} unsupported (16..256)")
+    if args.device is None or str(args.device).startswith("cuda"):
+        spin_up_gpu(torch.device(args.device or "cuda"))
     rows = run_benchmark(
         args.seq,
         batch=args.batch,

@@ -56,3 +56,34 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 10, it
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+def spin_up_gpu(device: torch.device | None = None, seconds: float = 1.0) -> None:
+    """Keep the GPU busy with bf16 matrix products for ``seconds`` so its clocks have
+    ramped before the first autotuning pass or timing (an idle GPU runs the first
+    few hundred milliseconds of work at a low clock, which misleads the autotuner)."""
+    if not torch.cuda.is_available():
+        return
+    import time
+
+    a = torch.randn(4096, 4096, device=device or "cuda", dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(20):
+            a = (a @ a).clamp_(-1, 1)
+        torch.cuda.synchronize(device)
+
+
+def tuned_configs() -> dict[str, dict]:
+    """The config each autotuned Triton kernel of the package chose, per tuning key."""
+    from ..kernels import attention_bwd, attention_fwd
+
+    out: dict[str, dict] = {}
+    for name, tuner in (
+        ("fwd", attention_fwd._attn_fwd_tuned),
+        ("bwd_dkdv", attention_bwd._bwd_dkdv_tuned),
+        ("bwd_dq", attention_bwd._bwd_dq_tuned),
+    ):
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            out[f"{name}{tuple(key)}"] = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    return out

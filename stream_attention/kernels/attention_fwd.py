@@ -237,7 +237,7 @@ def _attn_fwd_kernel(
     philox_seed,
     philox_offset,
     dropout_p,
-    tune_bucket,  # autotune key only: the max query length rounded to a power of two
+    tune_bucket,  # autotune key only: the coarse length class of `_bucket`
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -492,8 +492,16 @@ _attn_fwd_tuned = triton.autotune(
 )(_attn_fwd_kernel)
 
 
+# Autotune buckets of the longest query (or key, for the backward) length: decode-like,
+# short prefill, mid and long. Every bucket costs one tuning pass (a compile and a timing
+# of each config) per feature combination, so they are few and coarse.
+# The value is the bucket's upper edge (all multiples of 16, so Triton's integer
+# specialisation never splits a bucket into two compiles).
+_TUNE_BUCKETS = (16, 256, 4096)
+
+
 def _bucket(n: int) -> int:
-    return min(1 << max(int(n) - 1, 0).bit_length(), 1 << 16)
+    return next((edge for edge in _TUNE_BUCKETS if n <= edge), 1 << 16)
 
 
 def dot_precision_for(dtype: torch.dtype) -> str:
