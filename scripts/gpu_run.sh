@@ -26,8 +26,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
 declare -A STATUS
-run() {  # run NAME SECONDS CMD...
+run() {  # run NAME SECONDS CMD...   (LIMIT_<NAME>=s overrides the limit)
   local name=$1 limit=$2; shift 2
+  local override="LIMIT_${name}"; limit=${!override:-$limit}
   echo "=== [$name] $(date +%T) $*"
   local t0=$SECONDS
   timeout "$limit" "$@"; local rc=$?
@@ -46,8 +47,8 @@ for stage in $STAGES; do
                  --tokens-per-batch 16384 --heads $((2048 / d)) --dim $d $c --dtype bf16 --warmup 25 --iters 100 \
                  --impls sdpa-flash sdpa-cudnn flex --no-progress --json "$RES/fwd_d${d}${c:+_causal}.json"
              done; done ;;
-    bwd)     run bwd 240 python3 benchmarks/bench_backward.py --out "$RES/bwd.json" ;;
-    hf)      run hf 150 python3 benchmarks/bench_hf.py --out "$RES/hf.json" ;;
+    bwd)     run bwd 240 python3 benchmarks/bench_backward.py --out "$RES/bwd.json" --budget-s "${BWD_BUDGET_S:-165}" ;;
+    hf)      run hf 150 python3 benchmarks/bench_hf.py --out "$RES/hf.json" --budget-s "${HF_BUDGET_S:-85}" ;;
     engine)  run engine 300 python3 benchmarks/bench_engine.py --out "$RES/engine.json" ;;
     kvquant) run kvquant 150 python3 benchmarks/bench_kv_quant.py --out "$RES/kv_quant.json" ;;
     server)  run server 300 python3 benchmarks/bench_server.py --out "$RES/server.json" ;;
