@@ -143,10 +143,8 @@ def _wordlevel_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", pad_token="t0")
 
 
-def throughput(quick: bool) -> dict:
+def _model(quick: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from stream_attention.engine import LLMEngine, SamplingParams
 
     dev = torch.device("cuda")
     n_prompts, prompt_len, gen = (16, 512, 64) if quick else (64, 512, 256)
@@ -159,35 +157,48 @@ def throughput(quick: bool) -> dict:
     with torch.device(dev):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     model.set_attn_implementation("sdpa")
-    params_b = sum(p.numel() for p in model.parameters()) / 1e9
     prompts = torch.randint(2, cfg.vocab_size, (n_prompts, prompt_len), generator=torch.Generator().manual_seed(1))
-    result = {"model_params_B": params_b, "prompts": n_prompts, "prompt_len": prompt_len, "gen_tokens": gen}
+    result = {"model_params_B": sum(p.numel() for p in model.parameters()) / 1e9, "prompts": n_prompts,
+              "prompt_len": prompt_len, "gen_tokens": gen}
+    return model, cfg, prompts, gen, result
 
-    # HF generate, static cache, greedy, every sequence runs the full length.
+
+def hf_static(quick: bool) -> dict:
+    """HF ``generate`` with a static cache, greedy, every sequence the full length."""
+    model, cfg, prompts, gen, result = _model(quick)
+    n_prompts, prompt_len = prompts.shape
     model.generation_config.eos_token_id = None
-    ids = prompts.to(dev)
+    ids = prompts.to("cuda")
     mask = torch.ones_like(ids)
     hf_kwargs = dict(attention_mask=mask, max_new_tokens=gen, min_new_tokens=gen, do_sample=False,
                      cache_implementation="static", pad_token_id=0)
-    try:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(ids, **hf_kwargs)  # warm-up (and compilation, if transformers compiles)
-        torch.cuda.synchronize()
-        result["hf_warmup_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(ids, **hf_kwargs)
-        torch.cuda.synchronize()
-        hf_s = time.perf_counter() - t0
-        assert out.shape[1] == prompt_len + gen
-        result["hf_static_s"] = hf_s
-        result["hf_static_tok_s"] = n_prompts * gen / hf_s
-    except Exception as exc:
-        result["hf_static_error"] = repr(exc)[:500]
-    gc.collect()
-    torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, **hf_kwargs)  # warm-up (and compilation, if transformers compiles)
+    torch.cuda.synchronize()
+    result["hf_warmup_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, **hf_kwargs)
+    torch.cuda.synchronize()
+    hf_s = time.perf_counter() - t0
+    assert out.shape[1] == prompt_len + gen
+    result["hf_static_s"] = hf_s
+    result["hf_static_tok_s"] = n_prompts * gen / hf_s
+    with torch.inference_mode():
+        ref = model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                             pad_token_id=0)[:, prompt_len:].tolist()
+    result["hf_first8"] = ref
+    print(json.dumps(result), flush=True)
+    return result
 
+
+def engine_throughput(quick: bool) -> dict:
+    """Our engine on the same model, prompts and lengths (greedy, ignore EOS)."""
+    from stream_attention.engine import LLMEngine, SamplingParams
+
+    model, cfg, prompts, gen, result = _model(quick)
+    n_prompts = prompts.shape[0]
     tok = _wordlevel_tokenizer(cfg.vocab_size)
     t0 = time.perf_counter()
     engine = LLMEngine(
@@ -211,6 +222,7 @@ def throughput(quick: bool) -> dict:
     result["engine_tok_s"] = n_prompts * gen / eng_s
     ttft = sorted(o.time_to_first_token for o in outs)
     result["engine_ttft_p50_s"] = ttft[len(ttft) // 2]
+    result["engine_first8"] = [outs[i].token_ids[:8] for i in range(2)]
     # Where the time goes: prefill alone, then decode steps alone.
     t0 = time.perf_counter()
     engine.generate(plist, SamplingParams(max_tokens=1, ignore_eos=True))
@@ -225,16 +237,7 @@ def throughput(quick: bool) -> dict:
             g.graph.replay()
         torch.cuda.synchronize()
         result["graph_replay_ms"] = 1e3 * (time.perf_counter() - t0) / 20
-    if "hf_static_tok_s" in result:
-        result["ratio_vs_hf_static"] = result["engine_tok_s"] / result["hf_static_tok_s"]
-    stats = engine.stats()
-    result["preemptions"] = stats.preemptions_total
-    # Greedy agreement with HF on a couple of prompts (bf16: early tokens should match).
-    with torch.inference_mode():
-        model.set_attn_implementation("sdpa")
-        ref = model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                             pad_token_id=0)[:, prompt_len:].tolist()
-    result["greedy_first8_match_hf"] = [outs[i].token_ids[:8] == ref[i] for i in range(2)]
+    result["preemptions"] = engine.stats().preemptions_total
     print(json.dumps(result), flush=True)
     return result
 
@@ -243,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
-    ap.add_argument("--only", choices=["decode", "throughput"], default=None)
+    ap.add_argument("--only", choices=["decode", "hf", "engine"], default=None,
+                    help="one part only (the GPU script runs each part in its own process)")
     args = ap.parse_args(argv)
     from stream_attention.core.benchmarking import spin_up_gpu
 
@@ -267,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import faulthandler
+
+    faulthandler.enable()
     if args.only in (None, "decode"):
         try:
             report["decode"] = decode_bandwidth(args.quick)
@@ -274,13 +281,16 @@ def main(argv: list[str] | None = None) -> int:
             report["decode"] = {"error": repr(exc)[:1000]}
         gc.collect()
         torch.cuda.empty_cache()
-    if args.only in (None, "throughput"):
-        try:
-            report["throughput"] = throughput(args.quick)
-        except Exception as exc:
-            import traceback
+    for part, fn in (("hf", hf_static), ("engine", engine_throughput)):
+        if args.only in (None, part):
+            try:
+                report[part] = fn(args.quick)
+            except Exception as exc:
+                import traceback
 
-            report["throughput"] = {"error": repr(exc)[:1000], "trace": traceback.format_exc()[-3000:]}
+                report[part] = {"error": repr(exc)[:1000], "trace": traceback.format_exc()[-3000:]}
+            gc.collect()
+            torch.cuda.empty_cache()
     report["total_s"] = time.perf_counter() - t0
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out} in {report['total_s']:.0f} s")

@@ -26,6 +26,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
 declare -A STATUS
+lim() { local v="LIMIT_$1"; echo "${!v:-$2}"; }
 run() {  # run NAME SECONDS CMD...   (LIMIT_<NAME>=s overrides the limit)
   local name=$1 limit=$2; shift 2
   local override="LIMIT_${name}"; limit=${!override:-$limit}
@@ -49,7 +50,16 @@ for stage in $STAGES; do
              done; done ;;
     bwd)     run bwd 240 python3 benchmarks/bench_backward.py --out "$RES/bwd.json" --budget-s "${BWD_BUDGET_S:-165}" ;;
     hf)      run hf 150 python3 benchmarks/bench_hf.py --out "$RES/hf.json" --budget-s "${HF_BUDGET_S:-85}" ;;
-    engine)  run engine 300 python3 benchmarks/bench_engine.py --out "$RES/engine.json" ;;
+    engine)  for part in decode hf engine; do
+               run "engine_$part" "$(lim engine_$part 150)" python3 benchmarks/bench_engine.py --only $part --out "$RES/engine_$part.json"
+             done
+             if [[ ${STATUS[engine_engine]} != rc=0* ]]; then  # a crash: rerun small and synchronous for a traceback
+               run engine_debug 120 env CUDA_LAUNCH_BLOCKING=1 python3 benchmarks/bench_engine.py --only engine --quick \
+                 --out "$RES/engine_debug.json"
+             fi ;;
+    hopper)  run hopper 330 python3 benchmarks/bench_hopper.py --out "$RES/hopper.json" --png "$OUT/hopper_fwd.png" \
+               --budget-s "${HOPPER_BUDGET_S:-280}" --sweep-s "${HOPPER_SWEEP_S:-110}" ;;
+    fp8)     run fp8 120 python3 benchmarks/bench_fp8.py --out "$RES/fp8.json" ;;
     kvquant) run kvquant 150 python3 benchmarks/bench_kv_quant.py --out "$RES/kv_quant.json" ;;
     server)  run server 300 python3 benchmarks/bench_server.py --out "$RES/server.json" ;;
     train)   run train "${TRAIN_LIMIT_S:-420}" env STREAM_ATTENTION_AUTOTUNE=0 bash benchmarks/train_default.sh "$RES/train"

@@ -4,7 +4,7 @@ and the long-context variants on ``torch.distributed``."""
 from .attention import StreamAttention
 from .config import StreamAttentionConfig
 from .flash_baseline import FlashAttentionV3
-from .functional import fused_attention, fused_attention_varlen
+from .functional import fused_attention, fused_attention_fp8, fused_attention_varlen
 from .fused_online_attention import FusedOnlineAttention
 from .ring_attention import RingAttention, ring_attention
 from .star_attention import StarAttention, star_attention
@@ -16,6 +16,7 @@ __all__ = [
     "FlashAttentionV3",
     "fused_attention",
     "fused_attention_varlen",
+    "fused_attention_fp8",
     "RingAttention",
     "ring_attention",
     "StarAttention",

@@ -1,4 +1,5 @@
-"""The functional entry points: ``fused_attention`` and ``fused_attention_varlen``.
+"""The functional entry points: ``fused_attention``, ``fused_attention_varlen`` and the
+forward-only FP8 path ``fused_attention_fp8``.
 
 Both run the Triton kernels (forward and backward, through one ``torch.autograd.Function``)
 where Triton can run, and PyTorch SDPA otherwise. Masks and dropout are validated and
@@ -12,7 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.attention_bwd import attention_backward
+from ..kernels.attention_fp8 import FP8_HEAD_DIMS, attention_forward_fp8, quantize_qkv_fp8
 from ..kernels.attention_fwd import attention_forward
+from ..kernels.runtime import TritonUnavailableError, triton_runs_on, why_triton_cannot_run
 from .backend import resolve_backend
 from .sdpa import sdpa_attention
 
@@ -479,4 +482,47 @@ def fused_attention_varlen(
             dropout_p=dropout_p,
             return_lse=return_lse,
         )
+    return (out, lse) if return_lse else out
+
+
+def fused_attention_fp8(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention forward with Q, K, V quantized to FP8 e4m3 (per-block scales), inference only.
+
+    Q gets one scale per 128 query rows and head, K one per 128 key rows and KV head, V one
+    per channel and KV head (see :mod:`stream_attention.kernels.attention_fp8`); both matrix
+    products run on fp8 tensor cores with fp32 accumulation. Expect a relative error of a
+    few percent against exact attention (e4m3 keeps 3 mantissa bits), against ~0.3% for
+    the bf16 kernel. To reuse quantized inputs (e.g. K/V across calls) use
+    ``quantize_qkv_fp8`` and ``attention_forward_fp8`` directly.
+
+    Args:
+        q: ``[B, Tq, Hq, D]``; k, v: ``[B, Tk, Hkv, D]`` (fp16/bf16/fp32, any strides), ``Hq``
+            a multiple of ``Hkv``; ``D`` one of 32, 64, 128, 256.
+        causal: mask future keys, aligned bottom-right when ``Tq != Tk``.
+        softmax_scale: defaults to ``D ** -0.5``.
+        return_lse: also return the natural-log LSE, fp32 ``[B, Hq, Tq]``.
+
+    Returns:
+        ``out [B, Tq, Hq, D]`` in ``q``'s dtype (contiguous), and the LSE when ``return_lse``.
+        Needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``. No backward.
+    """
+    check_qkv(q, k, v)
+    if q.shape[-1] not in FP8_HEAD_DIMS:
+        raise ValueError(f"fused_attention_fp8 supports head_dim in {FP8_HEAD_DIMS}, got {_shapes(q=q, k=k, v=v)}")
+    if not triton_runs_on(q.device):
+        raise TritonUnavailableError(f"fused_attention_fp8 cannot run: {why_triton_cannot_run(q.device)}")
+    if _needs_grad(q, k, v):
+        raise ValueError("fused_attention_fp8 has no backward: call it under torch.no_grad() or on detached inputs")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if not scale > 0:
+        raise ValueError(f"softmax_scale must be positive, got {softmax_scale!r}")
+    qkv = quantize_qkv_fp8(q, k, v)
+    out, lse = attention_forward_fp8(qkv, causal=causal, softmax_scale=scale, out_dtype=q.dtype)
     return (out, lse) if return_lse else out

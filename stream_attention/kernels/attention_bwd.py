@@ -939,6 +939,15 @@ _DQ_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2)]
 ]
+def _preferred_bwd_configs(head_dim: int, bounded: bool):
+    """dK/dV and dQ configs used when autotuning is off: the H100 autotuner's bf16 picks."""
+    if head_dim <= 64:
+        return (64, 64, 4, 3), (64, 64, 4, 3)
+    if head_dim <= 128:
+        return ((64, 128, 8, 2) if bounded else (32, 128, 8, 3)), (128, 64, 8, 3)
+    return None, None
+
+
 _TUNE_KEY = [
     "HEAD_DIM",
     "IS_BOUNDED",
@@ -1152,8 +1161,9 @@ def attention_backward(
                     *dq_args, **meta, STORE_DBIAS=store_dbias
                 )
             else:
-                c1 = first_config(_DKDV_CONFIGS, _prune_dkdv_configs, {"Q": q, **meta})
-                c2 = first_config(_DQ_CONFIGS, _prune_dq_configs, {"Q": q, **meta})
+                p1, p2 = _preferred_bwd_configs(head_dim, meta["IS_BOUNDED"])
+                c1 = first_config(_DKDV_CONFIGS, _prune_dkdv_configs, {"Q": q, **meta}, p1)
+                c2 = first_config(_DQ_CONFIGS, _prune_dq_configs, {"Q": q, **meta}, p2)
                 _bwd_dkdv_kernel[(triton.cdiv(seqlen_k, c1.kwargs["BLOCK_N"]), batch * hkv)](
                     *dkdv_args, **meta, **launch_kwargs(c1)
                 )

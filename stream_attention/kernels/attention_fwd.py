@@ -30,6 +30,7 @@ The backward lives in :mod:`.attention_bwd`.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -472,8 +473,21 @@ _GPU_CONFIGS = [
         (64, 32, 4, 4),
         (64, 32, 2, 3),
         (32, 32, 2, 3),
+        (16, 64, 4, 2),
     ]
 ]
+
+
+def preferred_fwd_config(head_dim: int, bucket: int) -> tuple[int, int, int, int] | None:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` used when autotuning is off: what the
+    autotuner chose on an H100 (bf16) for this head dim and query-length class."""
+    if bucket <= 16:  # decode-like: few query rows, keep the tile short
+        return (16, 64, 4, 2)
+    if bucket <= 256 or head_dim <= 64:
+        return (64, 64, 4, 3)
+    if head_dim <= 128:
+        return (128, 64, 8, 3)
+    return None
 
 _attn_fwd_tuned = triton.autotune(
     configs=_GPU_CONFIGS,
@@ -507,6 +521,18 @@ def _bucket(n: int) -> int:
 def dot_precision_for(dtype: torch.dtype) -> str:
     """fp32 inputs get true fp32 products; 16-bit inputs use the tensor cores as they are."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def tma_enabled(device: torch.device) -> bool:
+    """Whether dense, unmasked launches take the TMA-descriptor kernel
+    (:mod:`.attention_fwd_tma`): on Hopper and newer GPUs unless
+    ``STREAM_ATTENTION_TMA=0``; under the interpreter only with ``STREAM_ATTENTION_TMA=1``."""
+    setting = os.environ.get("STREAM_ATTENTION_TMA", "").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    if device.type == "cuda":
+        return True
+    return setting in ("1", "true", "yes", "on")
 
 
 def window_bounds(causal: bool, window: tuple[int, int] | None) -> tuple[int, int, bool]:
@@ -568,6 +594,13 @@ def attention_forward(
       of the un-dropped scores, as the backward expects.
     """
     varlen = cu_seqlens_q is not None
+    if not varlen and attn_mask is None and key_padding_mask is None and dropout_p == 0.0 and softmax_scale > 0:
+        from . import attention_fwd_tma as tma
+
+        if tma_enabled(q.device) and tma.tma_supported(q, k, v):
+            return tma.attention_forward_tma(
+                q, k, v, causal=causal, softmax_scale=softmax_scale, window=window, store_lse=store_lse
+            )
     head_dim = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(head_dim))
     left, right, bounded = window_bounds(causal, window)
@@ -651,6 +684,7 @@ def attention_forward(
             if autotune_enabled():
                 _attn_fwd_tuned[grid](*args, **meta)
             else:
-                cfg = first_config(_GPU_CONFIGS, _prune_configs, {"Q": q, **meta})
+                prefer = preferred_fwd_config(head_dim, _bucket(seqlen_q))
+                cfg = first_config(_GPU_CONFIGS, _prune_configs, {"Q": q, **meta}, prefer)
                 _attn_fwd_kernel[grid(cfg.kwargs)](*args, **meta, **launch_kwargs(cfg))
     return out, lse

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +56,7 @@ from ..utils.quantization import (
     unpack_codes,
 )
 from .attention_fwd import dot_precision_for
-from .runtime import interpreter_enabled
+from .runtime import autotune_enabled, interpreter_enabled
 
 __all__ = [
     "PAGE_BITS",
@@ -717,11 +716,6 @@ _paged_attn_tuned_page = triton.autotune(configs=_GPU_CONFIGS_PAGE, key=_AUTOTUN
 # graphs should pass ``launch`` explicitly: autotuning inside a graph warm-up would tune
 # on the dummy empty contexts used there.
 DEFAULT_LAUNCH = {"decode": (64, 4, 3), "prefill": (64, 4, 2)}
-
-
-def autotune_enabled() -> bool:
-    """False when ``STREAM_ATTENTION_AUTOTUNE=0``: launches then use :data:`DEFAULT_LAUNCH`."""
-    return os.environ.get("STREAM_ATTENTION_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _num_sms(device: torch.device) -> int:

@@ -61,17 +61,25 @@ def why_triton_cannot_run(device: torch.device) -> str:
 
 
 def autotune_enabled() -> bool:
-    """Whether GPU launches autotune (default) or take the first feasible config.
+    """Whether GPU launches autotune (``STREAM_ATTENTION_AUTOTUNE=1``) or take the
+    measured default config of their shape class (the default).
 
-    ``STREAM_ATTENTION_AUTOTUNE=0`` skips autotuning: every new shape key otherwise
-    compiles and times each candidate config, which dominates short test runs.
+    Autotuning compiles and times every candidate config for each new shape key, tens of
+    seconds that would land on a server's first requests or a model's first steps; the
+    defaults are the configs autotuning picked on an H100 (benchmarks/RESULTS.md).
     """
-    return os.environ.get("STREAM_ATTENTION_AUTOTUNE", "1") not in ("0", "false", "False", "no")
+    return os.environ.get("STREAM_ATTENTION_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def first_config(configs, prune, named_args):
-    """The first config of a preference-ordered list that the pruning function keeps."""
-    return prune(configs, named_args)[0]
+def first_config(configs, prune, named_args, prefer=None):
+    """``prefer`` (a ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tuple) if the pruning
+    function keeps it, else the first config of the preference-ordered list it keeps."""
+    kept = prune(configs, named_args)
+    if prefer is not None:
+        for cfg in kept:
+            if (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages) == tuple(prefer):
+                return cfg
+    return kept[0]
 
 
 def launch_kwargs(cfg) -> dict:
