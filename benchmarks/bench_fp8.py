@@ -17,10 +17,13 @@ and autotunes); TFLOP/s with FLOPs = 4·B·H·N²·D, halved when causal. Accura
 attention of the same bf16 inputs, and for fp8 also against float64 attention of its
 dequantized inputs (the kernel's own error: P's e4m3 rounding) with the LSE's max error.
 
-Budget: under 90 s on an H100. Each new (D, causal, length bucket) autotunes both Triton
-kernels (compiles dominate), so rows are run in priority order (D=128 non-causal first)
-and, once ``--budget-s`` is spent, the rest are listed under ``skipped``. The JSON is
-rewritten after every row. ``--no-autotune`` launches the first config of each kernel.
+Budget: under 90 s on an H100. Each new (D, causal, length bucket: N <= 4096 or not)
+autotunes both Triton kernels (12 bf16 + 4 fp8 configs; cold compiles dominate), so rows
+run in priority order (D=128 non-causal first) and a row is skipped (listed under
+``skipped``) when the slowest row of its kind so far would end past ``--budget-s``. Split
+the grid over several calls with ``--dims`` / ``--causal`` if needed (compiled kernels are
+cached on disk between calls on the same machine). The JSON is rewritten after every row.
+``--no-autotune`` launches the first config of each kernel (fast, not representative).
 """
 
 from __future__ import annotations
@@ -68,7 +71,12 @@ def time_row(n: int, d: int, causal: bool, warmup_ms: int, rep_ms: int, device: 
     scale = d**-0.5
     g = torch.Generator(device=dev).manual_seed(n * 1000 + d + int(causal))
     q, k, v = (torch.randn(batch, n, heads, d, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
-    qkv = fp8.quantize_qkv_fp8(q, k, v)
+    row: dict = {"N": n, "D": d, "causal": causal, "B": batch, "H": heads}
+    try:
+        qkv = fp8.quantize_qkv_fp8(q, k, v)
+    except Exception as exc:  # recorded; the fp8 cells below then fail and say so too
+        qkv = None
+        row["quant_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
 
     def cudnn():
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
@@ -85,7 +93,7 @@ def time_row(n: int, d: int, causal: bool, warmup_ms: int, rep_ms: int, device: 
         "cudnn": cudnn,
     }
     flops = fwd_flops(batch, heads, n, d, causal)
-    row: dict = {"N": n, "D": d, "causal": causal, "B": batch, "H": heads, "flops": flops}
+    row["flops"] = flops
     outs = {}
     for name, fn in fns.items():
         try:
@@ -110,6 +118,9 @@ def time_row(n: int, d: int, causal: bool, warmup_ms: int, rep_ms: int, device: 
     chunk = 2048
     exact, _ = fp8.attention_ref_f64(q[sl], k[sl], v[sl], causal=causal, softmax_scale=scale, q_chunk=chunk)
     errors = {name: _rel(o[sl], exact) for name, o in outs.items()}
+    row["rel_err_vs_f64"] = errors
+    if qkv is None:
+        return row
     qkv_slice = fp8.Fp8QKV(
         qkv.q[sl],
         qkv.q_scale[:1, :SLICE_HEADS],
@@ -128,14 +139,17 @@ def time_row(n: int, d: int, causal: bool, warmup_ms: int, rep_ms: int, device: 
         errors["fp8_lse_max_abs_vs_dequant_ref"] = float((lse8[:1, :SLICE_HEADS].double() - deq_lse).abs().max())
     except Exception as exc:
         errors["fp8_vs_dequant_ref"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    row["rel_err_vs_f64"] = errors
     return row
 
 
 def main() -> int:
+    t0 = time.perf_counter()  # the budget counts imports and CUDA start-up too
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="D=128 only, shorter timing")
+    ap.add_argument("--dims", type=int, nargs="+", default=None, help="head dims (default 128 64; --quick: 128)")
+    ap.add_argument("--causal", choices=("both", "no", "yes"), default="both", help="which masks to run")
+    ap.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384], help="sequence lengths")
     ap.add_argument("--budget-s", type=float, default=80.0, help="skip rows that would end past this many seconds")
     ap.add_argument("--no-autotune", action="store_true", help="first config of each Triton kernel, no tuning")
     args = ap.parse_args()
@@ -154,9 +168,9 @@ def main() -> int:
     from stream_attention.kernels import attention_fp8 as fp8
     from stream_attention.kernels.attention_fwd import _bucket
 
-    t0 = time.perf_counter()
-    seqs = [1024, 2048, 4096, 8192, 16384]
-    dims = [128] if args.quick else [128, 64]
+    seqs = args.seqs
+    dims = args.dims or ([128] if args.quick else [128, 64])
+    causals = {"both": (False, True), "no": (False,), "yes": (True,)}[args.causal]
     warmup_ms, rep_ms = (10, 30) if args.quick else (20, 60)
     report: dict = {
         "device": torch.cuda.get_device_name(),
@@ -184,7 +198,7 @@ def main() -> int:
     took: dict[str, list[float]] = {"tune": [], "plain": []}
     guess = {"tune": 25.0, "plain": 3.0}  # seconds, until a row of the kind has been measured
     for d in dims:
-        for causal in (False, True):
+        for causal in causals:
             for n in seqs:
                 key = (d, causal, _bucket(n))
                 kind = "plain" if key in seen_keys or args.no_autotune else "tune"

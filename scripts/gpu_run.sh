@@ -59,6 +59,8 @@ for stage in $STAGES; do
              fi ;;
     hopper)  run hopper 330 python3 benchmarks/bench_hopper.py --out "$RES/hopper.json" --png "$OUT/hopper_fwd.png" \
                --budget-s "${HOPPER_BUDGET_S:-280}" --sweep-s "${HOPPER_SWEEP_S:-110}" ;;
+    enginedebug) run engine_debug_full 120 env CUDA_LAUNCH_BLOCKING=1 python3 benchmarks/bench_engine.py --only engine \
+               --out "$RES/engine_debug_full.json" ;;
     fp8)     run fp8 120 python3 benchmarks/bench_fp8.py --out "$RES/fp8.json" ;;
     kvquant) run kvquant 150 python3 benchmarks/bench_kv_quant.py --out "$RES/kv_quant.json" ;;
     server)  run server 300 python3 benchmarks/bench_server.py --out "$RES/server.json" ;;

@@ -99,7 +99,8 @@ def test_fp8_dot_is_exact(device):
     c = torch.empty(32, 32, device=device)
     _dot_kernel[(1,)](a, b, c)
     ref = a.double() @ b.double()
-    assert (c.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    tol = 1e-5 if interpreter_enabled() else 2e-3  # Hopper's fp8 MMAs accumulate with fewer bits
+    assert (c.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
 
 
 QUANT_CASES = [
@@ -107,6 +108,7 @@ QUANT_CASES = [
     (2, 100, 100, 4, 2, 64, 32, 16, torch.float32, "bthd"),
     (1, 77, 130, 4, 1, 128, 128, 128, torch.bfloat16, "bhtd"),
     (2, 33, 17, 2, 2, 32, 16, 64, torch.float16, "bthd"),
+    (1, 40, 300, 2, 1, 64, 32, 16, torch.float32, "bhtd"),  # V's channel amax spans several chunks
 ]
 
 

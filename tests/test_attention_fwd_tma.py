@@ -41,12 +41,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("lookahead", [False, True])
 @pytest.mark.parametrize("b,tq,tk,hq,hkv,d,causal,window,layout", CASES)
-def test_tma_forward_matches_reference(b, tq, tk, hq, hkv, d, causal, window, layout):
+def test_tma_forward_matches_reference(b, tq, tk, hq, hkv, d, causal, window, layout, lookahead):
     torch.manual_seed(tq * 7 + tk)
     q, k, v = _qkv(b, tq, tk, hq, hkv, d, torch.float16, layout)
     assert tma_supported(q, k, v)
-    out, lse = attention_forward_tma(q, k, v, causal=causal, softmax_scale=d**-0.5, window=window)
+    out, lse = attention_forward_tma(q, k, v, causal=causal, softmax_scale=d**-0.5, window=window,
+                                     lookahead=lookahead)
     ref, ref_lse = reference_attention(q, k, v, causal=causal, window=window)
     assert rel_err(out, ref) < 2e-3
     finite = torch.isfinite(ref_lse)

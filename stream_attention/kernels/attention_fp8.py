@@ -19,14 +19,16 @@ causal masks aligned bottom-right, fully visible key tiles in an unmasked loop a
 diagonal / ragged-tail tiles in a masked one, GQA without repeating K/V. Per key tile::
 
     S   = dot(q8, k8^T) * (q_scale * k_scale * softmax_scale * log2 e)     (fp8 x fp8 -> fp32)
-    P   = exp2(S - m)                                                        (fp32; l sums it)
-    acc = acc * alpha + dot(e4m3(P * 256), v8 tile)                          (fp8 x fp8 -> fp32)
+    P   = exp2(S - m + 8) = 256 * exp2(S - m)                                (fp32; l sums it)
+    acc = acc * alpha + dot(e4m3(P), v8 tile)                                (fp8 x fp8 -> fp32)
 
-and at the end ``out[:, d] = acc[:, d] * v_scale[d] / (256 * l)``. Multiplying P by 256
-before the cast keeps probabilities down to ``2**-14`` of the row maximum out of e4m3's
-subnormals (P * 256 <= 256 < 448). The kernel's key tile lies inside one K quantization
-block and its query tile inside one Q block (each kernel block divides the matching
-quantization block; configs that do not are pruned).
+and at the end ``out[:, d] = acc[:, d] * v_scale[d] / l``. Scaling P by 256 (through the
+exponent, so it costs nothing) keeps probabilities down to ``2**-14`` of the row maximum
+out of e4m3's subnormals (P <= 256 < 448). The kernel's key tile lies inside one K
+quantization block and its query tile inside one Q block (each kernel block divides the
+matching quantization block; configs that do not are pruned). The only rounding the
+kernel adds to the dequantized inputs is P's (3 mantissa bits): ~2% norm-wise on random
+inputs; the LSE does not see it.
 
 Under Triton's interpreter (CPU tests) fp32 -> e4m3 casts are emulated: the interpreter's
 own cast truncates subnormals, rounds half up, and can carry a mantissa overflow into the
@@ -63,7 +65,7 @@ __all__ = [
 E4M3_MAX = 448.0
 # Head dims the kernel compiles for (whole power-of-two tiles; fp8 MMAs want K >= 32).
 FP8_HEAD_DIMS = (32, 64, 128, 256)
-# P is multiplied by this before its cast to e4m3 (and the output divided by it).
+# P is scaled by this (a power of two) before its cast to e4m3; l carries the same factor.
 P_SCALE = 256.0
 # Blocks whose amax is at most this are treated as zero (scale 1): 448 / amax must stay finite.
 _TINY_AMAX = 1e-30
@@ -343,7 +345,8 @@ def quantize_qkv_fp8(
                 num_warps=4,
             )
             v_scale, inv = _scales_from_amax(partial.amax(dim=2))
-            _quant_v_transposed_kernel[(triton.cdiv(t_pad, block_t), batch * hkv)](
+            block_v = 32 if emulate else 128  # 128 keys: 128-byte rows of V^T per store
+            _quant_v_transposed_kernel[(triton.cdiv(t_pad, block_v), batch * hkv)](
                 v,
                 v_t,
                 inv,
@@ -357,9 +360,9 @@ def quantize_qkv_fp8(
                 t_pad,
                 hkv,
                 HEAD_DIM=d,
-                BLOCK_T=block_t,
+                BLOCK_T=block_v,
                 EMULATE=emulate,
-                num_warps=4,
+                num_warps=8 if block_v * d > 64 * 128 else 4,
             )
     return Fp8QKV(q8, q_scale, k8, k_scale, v_t, v_scale, block_m, block_n)
 
@@ -483,18 +486,21 @@ def _fp8_kv_tiles(
     lo,
     hi,
     seqlen_k,
+    seqlen_k_pad,
     diag_offset,
     BLOCK_N: tl.constexpr,
     QBLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
-    P_MUL: tl.constexpr,
+    P_LOG2: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
     # The K tile's scale is fetched one iteration ahead, so its latency never stalls the loop.
     k_scale_next = tl.load(ks_base + lo // QBLOCK_N, mask=lo < hi, other=1.0)
     for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
+        # lo is a multiple of BLOCK_N; say so, or the V^T tile's address (start_n is added
+        # to it unscaled) looks unaligned and its load is not pipelined (no cp.async).
+        start_n = start_n // BLOCK_N * BLOCK_N
         k_scale = k_scale_next
         k_scale_next = tl.load(ks_base + (start_n + BLOCK_N) // QBLOCK_N, mask=start_n + BLOCK_N < hi, other=1.0)
         cols = start_n + offs_n
@@ -515,21 +521,26 @@ def _fp8_kv_tiles(
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # Rows with nothing visible yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN.
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_shift[:, None])
+            # P is kept scaled by 2**P_LOG2 (up to 256, clear of e4m3's subnormals) by
+            # shifting the exponent instead of multiplying; l carries the same factor.
+            p = tl.math.exp2(s - (m_shift - P_LOG2)[:, None])
         else:
             # coef > 0, so the row max commutes with the scaling; s * coef - m fuses to an FMA.
             m_new = tl.maximum(m_i, tl.max(s, 1) * coef)
             m_shift = m_new
-            p = tl.math.exp2(s * coef - m_shift[:, None])
+            p = tl.math.exp2(s * coef - (m_shift - P_LOG2)[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         # V^T tile read as [N, D] with N contiguous: K-major again for P @ V.
         if MASKED:  # noqa: SIM108
-            v = tl.trans(tl.load(v_ptrs + start_n, mask=col_ok[None, :], other=0.0))
+            # Masked at the padded length (a multiple of 16: whole 16-byte vectors, so the
+            # load stays a pipelined cp.async); keys in [Tk, Tpad) hold finite codes and get
+            # P = 0 exactly, so they add nothing.
+            v = tl.load(v_ptrs + start_n, mask=(cols < seqlen_k_pad)[:, None], other=0.0)
         else:
-            v = tl.trans(tl.load(v_ptrs + start_n))
-        acc = tl.dot(_to_e4m3(p * P_MUL, EMULATE), v, acc)
+            v = tl.load(v_ptrs + start_n)
+        acc = tl.dot(_to_e4m3(p, EMULATE), v, acc)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -566,6 +577,7 @@ def _attn_fwd_fp8_kernel(
     stride_lh,
     seqlen_q,
     seqlen_k,
+    seqlen_k_pad,
     num_heads_q,
     group_size,
     qk_scale,
@@ -577,7 +589,7 @@ def _attn_fwd_fp8_kernel(
     QBLOCK_M: tl.constexpr,
     QBLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
-    P_MUL: tl.constexpr,
+    P_LOG2: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
     start_m = tl.program_id(0)
@@ -602,7 +614,7 @@ def _attn_fwd_fp8_kernel(
     )
     q_coef = tl.load(QScale + b * stride_qsb + h * stride_qsh + m0 // QBLOCK_M) * qk_scale
     k_ptrs = K + b64 * stride_kb + kv_h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None]
-    v_ptrs = VT + b64 * stride_vb + kv_h * stride_vh + offs_n[None, :] + offs_d[:, None] * stride_vd
+    v_ptrs = VT + b64 * stride_vb + kv_h * stride_vh + offs_n[:, None] + offs_d[None, :] * stride_vd
     ks_base = KScale + b * stride_ksb + kv_h * stride_ksh
 
     diag_offset = seqlen_k - seqlen_q
@@ -629,12 +641,13 @@ def _attn_fwd_fp8_kernel(
         lo_full,
         hi_full,
         seqlen_k,
+        seqlen_k_pad,
         diag_offset,
         BLOCK_N,
         QBLOCK_N,
         False,
         IS_CAUSAL,
-        P_MUL,
+        P_LOG2,
         EMULATE,
     )
     acc, l_i, m_i = _fp8_kv_tiles(
@@ -652,22 +665,23 @@ def _attn_fwd_fp8_kernel(
         hi_full,
         hi_any,
         seqlen_k,
+        seqlen_k_pad,
         diag_offset,
         BLOCK_N,
         QBLOCK_N,
         True,
         IS_CAUSAL,
-        P_MUL,
+        P_LOG2,
         EMULATE,
     )
 
     v_scale = tl.load(VScale + b * stride_vsb + kv_h * stride_vsh + offs_d)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc * (1.0 / (l_safe * P_MUL))[:, None] * v_scale[None, :]
+    out = acc * (1.0 / l_safe)[:, None] * v_scale[None, :]
     o_ptrs = Out + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    # m and l live in base 2 of the scaled scores; convert back to natural log.
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    # m and l live in base 2 of the scaled scores (l times 2**P_LOG2); back to natural log.
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe) - P_LOG2) * 0.6931471805599453)
     tl.store(Lse + b * stride_lb + h * stride_lh + offs_m, lse, mask=row_ok)
 
 
@@ -725,8 +739,11 @@ def attention_forward_fp8(
     for name, t in (("q", q8), ("k", k8), ("v_t", v_t)):
         if t.dtype != torch.float8_e4m3fn or t.stride(-1) != 1:
             raise ValueError(f"qkv.{name} must be float8_e4m3fn with a unit last stride, got {t.dtype} {t.stride()}")
-    if v_t.shape[:3] != (batch, hkv, d) or v_t.shape[3] < seqlen_k:
-        raise ValueError(f"qkv.v_t{tuple(v_t.shape)} does not match k{tuple(k8.shape)} ([B, Hkv, D, >= Tk])")
+    if v_t.shape[:3] != (batch, hkv, d) or v_t.shape[3] < seqlen_k or v_t.shape[3] % V_PAD:
+        raise ValueError(
+            f"qkv.v_t{tuple(v_t.shape)} does not match k{tuple(k8.shape)}: expected [B, Hkv, D, Tpad], Tpad >= Tk "
+            f"a multiple of {V_PAD} (codes past Tk must be finite; quantize_qkv_fp8 writes zeros)"
+        )
     if hkv == 0 or hq % hkv:
         raise ValueError(f"query heads must be a multiple of key/value heads: q{tuple(q8.shape)}, k{tuple(k8.shape)}")
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -747,9 +764,9 @@ def attention_forward_fp8(
         k8.stride(0), k8.stride(1), k8.stride(2), ks.stride(0), ks.stride(1),
         v_t.stride(0), v_t.stride(1), v_t.stride(2), vs.stride(0), vs.stride(1),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        seqlen_q, seqlen_k, hq, hq // hkv, float(softmax_scale) * _LOG2E, UNBOUNDED, _bucket(seqlen_q),
+        seqlen_q, seqlen_k, v_t.shape[3], hq, hq // hkv, float(softmax_scale) * _LOG2E, UNBOUNDED, _bucket(seqlen_q),
     )  # fmt: skip
-    meta = dict(HEAD_DIM=d, QBLOCK_M=qbm, QBLOCK_N=qbn, IS_CAUSAL=bool(causal), P_MUL=P_SCALE)
+    meta = dict(HEAD_DIM=d, QBLOCK_M=qbm, QBLOCK_N=qbn, IS_CAUSAL=bool(causal), P_LOG2=math.log2(P_SCALE))
     if interpreter_enabled():
         blocks = {
             "BLOCK_M": min(INTERPRETER_BLOCKS["BLOCK_M"], qbm),

@@ -97,6 +97,45 @@ def _tma_kv_tiles(
 
 
 @triton.jit
+def _tma_kv_tiles_lookahead(
+    acc,
+    l_i,
+    m_i,
+    q,
+    desc_k,
+    desc_v,
+    k_row0,
+    k_col,
+    v_row0,
+    v_col,
+    lo,
+    hi,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+):
+    """Unmasked tiles with the next tile's ``Q K^T`` issued before this tile's softmax,
+    so the asynchronous tensor-core product can overlap the exponentials."""
+    if hi > lo:
+        k = desc_k.load([k_row0 + lo, k_col])
+        qk = tl.dot(q, k.T)
+        for start_n in tl.range(lo, hi, BLOCK_N):
+            # The last iteration recomputes the final tile instead of reading past hi.
+            nxt = tl.minimum(start_n + BLOCK_N, hi - BLOCK_N)
+            k_next = desc_k.load([k_row0 + nxt, k_col])
+            qk_next = tl.dot(q, k_next.T)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            v = desc_v.load([v_row0 + start_n, v_col])
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            m_i = m_new
+            qk = qk_next
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd_tma_kernel(
     desc_q,
     desc_k,
@@ -130,6 +169,7 @@ def _attn_fwd_tma_kernel(
     IS_BOUNDED: tl.constexpr,
     STORE_LSE: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    LOOKAHEAD: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     if IS_BOUNDED:
@@ -164,11 +204,16 @@ def _attn_fwd_tma_kernel(
             lo_any, lo_full, seqlen_k, qk_scale, diag_offset, window_left, window_right,
             BLOCK_N, True, False,
         )
-    acc, l_i, m_i = _tma_kv_tiles(
-        acc, l_i, m_i, q, desc_k, desc_v, k_row0, k_col, v_row0, v_col, offs_m, offs_n,
-        lo_full, hi_full, seqlen_k, qk_scale, diag_offset, window_left, window_right,
-        BLOCK_N, False, WARP_SPECIALIZE,
-    )
+    if LOOKAHEAD:
+        acc, l_i, m_i = _tma_kv_tiles_lookahead(
+            acc, l_i, m_i, q, desc_k, desc_v, k_row0, k_col, v_row0, v_col, lo_full, hi_full, qk_scale, BLOCK_N,
+        )
+    else:
+        acc, l_i, m_i = _tma_kv_tiles(
+            acc, l_i, m_i, q, desc_k, desc_v, k_row0, k_col, v_row0, v_col, offs_m, offs_n,
+            lo_full, hi_full, seqlen_k, qk_scale, diag_offset, window_left, window_right,
+            BLOCK_N, False, WARP_SPECIALIZE,
+        )
     acc, l_i, m_i = _tma_kv_tiles(
         acc, l_i, m_i, q, desc_k, desc_v, k_row0, k_col, v_row0, v_col, offs_m, offs_n,
         hi_full, hi_any, seqlen_k, qk_scale, diag_offset, window_left, window_right,
@@ -187,9 +232,13 @@ def _attn_fwd_tma_kernel(
         tl.store(Lse + b.to(tl.int64) * stride_lb + h * stride_lh + offs_m, lse, mask=row_ok)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim, from the H100 sweeps recorded in
-# benchmarks/RESULTS.md. Override per call with ``config=``.
-DEFAULT_TMA_CONFIG = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim, from the H100 sweep of
+# benchmarks/bench_hopper.py (RESULTS.md, v6): at hd128 one warpgroup on 64 rows beat two
+# on 128 (527 vs 465 TFLOP/s non-causal, 471 vs 411 causal); at hd64 128 rows on 4 warps
+# won (429 vs 419). Override per call with ``config=``.
+DEFAULT_TMA_CONFIG = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (64, 64, 4, 3),
+                      256: (64, 64, 8, 2)}
+DEFAULT_LOOKAHEAD = False
 
 
 def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int] | None:
@@ -240,11 +289,13 @@ def attention_forward_tma(
     store_lse: bool = True,
     config: tuple[int, int, int, int] | None = None,
     warp_specialize: bool = False,
+    lookahead: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward through TMA descriptors; the caller checked :func:`tma_supported`.
 
     Shapes and results as :func:`~.attention_fwd.attention_forward` (dense only).
-    ``softmax_scale`` must be positive.
+    ``softmax_scale`` must be positive. ``lookahead`` issues each unmasked tile's
+    ``Q K^T`` one iteration early (default: :data:`DEFAULT_LOOKAHEAD`).
     """
     batch, seqlen_q, hq, d = q.shape
     seqlen_k, hkv = k.shape[1], k.shape[2]
@@ -272,6 +323,7 @@ def attention_forward_tma(
             *descs, out, lse if store_lse else out, *row_maps, ob, ot, oh, *ls,
             seqlen_q, seqlen_k, hq, hq // hkv, softmax_scale * _LOG2E, left, right,
             HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, IS_BOUNDED=bounded, STORE_LSE=store_lse,
-            WARP_SPECIALIZE=warp_specialize, num_warps=warps, num_stages=stages,
+            WARP_SPECIALIZE=warp_specialize, LOOKAHEAD=DEFAULT_LOOKAHEAD if lookahead is None else lookahead,
+            num_warps=warps, num_stages=stages,
         )
     return out, lse
