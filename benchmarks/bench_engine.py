@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 import traceback
 
+                traceback.print_exc()  # first: a device fault may abort the process while unwinding
+                sys.stderr.flush()
                 report[part] = {"error": repr(exc)[:1000], "trace": traceback.format_exc()[-3000:]}
             gc.collect()
             torch.cuda.empty_cache()

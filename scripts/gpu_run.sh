@@ -42,7 +42,7 @@ for stage in $STAGES; do
     ceil)    run ceilings 60 python3 benchmarks/ceilings.py --out "$RES/ceilings.json" ;;
     fwdtests) run fwdtests 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_attention_fwd.py ;;
     tests)   run tests "${TESTS_LIMIT_S:-240}" python3 -m pytest -m gpu -q --continue-on-collection-errors -p no:cacheprovider \
-                 --junitxml="$RES/gpu_tests.xml" tests ;;
+                 --junitxml="$RES/gpu_tests.xml" ${TEST_FILES:-tests} ;;
     fwd)     for d in 128 64; do for c in "" "--causal"; do
                run "fwd_d${d}${c}" 200 python3 -m stream_attention.cli.benchmark --seq 1024 2048 4096 8192 16384 \
                  --tokens-per-batch 16384 --heads $((2048 / d)) --dim $d $c --dtype bf16 --warmup 25 --iters 100 \
@@ -61,7 +61,14 @@ for stage in $STAGES; do
                --budget-s "${HOPPER_BUDGET_S:-280}" --sweep-s "${HOPPER_SWEEP_S:-110}" ;;
     enginedebug) run engine_debug_full 120 env CUDA_LAUNCH_BLOCKING=1 python3 benchmarks/bench_engine.py --only engine \
                --out "$RES/engine_debug_full.json" ;;
-    fp8)     run fp8 120 python3 benchmarks/bench_fp8.py --out "$RES/fp8.json" ;;
+    probe)   for c in ${PROBE_CASES:-tiny-mixed 1b-eager 1b-bigstep}; do
+               if [[ $c == tiny-* ]] && command -v compute-sanitizer >/dev/null; then
+                 run "probe_$c" 150 compute-sanitizer --tool memcheck --print-limit 5 python3 scripts/engine_probe.py "$c"
+               else
+                 run "probe_$c" 100 python3 scripts/engine_probe.py "$c"
+               fi
+             done ;;
+    fp8)     run fp8 120 python3 benchmarks/bench_fp8.py --out "$RES/fp8.json" ${FP8_ARGS:-} ;;
     kvquant) run kvquant 150 python3 benchmarks/bench_kv_quant.py --out "$RES/kv_quant.json" ;;
     server)  run server 300 python3 benchmarks/bench_server.py --out "$RES/server.json" ;;
     train)   run train "${TRAIN_LIMIT_S:-420}" env STREAM_ATTENTION_AUTOTUNE=0 bash benchmarks/train_default.sh "$RES/train"

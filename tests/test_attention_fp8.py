@@ -12,7 +12,8 @@ the e4m3 rounding of the probabilities (3 mantissa bits: ~2% norm-wise on random
 So the tight checks are the LSE (computed from fp32 probabilities) and a case whose
 probabilities are exactly representable (all scores equal: the output is the mean of the
 visible dequantized values); the output itself gets a 3% bound against that reference and
-a looser one against exact attention of the unquantized inputs.
+a looser one against exact attention of the unquantized inputs. Both load paths run: pointer
+loads and TMA descriptors (the interpreter emulates descriptors; on a GPU, Hopper only).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from stream_attention.kernels.attention_fp8 import (
     attention_fp8_ref,
     attention_ref_f64,
     dequantize_qkv,
+    fp8_tma_supported,
     quantize_qkv_fp8,
     quantize_qkv_fp8_torch,
 )
@@ -183,13 +185,16 @@ CASES = [
 
 
 @needs_triton
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_kernel_matches_references(case, device):
+def test_kernel_matches_references(case, tma, device):
     b, tq, tk, hq, hkv, d, causal, bm, bn = case
     q, k, v = _qkv(b, tq, tk, hq, hkv, d, torch.float32, device)
     scale = d**-0.5
     qkv = quantize_qkv_fp8(q, k, v, block_m=bm, block_n=bn)
-    out, lse = attention_forward_fp8(qkv, causal=causal, softmax_scale=scale, out_dtype=torch.float32)
+    if tma and not fp8_tma_supported(qkv):
+        pytest.skip("TMA descriptors need Hopper or newer")
+    out, lse = attention_forward_fp8(qkv, causal=causal, softmax_scale=scale, out_dtype=torch.float32, tma=tma)
     ref, ref_lse = attention_fp8_ref(qkv, causal, scale)
     exact, _ = attention_ref_f64(q, k, v, causal=causal, softmax_scale=scale)
     assert out.shape == (b, tq, hq, d) and lse.shape == (b, hq, tq) and lse.dtype == torch.float32
@@ -203,15 +208,18 @@ def test_kernel_matches_references(case, device):
 
 
 @needs_triton
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_kernel_exact_when_probabilities_are_representable(causal, device):
+def test_kernel_exact_when_probabilities_are_representable(causal, tma, device):
     # k = 0: every visible score is 0, every probability 1 (exact in e4m3), so the output
     # is the mean of the visible dequantized values; checks V's path, masks and GQA tightly.
     b, tq, tk, hq, hkv, d = 1, 50, 75, 4, 2, 64
     q, k, v = _qkv(b, tq, tk, hq, hkv, d, torch.float32, device)
     k.zero_()
     qkv = quantize_qkv_fp8(q, k, v, block_m=32, block_n=16)
-    out, lse = attention_forward_fp8(qkv, causal=causal, softmax_scale=0.125, out_dtype=torch.float32)
+    if tma and not fp8_tma_supported(qkv):
+        pytest.skip("TMA descriptors need Hopper or newer")
+    out, lse = attention_forward_fp8(qkv, causal=causal, softmax_scale=0.125, out_dtype=torch.float32, tma=tma)
     ref, ref_lse = attention_fp8_ref(qkv, causal, 0.125)
     assert (out.double() - ref).abs().max().item() <= TOL_EXACT_P * ref.abs().max().item()
     assert (lse.double() - ref_lse).abs().max().item() <= TOL_LSE
@@ -248,14 +256,17 @@ def test_public_wrapper_validates(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_bf16_long(d, causal):
+def test_gpu_bf16_long(d, causal, tma):
     dev = torch.device("cuda")
     b, t, h = 2, 1000, 4
     q, k, v = _qkv(b, t, t, h, h // 2, d, torch.bfloat16, dev)
     qkv = quantize_qkv_fp8(q, k, v)
-    out, lse = attention_forward_fp8(qkv, causal=causal, softmax_scale=d**-0.5)
+    if tma and not fp8_tma_supported(qkv):
+        pytest.skip("TMA descriptors need Hopper or newer")
+    out, lse = attention_forward_fp8(qkv, causal=causal, softmax_scale=d**-0.5, tma=tma)
     ref, ref_lse = attention_fp8_ref(qkv, causal, d**-0.5)
     exact, _ = attention_ref_f64(q, k, v, causal=causal, softmax_scale=d**-0.5)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

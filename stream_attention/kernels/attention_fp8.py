@@ -30,6 +30,13 @@ matching quantization block; configs that do not are pruned). The only rounding 
 kernel adds to the dequantized inputs is P's (3 mantissa bits): ~2% norm-wise on random
 inputs; the LSE does not see it.
 
+Tiles arrive either through pointer loads (cp.async pipelined; the V^T tile address is kept
+visibly 16-byte aligned, or Triton would not pipeline it) or, on Hopper, through TMA
+descriptors over 2-D views (``q``/``k`` as ``[B*T, H*D]``, ``v_t`` as ``[B*Hkv*D, Tpad]``),
+chosen like the bf16 forward chooses (``STREAM_ATTENTION_TMA``) or per call (``tma=``).
+Tile configs: the first of ``_GPU_CONFIGS`` unless autotuning (``autotune=`` or
+``STREAM_ATTENTION_AUTOTUNE=1``) or an explicit ``config=``.
+
 Under Triton's interpreter (CPU tests) fp32 -> e4m3 casts are emulated: the interpreter's
 own cast truncates subnormals, rounds half up, and can carry a mantissa overflow into the
 wrong exponent bit. :func:`_to_e4m3` first rounds to the e4m3 grid (round to nearest even,
@@ -46,8 +53,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import UNBOUNDED, _bucket, key_range
+from .attention_fwd import UNBOUNDED, _bucket, key_range, tma_enabled
 from .runtime import autotune_enabled, first_config, interpreter_enabled, launch_kwargs, triton_runs_on
+
+try:  # host-side descriptors: triton >= 3.3
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton
+    TensorDescriptor = None
 
 __all__ = [
     "E4M3_MAX",
@@ -58,6 +70,7 @@ __all__ = [
     "quantize_qkv_fp8_torch",
     "dequantize_qkv",
     "attention_forward_fp8",
+    "fp8_tma_supported",
     "attention_fp8_ref",
     "attention_ref_f64",
 ]
@@ -468,8 +481,6 @@ def attention_fp8_ref(qkv: Fp8QKV, causal: bool, softmax_scale: float) -> tuple[
 
 
 # --------------------------------------------------------------------------- attention
-
-
 @triton.jit
 def _fp8_kv_tiles(
     acc,
@@ -479,6 +490,11 @@ def _fp8_kv_tiles(
     q_coef,
     k_ptrs,
     v_ptrs,
+    desc_k,
+    desc_v,
+    k_row0,
+    k_col,
+    v_row0,
     ks_base,
     stride_kt,
     offs_m,
@@ -493,6 +509,7 @@ def _fp8_kv_tiles(
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     P_LOG2: tl.constexpr,
+    USE_TMA: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
     # The K tile's scale is fetched one iteration ahead, so its latency never stalls the loop.
@@ -504,9 +521,13 @@ def _fp8_kv_tiles(
         k_scale = k_scale_next
         k_scale_next = tl.load(ks_base + (start_n + BLOCK_N) // QBLOCK_N, mask=start_n + BLOCK_N < hi, other=1.0)
         cols = start_n + offs_n
+        col_ok = cols < seqlen_k
         # K is read as [D, N] (D contiguous): the K-major B operand the fp8 MMA wants.
-        if MASKED:
-            col_ok = cols < seqlen_k
+        if USE_TMA:
+            # Rows past this sequence's keys belong to the next one (zeros past the tensor):
+            # finite codes whose scores the masked loop removes.
+            kT = desc_k.load([k_row0 + start_n, k_col]).T
+        elif MASKED:
             kT = tl.load(k_ptrs + start_n * stride_kt, mask=col_ok[None, :], other=0.0)
         else:
             kT = tl.load(k_ptrs + start_n * stride_kt)
@@ -532,11 +553,13 @@ def _fp8_kv_tiles(
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        # V^T tile read as [N, D] with N contiguous: K-major again for P @ V.
-        if MASKED:  # noqa: SIM108
+        # V^T tile read as [N, D] with N contiguous: K-major again for P @ V. Keys in
+        # [Tk, Tpad) hold finite codes (zeros) and get P = 0 exactly, so they add nothing.
+        if USE_TMA:
+            v = desc_v.load([v_row0, start_n]).T  # zeros past Tpad
+        elif MASKED:
             # Masked at the padded length (a multiple of 16: whole 16-byte vectors, so the
-            # load stays a pipelined cp.async); keys in [Tk, Tpad) hold finite codes and get
-            # P = 0 exactly, so they add nothing.
+            # load stays a pipelined cp.async).
             v = tl.load(v_ptrs + start_n, mask=(cols < seqlen_k_pad)[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs + start_n)
@@ -555,6 +578,9 @@ def _attn_fwd_fp8_kernel(
     VScale,
     Out,
     Lse,
+    DescQ,
+    DescK,
+    DescV,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -590,9 +616,13 @@ def _attn_fwd_fp8_kernel(
     QBLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     P_LOG2: tl.constexpr,
+    USE_TMA: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
     start_m = tl.program_id(0)
+    if IS_CAUSAL:
+        # Longest rows first: under a causal mask later query blocks see more keys.
+        start_m = tl.num_programs(0) - 1 - start_m
     batch_head = tl.program_id(1)
     b = batch_head // num_heads_q
     h = batch_head % num_heads_q
@@ -607,11 +637,18 @@ def _attn_fwd_fp8_kernel(
     row_ok = offs_m < seqlen_q
     b64 = b.to(tl.int64)
 
-    q = tl.load(
-        Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    )
+    # Descriptors see 2-D views: q/k as [B*T, H*D], V^T as [B*Hkv*D, Tpad].
+    k_row0 = b * seqlen_k
+    k_col = kv_h * HEAD_DIM
+    v_row0 = (b * (num_heads_q // group_size) + kv_h) * HEAD_DIM
+    if USE_TMA:
+        q = DescQ.load([b * seqlen_q + m0, h * HEAD_DIM])  # rows past Tq: discarded at the store
+    else:
+        q = tl.load(
+            Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
     q_coef = tl.load(QScale + b * stride_qsb + h * stride_qsh + m0 // QBLOCK_M) * qk_scale
     k_ptrs = K + b64 * stride_kb + kv_h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None]
     v_ptrs = VT + b64 * stride_vb + kv_h * stride_vh + offs_n[:, None] + offs_d[None, :] * stride_vd
@@ -627,53 +664,15 @@ def _attn_fwd_fp8_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc, l_i, m_i = _fp8_kv_tiles(
-        acc,
-        l_i,
-        m_i,
-        q,
-        q_coef,
-        k_ptrs,
-        v_ptrs,
-        ks_base,
-        stride_kt,
-        offs_m,
-        offs_n,
-        lo_full,
-        hi_full,
-        seqlen_k,
-        seqlen_k_pad,
-        diag_offset,
-        BLOCK_N,
-        QBLOCK_N,
-        False,
-        IS_CAUSAL,
-        P_LOG2,
-        EMULATE,
-    )
+        acc, l_i, m_i, q, q_coef, k_ptrs, v_ptrs, DescK, DescV, k_row0, k_col, v_row0, ks_base, stride_kt,
+        offs_m, offs_n, lo_full, hi_full, seqlen_k, seqlen_k_pad, diag_offset,
+        BLOCK_N, QBLOCK_N, False, IS_CAUSAL, P_LOG2, USE_TMA, EMULATE,
+    )  # fmt: skip
     acc, l_i, m_i = _fp8_kv_tiles(
-        acc,
-        l_i,
-        m_i,
-        q,
-        q_coef,
-        k_ptrs,
-        v_ptrs,
-        ks_base,
-        stride_kt,
-        offs_m,
-        offs_n,
-        hi_full,
-        hi_any,
-        seqlen_k,
-        seqlen_k_pad,
-        diag_offset,
-        BLOCK_N,
-        QBLOCK_N,
-        True,
-        IS_CAUSAL,
-        P_LOG2,
-        EMULATE,
-    )
+        acc, l_i, m_i, q, q_coef, k_ptrs, v_ptrs, DescK, DescV, k_row0, k_col, v_row0, ks_base, stride_kt,
+        offs_m, offs_n, hi_full, hi_any, seqlen_k, seqlen_k_pad, diag_offset,
+        BLOCK_N, QBLOCK_N, True, IS_CAUSAL, P_LOG2, USE_TMA, EMULATE,
+    )  # fmt: skip
 
     v_scale = tl.load(VScale + b * stride_vsb + kv_h * stride_vsh + offs_d)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -699,13 +698,26 @@ def _prune_fp8_configs(configs, named_args, **kwargs):
             continue
         kept.append(cfg)
     if not kept:  # quantization blocks smaller than every tuned tile: tiles = the blocks
-        kept = [triton.Config({"BLOCK_M": min(qbm, 128), "BLOCK_N": min(qbn, 128)}, num_warps=4, num_stages=2)]
+        kept = [_config(min(qbm, 128), min(qbn, 128), 4, 2)]
     return kept
 
 
-# Preference order (the first kept config is the one used with STREAM_ATTENTION_AUTOTUNE=0).
+def _set_block_shapes(nargs) -> None:
+    """Autotune pre-hook: descriptors' block shapes follow the config's tiles."""
+    if TensorDescriptor is not None and isinstance(nargs["DescQ"], TensorDescriptor):
+        bm, bn, d = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["HEAD_DIM"]
+        nargs["DescQ"].block_shape = [bm, d]
+        nargs["DescK"].block_shape = [bn, d]
+        nargs["DescV"].block_shape = [d, bn]
+
+
+def _config(bm: int, bn: int, warps: int, stages: int):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages, pre_hook=_set_block_shapes)
+
+
+# Preference order: the first kept config is the default when autotuning is off.
 _GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    _config(bm, bn, w, s)
     for bm, bn, w, s in [
         (128, 128, 8, 3),
         (128, 64, 8, 3),
@@ -716,20 +728,47 @@ _GPU_CONFIGS = [
 
 _attn_fwd_fp8_tuned = triton.autotune(
     configs=_GPU_CONFIGS,
-    key=["HEAD_DIM", "IS_CAUSAL", "tune_bucket", "QBLOCK_M", "QBLOCK_N"],
+    key=["HEAD_DIM", "IS_CAUSAL", "tune_bucket", "QBLOCK_M", "QBLOCK_N", "USE_TMA"],
     prune_configs_by={"early_config_prune": _prune_fp8_configs},
     **({"cache_results": True} if "cache_results" in triton.autotune.__code__.co_varnames else {}),
 )(_attn_fwd_fp8_kernel)
 
 
+def fp8_tma_supported(qkv: Fp8QKV) -> bool:
+    """Whether the descriptor (TMA) loads can read these tensors: Hopper or newer (or the
+    interpreter), contiguous e4m3 tensors as :func:`quantize_qkv_fp8` writes them."""
+    if TensorDescriptor is None:
+        return False
+    dev = qkv.q.device
+    if dev.type == "cuda":
+        if torch.cuda.get_device_capability(dev)[0] < 9:
+            return False
+    elif not (dev.type == "cpu" and interpreter_enabled()):
+        return False
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (qkv.q, qkv.k, qkv.v_t))
+
+
 def attention_forward_fp8(
-    qkv: Fp8QKV, *, causal: bool, softmax_scale: float, out_dtype: torch.dtype = torch.bfloat16
+    qkv: Fp8QKV,
+    *,
+    causal: bool,
+    softmax_scale: float,
+    out_dtype: torch.dtype = torch.bfloat16,
+    tma: bool | None = None,
+    autotune: bool | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 attention forward on pre-quantized inputs.
 
     Returns ``out [B, Tq, Hq, D]`` of ``out_dtype`` (contiguous) and the natural-log
     ``lse [B, Hq, Tq]`` (fp32; ``-inf`` and zero output for rows that see no key).
     Causal masks are aligned bottom-right (query ``i`` sees keys ``j <= i + Tk - Tq``).
+
+    ``tma``: read Q/K/V tiles through TMA descriptors (default: as the bf16 forward decides,
+    i.e. on Hopper+ unless ``STREAM_ATTENTION_TMA=0``, when :func:`fp8_tma_supported`);
+    ``autotune``: tune the tile config (default: ``STREAM_ATTENTION_AUTOTUNE``); ``config``:
+    an explicit ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (tiles must divide the
+    quantization blocks). Under the interpreter tiles are small and fixed.
     """
     q8, k8, v_t = qkv.q, qkv.k, qkv.v_t
     batch, seqlen_q, hq, d = q8.shape
@@ -751,38 +790,73 @@ def attention_forward_fp8(
     if not softmax_scale > 0:
         raise ValueError(f"softmax_scale must be positive, got {softmax_scale!r}")
     qbm, qbn = qkv.block_m, qkv.block_n
+    if config is not None and (qbm % config[0] or qbn % config[1]):
+        raise ValueError(f"config tiles {config[:2]} must divide the quantization blocks ({qbm}, {qbn})")
     out = torch.empty((batch, seqlen_q, hq, d), device=q8.device, dtype=out_dtype)
     lse = torch.empty((batch, hq, seqlen_q), device=q8.device, dtype=torch.float32)
     if batch * hq * seqlen_q == 0:
         return out, lse
     if seqlen_k == 0:
         return out.zero_(), lse.fill_(float("-inf"))
+    if tma is None:
+        tma = tma_enabled(q8.device) and fp8_tma_supported(qkv)
+    elif tma and not fp8_tma_supported(qkv):
+        raise ValueError("tma=True needs Hopper (or the interpreter) and contiguous, 16-byte aligned e4m3 tensors")
+    if interpreter_enabled():
+        bm, bn = min(INTERPRETER_BLOCKS["BLOCK_M"], qbm), min(INTERPRETER_BLOCKS["BLOCK_N"], qbn)
+        launch = {"BLOCK_M": bm, "BLOCK_N": bn}
+    else:
+        if autotune is None:
+            autotune = autotune_enabled() and config is None
+        cfg = _config(*config) if config is not None else None
+        launch = (
+            None
+            if autotune
+            else launch_kwargs(cfg or first_config(_GPU_CONFIGS, _prune_fp8_configs, _meta_of(d, qbm, qbn)))
+        )
+    descs = (q8, k8, v_t)  # placeholders: the pointer path never reads them
+    if tma:
+        # Block shapes are set per launch (the autotune pre-hook rewrites them per config).
+        bm, bn = (launch["BLOCK_M"], launch["BLOCK_N"]) if launch else (128, 128)
+        views = (
+            (q8.view(batch * seqlen_q, hq * d), [bm, d]),
+            (k8.view(batch * seqlen_k, hkv * d), [bn, d]),
+            (v_t.view(batch * hkv * d, v_t.shape[3]), [d, bn]),
+        )
+        descs = tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), block) for x, block in views)
     qs, ks, vs = (t.contiguous() for t in (qkv.q_scale, qkv.k_scale, qkv.v_scale))
     args = (
-        q8, qs, k8, ks, v_t, vs, out, lse,
+        q8, qs, k8, ks, v_t, vs, out, lse, *descs,
         q8.stride(0), q8.stride(1), q8.stride(2), qs.stride(0), qs.stride(1),
         k8.stride(0), k8.stride(1), k8.stride(2), ks.stride(0), ks.stride(1),
         v_t.stride(0), v_t.stride(1), v_t.stride(2), vs.stride(0), vs.stride(1),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         seqlen_q, seqlen_k, v_t.shape[3], hq, hq // hkv, float(softmax_scale) * _LOG2E, UNBOUNDED, _bucket(seqlen_q),
     )  # fmt: skip
-    meta = dict(HEAD_DIM=d, QBLOCK_M=qbm, QBLOCK_N=qbn, IS_CAUSAL=bool(causal), P_LOG2=math.log2(P_SCALE))
+    meta = dict(_meta_of(d, qbm, qbn), IS_CAUSAL=bool(causal), P_LOG2=math.log2(P_SCALE), USE_TMA=bool(tma))
     if interpreter_enabled():
-        blocks = {
-            "BLOCK_M": min(INTERPRETER_BLOCKS["BLOCK_M"], qbm),
-            "BLOCK_N": min(INTERPRETER_BLOCKS["BLOCK_N"], qbn),
-        }
-        grid = (triton.cdiv(seqlen_q, blocks["BLOCK_M"]), batch * hq)
-        _attn_fwd_fp8_kernel[grid](*args, **meta, **blocks, EMULATE=True)
+        grid = (triton.cdiv(seqlen_q, launch["BLOCK_M"]), batch * hq)
+        _attn_fwd_fp8_kernel[grid](*args, **meta, **launch, EMULATE=True)
         return out, lse
 
     def grid(cfg):
         return (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * hq)
 
     with torch.cuda.device(q8.device):
-        if autotune_enabled():
+        if launch is None:
             _attn_fwd_fp8_tuned[grid](*args, **meta, EMULATE=False)
         else:
-            cfg = first_config(_GPU_CONFIGS, _prune_fp8_configs, meta)
-            _attn_fwd_fp8_kernel[grid(cfg.kwargs)](*args, **meta, EMULATE=False, **launch_kwargs(cfg))
+            _attn_fwd_fp8_kernel[grid(launch)](*args, **meta, EMULATE=False, **launch)
     return out, lse
+
+
+def _meta_of(head_dim: int, qblock_m: int, qblock_n: int) -> dict:
+    return {"HEAD_DIM": head_dim, "QBLOCK_M": qblock_m, "QBLOCK_N": qblock_n}
+
+
+def tuned_fp8_configs() -> dict[str, dict]:
+    """The config the fp8 autotuner chose, per tuning key (for benchmark reports)."""
+    return {
+        f"fp8{tuple(key)}": {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        for key, cfg in getattr(_attn_fwd_fp8_tuned, "cache", {}).items()
+    }
