@@ -29,7 +29,7 @@ declare -A STATUS
 lim() { local v="LIMIT_$1"; echo "${!v:-$2}"; }
 run() {  # run NAME SECONDS CMD...   (LIMIT_<NAME>=s overrides the limit)
   local name=$1 limit=$2; shift 2
-  local override="LIMIT_${name}"; limit=${!override:-$limit}
+  local override="LIMIT_${name//[^A-Za-z0-9_]/_}"; limit=${!override:-$limit}
   echo "=== [$name] $(date +%T) $*"
   local t0=$SECONDS
   timeout "$limit" "$@"; local rc=$?
