@@ -193,6 +193,10 @@ def hf_static(quick: bool) -> dict:
     return result
 
 
+ENGINE_KV_BYTES = 8 << 30
+ENGINE_STEP_TOKENS = 16384
+
+
 def engine_throughput(quick: bool) -> dict:
     """Our engine on the same model, prompts and lengths (greedy, ignore EOS)."""
     from stream_attention.engine import LLMEngine, SamplingParams
@@ -202,10 +206,12 @@ def engine_throughput(quick: bool) -> dict:
     tok = _wordlevel_tokenizer(cfg.vocab_size)
     t0 = time.perf_counter()
     engine = LLMEngine(
-        model, tok, kv_cache_memory_bytes=8 << 30, max_num_seqs=n_prompts, max_num_batched_tokens=16384,
+        model, tok, kv_cache_memory_bytes=ENGINE_KV_BYTES, max_num_seqs=n_prompts,
+        max_num_batched_tokens=ENGINE_STEP_TOKENS,
         max_model_len=1024, enable_prefix_caching=False,
     )
     result["engine_init_s"] = time.perf_counter() - t0
+    result["engine_kv_bytes"], result["engine_step_tokens"] = ENGINE_KV_BYTES, ENGINE_STEP_TOKENS
     result["engine_graph_sizes"] = sorted(engine.runner.graphs)
     sp = SamplingParams(max_tokens=gen, ignore_eos=True)
     plist = [p.tolist() for p in prompts]
@@ -248,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
     ap.add_argument("--only", choices=["decode", "hf", "engine"], default=None,
                     help="one part only (the GPU script runs each part in its own process)")
+    ap.add_argument("--kv-gib", type=float, default=8.0, help="engine KV cache size")
+    ap.add_argument("--step-tokens", type=int, default=16384, help="engine max_num_batched_tokens")
     args = ap.parse_args(argv)
+    global ENGINE_KV_BYTES, ENGINE_STEP_TOKENS
+    ENGINE_KV_BYTES, ENGINE_STEP_TOKENS = int(args.kv_gib * 2**30), args.step_tokens
     from stream_attention.core.benchmarking import spin_up_gpu
 
     spin_up_gpu()

@@ -61,7 +61,7 @@ def _wordlevel_tokenizer(vocab: int) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", pad_token="t0")
 
 
-def build_engine(max_num_seqs: int, smoke: bool = False) -> Any:
+def build_engine(max_num_seqs: int, smoke: bool = False, kv_bytes: int = 8 << 30) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from stream_attention.engine import AsyncEngine, LLMEngine
@@ -94,7 +94,7 @@ def build_engine(max_num_seqs: int, smoke: bool = False) -> Any:
         model,
         _wordlevel_tokenizer(cfg.vocab_size),
         device=device,
-        kv_cache_memory_bytes=(64 << 20) if smoke else (8 << 30),
+        kv_cache_memory_bytes=(64 << 20) if smoke else kv_bytes,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=16384,
         max_model_len=1024,
@@ -105,7 +105,7 @@ def build_engine(max_num_seqs: int, smoke: bool = False) -> Any:
 
 def _sync() -> None:
     if torch.cuda.is_available():
-        _sync()
+        torch.cuda.synchronize()
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:
@@ -234,6 +234,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="write results as JSON here")
     parser.add_argument("--quick", action="store_true", help="fewer requests and tokens")
+    parser.add_argument("--kv-gib", type=float, default=8.0, help="engine KV cache size")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, measures nothing")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
@@ -255,7 +256,7 @@ def main() -> int:
         "gen_tokens": gen,
     }
     t0 = time.perf_counter()
-    engine = build_engine(max_num_seqs=64, smoke=args.smoke)
+    engine = build_engine(max_num_seqs=64, smoke=args.smoke, kv_bytes=int(args.kv_gib * 2**30))
     result["engine_init_s"] = time.perf_counter() - t0
     result["offline"] = offline(engine, 64, gen)
     print("offline", json.dumps(result["offline"]), flush=True)

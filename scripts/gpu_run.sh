@@ -50,8 +50,9 @@ for stage in $STAGES; do
              done; done ;;
     bwd)     run bwd 240 python3 benchmarks/bench_backward.py --out "$RES/bwd.json" --budget-s "${BWD_BUDGET_S:-165}" ;;
     hf)      run hf 150 python3 benchmarks/bench_hf.py --out "$RES/hf.json" --budget-s "${HF_BUDGET_S:-85}" ;;
-    engine)  for part in decode hf engine; do
-               run "engine_$part" "$(lim engine_$part 150)" python3 benchmarks/bench_engine.py --only $part --out "$RES/engine_$part.json"
+    engine)  for part in ${ENGINE_PARTS:-decode hf engine}; do
+               run "engine_$part" "$(lim engine_$part 150)" python3 benchmarks/bench_engine.py --only $part \
+                 --out "$RES/engine_$part.json" ${ENGINE_ARGS:-}
              done
              if [[ ${STATUS[engine_engine]} != rc=0* ]]; then  # a crash: rerun small and synchronous for a traceback
                run engine_debug 120 env CUDA_LAUNCH_BLOCKING=1 python3 benchmarks/bench_engine.py --only engine --quick \
@@ -70,7 +71,9 @@ for stage in $STAGES; do
              done ;;
     fp8)     run fp8 120 python3 benchmarks/bench_fp8.py --out "$RES/fp8.json" ${FP8_ARGS:-} ;;
     kvquant) run kvquant 150 python3 benchmarks/bench_kv_quant.py --out "$RES/kv_quant.json" ;;
-    server)  run server 300 python3 benchmarks/bench_server.py --out "$RES/server.json" ;;
+    server)  run server 300 python3 benchmarks/bench_server.py --out "$RES/server.json" ${SERVER_ARGS:-} ;;
+    engine2) run engine_alt 150 python3 benchmarks/bench_engine.py --only engine --out "$RES/engine_alt.json" \
+               ${ENGINE2_ARGS:-} ;;
     train)   run train "${TRAIN_LIMIT_S:-420}" env STREAM_ATTENTION_AUTOTUNE=0 bash benchmarks/train_default.sh "$RES/train"
              # The packed model can exceed the 16 MiB a returned file may have: ship it in parts.
              if [ -f "$RES/train/default_model.tar.gz" ]; then
