@@ -235,14 +235,6 @@ def engine_throughput(quick: bool) -> dict:
     torch.cuda.synchronize()
     result["engine_prefill_only_s"] = time.perf_counter() - t0
     result["engine_decode_step_ms"] = 1e3 * (eng_s - result["engine_prefill_only_s"]) / max(gen - 1, 1)
-    g = engine.runner.graphs.get(n_prompts)
-    if g is not None:  # GPU time of one decode step (stale inputs: same shapes, same work)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(20):
-            g.graph.replay()
-        torch.cuda.synchronize()
-        result["graph_replay_ms"] = 1e3 * (time.perf_counter() - t0) / 20
     result["preemptions"] = engine.stats().preemptions_total
     print(json.dumps(result), flush=True)
     return result

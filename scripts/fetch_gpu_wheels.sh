@@ -9,5 +9,5 @@ common=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp 
 mkdir -p .whl
 python3 -m pip download "${common[@]}" "${plat[@]}" \
   fastapi starlette uvicorn pydantic pydantic-core pydantic-settings python-dotenv \
-  annotated-types typing-inspection h11 sniffio
+  annotated-types typing-inspection h11 sniffio opentelemetry-api importlib-metadata zipp
 ls -la .whl
