@@ -128,6 +128,8 @@ class ModelRunner:
             self.kv_mgr.config.policy, self.backend,
         )
 
+        if device.type == "cuda" and self.backend == "triton" and self.num_blocks >= 16:
+            self._warm_up_kernels()
         self.graphs: dict[int, _DecodeGraph] = {}
         self._graph_sizes: list[int] = []
         if config.use_cuda_graphs and device.type == "cuda" and self.backend == "triton":
@@ -220,7 +222,9 @@ class ModelRunner:
         seq_lens, cu, logit_rows = [], [0], []
         max_q = max_kv = 0
         fresh = True
-        width = max(len(s.seq.block_table) for s in scheduled)
+        # Padded to a multiple of 16 so the kernels' row-stride argument keeps one integer
+        # specialisation (and one compiled variant) whatever the longest table is.
+        width = -(-max(len(s.seq.block_table) for s in scheduled) // 16) * 16
         tables = np.zeros((len(scheduled), width), dtype=np.int32)
         for i, s in enumerate(scheduled):
             seq, n = s.seq, s.num_new_tokens
@@ -288,6 +292,23 @@ class ModelRunner:
         keep = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
         with attn_hook.attention_context(ctx):
             return self._forward(input_ids, positions, keep)
+
+    def _warm_up_kernels(self) -> None:
+        """Compile the attention kernel variants a server meets (fresh prefill, chunked
+        prefill beside decode rows, eager decode) before the first request: Triton
+        compiles on first use, about a second each, which would land in a request's TTFT."""
+        t0 = time.perf_counter()
+        bs = self.block_size
+        with torch.inference_mode():
+            self._run_eager([_FakeScheduled(n, list(range(-(-n // bs)))) for n in (bs + 3, 5)])  # fresh
+            for q_len in (2, 3, 5, 9, 17, 33):  # chunk beside a decode row: every BLOCK_Q class
+                chunk = _FakeScheduled(q_len, list(range(4)), computed=bs)
+                decode = _FakeScheduled(1, [4, 5], computed=bs)
+                self._run_eager([chunk, decode])
+            self._run_eager([_FakeScheduled(1, [6, 7], computed=bs), _FakeScheduled(1, [8], computed=3)])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info("attention kernels warmed up in %.1f s", time.perf_counter() - t0)
 
     # ------------------------------------------------------------ CUDA graphs
     def _graph_batch_sizes(self) -> list[int]:
@@ -378,7 +399,10 @@ class _FakeSeq:
 
 
 class _FakeScheduled:
-    def __init__(self, n: int, table: list[int]) -> None:
-        self.seq = _FakeSeq([0] * n, table)
+    """A scheduled sequence of ``n`` new tokens after ``computed`` cached ones (dummy ids),
+    for profiling and warm-up steps that run before any request exists."""
+
+    def __init__(self, n: int, table: list[int], computed: int = 0) -> None:
+        self.seq = _FakeSeq([0] * (computed + n), table, computed, computed)
         self.num_new_tokens = n
         self.samples = True
