@@ -597,10 +597,7 @@ def attention_forward(
     if not varlen and attn_mask is None and key_padding_mask is None and dropout_p == 0.0 and softmax_scale > 0:
         from . import attention_fwd_tma as tma
 
-        # hd128 non-causal at >= 8k keys: the pointer kernel's 128-row tiles measured ~5%
-        # faster (RESULTS.md v0.3); everywhere else the TMA kernel won.
-        long_dense_128 = q.shape[-1] == 128 and not causal and window is None and k.shape[1] >= 8192
-        if tma_enabled(q.device) and not long_dense_128 and tma.tma_supported(q, k, v):
+        if tma_enabled(q.device) and tma.tma_preferred(q, k, causal, window) and tma.tma_supported(q, k, v):
             return tma.attention_forward_tma(
                 q, k, v, causal=causal, softmax_scale=softmax_scale, window=window, store_lse=store_lse
             )

@@ -261,6 +261,13 @@ def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int] | None:
     return None
 
 
+def tma_preferred(q: torch.Tensor, k: torch.Tensor, causal: bool, window: tuple[int, int] | None) -> bool:
+    """Whether the TMA kernel is the faster choice for this shape on the H100 measurements:
+    everywhere except hd128 non-causal at >= 8k keys, where the pointer kernel's 128-row
+    tiles measured ~5% faster (RESULTS.md v0.3)."""
+    return not (q.shape[-1] == 128 and not causal and window is None and k.shape[1] >= 8192)
+
+
 def tma_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the descriptor kernel can take these (already validated) dense tensors."""
     if TensorDescriptor is None:
