@@ -195,6 +195,43 @@ def hf_static(quick: bool) -> dict:
 
 ENGINE_KV_BYTES = 8 << 30
 ENGINE_STEP_TOKENS = 16384
+ENGINE_FUSED = True
+
+
+def _step_gpu_times(engine, run) -> dict:
+    """GPU time of each model step (CUDA events around ``runner.execute``) during ``run()``,
+    summarised for decode-only steps; wall time per step minus it is the host's share."""
+    runner = engine.runner
+    plain = runner.execute
+    marks: list[tuple[int, bool, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def timed(scheduled):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = plain(scheduled)
+        end.record()
+        marks.append((len(scheduled), all(s.num_new_tokens == 1 for s in scheduled), start, end))
+        return out
+
+    runner.execute = timed
+    try:
+        t0 = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    finally:
+        runner.execute = plain
+    decode = sorted(s.elapsed_time(e) for n, dec, s, e in marks if dec)
+    prefill = sum(s.elapsed_time(e) for n, dec, s, e in marks if not dec)
+    return {
+        "steps": len(marks),
+        "decode_steps": len(decode),
+        "decode_gpu_ms_p50": decode[len(decode) // 2] if decode else None,
+        "decode_gpu_ms_sum": sum(decode),
+        "prefill_gpu_ms_sum": prefill,
+        "wall_ms": 1e3 * wall,
+        "host_ms_per_step": (1e3 * wall - sum(decode) - prefill) / max(len(marks), 1),
+    }
 
 
 def engine_throughput(quick: bool) -> dict:
@@ -208,8 +245,9 @@ def engine_throughput(quick: bool) -> dict:
     engine = LLMEngine(
         model, tok, kv_cache_memory_bytes=ENGINE_KV_BYTES, max_num_seqs=n_prompts,
         max_num_batched_tokens=ENGINE_STEP_TOKENS,
-        max_model_len=1024, enable_prefix_caching=False,
+        max_model_len=1024, enable_prefix_caching=False, fused_layers=ENGINE_FUSED,
     )
+    result["engine_fused_layers"] = engine.runner.fused is not None
     result["engine_init_s"] = time.perf_counter() - t0
     result["engine_kv_bytes"], result["engine_step_tokens"] = ENGINE_KV_BYTES, ENGINE_STEP_TOKENS
     result["engine_graph_sizes"] = sorted(engine.runner.graphs)
@@ -236,6 +274,7 @@ def engine_throughput(quick: bool) -> dict:
     result["engine_prefill_only_s"] = time.perf_counter() - t0
     result["engine_decode_step_ms"] = 1e3 * (eng_s - result["engine_prefill_only_s"]) / max(gen - 1, 1)
     result["preemptions"] = engine.stats().preemptions_total
+    result["engine_step_profile"] = _step_gpu_times(engine, lambda: engine.generate(plist, sp))
     print(json.dumps(result), flush=True)
     return result
 
@@ -248,9 +287,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="one part only (the GPU script runs each part in its own process)")
     ap.add_argument("--kv-gib", type=float, default=8.0, help="engine KV cache size")
     ap.add_argument("--step-tokens", type=int, default=16384, help="engine max_num_batched_tokens")
+    ap.add_argument("--no-fused", action="store_true", help="run transformers' layers (engine fused_layers=False)")
     args = ap.parse_args(argv)
-    global ENGINE_KV_BYTES, ENGINE_STEP_TOKENS
+    global ENGINE_KV_BYTES, ENGINE_STEP_TOKENS, ENGINE_FUSED
     ENGINE_KV_BYTES, ENGINE_STEP_TOKENS = int(args.kv_gib * 2**30), args.step_tokens
+    ENGINE_FUSED = not args.no_fused
     from stream_attention.core.benchmarking import spin_up_gpu
 
     spin_up_gpu()

@@ -67,6 +67,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     attention_backend: str = "auto"  # auto | triton | sdpa (torch over gathered pages)
+    # Llama-family models run through the engine's fused forward (engine/fused_llama.py)
+    # instead of transformers' layers; False keeps transformers' forward with the attention hook.
+    fused_layers: bool = True
     use_cuda_graphs: bool = True  # decode-only steps replay captured graphs (CUDA only)
     cuda_graph_max_batch: int = 256
     seed: int = 0  # seeds requests that have no seed of their own, so runs are repeatable

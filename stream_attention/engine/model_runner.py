@@ -24,6 +24,7 @@ import torch
 from ..core.backend import resolve_backend
 from ..kernels.paged_attention import choose_num_splits
 from . import attention as attn_hook
+from . import fused_llama
 from .config import EngineConfig, parse_dtype
 from .kv_compression import BlockScoreCollector, KVCompressionManager
 from .scheduler import ScheduledSeq
@@ -108,6 +109,7 @@ class ModelRunner:
 
         model.set_attn_implementation(attn_hook.register())
         model.eval()
+        self.fused = fused_llama.build(model, use_triton=self.backend == "triton", enabled=config.fused_layers)
 
         self.num_blocks = self._size_cache()
         # One extra page per layer is a scratch target for the padding rows of a graph.
@@ -252,6 +254,8 @@ class ModelRunner:
 
     # ------------------------------------------------------------ forward
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_to_keep: int | torch.Tensor):
+        if self.fused is not None:
+            return self.fused(input_ids, positions, logits_to_keep)
         out = self.model(
             input_ids=input_ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=logits_to_keep,
         )

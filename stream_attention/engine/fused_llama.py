@@ -1,0 +1,184 @@
+"""The engine's own forward pass for Llama-family models (Llama, Mistral, Qwen2).
+
+transformers' eager decoder layer launches ~35 kernels per layer at decode time, most of
+them element-wise ops on a few hundred kilobytes (RMSNorm's six, RoPE's ten, SiLU and the
+product, residual adds, q/k/v as three matmuls). Measured on an H100 with a 1B Llama at
+batch 64, that launch-bound work was half the decode step even inside a CUDA graph. This
+forward runs the same weights with eleven kernels per layer:
+
+    add+RMSNorm → QKV matmul → RoPE (q and k) → paged attention (K/V page write + kernel)
+    → O matmul → add+RMSNorm → gate|up matmul → SiLU·up → down matmul
+
+The residual add of one layer is folded into the next layer's input norm. q/k/v and
+gate/up are fused by concatenating their weights once; the model's own ``Linear``
+weights become views into the concatenation, so no weight memory is duplicated and the
+transformers model keeps working (``model.generate``) on the same storage.
+
+Attention goes through :func:`.attention.paged_attention_forward`, the same hook the
+transformers path uses, so quantized pages, eviction scoring and the torch fallback all
+apply unchanged. Rotary cos/sin come from the model's own ``rotary_emb`` (every RoPE
+scaling variant transformers implements), once per step.
+
+Any model this module does not recognise runs through transformers with the hook.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..kernels import layer_ops
+from . import attention as attn_hook
+
+log = logging.getLogger("stream_attention.engine")
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why ``model`` cannot run through :class:`FusedLlamaForward` (None when it can)."""
+    cfg = getattr(model, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r} (only SiLU-gated MLPs are fused)"
+    if getattr(cfg, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        return "partial rotary embeddings"
+    base = getattr(model, "model", None)
+    if base is None or not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "the model does not have the Llama module layout (model.embed_tokens/layers/norm/rotary_emb)"
+    if not isinstance(getattr(model, "lm_head", None), nn.Linear):
+        return "lm_head is not a plain Linear"
+    for layer in base.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if any(type(m) is not nn.Linear for m in linears):
+            return "a projection is not a plain nn.Linear (quantized or adapted weights)"
+        if any(getattr(attn, n, None) is not None for n in ("q_norm", "k_norm")):
+            return "per-head q/k norms"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if not hasattr(norm, "variance_epsilon") or getattr(norm, "weight", None) is None:
+                return f"{type(norm).__name__} is not a Llama-style RMSNorm"
+    if not hasattr(base.norm, "variance_epsilon"):
+        return f"{type(base.norm).__name__} is not a Llama-style RMSNorm"
+    return None
+
+
+def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several projections of the same input; the modules'
+    parameters are re-pointed at row slices of it, so memory is not duplicated."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    has_bias = [m.bias is not None for m in linears]
+    bias = None
+    if any(has_bias):
+        bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
+                          for m in linears])
+    row = 0
+    for m in linears:
+        n = m.out_features
+        m.weight.data = weight[row:row + n]
+        if m.bias is not None:
+            m.bias.data = bias[row:row + n]
+        row += n
+    return weight, bias
+
+
+class _Layer:
+    def __init__(self, layer: nn.Module) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.attn = attn  # the hook reads ``layer_idx``
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.qkv_w, self.qkv_b = _fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.q_size = attn.q_proj.out_features
+        self.kv_size = attn.k_proj.out_features
+        self.o_w, self.o_b = attn.o_proj.weight, attn.o_proj.bias
+        self.gate_up_w, self.gate_up_b = _fuse_linears([mlp.gate_proj, mlp.up_proj])
+        self.down_w, self.down_b = mlp.down_proj.weight, mlp.down_proj.bias
+        self.norm1_w, self.norm1_eps = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+        self.norm2_w, self.norm2_eps = layer.post_attention_layernorm.weight, \
+            layer.post_attention_layernorm.variance_epsilon
+
+
+class FusedLlamaForward:
+    """Callable ``(input_ids [T], positions [T], logits_to_keep) -> logits`` for one packed
+    engine step; ``logits_to_keep`` is 0 (every row) or an index tensor of rows.
+
+    ``use_triton`` picks the Triton element-wise kernels (GPU, or CPU under the
+    interpreter) or their PyTorch twins. Must be called inside an engine step (an
+    :func:`.attention.attention_context`).
+    """
+
+    def __init__(self, model: Any, *, use_triton: bool) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"{type(model).__name__} cannot use the fused forward: {reason}")
+        base = model.model
+        self.embed = base.embed_tokens
+        self.rotary_emb = base.rotary_emb
+        self.layers = [_Layer(layer) for layer in base.layers[: model.config.num_hidden_layers]]
+        self.norm_w, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
+        self.lm_head = model.lm_head
+        if use_triton:
+            self._rms_norm = layer_ops.rms_norm
+            self._add_rms_norm = layer_ops.fused_add_rms_norm
+            self._rotary = layer_ops.rotary_qk
+            self._silu_mul = layer_ops.silu_and_mul
+        else:
+            self._rms_norm = layer_ops.rms_norm_torch
+            self._add_rms_norm = layer_ops.fused_add_rms_norm_torch
+            self._rotary = layer_ops.rotary_qk_torch
+            self._silu_mul = layer_ops.silu_and_mul_torch
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        linear = nn.functional.linear
+        tokens = input_ids.shape[0]
+        residual = self.embed(input_ids)
+        cos, sin = self.rotary_emb(residual[None], positions[None])
+        cos, sin = cos[0], sin[0]
+        h: torch.Tensor | None = None
+        for layer in self.layers:
+            if h is None:
+                x = self._rms_norm(residual, layer.norm1_w, layer.norm1_eps)
+            else:
+                x = self._add_rms_norm(h, residual, layer.norm1_w, layer.norm1_eps)
+            qkv = linear(x, layer.qkv_w, layer.qkv_b)
+            d, nq, nkv = layer.head_dim, layer.q_size, layer.kv_size
+            q = qkv[:, :nq].view(tokens, nq // d, d)
+            k = qkv[:, nq:nq + nkv].view(tokens, nkv // d, d)
+            v = qkv[:, nq + nkv:].view(tokens, nkv // d, d)
+            q, k = self._rotary(q, k, cos, sin)
+            # The hook takes transformers' [1, heads, tokens, dim] views.
+            out, _ = attn_hook.paged_attention_forward(
+                layer.attn, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None,
+                scaling=layer.scaling,
+            )
+            h = linear(out.reshape(tokens, nq), layer.o_w, layer.o_b)
+            x = self._add_rms_norm(h, residual, layer.norm2_w, layer.norm2_eps)
+            h = linear(self._silu_mul(linear(x, layer.gate_up_w, layer.gate_up_b)), layer.down_w, layer.down_b)
+        if h is None:  # a model with no layers
+            h = torch.zeros_like(residual)
+        if isinstance(logits_to_keep, torch.Tensor):
+            h, residual = h[logits_to_keep], residual[logits_to_keep]
+        elif logits_to_keep:
+            h, residual = h[-logits_to_keep:], residual[-logits_to_keep:]
+        x = self._add_rms_norm(h.contiguous(), residual.contiguous(), self.norm_w, self.norm_eps)
+        return self.lm_head(x)
+
+
+def build(model: Any, *, use_triton: bool, enabled: bool = True) -> FusedLlamaForward | None:
+    """The fused forward for ``model`` when it is supported and ``enabled``, else None
+    (logged once, and the runner uses transformers' forward with the attention hook)."""
+    if not enabled:
+        return None
+    reason = unsupported_reason(model)
+    if reason is not None:
+        log.info("fused decoder layers off: %s; running transformers' layers", reason)
+        return None
+    return FusedLlamaForward(model, use_triton=use_triton)

@@ -1,0 +1,89 @@
+"""The engine's fused Llama-family forward: token-exact with transformers, weights shared,
+unsupported models fall back to transformers' layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from stream_attention.engine import LLMEngine, SamplingParams
+from stream_attention.engine.fused_llama import FusedLlamaForward, unsupported_reason
+from stream_attention.models.default import load_tokenizer
+
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, vocab_size=4100, max_position_embeddings=128,
+              initializer_range=0.5)
+
+
+def _model(config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    ref = AutoModelForCausalLM.from_config(config).eval()
+    ref.load_state_dict(model.state_dict())
+    return model, ref
+
+
+def _greedy(ref, prompt, n):
+    out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                       eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**COMMON, use_sliding_window=False),  # q/k/v biases
+}
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_fused_engine_matches_transformers_greedy(family, backend):
+    model, ref = _model(CONFIGS[family]())
+    if family == "qwen2":
+        with torch.no_grad():
+            model.model.layers[0].self_attn.k_proj.bias.normal_()
+        ref.load_state_dict(model.state_dict())
+    eng = LLMEngine(model, load_tokenizer(), num_kv_blocks=48, block_size=8, max_num_batched_tokens=16,
+                    use_cuda_graphs=False, attention_backend=backend)
+    assert isinstance(eng.runner.fused, FusedLlamaForward)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 4000, (n,), generator=g).tolist() for n in (5, 19, 11)]
+    outs = eng.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    for out, p in zip(outs, prompts, strict=True):
+        assert out.token_ids == _greedy(ref, p, 6)
+
+
+def test_fused_weights_are_shared_and_the_model_still_generates():
+    model, ref = _model(LlamaConfig(**COMMON))
+    ids = torch.tensor([[5, 9, 200, 31]])
+    before = model(ids).logits
+    fused = FusedLlamaForward(model, use_triton=False)
+    attn = model.model.layers[1].self_attn
+    qkv = fused.layers[1].qkv_w
+    assert attn.q_proj.weight.data_ptr() == qkv.data_ptr()
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=0, rtol=0)
+
+
+def test_fused_layers_can_be_switched_off():
+    model, ref = _model(LlamaConfig(**COMMON))
+    eng = LLMEngine(model, load_tokenizer(), num_kv_blocks=32, block_size=8, use_cuda_graphs=False,
+                    attention_backend="sdpa", fused_layers=False)
+    assert eng.runner.fused is None
+    out = eng.generate([[7, 8, 9, 10]], SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    assert out.token_ids == _greedy(ref, [7, 8, 9, 10], 5)
+
+
+def test_unsupported_models_say_why():
+    gemma, _ = _model(GemmaConfig(**COMMON))
+    assert "activation" in unsupported_reason(gemma) or "model type" in unsupported_reason(gemma)
+    qwen3, _ = _model(Qwen3Config(**COMMON))
+    assert unsupported_reason(qwen3) is not None
+    with pytest.raises(ValueError, match="cannot use the fused forward"):
+        FusedLlamaForward(qwen3, use_triton=False)
