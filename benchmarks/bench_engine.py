@@ -196,6 +196,34 @@ def hf_static(quick: bool) -> dict:
 ENGINE_KV_BYTES = 8 << 30
 ENGINE_STEP_TOKENS = 16384
 ENGINE_FUSED = True
+ENGINE_PROFILE = False
+
+
+def _kernel_times(run) -> dict[str, float]:
+    """GPU microseconds per kernel name over ``run()`` (torch.profiler, CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            times[evt.name] = times.get(evt.name, 0.0) + evt.time_range.elapsed_us()
+    return times
+
+
+def _decode_kernel_profile(engine, plist, steps: int = 32) -> dict:
+    """Per-kernel GPU time of one decode step: a ``steps + 1``-token run minus a 1-token
+    (prefill-only) run of the same prompts, divided by ``steps``."""
+    from stream_attention.engine import SamplingParams
+
+    prefill = _kernel_times(lambda: engine.generate(plist, SamplingParams(max_tokens=1, ignore_eos=True)))
+    full = _kernel_times(lambda: engine.generate(plist, SamplingParams(max_tokens=steps + 1, ignore_eos=True)))
+    per_step = {k: (v - prefill.get(k, 0.0)) / steps for k, v in full.items()}
+    top = sorted(per_step.items(), key=lambda kv: -kv[1])[:30]
+    return {"us_per_step_total": sum(v for v in per_step.values() if v > 0),
+            "top_kernels_us_per_step": [[k[:120], round(v, 2)] for k, v in top]}
 
 
 def _step_gpu_times(engine, run) -> dict:
@@ -275,6 +303,11 @@ def engine_throughput(quick: bool) -> dict:
     result["engine_decode_step_ms"] = 1e3 * (eng_s - result["engine_prefill_only_s"]) / max(gen - 1, 1)
     result["preemptions"] = engine.stats().preemptions_total
     result["engine_step_profile"] = _step_gpu_times(engine, lambda: engine.generate(plist, sp))
+    if ENGINE_PROFILE:
+        try:
+            result["engine_decode_kernels"] = _decode_kernel_profile(engine, plist)
+        except Exception as exc:  # the profiler is a diagnostic; never lose the numbers above
+            result["engine_decode_kernels"] = {"error": repr(exc)[:500]}
     print(json.dumps(result), flush=True)
     return result
 
@@ -288,10 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-gib", type=float, default=8.0, help="engine KV cache size")
     ap.add_argument("--step-tokens", type=int, default=16384, help="engine max_num_batched_tokens")
     ap.add_argument("--no-fused", action="store_true", help="run transformers' layers (engine fused_layers=False)")
+    ap.add_argument("--profile", action="store_true", help="add a per-kernel GPU time table of one decode step")
     args = ap.parse_args(argv)
-    global ENGINE_KV_BYTES, ENGINE_STEP_TOKENS, ENGINE_FUSED
+    global ENGINE_KV_BYTES, ENGINE_STEP_TOKENS, ENGINE_FUSED, ENGINE_PROFILE
     ENGINE_KV_BYTES, ENGINE_STEP_TOKENS = int(args.kv_gib * 2**30), args.step_tokens
     ENGINE_FUSED = not args.no_fused
+    ENGINE_PROFILE = args.profile
     from stream_attention.core.benchmarking import spin_up_gpu
 
     spin_up_gpu()
