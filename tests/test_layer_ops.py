@@ -112,3 +112,26 @@ def test_bf16_layer_ops_on_gpu():
     torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
     gu = torch.randn(300, 2 * 8192, device=dev, dtype=torch.bfloat16)
     torch.testing.assert_close(layer_ops.silu_and_mul(gu), layer_ops.silu_and_mul_torch(gu), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("fn", [layer_ops.rotary_qk, layer_ops.rotary_qk_torch])
+def test_rotary_also_writes_kv_pages(device, fn):
+    tokens, hq, hk, d, blocks, bs = 4, 4, 2, 16, 6, 4
+    qkv = torch.randn(tokens, (hq + 2 * hk) * d, device=device, dtype=torch.float16)
+    q = qkv[:, :hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d:(hq + hk) * d].view(tokens, hk, d)
+    v = qkv[:, (hq + hk) * d:].view(tokens, hk, d)
+    cos, sin = torch.randn(tokens, d, device=device), torch.randn(tokens, d, device=device)
+    k_pages = torch.zeros(blocks, bs, hk, d, device=device, dtype=torch.float16)
+    v_pages = torch.zeros_like(k_pages)
+    slots = torch.tensor([9, 2, 23, 10], device=device)  # scattered over pages, not in order
+    q_out, k_out = fn(q, k, cos, sin, v=v, k_pages=k_pages, v_pages=v_pages, slot_mapping=slots)
+    q_ref, k_ref = layer_ops.rotary_qk_torch(q, k, cos, sin)
+    torch.testing.assert_close(q_out, q_ref, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(k_pages.view(-1, hk, d)[slots], k_out, atol=0, rtol=0)
+    torch.testing.assert_close(v_pages.view(-1, hk, d)[slots], v, atol=0, rtol=0)
+    untouched = torch.ones(blocks * bs, dtype=torch.bool)
+    untouched[slots.cpu()] = False
+    assert (k_pages.view(-1, hk, d)[untouched.to(device)] == 0).all()
+    with pytest.raises(ValueError, match="slot_mapping"):
+        fn(q, k, cos, sin, v=v, k_pages=k_pages, v_pages=v_pages, slot_mapping=slots[:2])

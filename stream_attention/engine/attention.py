@@ -110,7 +110,8 @@ def paged_attention_forward(
         out = compressed_attention_step(q, k, v, k_pages, v_pages, ctx, scale, collector=ctx.kv_scores,
                                         layer_idx=module.layer_idx)
         return out.unsqueeze(0), None
-    write_kv_pages(k, v, k_pages, v_pages, ctx.slot_mapping)
+    if not kwargs.get("kv_written", False):  # the engine's fused forward stores them in its RoPE kernel
+        write_kv_pages(k, v, k_pages, v_pages, ctx.slot_mapping)
     if ctx.backend == "triton":
         if ctx.fresh_prefill:
             from ..kernels.attention_fwd import attention_forward

@@ -4,10 +4,10 @@ transformers' eager decoder layer launches ~35 kernels per layer at decode time,
 them element-wise ops on a few hundred kilobytes (RMSNorm's six, RoPE's ten, SiLU and the
 product, residual adds, q/k/v as three matmuls). Measured on an H100 with a 1B Llama at
 batch 64, that launch-bound work was half the decode step even inside a CUDA graph. This
-forward runs the same weights with eleven kernels per layer:
+forward runs the same weights with nine kernels per layer:
 
-    add+RMSNorm → QKV matmul → RoPE (q and k) → paged attention (K/V page write + kernel)
-    → O matmul → add+RMSNorm → gate|up matmul → SiLU·up → down matmul
+    add+RMSNorm → QKV matmul → RoPE of q and k, storing k and v into the pages
+    → paged attention → O matmul → add+RMSNorm → gate|up matmul → SiLU·up → down matmul
 
 The residual add of one layer is folded into the next layer's input norm. q/k/v and
 gate/up are fused by concatenating their weights once; the model's own ``Linear``
@@ -137,6 +137,9 @@ class FusedLlamaForward:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        ctx = attn_hook.current_context()
+        if ctx is None:
+            raise RuntimeError("FusedLlamaForward runs inside an engine step (attention_context)")
         linear = nn.functional.linear
         tokens = input_ids.shape[0]
         residual = self.embed(input_ids)
@@ -153,11 +156,19 @@ class FusedLlamaForward:
             q = qkv[:, :nq].view(tokens, nq // d, d)
             k = qkv[:, nq:nq + nkv].view(tokens, nkv // d, d)
             v = qkv[:, nq + nkv:].view(tokens, nkv // d, d)
-            q, k = self._rotary(q, k, cos, sin)
+            k_pages, v_pages = ctx.kv_caches[layer.attn.layer_idx]
+            if isinstance(k_pages, torch.Tensor) and ctx.kv_scores is None:
+                # Plain pages: the RoPE kernel also stores k and v into them.
+                q, k = self._rotary(q, k, cos, sin, v=v, k_pages=k_pages, v_pages=v_pages,
+                                    slot_mapping=ctx.slot_mapping)
+                written = True
+            else:
+                q, k = self._rotary(q, k, cos, sin)
+                written = False
             # The hook takes transformers' [1, heads, tokens, dim] views.
             out, _ = attn_hook.paged_attention_forward(
                 layer.attn, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None,
-                scaling=layer.scaling,
+                scaling=layer.scaling, kv_written=written,
             )
             h = linear(out.reshape(tokens, nq), layer.o_w, layer.o_b)
             x = self._add_rms_norm(h, residual, layer.norm2_w, layer.norm2_eps)

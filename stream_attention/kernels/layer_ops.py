@@ -155,6 +155,7 @@ def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- rotary
 @triton.jit
 def _rotate_heads(X, Y, COS, SIN, row, stride_xt, stride_xh, stride_yt, stride_yh, cos_stride, n_heads,
+                  PAGES, slot, stride_ps, stride_ph, WRITE_PAGES: tl.constexpr,
                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     heads = tl.arange(0, BLOCK_H)[:, None]
     cols = tl.arange(0, BLOCK_HALF)[None, :]
@@ -167,22 +168,39 @@ def _rotate_heads(X, Y, COS, SIN, row, stride_xt, stride_xh, stride_yt, stride_y
     src = X + row * stride_xt + heads * stride_xh + cols
     x1 = tl.load(src, mask=keep, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=keep, other=0.0).to(tl.float32)
-    dst = Y + row * stride_yt + heads * stride_yh + cols
     # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
-    tl.store(dst, (x1 * cos1 - x2 * sin1).to(Y.dtype.element_ty), mask=keep)
-    tl.store(dst + HALF, (x2 * cos2 + x1 * sin2).to(Y.dtype.element_ty), mask=keep)
+    y1 = x1 * cos1 - x2 * sin1
+    y2 = x2 * cos2 + x1 * sin2
+    dst = Y + row * stride_yt + heads * stride_yh + cols
+    tl.store(dst, y1.to(Y.dtype.element_ty), mask=keep)
+    tl.store(dst + HALF, y2.to(Y.dtype.element_ty), mask=keep)
+    if WRITE_PAGES:
+        page_dst = PAGES + slot * stride_ps + heads * stride_ph + cols
+        tl.store(page_dst, y1.to(Y.dtype.element_ty).to(PAGES.dtype.element_ty), mask=keep)
+        tl.store(page_dst + HALF, y2.to(Y.dtype.element_ty).to(PAGES.dtype.element_ty), mask=keep)
 
 
 @triton.jit
-def _rotary_qk_kernel(Q, K, QO, KO, COS, SIN,
+def _rotary_qk_kernel(Q, K, QO, KO, COS, SIN, V, K_PAGES, V_PAGES, SLOTS,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
                       cos_stride, n_q_heads, n_k_heads,
+                      stride_vt, stride_vh, stride_kps, stride_kph, stride_vps, stride_vph,
+                      WRITE_PAGES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    slot = tl.full([], 0, tl.int64)
+    if WRITE_PAGES:
+        slot = tl.load(SLOTS + row).to(tl.int64)
     _rotate_heads(Q, QO, COS, SIN, row, stride_qt, stride_qh, stride_qot, stride_qoh, cos_stride, n_q_heads,
-                  HALF, BLOCK_HQ, BLOCK_HALF)
+                  K_PAGES, slot, 0, 0, False, HALF, BLOCK_HQ, BLOCK_HALF)
     _rotate_heads(K, KO, COS, SIN, row, stride_kt, stride_kh, stride_kot, stride_koh, cos_stride, n_k_heads,
-                  HALF, BLOCK_HK, BLOCK_HALF)
+                  K_PAGES, slot, stride_kps, stride_kph, WRITE_PAGES, HALF, BLOCK_HK, BLOCK_HALF)
+    if WRITE_PAGES:
+        heads = tl.arange(0, BLOCK_HK)[:, None]
+        cols = tl.arange(0, BLOCK_D)[None, :]
+        keep = (heads < n_k_heads) & (cols < HEAD_DIM)
+        v = tl.load(V + row * stride_vt + heads * stride_vh + cols, mask=keep, other=0.0)
+        tl.store(V_PAGES + slot * stride_vps + heads * stride_vph + cols, v.to(V_PAGES.dtype.element_ty), mask=keep)
 
 
 def _check_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -199,12 +217,37 @@ def _check_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
         raise ValueError("rotary_qk: the head dimension of q and k must be contiguous")
 
 
-def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_pages(k: torch.Tensor, v: torch.Tensor | None, k_pages: torch.Tensor, v_pages: torch.Tensor | None,
+                 slot_mapping: torch.Tensor | None) -> None:
+    if v is None or v_pages is None or slot_mapping is None:
+        raise ValueError("rotary_qk: writing pages needs v, k_pages, v_pages and slot_mapping together")
+    if v.shape != k.shape or v.stride(-1) != 1:
+        raise ValueError(f"rotary_qk: v {tuple(v.shape)} must match k {tuple(k.shape)} with a contiguous head dim")
+    for name, pages in (("k_pages", k_pages), ("v_pages", v_pages)):
+        if pages.dim() != 4 or pages.shape[2:] != k.shape[1:] or not pages.is_contiguous():
+            raise ValueError(f"rotary_qk: {name} must be contiguous [blocks, block_size, {k.shape[1]}, "
+                             f"{k.shape[2]}], got {tuple(pages.shape)}")
+    if slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"rotary_qk: slot_mapping must be [{k.shape[0]}], got {tuple(slot_mapping.shape)}")
+
+
+def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+              v: torch.Tensor | None = None, k_pages: torch.Tensor | None = None,
+              v_pages: torch.Tensor | None = None,
+              slot_mapping: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of ``q [T, Hq, D]`` and ``k [T, Hk, D]`` (any token/head strides, e.g.
     views into one fused QKV projection) with per-token ``cos, sin [T, D]`` in transformers'
-    ``rotate_half`` convention. One kernel for both; returns new contiguous tensors."""
+    ``rotate_half`` convention. One kernel for both; returns new contiguous tensors.
+
+    With ``k_pages, v_pages [blocks, block_size, Hk, D]``, ``v [T, Hk, D]`` and int64
+    ``slot_mapping [T]`` (flat slot ``block * block_size + offset``), the same kernel also
+    stores the rotated keys and the values into the KV cache pages, which spares the two
+    page-write kernels a layer would otherwise launch.
+    """
     _check_rotary(q, k, cos, sin)
+    write = k_pages is not None
+    if write:
+        _check_pages(k, v, k_pages, v_pages, slot_mapping)
     tokens, hq, dim = q.shape
     hk = k.shape[1]
     q_out = torch.empty((tokens, hq, dim), dtype=q.dtype, device=q.device)
@@ -214,16 +257,25 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     cos = cos.contiguous()
     sin = sin.contiguous()
     half = dim // 2
-    _launch(_rotary_qk_kernel, (tokens,), q, k, q_out, k_out, cos, sin,
+    if write:
+        page_args = (v, k_pages, v_pages, slot_mapping)
+        page_strides = (v.stride(0), v.stride(1), hk * dim, dim, hk * dim, dim)
+    else:
+        page_args = (k, k_out, k_out, cos)  # placeholders, never read
+        page_strides = (0, 0, 0, 0, 0, 0)
+    _launch(_rotary_qk_kernel, (tokens,), q, k, q_out, k_out, cos, sin, *page_args,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), q_out.stride(0), q_out.stride(1),
-            k_out.stride(0), k_out.stride(1), cos.stride(0), hq, hk,
+            k_out.stride(0), k_out.stride(1), cos.stride(0), hq, hk, *page_strides,
+            WRITE_PAGES=write, HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim),
             HALF=half, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
             BLOCK_HALF=triton.next_power_of_2(half), num_warps=4)
     return q_out, k_out
 
 
-def rotary_qk_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_qk_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                    v: torch.Tensor | None = None, k_pages: torch.Tensor | None = None,
+                    v_pages: torch.Tensor | None = None,
+                    slot_mapping: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch twin of :func:`rotary_qk` (computed in float32, rounded once)."""
     _check_rotary(q, k, cos, sin)
     c = cos.float()[:, None, :]
@@ -234,4 +286,10 @@ def rotary_qk_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
         x1, x2 = xf.chunk(2, dim=-1)
         return (xf * c + torch.cat((-x2, x1), dim=-1) * s).to(x.dtype)
 
-    return rotate(q), rotate(k)
+    q_out, k_out = rotate(q), rotate(k)
+    if k_pages is not None:
+        _check_pages(k, v, k_pages, v_pages, slot_mapping)
+        hk, d = k.shape[1], k.shape[2]
+        k_pages.view(-1, hk, d).index_copy_(0, slot_mapping, k_out.to(k_pages.dtype))
+        v_pages.view(-1, hk, d).index_copy_(0, slot_mapping, v.to(v_pages.dtype))
+    return q_out, k_out
