@@ -1,30 +1,40 @@
-"""GPU benchmark of quantized KV pages: decode speed and how many sequences fit.
+"""GPU benchmark of quantized KV pages: decode speed against the bf16 paged kernel, and capacity.
 
-    python benchmarks/bench_kv_quant.py --out kv_quant.json [--batch 16 32] [--contexts 4096 8192]
+    python benchmarks/bench_kv_quant.py --out kv_quant.json [--batch 16 64] [--contexts 4096 8192]
+                                        [--extra] [--no-sweep]
 
-(a) Paged decode attention, GQA 32/8, head_dim 128, pages of 16 tokens scattered over
-    the pool, one query per sequence: the same kernel reading bf16 pages, int8 pages and
-    int4 pages (per-token scales, and KIVI per-channel key scales), plus the engine's
-    own bf16 paged kernel (``kernels/paged_attention.py``) when present. Median latency
-    (``triton.testing.do_bench``, L2 flushed between calls), bytes of pages read per
-    second, speed-up over both bf16 kernels, and accuracy: the max error against a
-    float64 reference on the dequantized pages (kernel exactness) and the relative error
-    of the output against exact bf16 attention (quantization loss).
-(b) Capacity: concurrent 4k-token sequences whose KV cache fits in a fixed budget
-    (8 GiB) for a 1B-shaped Llama (16 layers, hidden 2048 / 32 heads = head_dim 64,
-    8 KV heads), for each page format; the pools are really allocated on the GPU and
-    measured with the CUDA allocator.
+(a) Paged decode attention, GQA 32/8, head_dim 128, pages of 16 tokens scattered over the
+    pool, one bf16 query per sequence, for every batch x context:
+    * ``bf16``: the engine's paged kernel (``kernels/paged_attention.py``) at its
+      ``DEFAULT_LAUNCH`` and its own split policy: the baseline of every ratio.
+    * ``int8`` / ``int4`` (per-token scales): ``kv_quant``'s fp16-code kernel at
+      ``kv_quant.DEFAULT_LAUNCH``, with kv_quant's split policy, and ``int8@engine-splits``
+      / ``int4@engine-splits`` with the bf16 kernel's split count (what the engine runs).
+    * ``int8-generic``: the dequantizing kernel (``STREAM_ATTENTION_KV_FAST=0``), i.e. before.
+    * ``int8-deferred-sums``: row sums kept per key column until the end
+      (``STREAM_ATTENTION_KV_DEFER_SUMS=1``: two cross-warp reductions fewer per tile, more
+      registers).
+    * a launch sweep, ``(BLOCK_N, num_warps, num_stages)``, for int8 (and two for int4).
+    * ``--extra``: int8 with the portable conversions instead of inline PTX
+      (``STREAM_ATTENTION_KV_ASM=0``), KIVI per-channel keys, bf16 pages through kv_quant.
+    Median ``triton.testing.do_bench`` time (L2 flushed between calls), TB/s of page bytes
+    read (scales included), ``speedup_vs_bf16`` = bf16 ms / row ms, and the max error
+    against float64 attention over the dequantized pages (first sequences).
+(b) Capacity: concurrent 4k-token sequences whose KV cache fits 8 GiB for a 1B-shaped Llama
+    (16 layers, 8 KV heads, head_dim 64), per page format; pools really allocated.
 
-Budget: under 90 s on an H100 (compiles included). A time guard skips the optional
-parts (KIVI, a second batch size) when compiling takes longer than planned, and says so
-in the JSON.
+The summary (``summary`` in the JSON, printed last) lists per case the bf16 time, int8 and
+int4 times and ratios, and the best int8 launch. Budget: ~2 minutes on an H100, compiles
+included; ``--time-budget`` seconds after which optional parts are skipped (noted in JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -35,14 +45,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stream_attention.kernels import kv_quant as kq  # noqa: E402
+from stream_attention.kernels import paged_attention as pa  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
-# (name, bits, key scales per channel); bf16 first: every speed-up is against it.
-FORMATS = [("bf16", 16, False), ("int8", 8, False), ("int4", 4, False), ("int8-kivi", 8, True),
-           ("int4-kivi", 4, True)]
+LAUNCH_KEYS = ("BLOCK_N", "num_warps", "num_stages")
+# Alternatives to kv_quant.DEFAULT_LAUNCH["decode"] (with kv_quant.FAST_DECODE_MAXNREG's cap,
+# timed first, at both split policies): (BLOCK_N, num_warps, num_stages[, maxnreg]), where
+# a 4th entry None means no register cap.
+INT8_SWEEP = [(128, 4, 2, None), (64, 4, 3), (64, 4, 3, 128), (128, 4, 3), (256, 4, 2), (256, 4, 2, 168),
+              (256, 8, 2), (128, 2, 2)]
+INT4_SWEEP = [(128, 4, 2, None), (64, 4, 3)]
 
 
-def _bench(fn, warmup: int = 10, rep: int = 50) -> float:
+def _bench(fn, warmup: int = 10, rep: int = 60) -> float:
     """Median milliseconds per call, with L2 flushed between calls."""
     import triton.testing
 
@@ -54,10 +69,18 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _tuned(bits: int, per_channel: bool) -> str | None:
-    tuner = kq._paged_attn_tuned_page if per_channel else kq._paged_attn_tuned_tokens
-    best = getattr(tuner, "best_config", None)
-    return str(best) if best is not None else None
+@contextlib.contextmanager
+def _env(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _pages_read(bits: int, per_channel: bool, batch: int, ctx: int) -> int:
@@ -65,92 +88,159 @@ def _pages_read(bits: int, per_channel: bool, batch: int, ctx: int) -> int:
     return int(kq.kv_bytes_per_token(HKV, D, bits, block_size=PAGE, key_per_channel=per_channel) * batch * ctx)
 
 
-def decode_case(batch: int, ctx: int, formats: list[tuple[str, int, bool]], deadline: float,
-                dev: torch.device | None = None) -> dict:
-    dev = dev or torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(0)
-    n_blocks = batch * ctx // PAGE + 1
-    k = torch.randn(n_blocks, PAGE, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
-    # Real keys carry per-channel offsets and a few outlier channels; values do not.
-    k = k + torch.randn(D, device=dev, generator=g).to(torch.bfloat16) * 2
-    k[..., :4] *= 8
-    v = torch.randn(n_blocks, PAGE, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
-    table = torch.randperm(n_blocks - 1, device=dev, generator=g)[: batch * (ctx // PAGE)]
-    table = table.view(batch, ctx // PAGE).to(torch.int32)
-    # Ragged lengths near ctx: the last page of most sequences is partly filled.
-    seq_lens = (ctx - torch.randint(0, PAGE, (batch,), device=dev, generator=g)).to(torch.int32)
-    seq_lens[0] = ctx
-    cu = torch.arange(batch + 1, dtype=torch.int32, device=dev)
-    q = torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16, generator=g)
-    splits = kq.choose_num_splits(batch, HKV, ctx, dev)
-    scale = 1.0 / math.sqrt(D)
-    ids = torch.arange(n_blocks, device=dev)
-    full = torch.full((n_blocks,), PAGE, dtype=torch.int32, device=dev)
+class Case:
+    """Random bf16 K/V for ``batch`` sequences of ~``ctx`` keys, their quantized pages on demand."""
 
-    # Exact bf16 attention of the first sequences, for the quantization loss.
-    n_ref = 2
-    exact, _ = kq.paged_attention_ref(q[:n_ref], k, v, table[:n_ref], seq_lens[:n_ref], dtype=torch.float32)
+    def __init__(self, batch: int, ctx: int, dev: torch.device):
+        g = torch.Generator(device=dev).manual_seed(0)
+        self.batch, self.ctx, self.dev = batch, ctx, dev
+        self.n_blocks = batch * ctx // PAGE + 1
+        k = torch.randn(self.n_blocks, PAGE, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
+        # Real keys carry per-channel offsets and a few outlier channels; values do not.
+        k += torch.randn(D, device=dev, generator=g).to(torch.bfloat16) * 2
+        k[..., :4] *= 8
+        self.k = k
+        self.v = torch.randn(self.n_blocks, PAGE, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
+        table = torch.randperm(self.n_blocks - 1, device=dev, generator=g)[: batch * (ctx // PAGE)]
+        self.table = table.view(batch, ctx // PAGE).to(torch.int32)
+        # Ragged lengths near ctx: the last page of most sequences is partly filled.
+        self.seq_lens = (ctx - torch.randint(0, PAGE, (batch,), device=dev, generator=g)).to(torch.int32)
+        self.seq_lens[0] = ctx
+        self.avg_ctx = int(self.seq_lens.sum()) // batch
+        self.cu = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+        self.q = torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16, generator=g)
+        self.scale = 1.0 / math.sqrt(D)
+        self.kq_splits = kq.choose_num_splits(batch, HKV, ctx, dev)
+        self.engine_splits = pa.choose_num_splits(batch, HKV, ctx, dev)
+        self._pages: dict = {}
 
-    rows, results = [], {}
-    for name, bits, per_channel in formats:
-        if per_channel and time.perf_counter() > deadline:  # KIVI rows are the optional ones
-            rows.append({"format": name, "skipped": "time budget"})
-            continue
+    def pages(self, bits: int, per_channel: bool = False):
         if bits == 16:
-            kp, vp = k, v
-        else:
-            kp = kq.QuantizedPages.empty(n_blocks, PAGE, HKV, D, bits, per_channel=per_channel, device=dev)
-            vp = kq.QuantizedPages.empty(n_blocks, PAGE, HKV, D, bits, device=dev)
-            kq.write_blocks_to_pages(k, ids, full, kp)
-            kq.write_blocks_to_pages(v, ids, full, vp)
+            return self.k, self.v
+        key = (bits, per_channel)
+        if key not in self._pages:
+            ids = torch.arange(self.n_blocks, device=self.dev)
+            full = torch.full((self.n_blocks,), PAGE, dtype=torch.int32, device=self.dev)
+            kp = kq.QuantizedPages.empty(self.n_blocks, PAGE, HKV, D, bits, per_channel=per_channel, device=self.dev)
+            vp = kq.QuantizedPages.empty(self.n_blocks, PAGE, HKV, D, bits, device=self.dev)
+            kq.write_blocks_to_pages(self.k, ids, full, kp)
+            kq.write_blocks_to_pages(self.v, ids, full, vp)
+            self._pages[key] = (kp, vp)
+        return self._pages[key]
 
-        def fn(kp=kp, vp=vp):
-            return kq.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=1, softmax_scale=scale,
-                                                num_splits=splits)
+    def kernel_error(self, out: torch.Tensor, bits: int, per_channel: bool = False, n_ref: int = 2) -> float:
+        """Max |out - float64 attention over the dequantized pages| on the first sequences."""
+        key = ("ref", bits, per_channel)
+        if key not in self._pages:
+            kp, vp = self.pages(bits, per_channel)
+            self._pages[key] = kq.paged_attention_ref(self.q[:n_ref], kp, vp, self.table[:n_ref],
+                                                      self.seq_lens[:n_ref])[0]
+        return float((out[:n_ref].double() - self._pages[key]).abs().max())
 
-        out = fn()  # compiles and autotunes outside the timing
-        _sync(dev)
+
+def _time_kq(case: Case, name: str, bits: int, *, per_channel: bool = False, launch=None, splits=None,
+             env: dict | None = None, check: bool = True) -> dict:
+    kp, vp = case.pages(bits, per_channel)
+    launch = tuple(launch or kq.DEFAULT_LAUNCH["decode"])
+    ld = dict(zip(LAUNCH_KEYS, launch[:3], strict=True))
+    if len(launch) > 3:
+        ld["maxnreg"] = launch[3]
+    splits = splits or case.kq_splits
+    env = env or {}
+    with _env(**env):
+        fast = kq._fast_views(case.q, kp, vp, bits, per_channel, D) is not None if bits != 16 else False
+        if fast and "maxnreg" not in ld:  # the default cap paged_attention_quantized applies
+            ld["maxnreg"] = kq.FAST_DECODE_MAXNREG.get(launch[:3])
+
+        def fn():
+            return kq.paged_attention_quantized(case.q, kp, vp, case.table, case.seq_lens, case.cu, max_q_len=1,
+                                                softmax_scale=case.scale, num_splits=splits, launch=ld)
+
+        out = fn()  # compiles outside the timing
+        _sync(case.dev)
         ms = _bench(fn)
-        ref, _ = kq.paged_attention_ref(q[:n_ref], kp, vp, table[:n_ref], seq_lens[:n_ref], dtype=torch.float64)
-        kernel_err = float((out[:n_ref].double() - ref).abs().max())
-        quant_err = float((out[:n_ref].float() - exact).norm() / exact.norm())
-        read = _pages_read(bits, per_channel, batch, int(seq_lens.sum()) // batch)
-        row = {
-            "format": name, "bits": bits, "key_per_channel": per_channel, "ms": ms,
-            "pages_bytes_read": read, "tb_per_s": read / (ms * 1e-3) / 1e12,
-            "max_abs_err_vs_fp64_on_dequantized": kernel_err, "rel_err_vs_exact_bf16": quant_err,
-            "autotuned": _tuned(bits, per_channel),
-        }
-        results[name] = ms
-        rows.append(row)
-        del kp, vp
+    read = _pages_read(bits, per_channel, case.batch, case.avg_ctx)
+    row = {"format": name, "bits": bits, "key_per_channel": per_channel, "kernel": "f16-codes" if fast else "generic",
+           "launch": [*launch[:3], ld.get("maxnreg")], "num_splits": splits, "ms": ms, "tb_per_s": read / (ms * 1e-3) / 1e12,
+           "env": env}
+    if check:
+        row["max_abs_err_vs_fp64_on_dequantized"] = case.kernel_error(out, bits, per_channel)
+    return row
 
-    engine_ms = None
-    try:
-        from stream_attention.kernels.paged_attention import choose_num_splits, paged_attention
 
-        e_splits = choose_num_splits(batch, HKV, ctx, dev)
+def _time_engine(case: Case, launch=None) -> dict:
+    launch = tuple(launch or pa.DEFAULT_LAUNCH["decode"])
 
-        def efn():
-            return paged_attention(q, k, v, table, seq_lens, cu, max_q_len=1, softmax_scale=scale,
-                                   num_splits=e_splits)
+    def fn():
+        return pa.paged_attention(case.q, case.k, case.v, case.table, case.seq_lens, case.cu, max_q_len=1,
+                                  softmax_scale=case.scale, num_splits=case.engine_splits, launch=launch)
 
-        efn()
-        _sync(dev)
-        engine_ms = _bench(efn)
-        read = _pages_read(16, False, batch, int(seq_lens.sum()) // batch)
-        rows.append({"format": "bf16-engine-kernel", "bits": 16, "ms": engine_ms, "num_splits": e_splits,
-                     "tb_per_s": read / (engine_ms * 1e-3) / 1e12})
-    except ImportError as exc:  # pragma: no cover - the engine kernel is optional
-        rows.append({"format": "bf16-engine-kernel", "skipped": str(exc)})
+    out = fn()
+    _sync(case.dev)
+    ms = _bench(fn)
+    read = _pages_read(16, False, case.batch, case.avg_ctx)
+    return {"format": "bf16", "bits": 16, "kernel": "paged_attention.py", "launch": list(launch),
+            "num_splits": case.engine_splits, "ms": ms, "tb_per_s": read / (ms * 1e-3) / 1e12,
+            "max_abs_err_vs_fp64_on_dequantized": case.kernel_error(out, 16)}
 
-    base = results.get("bf16")
-    for row in rows:
-        if "ms" in row and base:
-            row["speedup_vs_bf16_same_kernel"] = base / row["ms"]
-            if engine_ms:
-                row["speedup_vs_bf16_engine_kernel"] = engine_ms / row["ms"]
-    return {"batch": batch, "context": ctx, "num_splits": splits, "rows": rows}
+
+def decode_case(batch: int, ctx: int, deadline: float, *, sweep: bool, extra: bool,
+                dev: torch.device | None = None) -> dict:
+    case = Case(batch, ctx, dev or torch.device("cuda"))
+    res = {"batch": batch, "context": ctx, "kq_num_splits": case.kq_splits,
+           "engine_num_splits": case.engine_splits, "rows": [], "sweep": [], "skipped": []}
+    rows, sw = res["rows"], res["sweep"]
+
+    def over() -> bool:
+        return time.perf_counter() > deadline
+
+    rows.append(_time_engine(case))
+    rows.append(_time_kq(case, "int8", 8))
+    if case.engine_splits != case.kq_splits:
+        rows.append(_time_kq(case, "int8@engine-splits", 8, splits=case.engine_splits))
+    rows.append(_time_kq(case, "int4", 4))
+    if case.engine_splits != case.kq_splits:
+        rows.append(_time_kq(case, "int4@engine-splits", 4, splits=case.engine_splits))
+    rows.append(_time_kq(case, "int8-generic", 8, env={"STREAM_ATTENTION_KV_FAST": "0"}))
+    if not over():
+        rows.append(_time_kq(case, "int8-deferred-sums", 8, env={"STREAM_ATTENTION_KV_DEFER_SUMS": "1"}))
+    else:
+        res["skipped"].append("int8-deferred-sums: time budget")
+    if sweep:
+        for bits, configs in ((8, INT8_SWEEP), (4, INT4_SWEEP)):
+            for launch in configs:
+                if over():
+                    res["skipped"].append(f"sweep int{bits} {launch}: time budget")
+                    continue
+                sw.append(_time_kq(case, f"int{bits}", bits, launch=launch))
+    if extra:
+        for name, bits, pc, env in (("int8-portable", 8, False, {"STREAM_ATTENTION_KV_ASM": "0"}),
+                                    ("bf16-kv_quant-kernel", 16, False, {}),
+                                    ("int8-kivi", 8, True, {}), ("int4-kivi", 4, True, {})):
+            if over():
+                res["skipped"].append(f"{name}: time budget")
+                continue
+            rows.append(_time_kq(case, name, bits, per_channel=pc, env=env))
+
+    base = rows[0]["ms"]
+    for row in rows + sw:
+        row["speedup_vs_bf16"] = base / row["ms"]
+    best8 = min([r for r in rows + sw if r["format"] == "int8"], key=lambda r: r["ms"])
+    best4 = min([r for r in rows + sw if r["format"] == "int4"], key=lambda r: r["ms"])
+    by = {r["format"]: r for r in rows}
+    res["summary"] = {
+        "batch": batch, "context": ctx, "bf16_ms": base, "bf16_tb_per_s": rows[0]["tb_per_s"],
+        "int8_ms": by["int8"]["ms"], "int8_speedup": by["int8"]["speedup_vs_bf16"],
+        "int8_tb_per_s": by["int8"]["tb_per_s"],
+        "int8_engine_splits_speedup": by.get("int8@engine-splits", by["int8"])["speedup_vs_bf16"],
+        "int8_best_launch": best8["launch"], "int8_best_ms": best8["ms"], "int8_best_speedup": best8["speedup_vs_bf16"],
+        "int4_ms": by["int4"]["ms"], "int4_speedup": by["int4"]["speedup_vs_bf16"],
+        "int4_best_launch": best4["launch"], "int4_best_speedup": best4["speedup_vs_bf16"],
+        "int8_generic_speedup": by["int8-generic"]["speedup_vs_bf16"],
+    }
+    del case
+    torch.cuda.empty_cache()
+    return res
 
 
 def capacity(budget_gib: float, seq_tokens: int) -> dict:
@@ -160,7 +250,8 @@ def capacity(budget_gib: float, seq_tokens: int) -> dict:
     budget = int(budget_gib * 2**30)
     blocks_per_seq = math.ceil(seq_tokens / PAGE)
     rows = []
-    for name, bits, per_channel in FORMATS:
+    for name, bits, per_channel in [("bf16", 16, False), ("int8", 8, False), ("int4", 4, False),
+                                    ("int8-kivi", 8, True), ("int4-kivi", 4, True)]:
         per_block = kq.kv_bytes_per_token(hkv, d, bits, block_size=PAGE, key_per_channel=per_channel) * PAGE * layers
         n_blocks = int(budget // per_block)
         torch.cuda.synchronize()
@@ -186,62 +277,87 @@ def capacity(budget_gib: float, seq_tokens: int) -> dict:
             "sequence_tokens": seq_tokens, "page_size": PAGE, "rows": rows}
 
 
+def _launch_str(launch) -> str:
+    """``BLOCK_NxWARPSxSTAGES`` with ``/rN`` for a register cap."""
+    cap = launch[3] if len(launch) > 3 else None
+    return "x".join(str(x) for x in launch[:3]) + (f"/r{cap}" if cap else "")
+
+
 def _print(res: dict) -> None:
     for case in res["decode"]:
-        print(f"\nbatch {case['batch']} context {case['context']} (splits {case['num_splits']})")
-        print(f"{'format':<20}{'ms':>9}{'TB/s':>7}{'x bf16':>8}{'x engine':>9}{'kernel err':>12}{'quant err':>11}")
-        for r in case["rows"]:
-            if "ms" not in r:
-                print(f"{r['format']:<20} skipped: {r.get('skipped')}")
-                continue
-            print(f"{r['format']:<20}{r['ms']:>9.4f}{r['tb_per_s']:>7.2f}"
-                  f"{r.get('speedup_vs_bf16_same_kernel', float('nan')):>8.2f}"
-                  f"{r.get('speedup_vs_bf16_engine_kernel', float('nan')):>9.2f}"
-                  f"{r.get('max_abs_err_vs_fp64_on_dequantized', float('nan')):>12.2e}"
-                  f"{r.get('rel_err_vs_exact_bf16', float('nan')):>11.2e}")
-    cap = res["capacity"]
-    print(f"\n{cap['model']}: {cap['sequence_tokens']}-token sequences in {cap['budget_gib']} GiB")
-    for r in cap["rows"]:
-        print(f"{r['format']:<12} {r['bytes_per_token_all_layers']:>8.0f} B/token  {r['concurrent_sequences']:>5} seqs"
-              f"  ({r['vs_bf16']:.2f}x)  allocated {r['allocated_bytes'] / 2**30:.2f} GiB")
+        print(f"\nbatch {case['batch']} context {case['context']} (splits: kv_quant {case['kq_num_splits']}, "
+              f"engine {case['engine_num_splits']})")
+        print(f"{'format':<22}{'kernel':<20}{'launch':<16}{'spl':>4}{'ms':>10}{'TB/s':>7}{'x bf16':>8}{'err':>10}")
+        for r in case["rows"] + case["sweep"]:
+            launch = _launch_str(r["launch"])
+            print(f"{r['format']:<22}{r['kernel']:<20}{launch:<16}{r['num_splits']:>4}{r['ms']:>10.4f}"
+                  f"{r['tb_per_s']:>7.2f}{r['speedup_vs_bf16']:>8.2f}"
+                  f"{r.get('max_abs_err_vs_fp64_on_dequantized', float('nan')):>10.1e}")
+        for s in case["skipped"]:
+            print(f"  skipped {s}")
+    cap = res.get("capacity")
+    if cap:
+        print(f"\n{cap['model']}: {cap['sequence_tokens']}-token sequences in {cap['budget_gib']} GiB")
+        for r in cap["rows"]:
+            print(f"{r['format']:<12} {r['bytes_per_token_all_layers']:>8.0f} B/token  "
+                  f"{r['concurrent_sequences']:>5} seqs  ({r['vs_bf16']:.2f}x)  "
+                  f"allocated {r['allocated_bytes'] / 2**30:.2f} GiB")
+    print("\nsummary: int8 / int4 (fp16-code kernel) vs the bf16 paged kernel, same context")
+    print(f"{'batch':>6}{'ctx':>6}{'bf16 ms':>10}{'TB/s':>6}{'int8 ms':>10}{'x':>6}{'x@eng':>6}{'best x':>7}"
+          f"{'best launch':>16}{'int4 x':>8}{'generic x':>10}")
+    for s in res["summary"]:
+        print(f"{s['batch']:>6}{s['context']:>6}{s['bf16_ms']:>10.4f}{s['bf16_tb_per_s']:>6.2f}{s['int8_ms']:>10.4f}"
+              f"{s['int8_speedup']:>6.2f}{s['int8_engine_splits_speedup']:>6.2f}{s['int8_best_speedup']:>7.2f}"
+              f"{_launch_str(s['int8_best_launch']):>16}{s['int4_speedup']:>8.2f}"
+              f"{s['int8_generic_speedup']:>10.2f}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="write results as JSON here")
-    p.add_argument("--batch", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--batch", type=int, nargs="+", default=[16, 64])
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
+    p.add_argument("--no-sweep", action="store_true", help="skip the launch sweep")
+    p.add_argument("--extra", action="store_true", help="also portable conversions, KIVI, bf16 via kv_quant")
+    p.add_argument("--no-capacity", action="store_true")
     p.add_argument("--budget-gib", type=float, default=8.0)
     p.add_argument("--seq-tokens", type=int, default=4096)
-    p.add_argument("--time-budget", type=float, default=75.0, help="seconds before optional parts are skipped")
+    p.add_argument("--time-budget", type=float, default=150.0, help="seconds after which optional parts are skipped")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kv_quant.py needs a CUDA GPU")
     from stream_attention.core.benchmarking import spin_up_gpu
 
     spin_up_gpu()
-    if not torch.cuda.is_available():
-        sys.exit("bench_kv_quant.py needs a CUDA GPU")
     t0 = time.perf_counter()
-    deadline = t0 + 0.6 * args.time_budget
+    deadline = t0 + args.time_budget
     import triton
 
     res: dict = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "python": platform.python_version(), "shape": {"hq": HQ, "hkv": HKV, "head_dim": D, "page": PAGE},
-        "decode": [], "notes": [],
+        "defaults": {"kv_quant": kq.DEFAULT_LAUNCH["decode"], "paged_attention": pa.DEFAULT_LAUNCH["decode"],
+                     "kv_quant_fast_maxnreg": {str(k): v for k, v in kq.FAST_DECODE_MAXNREG.items()}},
+        "env": {k: v for k, v in os.environ.items() if k.startswith("STREAM_ATTENTION_")},
+        "decode": [], "summary": [], "notes": [],
     }
-    for bi, batch in enumerate(args.batch):
+    for batch in args.batch:
         for ctx in args.contexts:
-            if bi > 0 and time.perf_counter() > t0 + 0.75 * args.time_budget:
-                res["notes"].append(f"skipped batch {batch} context {ctx}: time budget")
-                continue
-            res["decode"].append(decode_case(batch, ctx, FORMATS, deadline))
-            torch.cuda.empty_cache()
-    res["capacity"] = capacity(args.budget_gib, args.seq_tokens)
-    int8 = [r.get("speedup_vs_bf16_same_kernel") for c in res["decode"] for r in c["rows"] if r["format"] == "int8"]
-    res["int8_min_speedup_vs_bf16"] = min((s for s in int8 if s), default=None)
+            case = decode_case(batch, ctx, deadline, sweep=not args.no_sweep, extra=args.extra)
+            res["decode"].append(case)
+            res["summary"].append(case.pop("summary"))
+            took = time.perf_counter() - t0
+            print(f"[{took:6.1f} s] batch {batch} ctx {ctx}: int8 x{res['summary'][-1]['int8_speedup']:.2f}", flush=True)
+            if args.out:  # partial results survive a time-out
+                Path(args.out).write_text(json.dumps(res, indent=1))
+    if not args.no_capacity:
+        res["capacity"] = capacity(args.budget_gib, args.seq_tokens)
+    res["int8_min_speedup_vs_bf16"] = min(s["int8_speedup"] for s in res["summary"])
+    res["int8_best_min_speedup_vs_bf16"] = min(s["int8_best_speedup"] for s in res["summary"])
     res["wall_s"] = time.perf_counter() - t0
     _print(res)
-    print(f"\nint8 vs bf16 (same kernel), worst case: {res['int8_min_speedup_vs_bf16']}; wall {res['wall_s']:.1f} s")
+    print(f"\nint8 vs bf16, worst case: x{res['int8_min_speedup_vs_bf16']:.2f} at the default launch, "
+          f"x{res['int8_best_min_speedup_vs_bf16']:.2f} at each case's best; wall {res['wall_s']:.1f} s")
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
 

@@ -98,7 +98,7 @@ def test_block_writes_per_channel_round_trip(bits, device):
     assert (pages.data[ids][~rows] == 0).all()
 
 
-def _cache(lens: list[int], bits: int, per_channel: bool, device, seed: int = 0):
+def _cache(lens: list[int], bits: int, per_channel: bool, device, seed: int = 0, d: int = D):
     """Random K/V written into a shuffled page pool; returns pages, block table, lengths."""
     g = torch.Generator().manual_seed(seed)
     need = [math.ceil(n / BS) for n in lens]
@@ -109,13 +109,13 @@ def _cache(lens: list[int], bits: int, per_channel: bool, device, seed: int = 0)
     for b, n in enumerate(need):
         table[b, :n] = perm[nxt:nxt + n].int()
         nxt += n
-    k = _kv_sample((nb, BS, HKV, D), g)
-    v = torch.randn((nb, BS, HKV, D), generator=g)
+    k = _kv_sample((nb, BS, HKV, d), g)
+    v = torch.randn((nb, BS, HKV, d), generator=g)
     if bits == 16:
         kp, vp = k.to(device), v.to(device)
     else:
-        kp = kq.QuantizedPages.empty(nb, BS, HKV, D, bits, per_channel=per_channel, device=device)
-        vp = kq.QuantizedPages.empty(nb, BS, HKV, D, bits, device=device)
+        kp = kq.QuantizedPages.empty(nb, BS, HKV, d, bits, per_channel=per_channel, device=device)
+        vp = kq.QuantizedPages.empty(nb, BS, HKV, d, bits, device=device)
         full = torch.full((nb,), BS, dtype=torch.int32, device=device)
         ids = torch.arange(nb, device=device)
         # The writers have their own tests; the torch reference fills pages faster on CPU.
@@ -232,6 +232,274 @@ def test_bytes_per_token_and_validation():
         kq.paged_attention_quantized(torch.zeros(1, HQ, D), k8, kq.QuantizedPages.empty(4, BS, HKV, D, 8,
                                      per_channel=True), torch.zeros(1, 1, dtype=torch.int32),
                                      torch.ones(1, dtype=torch.int32))
+
+
+# --------------------------------------------------------------------------------------
+# Fast path: fp16 code tiles (int8/int4 pages, per-token scales, 16-bit queries)
+# --------------------------------------------------------------------------------------
+
+# (bits, head_dim): the smallest head_dim each width takes (V planes of 16 channels) and a larger one.
+FAST_SHAPES = [(8, 32), (8, 64), (4, 64), (4, 128)]
+# 16-bit dots round p * s_v to fp16 (2^-11 relative per key, as the generic kernel does with
+# fp16 queries): outputs of magnitude ~3 carry ~5e-4; scores of a few hundred, ~5e-5.
+TOL16 = dict(atol=2e-3, rtol=2e-3)
+LSE_TOL16 = dict(atol=2e-4, rtol=1e-5)
+
+
+def _fp32_out(q: torch.Tensor) -> torch.Tensor:
+    """An fp32 output buffer: kernel exactness is then not hidden by 16-bit output rounding."""
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
+@pytest.mark.parametrize("bits,d", FAST_SHAPES)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_fast_decode_matches_float64(bits, d, splits, device):
+    lens = [37, 53, 5, 16, 0]  # ragged, a full page, an empty sequence
+    kp, vp, table, seq_lens, _, _ = _cache(lens, bits, False, device, seed=20 + bits + d + splits, d=d)
+    q = torch.randn(len(lens), HQ, d, device=device).half()
+    assert kq._fast_views(q, kp, vp, bits, False, d) is not None
+    out, lse = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits, return_lse=True,
+                                            out=_fp32_out(q))
+    ref, ref_lse = kq.paged_attention_ref(q, kp, vp, table, seq_lens)
+    torch.testing.assert_close(out.double(), ref, **TOL16)
+    torch.testing.assert_close(lse.double(), ref_lse, **LSE_TOL16)
+    assert torch.equal(out[-1], torch.zeros_like(out[-1])) and torch.isinf(lse[:, -1]).all()
+    # The same call with q's own (fp16) output.
+    out16 = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits)
+    assert out16.dtype == torch.float16
+    torch.testing.assert_close(out16.double(), ref, **TOL16)
+
+
+@pytest.mark.parametrize("bits,d", [(8, 32), (4, 64)])
+def test_fast_prefill_chunks_are_causal(bits, d, device):
+    lens = [40, 9, 12, 33]
+    kp, vp, table, seq_lens, _, _ = _cache(lens, bits, False, device, seed=30 + bits, d=d)
+    q_lens = [6, 1, 12, 0]
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    q = torch.randn(sum(q_lens), HQ, d, device=device).half()
+    out, lse = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=max(q_lens), num_splits=2,
+                                            return_lse=True, out=_fp32_out(q))
+    ref, ref_lse = kq.paged_attention_ref(q, kp, vp, table, seq_lens, cu)
+    torch.testing.assert_close(out.double(), ref, **TOL16)
+    torch.testing.assert_close(lse.double(), ref_lse, **LSE_TOL16)
+
+
+@pytest.mark.parametrize("bits,d", [(8, 32), (4, 64)])
+def test_fast_path_exact_for_extreme_query_rows(bits, d, device):
+    """q16 rescales each row by a power of two: rows near fp16's top and bottom stay exact."""
+    lens = [29, 18]
+    kp, vp, table, seq_lens, _, _ = _cache(lens, bits, False, device, seed=40 + bits, d=d)
+    q = torch.randn(2, HQ, d, device=device)
+    q[0, 0] *= 2e4       # max |q| ~ 6e4, close to fp16's 65504
+    q[0, 1] *= 1e-4      # ~1e-4: fp16 subnormals start at 6e-5
+    q[1, 2, : d // 2] *= 1e3  # one row mixing scales
+    q = q.half()
+    scale = 1e-3
+    out, lse = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, softmax_scale=scale, num_splits=1,
+                                            return_lse=True, out=_fp32_out(q))
+    ref, ref_lse = kq.paged_attention_ref(q, kp, vp, table, seq_lens, softmax_scale=scale)
+    torch.testing.assert_close(out.double(), ref, **TOL16)
+    torch.testing.assert_close(lse.double(), ref_lse, **LSE_TOL16)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fast_and_generic_kernels_agree(bits, device, monkeypatch):
+    d = 64
+    lens = [45, 70]
+    kp, vp, table, seq_lens, _, _ = _cache(lens, bits, False, device, seed=50 + bits, d=d)
+    q = torch.randn(2, HQ, d, device=device).half()
+    fast = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=2, out=_fp32_out(q))
+    monkeypatch.setenv("STREAM_ATTENTION_KV_FAST", "0")
+    assert kq._fast_views(q, kp, vp, bits, False, d) is None
+    generic = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=2, out=_fp32_out(q))
+    # Same roundings (fp16 q, fp16 p * s_v, exact codes): equal up to fp32 summation order.
+    torch.testing.assert_close(fast, generic, atol=2e-5, rtol=2e-5)
+
+
+def test_fast_path_applies_only_where_it_can(device):
+    kp8, vp8, *_ = _cache([20], 8, False, device, d=32)
+    q16 = torch.zeros(1, HQ, 32, dtype=torch.float16, device=device)
+    assert kq._fast_views(q16, kp8, vp8, 8, False, 32) is not None
+    assert kq._fast_views(q16.float(), kp8, vp8, 8, False, 32) is None  # fp32 queries: generic kernel
+    assert kq._fast_views(q16.bfloat16(), kp8, vp8, 8, False, 32) is not None
+    kp4, vp4, *_ = _cache([20], 4, False, device, d=32)
+    assert kq._fast_views(q16, kp4, vp4, 4, False, 32) is None  # int4 V planes of 8 channels: too narrow
+    kpc, vpc, *_ = _cache([20], 8, True, device, d=32)
+    assert kq._fast_views(q16, kpc, vpc, 8, True, 32) is None  # per-channel (KIVI) keys: generic kernel
+
+
+def test_fast_decode_launch_gets_its_register_cap(device, monkeypatch):
+    """The default decode schedule of the fp16-code kernel carries FAST_DECODE_MAXNREG's cap;
+    other schedules, prefill and an explicit ``maxnreg`` are left alone."""
+    seen = []
+
+    def record(kernel, tuned, grid, args, meta, launch, device, max_q_len, *, block_n=None):
+        seen.append(launch)
+
+    monkeypatch.setattr(kq, "_launch", record)
+    kp, vp, table, seq_lens, _, _ = _cache([20, 9], 8, False, device, d=32)
+    q = torch.zeros(2, HQ, 32, dtype=torch.float16, device=device)
+    default = dict(zip(("BLOCK_N", "num_warps", "num_stages"), kq.DEFAULT_LAUNCH["decode"], strict=True))
+    for launch in (default, {**default, "maxnreg": None}, {**default, "BLOCK_N": 64}):
+        kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=1, launch=launch)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)
+    kq.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=4, num_splits=1, launch=default)
+    cap = kq.FAST_DECODE_MAXNREG.get(kq.DEFAULT_LAUNCH["decode"])
+    assert [s.get("maxnreg") for s in seen] == [cap, None, None, None]
+
+
+# A few PTX instructions, emulated bit-exactly, to check the inline-asm conversions (which
+# only run on a GPU) against the portable integer ops the interpreter tests above.
+
+def _prmt(a: int, b: int, sel: int) -> int:
+    pool = (b << 32) | a
+    out = 0
+    for i in range(4):
+        s = (sel >> (4 * i)) & 0xF
+        byte = (pool >> (8 * (s & 7))) & 0xFF
+        if s & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    out = 0
+    for bit in range(32):
+        idx = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
+        out |= ((lut >> idx) & 1) << bit
+    return out
+
+
+def _f16x2(x: int) -> tuple[float, float]:
+    h = torch.tensor([x & 0xFFFF, x >> 16], dtype=torch.int32).to(torch.int16).view(torch.float16)
+    return float(h[0]), float(h[1])
+
+
+def _sub_f16x2(a: int, b: int) -> int:
+    fa, fb = _f16x2(a), _f16x2(b)
+    r = torch.tensor([fa[0] - fb[0], fa[1] - fb[1]], dtype=torch.float16).view(torch.int16).to(torch.int32)
+    return (int(r[0]) & 0xFFFF) | ((int(r[1]) & 0xFFFF) << 16)
+
+
+def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
+    """Execute the straight-line PTX subset the fast kernel's conversions use."""
+    body = asm.replace("{", " ").replace("}", " ")
+    for stmt in (s.strip() for s in body.split(";")):
+        if not stmt or stmt.startswith(".reg"):
+            continue
+        op, args = stmt.split(None, 1)
+        names = [a.strip() for a in args.split(",")]
+
+        def val(tok: str) -> int:
+            return int(tok, 16) if tok.startswith("0x") else (int(tok) if tok.isdigit() else regs[tok])
+
+        x = [val(t) for t in names[1:]]
+        if op == "mov.b32":
+            r = x[0]
+        elif op == "prmt.b32":
+            r = _prmt(x[0], x[1], x[2])
+        elif op == "lop3.b32":
+            r = _lop3(x[0], x[1], x[2], x[3])
+        elif op == "shr.b32":
+            r = x[0] >> x[1]
+        elif op == "shl.b32":
+            r = (x[0] << x[1]) & 0xFFFFFFFF
+        elif op == "sub.f16x2":
+            r = _sub_f16x2(x[0], x[1])
+        else:
+            raise AssertionError(f"unexpected PTX op {op}")
+        regs[names[0]] = r
+    return regs
+
+
+@pytest.mark.parametrize("name", ["_ASM_K8", "_ASM_K4", "_ASM_V8", "_ASM_V4"])
+def test_inline_asm_conversions_match_portable_ops(name):
+    asm = getattr(kq, name).value
+    g = torch.Generator().manual_seed(0)
+    for _ in range(64):
+        if name.startswith("_ASM_K"):
+            # pack=4 uint8 codes -> per output 2 registers of fp16 pairs.
+            elems = torch.randint(0, 256, (4,), generator=g).tolist()
+            n_out = 1 if name == "_ASM_K8" else 2
+            packed = sum(e << (8 * i) for i, e in enumerate(elems))
+            regs = _run_ptx(asm, {f"${2 * n_out}": packed})
+            got = [[*_f16x2(regs[f"${2 * o}"]), *_f16x2(regs[f"${2 * o + 1}"])] for o in range(n_out)]
+            if name == "_ASM_K8":
+                want = [[float(e) for e in elems]]
+            else:
+                want = [[float(e & 15) for e in elems], [float(e & 240) for e in elems]]
+        else:
+            # pack=2 16-bit units (two bytes of one key) -> per output plane 1 register.
+            elems = torch.randint(0, 65536, (2,), generator=g).tolist()
+            n_out = 2 if name == "_ASM_V8" else 4
+            regs = _run_ptx(asm, {f"${n_out}": elems[0] | (elems[1] << 16)})
+            got = [list(_f16x2(regs[f"${o}"])) for o in range(n_out)]
+            planes = [(0, "byte"), (1, "byte")] if name == "_ASM_V8" else [(0, "lo"), (1, "lo"), (0, "hi"), (1, "hi")]
+            want = []
+            for j, part in planes:
+                bytes_ = [(e >> (8 * j)) & 255 for e in elems]
+                if part == "byte":
+                    want.append([1024.0 + b for b in bytes_])
+                elif part == "lo":
+                    want.append([1024.0 + 16 * (b & 15) for b in bytes_])
+                else:
+                    want.append([1024.0 + (b & 240) for b in bytes_])
+        assert got == want, (name, elems)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("asm", ["1", "0"])
+def test_fast_decode_gpu(bits, dtype, asm, monkeypatch):
+    """The fp16-code kernel on a GPU (inline PTX and portable conversions), bf16 and fp16
+    queries, against float64 on the dequantized pages and against the generic kernel."""
+    monkeypatch.setenv("STREAM_ATTENTION_KV_ASM", asm)
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(1)
+    hq, hkv, d, bs = 32, 8, 128, 16
+    lens = [4096, 1000, 3, 2049, 0, 17]
+    need = [max(1, math.ceil(n / bs)) for n in lens]
+    nb = sum(need) + 5
+    table = torch.zeros(len(lens), max(need), dtype=torch.int32)
+    perm, nxt = torch.randperm(nb, generator=g), 0
+    for b, n in enumerate(need):
+        table[b, :n] = perm[nxt:nxt + n].int()
+        nxt += n
+    kp = kq.QuantizedPages.empty(nb, bs, hkv, d, bits, device=dev)
+    vp = kq.QuantizedPages.empty(nb, bs, hkv, d, bits, device=dev)
+    full = torch.full((nb,), bs, dtype=torch.int32, device=dev)
+    ids = torch.arange(nb, device=dev)
+    k = torch.randn(nb, bs, hkv, d, generator=g) * 2 + torch.randn(d, generator=g)
+    kq.write_blocks_to_pages(k.to(dev, dtype), ids, full, kp)
+    kq.write_blocks_to_pages(torch.randn(nb, bs, hkv, d, generator=g).to(dev, dtype), ids, full, vp)
+    table, seq_lens = table.to(dev), torch.tensor(lens, dtype=torch.int32, device=dev)
+    q = torch.randn(len(lens), hq, d, generator=g).to(dev, dtype)
+    assert kq._fast_views(q, kp, vp, bits, False, d) is not None
+    ref, ref_lse = kq.paged_attention_ref(q, kp, vp, table, seq_lens)
+    for splits in (None, 1):
+        out, lse = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits, return_lse=True,
+                                                out=_fp32_out(q))
+        torch.testing.assert_close(out.double(), ref, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-4)
+        out16 = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits)
+        tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+        torch.testing.assert_close(out16.double(), ref, atol=tol, rtol=tol)
+    # Other schedules (benchmarks/bench_kv_quant.py checks its whole sweep the same way).
+    for launch in ({"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 256, "num_warps": 8, "num_stages": 2}):
+        out = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, launch=launch, out=_fp32_out(q))
+        torch.testing.assert_close(out.double(), ref, atol=1e-3, rtol=1e-3)
+    cu = torch.tensor([0, 5, 6, 9, 9, 10, 14], dtype=torch.int32, device=dev)
+    q2 = torch.randn(14, hq, d, generator=g).to(dev, dtype)
+    out = kq.paged_attention_quantized(q2, kp, vp, table, seq_lens, cu, max_q_len=5, num_splits=2,
+                                       out=_fp32_out(q2))
+    ref, _ = kq.paged_attention_ref(q2, kp, vp, table, seq_lens, cu)
+    torch.testing.assert_close(out.double(), ref, atol=1e-3, rtol=1e-3)
+    monkeypatch.setenv("STREAM_ATTENTION_KV_FAST", "0")
+    generic = kq.paged_attention_quantized(q2, kp, vp, table, seq_lens, cu, max_q_len=5, num_splits=2,
+                                           out=_fp32_out(q2))
+    torch.testing.assert_close(out, generic, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu

@@ -27,6 +27,14 @@ int8 pages move about half the bytes of bf16 pages and int4 about a quarter. Lon
 contexts are split across programs (flash-decoding) and merged by a second kernel
 through their log-sum-exps.
 
+Two kernels implement this. With 16-bit queries and per-token scales (the engine's
+case), :func:`_paged_attn_f16_kernel` turns codes into fp16 with bit tricks (``0x6400 | c``
+is ``1024 + c``) instead of integer-to-float conversions, which made the generic kernel
+instruction-bound; see "Fast path" below for the method and its precision argument.
+Everything else (fp32 queries, per-channel KIVI keys, float pages) runs the generic
+:func:`_paged_attn_kernel`. ``STREAM_ATTENTION_KV_FAST=0`` forces the generic kernel,
+``STREAM_ATTENTION_KV_ASM=0`` the fast kernel's portable conversions (no inline PTX).
+
 Besides attention the module provides the page writers (per token by slot, and whole
 blocks with per-channel scales), a dequantizer (for prefill fallbacks and tests), and
 :func:`paged_token_attention_mass`, the attention probability each cached token received
@@ -37,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -598,6 +607,385 @@ def _paged_attn_kernel(
             tl.store(Lse + row_head * stride_lh + q_rows * stride_lt, lse, mask=row_ok)
 
 
+# --------------------------------------------------------------------------------------
+# Fast path: codes become fp16 through bit tricks, dots run in fp16
+# --------------------------------------------------------------------------------------
+#
+# The generic kernel above turns every code into the query's float type with ``code.to()``,
+# an integer-to-float conversion (I2F) that Hopper issues at a quarter of the FP32 rate
+# (16 per clock per SM, where ~13 codes per clock are needed at 3 TB/s), and its V tiles
+# reach the tensor cores one byte load and byte permute per code (the dot reduces along
+# keys, whose bytes are a row apart). scripts/sass_count.py (sm_90) counts, per 1k codes
+# of its unmasked loop at (64, 4, 3), 253 warp instructions including 31 I2F: bound by the
+# conversion pipe. This kernel: 98 at (128, 4, 2), no I2F (bf16 pages in
+# kernels/paged_attention.py: 52 per 1k elements, i.e. per 2 kB). It builds fp16 bit
+# patterns instead:
+#
+#     fp16 bits 0x6400 | c  ==  1024 + c   exactly, for 0 <= c < 1024
+#
+# (1024 has an ulp of 1 in fp16): one byte permute (PRMT) or one LOP3 per two codes.
+#
+# * K tiles [channels, keys] reduce along contiguous bytes: one 32-bit word holds four
+#   codes of a key, two PRMTs make two fp16 operand registers, and two HADD2s subtract
+#   the 1024 (exactly). Scores are amplified by the softmax, so the offset is not left
+#   in the dot, where fp32 accumulation of ~8x larger terms would lose ~3 bits.
+# * V tiles [keys, channels] are read as 16-bit units (two channels of a key), which
+#   ldmatrix.trans delivers with the units of two consecutive keys in one register: a
+#   PRMT per plane gives the fp16 pair (key n, key n + 1) of one channel, exactly the
+#   tensor cores' operand. Each plane (channels 2i and 2i + 1; int4: four nibble planes)
+#   is its own dot with its own accumulator, and the 1024 stays in:
+#       sum_j p_j (s_j c_j + z_j) = p16 @ (1024 + c) + sum_j (p_j z_j - 1024 p16_j)
+#   with p16 = fp16(p * s_v); the correction uses the same rounded p16, so the offset
+#   cancels up to fp32 accumulation error (~2^-21 of the output's range: values are not
+#   amplified). int4 nibbles sit at the top of their byte (1024 + 16 c) to keep the same
+#   offset-to-code ratio; the accumulators are divided by 16 at the end.
+# * (scale, zero) pairs are read as one 32-bit word per token, a load the pipeliner can
+#   prefetch with cp.async (it does not prefetch 16-bit loads).
+#
+# Precision, with fp16 operands and fp32 accumulation:
+# * q16 is q times a power of two per row (max |q16| in [2^14, 2^15)): a bf16 or fp16
+#   query converts exactly except elements below 2^-28 of the row maximum (absolute error
+#   under 2^-39 of it); the power of two returns in the softmax scale. Codes are exact, so
+#   scores are exact up to fp32 accumulation, as in the generic kernel.
+# * p16 = fp16(p * s_v) with p <= 1 and s_v an fp16 scale cannot overflow; its rounding
+#   error, max(2^-11 p s_v, 2^-25), is below the bf16 rounding (2^-8 p s_v) the generic
+#   kernel applies to the same product for bf16 queries wherever p s_v >= 2^-17; below,
+#   both are under 2^-25 absolute.
+#
+# On a GPU the conversions are inline PTX (``USE_ASM``, the strings below, whose
+# semantics tests/test_kv_quant.py checks on CPU with a small emulator); the interpreter,
+# which cannot run PTX, takes portable integer ops computing the same fp16 values.
+# ``tl.inline_asm_elementwise`` packs sub-32-bit inputs little-endian, element 0 lowest.
+
+# int8 K: 4 packed codes -> 2 registers of fp16 pairs (c0, c1), (c2, c3).
+_ASM_K8 = tl.constexpr(
+    "{\n\t.reg .b32 m;\n\tmov.b32 m, 0x64006400;\n\t"
+    "prmt.b32 $0, $2, 0x64646464, 0x4140;\n\tsub.f16x2 $0, $0, m;\n\t"
+    "prmt.b32 $1, $2, 0x64646464, 0x4342;\n\tsub.f16x2 $1, $1, m;\n\t}"
+)
+# int4 K: 4 packed bytes -> low nibbles (2 registers) and 16 * high nibbles (2 registers).
+# t = bytes (b0, b2, b1, b3): its 16-bit lanes hold (b0, b1) and, shifted by 8, (b2, b3).
+_ASM_K4 = tl.constexpr(
+    "{\n\t.reg .b32 t, u, m;\n\tmov.b32 m, 0x64006400;\n\t"
+    "prmt.b32 t, $4, 0, 0x3120;\n\t"
+    "shr.b32 u, t, 8;\n\t"
+    "lop3.b32 $0, t, 0x000F000F, m, 0xEA;\n\tsub.f16x2 $0, $0, m;\n\t"
+    "lop3.b32 $1, u, 0x000F000F, m, 0xEA;\n\tsub.f16x2 $1, $1, m;\n\t"
+    "lop3.b32 $2, t, 0x00F000F0, m, 0xEA;\n\tsub.f16x2 $2, $2, m;\n\t"
+    "lop3.b32 $3, u, 0x00F000F0, m, 0xEA;\n\tsub.f16x2 $3, $3, m;\n\t}"
+)
+# int8 V: 2 packed 16-bit units (bytes n.b0, n.b1, n1.b0, n1.b1) -> planes (1024 + b0),
+# (1024 + b1), one register (both keys) each.
+_ASM_V8 = tl.constexpr("prmt.b32 $0, $2, 0x64646464, 0x4240;\n\tprmt.b32 $1, $2, 0x64646464, 0x4341;")
+# int4 V: 2 packed units -> 4 nibble planes (b0 low, b1 low, b0 high, b1 high) as 1024 + 16 c.
+_ASM_V4 = tl.constexpr(
+    "{\n\t.reg .b32 x, m;\n\tmov.b32 m, 0x64006400;\n\t"
+    "shl.b32 x, $4, 4;\n\tlop3.b32 $0, x, 0x00F000F0, m, 0xEA;\n\t"
+    "shr.b32 x, $4, 4;\n\tlop3.b32 $1, x, 0x00F000F0, m, 0xEA;\n\t"
+    "lop3.b32 $2, $4, 0x00F000F0, m, 0xEA;\n\t"
+    "shr.b32 x, $4, 8;\n\tlop3.b32 $3, x, 0x00F000F0, m, 0xEA;\n\t}"
+)
+
+
+@triton.jit
+def _k_codes_f16(kc, KV_BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """Exact fp16 codes of uint8 K bytes: int8 ``(c, c)``; int4 ``(lo, 16 * hi)`` nibbles."""
+    if KV_BITS == 8:
+        if USE_ASM:
+            lo = tl.inline_asm_elementwise(_ASM_K8, "=r,=r,r", [kc], dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            lo = (kc.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        hi = lo
+    else:
+        if USE_ASM:
+            lo, hi = tl.inline_asm_elementwise(_ASM_K4, "=r,=r,=r,=r,r", [kc], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
+        else:
+            lo = ((kc & 15).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+            hi = ((kc & 240).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    return lo, hi
+
+
+@triton.jit
+def _v_plane(vh, j: tl.constexpr, KV_BITS: tl.constexpr, HIGH: tl.constexpr):
+    """Portable :func:`_v_codes_f16` plane: byte ``j`` of 16-bit V units as fp16 ``1024 + c``
+    (int8), or its ``HIGH`` / low nibble as ``1024 + 16 c`` (int4)."""
+    x = vh.to(tl.int32) >> (8 * j)
+    if KV_BITS == 8:
+        x = x & 255
+    elif HIGH:
+        x = x & 240
+    else:
+        x = (x & 15) << 4
+    return (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _v_codes_f16(vh, KV_BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """fp16 planes of 16-bit V units ``[keys, units]`` (two bytes of a key), offset by 1024.
+
+    Planes 0, 1 are bytes 0, 1 of each unit, channels ``2 i + j``: ``1024 + c`` (int8) or,
+    from the low nibbles, ``1024 + 16 c`` (int4); int4 planes 2, 3 are the high nibbles,
+    channels ``D / 2 + 2 i + j``, also ``1024 + 16 c``. int8 returns planes 0, 1 twice.
+    """
+    if KV_BITS == 8:
+        if USE_ASM:
+            v0, v1 = tl.inline_asm_elementwise(_ASM_V8, "=r,=r,r", [vh], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=2)
+        else:
+            v0 = _v_plane(vh, 0, KV_BITS, False)
+            v1 = _v_plane(vh, 1, KV_BITS, False)
+        return v0, v1, v0, v1
+    else:
+        if USE_ASM:
+            v0, v1, v2, v3 = tl.inline_asm_elementwise(_ASM_V4, "=r,=r,=r,=r,r", [vh], dtype=(tl.float16,) * 4,
+                                                       is_pure=True, pack=2)
+        else:
+            v0 = _v_plane(vh, 0, KV_BITS, False)
+            v1 = _v_plane(vh, 1, KV_BITS, False)
+            v2 = _v_plane(vh, 0, KV_BITS, True)
+            v3 = _v_plane(vh, 1, KV_BITS, True)
+        return v0, v1, v2, v3
+
+
+@triton.jit
+def _scale_zero(w):
+    """fp32 (scale, zero) from int32 words holding the fp16 pair (scale in the low half)."""
+    s = (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    z = ((w >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _attend_tiles_f16(
+    a0, a1, a2, a3, l_i, m_i, corr,
+    q_a, q_b, q_sum, row_scale,
+    K, V, KS, VS, bt_ptr,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    ks0, ks1, ks2, vs0, vs1, vs2,
+    kv_head, row_tok, lo, hi, ctx, diag,
+    PART: tl.constexpr, UNITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    KV_BITS: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_ASM: tl.constexpr,
+    DEFER_SUMS: tl.constexpr,
+):
+    V_MULT: tl.constexpr = 1.0 if KV_BITS == 8 else 16.0
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, PART)
+    offs_u = tl.arange(0, UNITS)
+    for start in range(lo, hi, BLOCK_N):
+        start = tl.multiple_of(start, BLOCK_N)
+        cols = start + offs_n
+        col_ok = cols < ctx
+        page, row = _tile_pages(bt_ptr, start, cols, col_ok, BLOCK_SIZE, False, MASKED)
+        # Scores: K bytes [PART, N] -> exact fp16 code tiles.
+        k_ptrs = K + kv_head * stride_kh + (page * stride_kb + row * stride_kt)[None, :] + offs_p[:, None]
+        ks_ptrs = KS + page * ks0 + row * ks1 + kv_head * ks2
+        if MASKED:
+            kc = tl.load(k_ptrs, mask=col_ok[None, :], other=0)
+            ksz = tl.load(ks_ptrs, mask=col_ok, other=0)
+        else:
+            kc = tl.load(k_ptrs)
+            ksz = tl.load(ks_ptrs)
+        k_lo, k_hi = _k_codes_f16(kc, KV_BITS, USE_ASM)
+        qk = tl.dot(q_a, k_lo)
+        if KV_BITS == 4:
+            qk = tl.dot(q_b, k_hi, qk)
+        s_k, z_k = _scale_zero(ksz)
+        qk = qk * s_k[None, :] + q_sum[:, None] * z_k[None, :]  # q . (s c + z) = s (q . c) + z sum(q)
+        if MASKED:
+            visible = col_ok[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= row_tok[:, None] + diag)
+            qk = tl.where(visible, qk, float("-inf"))
+        # row_scale > 0 (softmax scale over q16's power of two): max commutes with it, and
+        # the product folds into the exponent's FMA.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * row_scale)
+        m_shift = m_new
+        if MASKED:  # rows that have seen nothing keep m = -inf: shift by 0 so exp2 gives 0, not NaN
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * row_scale[:, None] - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        if DEFER_SUMS:  # noqa: SIM108 -- [M, N] partial sums: no cross-warp reduction (barriers) per tile
+            l_i = l_i * alpha[:, None] + p
+        else:
+            l_i = l_i * alpha + tl.sum(p, 1)
+        # Values: 16-bit units [N, UNITS] -> fp16 (1024 + code) planes; p16 carries the scales.
+        v_ptrs = V + kv_head * stride_vh + (page * stride_vb + row * stride_vt)[:, None] + offs_u[None, :]
+        vs_ptrs = VS + page * vs0 + row * vs1 + kv_head * vs2
+        if MASKED:
+            vh = tl.load(v_ptrs, mask=col_ok[:, None], other=0)
+            vsz = tl.load(vs_ptrs, mask=col_ok, other=0)
+        else:
+            vh = tl.load(v_ptrs)
+            vsz = tl.load(vs_ptrs)
+        s_v, z_v = _scale_zero(vsz)
+        p16 = (p * s_v[None, :]).to(tl.float16)
+        # sum_j p_j x_j = (p16 @ (1024 + M c)) / M + sum_j (p_j z_j - 1024 / M p16_j), M = V_MULT
+        c_new = p * z_v[None, :] - (1024.0 / V_MULT) * p16.to(tl.float32)
+        if DEFER_SUMS:  # noqa: SIM108
+            corr = corr * alpha[:, None] + c_new
+        else:
+            corr = corr * alpha + tl.sum(c_new, 1)
+        v0, v1, v2, v3 = _v_codes_f16(vh, KV_BITS, USE_ASM)
+        a0 = tl.dot(p16, v0, a0 * alpha[:, None])
+        a1 = tl.dot(p16, v1, a1 * alpha[:, None])
+        if KV_BITS == 4:
+            a2 = tl.dot(p16, v2, a2 * alpha[:, None])
+            a3 = tl.dot(p16, v3, a3 * alpha[:, None])
+        m_i = m_new
+    return a0, a1, a2, a3, l_i, m_i, corr
+
+
+@triton.jit
+def _store_plane(acc, chan, corr, l_i, row_ok, q_rows, row_head, Out, MidO, pid_s,
+                 stride_ot, stride_oh, stride_od, stride_ms, stride_mt, stride_mh,
+                 INV_MULT: tl.constexpr, SPLIT: tl.constexpr):
+    """Store a V plane's accumulator at output channels ``chan`` (``acc / M + corr``)."""
+    val = acc * INV_MULT + corr[:, None]
+    mask = row_ok[:, None]
+    if SPLIT:
+        o_ptrs = MidO + pid_s * stride_ms + q_rows[:, None] * stride_mt + row_head[:, None] * stride_mh \
+            + chan[None, :]
+        tl.store(o_ptrs, val, mask=mask)
+    else:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        o_ptrs = Out + q_rows[:, None] * stride_ot + row_head[:, None] * stride_oh + chan[None, :] * stride_od
+        tl.store(o_ptrs, (val / l_safe[:, None]).to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _paged_attn_f16_kernel(
+    Q, Out, Lse, MidO, MidStats,
+    K, V, KS, VS, BlockTables, SeqLens, CuSeqlensQ,
+    stride_qt, stride_qh, stride_qd,
+    stride_ot, stride_oh, stride_od,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    ks0, ks1, ks2,
+    vs0, vs1, vs2,
+    stride_bt,
+    stride_ms, stride_mt, stride_mh,
+    stride_ss, stride_st, stride_sh,
+    stride_lh, stride_lt,
+    num_kv_heads, group_size, num_splits, qk_scale,
+    tune_bucket,  # autotune key only
+    PART: tl.constexpr, UNITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, KV_BITS: tl.constexpr, CAUSAL: tl.constexpr,
+    SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, USE_ASM: tl.constexpr, DEFER_SUMS: tl.constexpr,
+):
+    """:func:`_paged_attn_kernel` for int8/int4 pages with per-token scales and 16-bit queries.
+
+    K is the uint8 page tensor, V an int16 view (units of two bytes of a key) and both
+    scale tensors int32 views (one (scale, zero) fp16 pair per word); strides are in
+    elements of those views. ``DEFER_SUMS`` keeps the row sums (softmax denominator and
+    offset correction) per key column until the end: two cross-warp reductions fewer per
+    tile for ~2 * BLOCK_N / 8 more registers per thread (``STREAM_ATTENTION_KV_DEFER_SUMS=1``).
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // num_kv_heads
+    kv_head = pid_bh % num_kv_heads
+    q_start = tl.load(CuSeqlensQ + b)
+    q_len = tl.load(CuSeqlensQ + b + 1) - q_start
+    ctx = tl.load(SeqLens + b)
+    toks = BLOCK_M // group_size
+    tok0 = pid_m * toks
+    if tok0 >= q_len:
+        return
+    offs_r = tl.arange(0, BLOCK_M)
+    row_tok = tok0 + offs_r // group_size
+    row_head = kv_head * group_size + offs_r % group_size
+    row_ok = (offs_r < toks * group_size) & (row_tok < q_len)
+    diag = ctx - q_len
+
+    hi = ctx
+    full = ctx
+    if CAUSAL:
+        last_tok = tl.minimum(tok0 + toks, q_len) - 1
+        hi = tl.minimum(hi, last_tok + diag + 1)
+        full = tok0 + diag + 1
+    hi = tl.maximum(hi, 0)
+    tiles_per_split = tl.cdiv(tl.cdiv(hi, BLOCK_N), num_splits)
+    lo = tl.minimum(pid_s * tiles_per_split * BLOCK_N, hi)
+    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, hi)
+    full = tl.minimum(tl.maximum(full, lo), hi)
+    full_hi = lo + (full - lo) // BLOCK_N * BLOCK_N
+
+    # q16 = q * 2^e per row with max |q16| in [2^14, 2^15): exact for bf16 and fp16 inputs.
+    q_a, q_b, _ = _load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh, stride_qd,
+                                   PART, PART, KV_BITS)
+    qa = q_a.to(tl.float32)
+    qb = q_b.to(tl.float32)
+    amax = tl.max(tl.abs(qa), 1)
+    if KV_BITS == 4:
+        amax = tl.maximum(amax, tl.max(tl.abs(qb), 1))
+    expo = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent of the row maximum
+    expo = tl.minimum(tl.maximum(expo, 14), 254)  # keeps 2^(141 - expo) a normal fp32
+    pow2 = ((127 + 127 + 14 - expo) << 23).to(tl.float32, bitcast=True)  # 2^(14 - e)
+    q16_a = (qa * pow2[:, None]).to(tl.float16)
+    q_sum = tl.sum(q16_a.to(tl.float32), 1)
+    if KV_BITS == 4:
+        # High nibbles arrive as 16 c: their query half is pre-divided by 16 (exact).
+        q16_b = (qb * (pow2 * 0.0625)[:, None]).to(tl.float16)
+        q_sum += 16.0 * tl.sum(q16_b.to(tl.float32), 1)
+    else:
+        q16_b = q16_a
+    row_scale = qk_scale / pow2
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if DEFER_SUMS:
+        l_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        corr = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        corr = tl.zeros([BLOCK_M], dtype=tl.float32)
+    a0 = tl.zeros([BLOCK_M, UNITS], dtype=tl.float32)
+    a1 = tl.zeros([BLOCK_M, UNITS], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK_M, UNITS], dtype=tl.float32)
+    a3 = tl.zeros([BLOCK_M, UNITS], dtype=tl.float32)
+    bt_ptr = BlockTables + b.to(tl.int64) * stride_bt
+
+    a0, a1, a2, a3, l_i, m_i, corr = _attend_tiles_f16(
+        a0, a1, a2, a3, l_i, m_i, corr, q16_a, q16_b, q_sum, row_scale,
+        K, V, KS, VS, bt_ptr, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        ks0, ks1, ks2, vs0, vs1, vs2, kv_head, row_tok, lo, full_hi, ctx, diag,
+        PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, False, CAUSAL, USE_ASM, DEFER_SUMS,
+    )
+    a0, a1, a2, a3, l_i, m_i, corr = _attend_tiles_f16(
+        a0, a1, a2, a3, l_i, m_i, corr, q16_a, q16_b, q_sum, row_scale,
+        K, V, KS, VS, bt_ptr, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        ks0, ks1, ks2, vs0, vs1, vs2, kv_head, row_tok, full_hi, hi, ctx, diag,
+        PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, True, CAUSAL, USE_ASM, DEFER_SUMS,
+    )
+
+    if DEFER_SUMS:
+        l_i = tl.sum(l_i, 1)
+        corr = tl.sum(corr, 1)
+    q_rows = (q_start + row_tok).to(tl.int64)
+    # Plane j of 16-bit unit i holds channel 2 i + j (int4 high nibbles: D / 2 + 2 i + j).
+    chan = tl.arange(0, UNITS) * 2
+    INV_MULT: tl.constexpr = 1.0 if KV_BITS == 8 else 0.0625
+    _store_plane(a0, chan, corr, l_i, row_ok, q_rows, row_head, Out, MidO, pid_s,
+                 stride_ot, stride_oh, stride_od, stride_ms, stride_mt, stride_mh, INV_MULT, SPLIT)
+    _store_plane(a1, chan + 1, corr, l_i, row_ok, q_rows, row_head, Out, MidO, pid_s,
+                 stride_ot, stride_oh, stride_od, stride_ms, stride_mt, stride_mh, INV_MULT, SPLIT)
+    if KV_BITS == 4:
+        _store_plane(a2, chan + PART, corr, l_i, row_ok, q_rows, row_head, Out, MidO, pid_s,
+                     stride_ot, stride_oh, stride_od, stride_ms, stride_mt, stride_mh, INV_MULT, SPLIT)
+        _store_plane(a3, chan + PART + 1, corr, l_i, row_ok, q_rows, row_head, Out, MidO, pid_s,
+                     stride_ot, stride_oh, stride_od, stride_ms, stride_mt, stride_mh, INV_MULT, SPLIT)
+    if SPLIT:
+        st_ptrs = MidStats + pid_s * stride_ss + q_rows * stride_st + row_head * stride_sh
+        tl.store(st_ptrs, m_i, mask=row_ok)
+        tl.store(st_ptrs + 1, l_i, mask=row_ok)
+    elif STORE_LSE:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        tl.store(Lse + row_head * stride_lh + q_rows * stride_lt, lse, mask=row_ok)
+
+
 @triton.jit
 def _combine_splits_kernel(
     MidO, MidStats, Out, Lse, num_splits,
@@ -697,7 +1085,7 @@ _INTERPRETER_BLOCK_N = 16
 # Few configs on purpose: decode is memory-bound and each compile costs seconds.
 _GPU_CONFIGS_TOKENS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bn, w, s in [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 2)]
+    for bn, w, s in [(64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2)]
 ]
 # Per-channel key scales bind a tile to one page, so only the schedule is tuned.
 _GPU_CONFIGS_PAGE = [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (4, 3), (2, 3)]]
@@ -709,13 +1097,32 @@ _paged_attn_tuned_tokens = triton.autotune(configs=_GPU_CONFIGS_TOKENS, key=_AUT
     _paged_attn_kernel
 )
 _paged_attn_tuned_page = triton.autotune(configs=_GPU_CONFIGS_PAGE, key=_AUTOTUNE_KEY, **_CACHE)(_paged_attn_kernel)
+_paged_attn_f16_tuned = triton.autotune(
+    configs=_GPU_CONFIGS_TOKENS, key=[k for k in _AUTOTUNE_KEY if k != "K_PER_CHANNEL"], **_CACHE,
+)(_paged_attn_f16_kernel)
 
 
-# Fixed (BLOCK_N, num_warps, num_stages) used when autotuning is off: the engine's H100
-# sweep of the same loop structure (kernels/paged_attention.py). Engines capturing CUDA
-# graphs should pass ``launch`` explicitly: autotuning inside a graph warm-up would tune
-# on the dummy empty contexts used there.
-DEFAULT_LAUNCH = {"decode": (64, 4, 3), "prefill": (64, 4, 2)}
+# Fixed (BLOCK_N, num_warps, num_stages) used when autotuning is off (the engine passes
+# these explicitly). Decode: 128-key tiles with 4 warps and 2 stages, the bf16 paged
+# kernel's H100 optimum (kernels/paged_attention.py) and, for the fp16-code kernel, the
+# fewest SASS instructions per KV element among schedules keeping >= 2 programs per SM
+# (scripts/sass_count.py, sm_90, warp instructions per 1k int8 codes in the unmasked
+# loop: 98 at 196 registers, 107 capped at 128; 142 at (64, 4, 3)).
+# benchmarks/bench_kv_quant.py sweeps alternatives.
+# Engines capturing CUDA graphs should pass ``launch`` explicitly: autotuning inside a
+# graph warm-up would tune on the dummy empty contexts used there.
+DEFAULT_LAUNCH = {"decode": (128, 4, 2), "prefill": (64, 4, 2)}
+
+# Register caps (ptxas ``maxnreg``) for the fp16-code kernel's decode launches (16-row
+# tiles), by schedule, applied unless the launch names ``maxnreg``. At (128, 4, 2) the
+# kernel takes 196 registers uncapped (2 programs of 4 warps per SM) and 128 capped, with
+# no spills and ~8% more instructions (scripts/sass_count.py, sm_90): 4 programs per SM
+# (shared memory allows 5) to hide the per-tile latency chain. benchmarks/bench_kv_quant.py
+# times both.
+FAST_DECODE_MAXNREG = {(128, 4, 2): 128}
+
+
+_LAUNCH_KEYS = ("BLOCK_N", "num_warps", "num_stages")
 
 
 def _num_sms(device: torch.device) -> int:
@@ -774,6 +1181,48 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: to
     by_occupancy = triton.cdiv(4 * _num_sms(device), programs)
     by_length = max(1, triton.cdiv(max_kv_len, min_keys_per_split))
     return int(max(1, min(by_occupancy, by_length, 64)))
+
+
+def _env_off(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("0", "false", "no", "off")
+
+
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def fast_path_enabled() -> bool:
+    """Whether int8/int4 pages with per-token scales take the fp16-code kernel
+    (:func:`_paged_attn_f16_kernel`); ``STREAM_ATTENTION_KV_FAST=0`` keeps the generic one."""
+    return not _env_off("STREAM_ATTENTION_KV_FAST")
+
+
+def _asm_enabled() -> bool:
+    """Inline-PTX code conversion on GPUs (``STREAM_ATTENTION_KV_ASM=0``: portable integer ops)."""
+    return not _env_off("STREAM_ATTENTION_KV_ASM")
+
+
+def _fast_views(q, k_pages, v_pages, bits: int, per_channel: bool, head_dim: int):
+    """``(K bytes, V int16 units, K and V int32 (scale, zero) words)`` when the fast kernel
+    applies to these pages, else None.
+
+    It needs 16-bit queries, per-token key scales, power-of-two code rows whose 16-bit V
+    units give planes of >= 16 channels (``tl.dot``'s minimum: int8 head_dim >= 32, int4
+    >= 64), and layouts that reinterpret as those views (contiguous rows, (scale, zero)
+    pairs in one word).
+    """
+    if bits not in (8, 4) or per_channel or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if not fast_path_enabled():
+        return None
+    part = head_dim if bits == 8 else head_dim // 2
+    if part & (part - 1) or part // 2 < 16 or k_pages.data.stride(3) != 1:
+        return None
+    try:
+        return (k_pages.data, v_pages.data.view(torch.int16), k_pages.scales.view(torch.int32),
+                v_pages.scales.view(torch.int32))
+    except RuntimeError:  # strides or offsets that are not whole words
+        return None
 
 
 def paged_attention_quantized(
@@ -858,8 +1307,7 @@ def paged_attention_quantized(
     num_splits = max(1, int(num_splits))
     use_split = num_splits > 1
 
-    k_data, k_scales, ksd, kss = _page_args(k_pages)
-    v_data, v_scales, vsd, vss = _page_args(v_pages)
+    fast = _fast_views(q, k_pages, v_pages, bits, per_channel, head_dim)
     if use_split:
         mid_o = torch.empty((num_splits, total_q, hq, head_dim), dtype=torch.float32, device=device)
         mid_s = torch.empty((num_splits, total_q, hq, 2), dtype=torch.float32, device=device)
@@ -869,35 +1317,37 @@ def paged_attention_quantized(
         mid_strides = (0,) * 6
     lse_arg = lse if lse is not None else out
     lse_strides = lse.stride() if lse is not None else (0, 0)
-    args = (
-        q, out, lse_arg, mid_o, mid_s,
-        k_data, v_data, k_scales, v_scales, block_tables, seq_lens, cu_q,
-        *q.stride(), *out.stride(), *ksd, *vsd, *kss, *vss,
-        block_tables.stride(0), *mid_strides, *lse_strides,
-        hkv, group, num_splits, softmax_scale * _LOG2E, min(max_q_len, 16),
-    )
-    meta = dict(
-        PART=part, BLOCK_P=block_p, BLOCK_M=block_m, BLOCK_SIZE=block_size, KV_BITS=bits,
-        K_PER_CHANNEL=per_channel, CAUSAL=causal, SPLIT=use_split, STORE_LSE=return_lse,
-        DOT_PRECISION=dot_precision_for(q.dtype),
-    )
+    tail = (block_tables.stride(0), *mid_strides, *lse_strides,
+            hkv, group, num_splits, softmax_scale * _LOG2E, min(max_q_len, 16))
     grid = (q_tiles, batch * hkv, num_splits)
-    if interp:
-        block_n = block_size if per_channel else _INTERPRETER_BLOCK_N
-        _paged_attn_kernel[grid](*args, **meta, BLOCK_N=block_n)
+    if fast is not None:
+        kf, vf, ksf, vsf = fast
+        args = (q, out, lse_arg, mid_o, mid_s, kf, vf, ksf, vsf, block_tables, seq_lens, cu_q,
+                *q.stride(), *out.stride(), *kf.stride()[:3], *vf.stride()[:3], *ksf.stride()[:3],
+                *vsf.stride()[:3], *tail)
+        if launch is None and not interp and not autotune_enabled():
+            launch = dict(zip(_LAUNCH_KEYS, DEFAULT_LAUNCH["decode" if max_q_len <= 1 else "prefill"], strict=True))
+        if launch is not None and max_q_len <= 1 and block_m <= 16 and "maxnreg" not in launch:
+            cap = FAST_DECODE_MAXNREG.get(tuple(launch.get(k) for k in _LAUNCH_KEYS))
+            if cap:
+                launch = {**launch, "maxnreg": cap}
+        meta = dict(PART=part, UNITS=part // 2, BLOCK_M=block_m, BLOCK_SIZE=block_size, KV_BITS=bits,
+                    CAUSAL=causal, SPLIT=use_split, STORE_LSE=return_lse, USE_ASM=not interp and _asm_enabled(),
+                    DEFER_SUMS=_env_on("STREAM_ATTENTION_KV_DEFER_SUMS"))
+        _launch(_paged_attn_f16_kernel, _paged_attn_f16_tuned, grid, args, meta, launch, device, max_q_len)
     else:
-        if launch is None and not autotune_enabled():
-            launch = dict(zip(("BLOCK_N", "num_warps", "num_stages"),
-                              DEFAULT_LAUNCH["decode" if max_q_len <= 1 else "prefill"], strict=True))
-        with torch.cuda.device(device):
-            if launch is not None:
-                fixed = dict(launch)
-                block_n = fixed.pop("BLOCK_N", 64)
-                _paged_attn_kernel[grid](*args, **meta, BLOCK_N=block_size if per_channel else block_n, **fixed)
-            elif per_channel:
-                _paged_attn_tuned_page[grid](*args, **meta, BLOCK_N=block_size)
-            else:
-                _paged_attn_tuned_tokens[grid](*args, **meta)
+        k_data, k_scales, ksd, kss = _page_args(k_pages)
+        v_data, v_scales, vsd, vss = _page_args(v_pages)
+        args = (q, out, lse_arg, mid_o, mid_s, k_data, v_data, k_scales, v_scales, block_tables, seq_lens, cu_q,
+                *q.stride(), *out.stride(), *ksd, *vsd, *kss, *vss, *tail)
+        meta = dict(PART=part, BLOCK_P=block_p, BLOCK_M=block_m, BLOCK_SIZE=block_size, KV_BITS=bits,
+                    K_PER_CHANNEL=per_channel, CAUSAL=causal, SPLIT=use_split, STORE_LSE=return_lse,
+                    DOT_PRECISION=dot_precision_for(q.dtype))
+        if per_channel:  # a tile is a page: only the schedule is chosen
+            _launch(_paged_attn_kernel, _paged_attn_tuned_page, grid, args, meta, launch, device, max_q_len,
+                    block_n=block_size)
+        else:
+            _launch(_paged_attn_kernel, _paged_attn_tuned_tokens, grid, args, meta, launch, device, max_q_len)
     if use_split:
         with _device_ctx(device):
             _combine_splits_kernel[(total_q, hq)](
@@ -907,6 +1357,26 @@ def paged_attention_quantized(
                 BLOCK_S=max(2, triton.next_power_of_2(num_splits)), STORE_LSE=return_lse,
             )
     return (out, lse) if return_lse else out
+
+
+def _launch(kernel, tuned, grid, args, meta, launch, device, max_q_len, *, block_n: int | None = None) -> None:
+    """Run ``kernel``: under the interpreter with small tiles; on a GPU with the fixed
+    schedule ``launch`` (:data:`DEFAULT_LAUNCH` when None and autotuning is off) or through
+    its autotuner ``tuned``. ``block_n`` forces BLOCK_N (per-channel pages)."""
+    if interpreter_enabled():
+        kernel[grid](*args, **meta, BLOCK_N=block_n or _INTERPRETER_BLOCK_N)
+        return
+    if launch is None and not autotune_enabled():
+        launch = dict(zip(_LAUNCH_KEYS, DEFAULT_LAUNCH["decode" if max_q_len <= 1 else "prefill"], strict=True))
+    with torch.cuda.device(device):
+        if launch is not None:
+            fixed = dict(launch)
+            bn = fixed.pop("BLOCK_N", 64)
+            kernel[grid](*args, **meta, BLOCK_N=block_n or bn, **fixed)
+        elif block_n is not None:
+            tuned[grid](*args, **meta, BLOCK_N=block_n)
+        else:
+            tuned[grid](*args, **meta)
 
 
 def paged_token_attention_mass(

@@ -209,10 +209,12 @@ def _combine_splits_kernel(
     tl.store(Out + t * stride_ot + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
 
 
-# (BLOCK_N, num_warps, num_stages) per kind of launch, from the H100 sweep in
-# benchmarks/bench_engine.py. Fixed rather than autotuned: autotuning inside a CUDA-graph
-# warm-up would tune on the dummy (empty) contexts used there.
-DEFAULT_LAUNCH = {"decode": (64, 4, 3), "prefill": (64, 4, 2)}
+# (BLOCK_N, num_warps, num_stages) per kind of launch, from H100 sweeps (benchmarks/
+# bench_engine.py; decode re-measured with benchmarks/bench_kv_quant.py: (128, 4, 2) ran
+# at 2.88-2.96 TB/s where (64, 4, 3) ran at 2.35-2.40, batch 64, GQA 32/8, hd128). Fixed
+# rather than autotuned: autotuning inside a CUDA-graph warm-up would tune on the dummy
+# (empty) contexts used there.
+DEFAULT_LAUNCH = {"decode": (128, 4, 2), "prefill": (64, 4, 2)}
 
 
 def num_sms(device: torch.device) -> int:
