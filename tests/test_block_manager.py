@@ -164,3 +164,45 @@ def test_thousand_requests_with_random_aborts_leave_every_block_free():
     assert finished + aborted == 1000 and aborted > 0 and sched.num_preemptions > 0
     assert bm.num_free_blocks == bm.num_blocks and bm.prefix_cache_hits > 0
     bm.check_invariants([])
+
+
+def test_block_tables_only_grow_in_place():
+    """A consumer may cache a staged copy of a table keyed by (table object, length): the
+    same object never changes below its old length (eviction assigns a new list)."""
+    rng = random.Random(7)
+    bm = BlockManager(num_blocks=40, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=6, max_num_batched_tokens=32, max_waiting=64)
+    seen: dict[str, tuple[list[int], list[int]]] = {}
+    live: dict[str, Sequence] = {}
+    for step in range(400):
+        if len(live) < 8 and rng.random() < 0.5:
+            seq = _seq(f"r{step}", [rng.randrange(50) for _ in range(rng.randrange(1, 20))], rng.randrange(1, 24))
+            sched.add(seq)
+            live[seq.request_id] = seq
+        for seq in _run_step(sched, rng):
+            del live[seq.request_id]
+        for seq in list(sched.running):
+            full = seq.num_kv_slots // bm.block_size
+            if full > 1 and rng.random() < 0.05:
+                bm.drop_blocks(seq, [rng.randrange(full)])
+        for rid, seq in live.items():
+            obj, copy = seen.get(rid, (None, []))
+            if seq.block_table is obj:
+                assert seq.block_table[:len(copy)] == copy, rid
+            seen[rid] = (seq.block_table, list(seq.block_table))
+        bm.check_invariants(list(live.values()))
+
+
+def test_commit_leaves_sequences_that_ended_during_the_step():
+    """A pipelined engine may end a sequence (abort, stop string) while a step that
+    includes it runs; committing that step must not touch it."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=64, max_waiting=2)
+    a, b = _seq("a", list(range(6))), _seq("b", list(range(5)))
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    assert sched.abort(b)
+    sched.commit(out.scheduled)
+    assert a.num_computed_tokens == 6 and b.num_computed_tokens == 0 and not b.block_table
+    bm.check_invariants([a])

@@ -236,3 +236,73 @@ def test_cuda_graph_decode_matches_hf(tiny):
         assert out.token_ids == got[0, len(p):].tolist()
     model.cpu()
     ref.cpu()
+
+
+def _drive(eng: LLMEngine, requests, arrive_at) -> tuple[dict, int]:
+    """Stream ``requests`` (``(prompt, params)``) through ``eng.step()``, adding request i
+    before call ``arrive_at[i]``; returns per request the concatenated deltas and the last
+    output, and the number of calls."""
+    got: dict = {}
+    ids: dict = {}
+    calls = 0
+    while len(ids) < len(requests) or eng.has_unfinished_requests():
+        for i, (prompt, params) in enumerate(requests):
+            if i not in ids and arrive_at[i] <= calls:
+                ids[i] = eng.add_request(prompt, params)
+        for out in eng.step():
+            toks, text, _ = got.get(out.request_id, ([], "", None))
+            got[out.request_id] = (toks + out.delta_token_ids, text + out.delta_text, out)
+        calls += 1
+    return {i: got[rid] for i, rid in ids.items()}, calls
+
+
+def test_pipelined_steps_give_the_outputs_of_synchronous_steps(tiny):
+    """``pipeline_steps``: the next step is launched before this one's text is processed.
+    Outputs must not change: greedy, seeded sampling, stop strings (found one step late,
+    the extra row's token is dropped), stop ids, logprobs, penalties; no block leaks."""
+    _, ref, _ = tiny
+    prompts = _prompts([5, 17, 9, 30, 3, 12], seed=11)
+    probe = _engine(tiny, attention_backend="sdpa")
+    free = probe.generate(prompts[1], SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    requests = [
+        (prompts[0], SamplingParams(max_tokens=12, ignore_eos=True)),
+        (prompts[1], SamplingParams(max_tokens=20, ignore_eos=True, stop=[free.text[6:9]])),
+        (prompts[2], SamplingParams(max_tokens=15, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True, logprobs=2)),
+        (prompts[3], SamplingParams(max_tokens=10, ignore_eos=True, stop_token_ids=[free.token_ids[4]],
+                                    repetition_penalty=1.2, frequency_penalty=0.3)),
+        (prompts[4], SamplingParams(max_tokens=9, ignore_eos=True, stop=["\n\nUser:"])),
+        (prompts[5], SamplingParams(max_tokens=14, temperature=1.0, top_k=20, seed=3, ignore_eos=True)),
+    ]
+    arrive_at = [0, 0, 1, 3, 4, 8]
+    results = {}
+    for pipelined in (False, True):
+        eng = _engine(tiny, attention_backend="sdpa", max_num_batched_tokens=16, extra={"pipeline_steps": pipelined})
+        assert eng.pipeline is pipelined
+        results[pipelined], _ = _drive(eng, requests, arrive_at)
+        assert eng.stats().kv_blocks_used == 0 and not eng.scheduler.running
+        eng.block_manager.check_invariants([])
+    for i in range(len(requests)):
+        (s_toks, s_text, s_last), (p_toks, p_text, p_last) = results[False][i], results[True][i]
+        assert (s_toks, s_text) == (s_last.token_ids, s_last.text), i  # deltas add up to the totals
+        assert p_last.finished and (p_toks, p_text) == (p_last.token_ids, p_last.text), i
+        assert (p_last.token_ids, p_last.text, p_last.finish_reason) == (
+            s_last.token_ids, s_last.text, s_last.finish_reason), i
+        assert p_last.logprobs == s_last.logprobs, i
+    assert results[True][0][2].token_ids == _hf_greedy(ref, prompts[0], 12)
+    assert results[True][1][2].finish_reason is FinishReason.STOP and len(results[True][1][2].token_ids) < 20
+
+
+def test_pipelined_abort_while_a_step_is_in_flight(tiny):
+    eng = _engine(tiny, attention_backend="sdpa", extra={"pipeline_steps": True})
+    keep = eng.add_request(_prompts([7], seed=12)[0], SamplingParams(max_tokens=10, ignore_eos=True))
+    gone = eng.add_request(_prompts([9], seed=13)[0], SamplingParams(max_tokens=10, ignore_eos=True))
+    outs = {o.request_id: o for o in eng.step()}
+    assert eng._inflight is not None and len(outs[gone].token_ids) == 1
+    assert eng.abort(gone) and eng.stats().kv_blocks_used > 0
+    (aborted, kept) = eng.step()  # the aborted request's token of the step in flight is dropped
+    assert aborted.request_id == gone and aborted.finish_reason is FinishReason.ABORT
+    assert len(aborted.token_ids) == 1 and kept.request_id == keep and len(kept.token_ids) == 2
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            assert o.request_id == keep
+    assert len(o.token_ids) == 10 and o.finished and eng.stats().kv_blocks_used == 0

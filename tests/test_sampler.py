@@ -125,7 +125,9 @@ def test_incremental_detokenizer_on_a_bpe_tokenizer():
 
 @pytest.mark.parametrize(
     ("text", "stops", "held"),
-    [("hello wor", ["world"], 3), ("hello", ["lo!"], 2), ("abc", ["x"], 0), ("ab", ["abc", "b"], 2)],
+    [("hello wor", ["world"], 3), ("hello", ["lo!"], 2), ("abc", ["x"], 0), ("ab", ["abc", "b"], 2),
+     ("x\n\nUs", ["\n\nUser:", "<|im_end|>"], 4), ("abab", ["abac"], 2), ("aab", ["aabx", "abz"], 3),
+     ("", ["a"], 0), ("a", ["", "a"], 0)],
 )
 def test_stop_holdback(text, stops, held):
     assert stop_holdback(text, stops) == held
@@ -135,3 +137,58 @@ def test_find_stop_earliest():
     assert find_stop("one two three", ["three", "two"], 0) == (4, "two")
     assert find_stop("one two", ["one"], 5) is None
     assert find_stop("one two", ["e t"], 3) == (2, "e t")
+
+
+def test_penalties_on_many_rows_equal_one_row_at_a_time():
+    g = torch.Generator().manual_seed(0)
+    seqs = [_seq(SamplingParams(repetition_penalty=r, presence_penalty=p, frequency_penalty=f),
+                 prompt=torch.randint(0, VOCAB + 4, (7,), generator=g).tolist(),  # ids >= VOCAB are ignored
+                 out=torch.randint(0, VOCAB, (9,), generator=g).tolist())
+            for r, p, f in [(1.3, 0.0, 0.0), (1.0, 0.0, 0.0), (1.0, 0.4, -0.2), (0.7, -0.5, 0.3)]]
+    logits = torch.randn(len(seqs), VOCAB, generator=g)
+    batch = apply_penalties(logits.clone(), seqs)
+    rows = torch.stack([apply_penalties(logits[i:i + 1].clone(), [s])[0] for i, s in enumerate(seqs)])
+    assert torch.equal(batch, rows) and torch.equal(batch[1], logits[1]) and not torch.equal(batch[0], logits[0])
+
+
+def test_launch_then_wait_is_the_call():
+    logits = torch.randn(4, VOCAB)
+    params = [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=5, logprobs=2),
+              SamplingParams(temperature=1.2, top_k=4), SamplingParams(logprobs=0)]
+    a = Sampler(torch.device("cpu"), seed=3)(logits, [_seq(p) for p in params])
+    pending = Sampler(torch.device("cpu"), seed=3).launch(logits, [_seq(p) for p in params])
+    assert pending.token_ids.shape == (4,)
+    b = pending.wait()
+    assert a == b and all(isinstance(t, int) for t in b.token_ids)
+    assert b.logprobs[1].token_id == b.token_ids[1] and len(b.logprobs[1].top) == 2 and b.logprobs[3].top is None
+
+
+def test_fast_decoder_is_tokenizer_decode():
+    from stream_attention.engine.tokenizer import fast_decoder
+    from stream_attention.models.default import load_tokenizer
+
+    for tok in (load_tokenizer(), build_byte_tokenizer(("<x>",))):
+        ids = tok.encode("Hi <x> naïve ✓ end", add_special_tokens=False) + [tok.eos_token_id, 1, 2]
+        for skip in (True, False):
+            for cut in range(len(ids)):
+                assert fast_decoder(tok, skip)(ids[cut:]) == tok.decode(
+                    ids[cut:], skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+
+    class Custom:  # anything that is not a plain fast tokenizer goes through decode()
+        def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+            return "|".join(map(str, ids))
+
+    assert fast_decoder(Custom())([1, 2]) == "1|2"
+
+
+def test_request_output_totals_are_snapshots():
+    from stream_attention.engine.types import ListView, RequestOutput
+
+    source = [7, 8, 9]
+    out = RequestOutput("r", [7], ListView(source, 1, 3), "", [9], "", False)
+    source += [10, 11]
+    assert out.token_ids == [8, 9] and out.logprobs is None and out.usage["completion_tokens"] == 2
+    out.token_ids.append(0)  # the materialised list is the output's own
+    assert source == [7, 8, 9, 10, 11]
+    plain = RequestOutput("r", [7], [8, 9, 0], "", [9], "", False)
+    assert plain == out

@@ -130,11 +130,14 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grow ``seq``'s table to fit ``num_new_tokens`` more slots; False (and no change)
         when the pool is short."""
-        need = self.blocks_needed(seq, num_new_tokens)
+        table = seq.block_table
+        need = -(-(seq.num_computed_tokens - seq.num_dropped_tokens + num_new_tokens) // self.block_size) - len(table)
+        if need <= 0:  # the common decode case: the last block still has room
+            return True
         if need > len(self._free):
             return False
         for _ in range(need):
-            seq.block_table.append(self._pop_free())
+            table.append(self._pop_free())
         return True
 
     def commit(self, seq: Sequence) -> None:
@@ -143,6 +146,8 @@ class BlockManager:
             return
         bs = self.block_size
         full = seq.num_computed_tokens // bs
+        if len(seq.block_hashes) >= full:  # no block filled up this step
+            return
         while len(seq.block_hashes) < full:
             i = len(seq.block_hashes)
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
@@ -183,13 +188,15 @@ class BlockManager:
         if any(i < 0 or i >= full for i in drop):
             raise ValueError(f"can only drop full computed blocks [0, {full}) of {seq.request_id}, got {indices}")
         freed = 0
+        table = list(seq.block_table)
         for i in reversed(drop):
-            bid = seq.block_table.pop(i)
+            bid = table.pop(i)
             block = self.blocks[bid]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[bid] = None
                 freed += 1
+        seq.block_table = table  # a new list: tables are append-only otherwise (see Sequence)
         seq.num_dropped_tokens += len(drop) * bs
         # Block positions no longer match token positions, so later blocks cannot be keyed
         # by their prefix any more.

@@ -20,9 +20,9 @@ import torch
 from .block_manager import BlockManager
 from .config import EngineConfig, parse_dtype
 from .model_runner import ModelRunner
-from .sampler import Sampler
+from .sampler import PendingSample, Sampler
 from .scheduler import ScheduledSeq, Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 from .tokenizer import (
     IncrementalDetokenizer,
     decode_output,
@@ -34,6 +34,7 @@ from .tokenizer import (
 from .types import (
     EngineStats,
     FinishReason,
+    ListView,
     PromptTooLongError,
     Request,
     RequestOutput,
@@ -86,6 +87,19 @@ def load_model(model: Any, tokenizer: Any, config: EngineConfig, device: torch.d
 _load_model = load_model  # the name engine/distributed.py used first
 
 
+class _Flight:
+    """A launched step: what ran, who samples, and the sampling still on the device."""
+
+    __slots__ = ("scheduled", "sampling", "pending", "collector")
+
+    def __init__(self, scheduled: list[ScheduledSeq], sampling: list[Sequence], pending: PendingSample | None,
+                 collector: Any) -> None:
+        self.scheduled = scheduled
+        self.sampling = sampling
+        self.pending = pending
+        self.collector = collector
+
+
 class LLMEngine:
     """Offline and step-wise generation with a paged KV cache and continuous batching.
 
@@ -131,6 +145,9 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []
         self._ids = itertools.count()
         self._counters = EngineStats()
+        # Pipelined steps (see step()): worth it where the model runs asynchronously.
+        self.pipeline = bool(config.extra.get("pipeline_steps", self.device.type == "cuda"))
+        self._inflight: _Flight | None = None
         log.info("engine ready: %s on %s in %.1f s", name, self.device, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ properties
@@ -242,7 +259,7 @@ class LLMEngine:
         return ids
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._seqs) or bool(self._pending)
+        return bool(self._seqs) or bool(self._pending) or self._inflight is not None
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -251,47 +268,112 @@ class LLMEngine:
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns a snapshot for every request that progressed
-        (a new token, or finished) and for requests aborted since the last step."""
+        (a new token, or finished) and for requests aborted since the last step.
+
+        With :attr:`pipeline` on (the default on CUDA), the next step is launched on the
+        device before this one's text is processed, so detokenization, stop strings and
+        output objects overlap the GPU. Each call still returns one step's outputs; a
+        request added between calls joins the step after the one already running, and a
+        request that ends on a stop string has already been given a row in the running
+        step (its token is dropped)."""
         outputs, self._pending = self._pending, []
-        sched = self.scheduler.schedule()
-        self._counters.preemptions_total = self.scheduler.num_preemptions
+        flight, self._inflight = self._inflight, None
+        if flight is None:
+            flight = self._launch()
+            if flight is None:
+                return outputs
+        done = self._collect(flight)
+        if self.pipeline:
+            self._inflight = self._launch()
+        self._emit(done, outputs)
+        return outputs
+
+    def _launch(self) -> _Flight | None:
+        """Schedule a step, run the model and queue the sampling (no wait on the device)."""
+        scheduler = self.scheduler
+        sched = scheduler.schedule()
+        counters = self._counters
+        counters.preemptions_total = scheduler.num_preemptions
         for seq in sched.preempted:  # recomputed from scratch later: their scores are stale
             self.kv_mgr.forget(seq.request_id)
         if not sched:
-            return outputs
-        for s in sched.scheduled:
-            if not s.seq.prompt_counted:
-                s.seq.prompt_counted = True
-                self._counters.prompt_tokens_total += s.seq.num_prompt_tokens
-        logits = self.runner.execute(sched.scheduled)
-        sampling: list[ScheduledSeq] = [s for s in sched.scheduled if s.samples]
-        result = self.sampler(logits, [s.seq for s in sampling]) if sampling else None
-        self.scheduler.commit(sched.scheduled)
-        # KV compression: merge this step's block scores and evict over-budget sequences.
-        self.kv_mgr.after_step(self.scheduler.running, self.block_manager, self.runner.last_collector)
-        self.runner.last_collector = None
-        if result is None:
-            return outputs
-        now = time.time()
-        for s, token, lp in zip(sampling, result.token_ids, result.logprobs, strict=True):
+            return None
+        scheduled = sched.scheduled
+        sampling: list[Sequence] = []
+        for s in scheduled:
             seq = s.seq
-            seq.token_ids.append(token)
-            if seq.logprobs is not None and lp is not None:
+            if s.samples:
+                sampling.append(seq)
+            if not seq.prompt_counted:
+                seq.prompt_counted = True
+                counters.prompt_tokens_total += len(seq.prompt_token_ids)
+        logits = self.runner.execute(scheduled)
+        collector, self.runner.last_collector = self.runner.last_collector, None
+        pending = self.sampler.launch(logits, sampling) if sampling else None
+        return _Flight(scheduled, sampling, pending, collector)
+
+    def _collect(self, flight: _Flight) -> list[tuple[Sequence, int | None, bool]]:
+        """Wait for a step's tokens, append them and end the sequences that stop on a token
+        id or a length (so that the next step leaves them out). Returns what is left to do
+        per sequence: ``(seq, token whose text is still to be processed or None, ended)``."""
+        result = flight.pending.wait() if flight.pending is not None else None
+        scheduler = self.scheduler
+        scheduler.commit(flight.scheduled)
+        # KV compression: merge this step's block scores and evict over-budget sequences.
+        self.kv_mgr.after_step(scheduler.running, self.block_manager, flight.collector)
+        if flight.collector is not None:
+            for s in flight.scheduled:  # ended while the step ran: no scores to keep
+                if s.seq.status is SequenceStatus.FINISHED:
+                    self.kv_mgr.forget(s.seq.request_id)
+        if result is None:
+            return []
+        now = time.time()
+        max_len = self.max_model_len
+        done: list[tuple[Sequence, int | None, bool]] = []
+        appended = 0
+        for seq, token, lp in zip(flight.sampling, result.token_ids, result.logprobs, strict=True):
+            if seq.status is SequenceStatus.FINISHED:
+                continue  # aborted, or ended on a stop string, while this step ran
+            tokens = seq.token_ids
+            tokens.append(token)
+            appended += 1
+            if lp is not None and seq.logprobs is not None:
                 seq.logprobs.append(lp)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            self._counters.generation_tokens_total += 1
-            reason = self.process_token(seq, token)
-            if reason is not None:
-                seq.finish_time = now
-                self.scheduler.finish(seq, reason)
-                self.kv_mgr.forget(seq.request_id)
+            if token in seq.stop_ids or len(tokens) >= seq.token_limit or len(tokens) >= max_len:
+                # The last token: with text, a stop string in it takes precedence.
+                reason = self.process_token(seq, token) if seq.detokenizer is not None else (
+                    FinishReason.STOP if token in seq.stop_ids else FinishReason.LENGTH)
+                self._end_sequence(seq, reason, now)
+                done.append((seq, None, True))
+            elif seq.detokenizer is not None:
+                done.append((seq, token, False))  # may still end on a stop string
+            elif seq.stream:
+                done.append((seq, None, False))
+        self._counters.generation_tokens_total += appended
+        return done
+
+    def _emit(self, done: list[tuple[Sequence, int | None, bool]], outputs: list[RequestOutput]) -> None:
+        """The text side of a collected step: detokenize, stop strings, output snapshots."""
+        for seq, token, ended in done:
+            if token is not None and self.process_token(seq, token) is not None:
+                # A stop string. (In a pipelined step the sequence also has a row in the
+                # step now running; its token is dropped when that step is collected.)
+                self._end_sequence(seq, FinishReason.STOP, time.time())
+                ended = True
+            if ended:
                 self.finish_text(seq)
-                self._seqs.pop(seq.request_id, None)
-                self._counters.requests_finished_total += 1
-            if seq.stream or reason is not None:
+            if ended or seq.stream:
                 outputs.append(self.make_output(seq))
-        return outputs
+
+    def _end_sequence(self, seq: Sequence, reason: FinishReason, now: float) -> None:
+        """Retire ``seq`` from scheduling (its blocks are freed now); its text is finished later."""
+        seq.finish_time = now
+        self.scheduler.finish(seq, reason)
+        self.kv_mgr.forget(seq.request_id)
+        self._seqs.pop(seq.request_id, None)
+        self._counters.requests_finished_total += 1
 
     # Per-token output processing, public for engines whose sequences live outside the
     # scheduler (engine/distributed.py): apply a sampled token, finalize text, snapshot.
@@ -302,11 +384,11 @@ class LLMEngine:
 
     def process_token(self, seq: Sequence, token: int) -> FinishReason | None:
         """Apply stop conditions to ``token`` (already appended to ``seq``); the finish reason or None."""
-        p = seq.params
-        by_token = token in p.stop_token_ids or (not p.ignore_eos and token in seq.eos_token_ids)
+        by_token = token in seq.stop_ids
         if seq.detokenizer is not None and not by_token:
             delta = seq.detokenizer.step([token])
             if delta:
+                p = seq.params
                 before = len(seq.text)
                 seq.text += delta
                 if p.stop:
@@ -318,7 +400,8 @@ class LLMEngine:
                         return FinishReason.STOP
         if by_token:
             return FinishReason.STOP
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        n = len(seq.token_ids)
+        if n >= seq.token_limit or n >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 
@@ -337,27 +420,34 @@ class LLMEngine:
 
     def make_output(self, seq: Sequence) -> RequestOutput:
         """A :class:`RequestOutput` snapshot of ``seq`` with the deltas since the last one."""
-        finished = seq.is_finished
+        finished = seq.status is SequenceStatus.FINISHED
         text = seq.text
-        if not finished and seq.params.stop:
-            text = text[:len(text) - stop_holdback(text, seq.params.stop)]
-        out_ids = seq.output_token_ids
-        delta_ids = out_ids[seq.emitted_token_count:]
+        stops = seq.params.stop
+        if stops and not finished:
+            held = stop_holdback(text, stops)
+            if held:
+                text = text[:len(text) - held]
+        tokens = seq.token_ids
+        n_prompt, n = len(seq.prompt_token_ids), len(tokens)
+        delta_ids = tokens[n_prompt + seq.emitted_token_count:]
         delta_text = text[seq.emitted_text_len:]
-        seq.emitted_token_count = len(out_ids)
+        seq.emitted_token_count = n - n_prompt
         seq.emitted_text_len = len(text)
+        lps = seq.logprobs
         ttft = seq.first_token_time - seq.arrival_time if seq.first_token_time is not None else None
         latency = seq.finish_time - seq.arrival_time if finished and seq.finish_time is not None else None
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
-            token_ids=list(out_ids),
+            # Views of the totals (token_ids and logprobs only ever grow): a snapshot
+            # without copying the whole output for every streamed token.
+            token_ids=ListView(tokens, n_prompt, n),
             text=text,
             delta_token_ids=delta_ids,
             delta_text=delta_text,
             finished=finished,
             finish_reason=seq.finish_reason if finished else None,
-            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+            logprobs=ListView(lps, 0, len(lps)) if lps is not None else None,
             time_to_first_token=ttft,
             latency=latency,
         )
@@ -404,6 +494,11 @@ class LLMEngine:
                         bar.update(1)
         if bar is not None:
             bar.close()
+        if self._inflight is not None and not self._seqs:
+            # A pipelined step still running for requests that have all ended (a stop
+            # string seen after it was launched): nothing in it to emit.
+            flight, self._inflight = self._inflight, None
+            self._collect(flight)
         return [final[i] for i in ids]
 
     # ------------------------------------------------------------------ stats

@@ -134,6 +134,8 @@ class ModelRunner:
             self._warm_up_kernels()
         self.graphs: dict[int, _DecodeGraph] = {}
         self._graph_sizes: list[int] = []
+        self._staged_b: int | None = None
+        self._staged_rows: list[tuple[list[int] | None, int]] = []
         if config.use_cuda_graphs and device.type == "cuda" and self.backend == "triton":
             try:
                 self._capture_graphs()
@@ -368,28 +370,44 @@ class ModelRunner:
         bs, mb = self.block_size, self._max_blocks
         s64 = self._stage64.numpy()
         s32 = self._stage32.numpy()
-        s64[2 * b:3 * b] = self.scratch_slot
-        s32[:b] = 0
         tables = s32[b:b + b * mb].reshape(b, mb)
+        # Block tables only grow in place (every other change assigns a new list, see
+        # Sequence), so (list object, length) identifies a staged row's content: a row is
+        # rewritten only from where it grew. The layout differs per graph size.
+        if self._staged_b != b:
+            self._staged_b, self._staged_rows = b, [(None, 0)] * b
+        rows = self._staged_rows
+        ids, pos, slots, lens = [], [], [], []
         for i, s in enumerate(scheduled):
             seq = s.seq
             p = seq.num_computed_tokens
-            kv0 = seq.num_kv_slots
+            kv0 = p - seq.num_dropped_tokens
             table = seq.block_table
-            s64[i] = seq.token_ids[p]
-            s64[b + i] = p
-            s64[2 * b + i] = table[kv0 // bs] * bs + kv0 % bs
-            s32[i] = kv0 + 1
-            tables[i, :len(table)] = table
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(table[kv0 // bs] * bs + kv0 % bs)
+            lens.append(kv0 + 1)
+            staged, m = rows[i]
+            k = len(table)
+            if staged is not table or m != k:
+                start = m if staged is table and m < k else 0
+                tables[i, start:k] = table[start:]
+                rows[i] = (table, k)
+        s64[:n] = ids
+        s64[b:b + n] = pos
+        s64[2 * b:2 * b + n] = slots
+        s64[2 * b + n:3 * b] = self.scratch_slot
+        s32[:n] = lens
+        s32[n:b] = 0
         # The staging buffers are rewritten next step only after the sampler has read this
         # step's logits back to the host, which orders it after these copies.
         self._meta64[:3 * b].copy_(self._stage64[:3 * b], non_blocking=True)
         self._meta32[:b + b * mb].copy_(self._stage32[:b + b * mb], non_blocking=True)
         graph.graph.replay()
-        rows = [i for i, s in enumerate(scheduled) if s.samples]
-        if len(rows) == n:
+        if all(s.samples for s in scheduled):
             return graph.logits[:n]
-        return graph.logits[torch.tensor(rows, device=self.device)]
+        keep = [i for i, s in enumerate(scheduled) if s.samples]
+        return graph.logits[torch.tensor(keep, device=self.device)]
 
 
 @dataclass

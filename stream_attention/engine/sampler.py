@@ -9,6 +9,7 @@ noise vector per row and no cumulative sums.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -27,64 +28,132 @@ def _needs_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on ``device`` without stalling the host.
+
+    ``torch.tensor(values, device=cuda)`` is a blocking copy that waits for the stream
+    to drain (the whole forward, in the middle of sampling); from pinned memory with
+    ``non_blocking`` it is just another operation queued on the stream.
+    """
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def _uniform(values: list):
+    """The common value of ``values``, or None when they differ."""
+    first = values[0]
+    for v in values:
+        if v != first:
+            return None
+    return first
+
+
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Repetition (HF: prompt and output tokens), presence and frequency (OpenAI: output
-    tokens only) penalties, in place on the rows that ask for them."""
+    tokens only) penalties, in place on the rows that ask for them.
+
+    All rows together: one gather/scatter per kind of penalty over the ``(row, token)``
+    pairs concerned, whatever the number of rows."""
     rows = [i for i, s in enumerate(seqs) if _needs_penalties(s.params)]
     if not rows:
         return logits
     vocab = logits.shape[-1]
     device = logits.device
+    rep_rows: list[int] = []
+    rep_toks: list[int] = []
+    rep_vals: list[float] = []
+    pf_rows: list[int] = []
+    pf_toks: list[int] = []
+    pf_counts: list[float] = []
+    pf_freq: list[float] = []
+    pf_pres: list[float] = []
     for i in rows:
-        p = seqs[i].params
-        row = logits[i]
+        seq = seqs[i]
+        p = seq.params
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seqs[i].token_ids)), dtype=torch.long, device=device)
-            seen = seen[seen < vocab]
-            vals = row[seen]
-            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            seen = [t for t in set(seq.token_ids) if t < vocab]
+            rep_rows += [i] * len(seen)
+            rep_toks += seen
+            rep_vals += [p.repetition_penalty] * len(seen)
         if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
-            out_ids = seqs[i].output_token_ids
-            if out_ids:
-                ids = torch.tensor(out_ids, dtype=torch.long, device=device)
-                ids = ids[ids < vocab]
-                counts = torch.zeros(vocab, dtype=row.dtype, device=device)
-                counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=row.dtype))
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+            counts = Counter(t for t in seq.output_token_ids if t < vocab)
+            pf_rows += [i] * len(counts)
+            pf_toks += counts.keys()
+            pf_counts += counts.values()
+            pf_freq += [p.frequency_penalty] * len(counts)
+            pf_pres += [p.presence_penalty] * len(counts)
+    if rep_rows:
+        r, t = _to_device([rep_rows, rep_toks], torch.long, device)
+        pen = _to_device(rep_vals, logits.dtype, device)
+        vals = logits[r, t]
+        logits[r, t] = torch.where(vals > 0, vals / pen, vals * pen)
+    if pf_rows:
+        r, t = _to_device([pf_rows, pf_toks], torch.long, device)
+        cnt, freq, pres = _to_device([pf_counts, pf_freq, pf_pres], logits.dtype, device)
+        logits[r, t] -= freq * cnt + pres
     return logits
 
 
+_ARANGE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _ranks(vocab: int, device: torch.device) -> torch.Tensor:
+    key = (vocab, device)
+    r = _ARANGE.get(key)
+    if r is None:
+        r = _ARANGE[key] = torch.arange(vocab, device=device)[None, :]
+    return r
+
+
 def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p masks (``-inf``), for sampled rows."""
+    """Temperature, then top-k, top-p and min-p masks (``-inf``), for sampled rows.
+
+    A setting shared by every row is applied as a Python scalar (no tensor built and
+    copied to the device); per-row values go over in one non-blocking copy each."""
     device = logits.device
-    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
-    logits = logits / temps[:, None]
+    temps = [p.temperature for p in params]
+    t = _uniform(temps)
+    logits = logits / (t if t is not None else _to_device(temps, logits.dtype, device)[:, None])
     top_k = [p.top_k for p in params]
     top_p = [p.top_p for p in params]
-    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+    use_k = any(k > 0 for k in top_k)
+    use_p = any(p < 1.0 for p in top_p)
+    if use_k or use_p:
         vocab = logits.shape[-1]
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        ranks = torch.arange(vocab, device=device)[None, :]
-        k = torch.tensor([k if k > 0 else vocab for k in top_k], device=device)
-        drop = ranks >= k[:, None]
-        if any(p < 1.0 for p in top_p):
-            probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+        drop = None
+        if use_k:
+            k = _uniform(top_k)
+            if k is not None:
+                sorted_logits[:, k:] = float("-inf")
+            else:
+                kt = _to_device([k if k > 0 else vocab for k in top_k], torch.long, device)
+                drop = _ranks(vocab, device) >= kt[:, None]
+                sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        if use_p:
+            probs = torch.softmax(sorted_logits, dim=-1)
             before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-            tp = torch.tensor(top_p, dtype=probs.dtype, device=device)
-            drop |= before > tp[:, None]
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            tp = _uniform(top_p)
+            drop = before > (tp if tp is not None else _to_device(top_p, probs.dtype, device)[:, None])
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     min_p = [p.min_p for p in params]
     if any(m > 0.0 for m in min_p):
         probs = torch.softmax(logits, dim=-1)
-        mp = torch.tensor(min_p, dtype=probs.dtype, device=device)
-        thresh = probs.max(dim=-1, keepdim=True).values * mp[:, None]
+        m = _uniform(min_p)
+        mp = m if m is not None else _to_device(min_p, probs.dtype, device)[:, None]
+        thresh = probs.max(dim=-1, keepdim=True).values * mp
         logits = logits.masked_fill(probs < thresh, float("-inf"))
     return logits
 
 
 class Sampler:
-    """Samples one token per row of ``logits`` according to each sequence's parameters."""
+    """Samples one token per row of ``logits`` according to each sequence's parameters.
+
+    ``sampler(logits, seqs)`` returns the tokens; ``sampler.launch(logits, seqs)`` only
+    queues the work on the device, so that the host can do something else before it
+    waits for the tokens (``.wait()``)."""
 
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
@@ -103,53 +172,103 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """``logits``: ``[len(seqs), vocab]`` for the rows that sample this step."""
-        params = [s.params for s in seqs]
-        want_logprobs = any(p.logprobs is not None for p in params)
-        if not want_logprobs and all(p.temperature == 0.0 and not _needs_penalties(p) for p in params):
+        return self.launch(logits, seqs).wait()
+
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
+        """Queue the sampling of ``logits`` on the device without waiting for it (nothing
+        here reads a device value back); :meth:`PendingSample.wait` returns the tokens."""
+        n = len(seqs)
+        if all(s.plain_greedy for s in seqs):
             # Plain greedy batch: argmax is exact in the logits' own dtype.
-            return SamplerOutput(torch.argmax(logits, dim=-1).tolist(), [None] * len(seqs))
+            return PendingSample(torch.argmax(logits, dim=-1), n)
+        params = [s.params for s in seqs]
         raw = logits
         logits = logits.float()
         if any(_needs_penalties(p) for p in params):
             logits = apply_penalties(logits.clone() if logits is raw else logits, seqs)
 
-        greedy = [p.temperature == 0.0 for p in params]
-        token_ids = torch.argmax(logits, dim=-1)
-        sample_rows = [i for i, g in enumerate(greedy) if not g]
+        sample_rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
         if sample_rows:
-            idx = torch.tensor(sample_rows, device=logits.device)
-            filtered = filter_logits(logits[idx], [params[i] for i in sample_rows])
-            probs = torch.softmax(filtered, dim=-1)
+            every_row = len(sample_rows) == n
+            if every_row:
+                sub, sub_params = logits, params
+            else:
+                token_ids = torch.argmax(logits, dim=-1)
+                idx = _to_device(sample_rows, torch.long, logits.device)
+                sub, sub_params = logits[idx], [params[i] for i in sample_rows]
+            probs = torch.softmax(filter_logits(sub, sub_params), dim=-1)
             noise = torch.empty_like(probs)
-            shared_rows = []
-            for j, i in enumerate(sample_rows):
-                g = self.generator_for(seqs[i])
-                if g is None:
-                    shared_rows.append(j)
-                else:
-                    noise[j].exponential_(generator=g)
+            shared_rows = list(range(len(sample_rows)))
+            if any(p.seed is not None for p in sub_params):
+                shared_rows = []
+                for j, i in enumerate(sample_rows):
+                    g = self.generator_for(seqs[i])
+                    if g is None:
+                        shared_rows.append(j)
+                    else:
+                        noise[j].exponential_(generator=g)
             if shared_rows:
                 if len(shared_rows) == len(sample_rows):
                     noise.exponential_(generator=self._shared)
                 else:
-                    sr = torch.tensor(shared_rows, device=logits.device)
+                    sr = _to_device(shared_rows, torch.long, logits.device)
                     noise[sr] = torch.empty((len(shared_rows), probs.shape[-1]), device=logits.device,
                                             dtype=probs.dtype).exponential_(generator=self._shared)
             picked = torch.argmax(probs / noise, dim=-1)
-            token_ids[idx] = picked
-        ids = token_ids.tolist()
+            if every_row:
+                token_ids = picked
+            else:
+                token_ids[idx] = picked
+        else:
+            token_ids = torch.argmax(logits, dim=-1)
 
-        lps: list[TokenLogprob | None] = [None] * len(seqs)
-        if want_logprobs:
-            rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-            logp = torch.log_softmax(raw[rows].float(), dim=-1)
-            chosen = logp.gather(1, token_ids[rows][:, None]).squeeze(1).tolist()
-            n_top = max(params[i].logprobs for i in rows)
-            top_vals, top_ids = (logp.topk(n_top, dim=-1) if n_top > 0 else (None, None))
-            for j, i in enumerate(rows):
-                n = params[i].logprobs
-                top = None
-                if n and top_ids is not None:
-                    top = dict(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist(), strict=True))
-                lps[i] = TokenLogprob(token_id=ids[i], logprob=chosen[j], top=top)
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not rows:
+            return PendingSample(token_ids, n)
+        if len(rows) == n:
+            sel, sel_ids = raw, token_ids
+        else:
+            ridx = _to_device(rows, torch.long, logits.device)
+            sel, sel_ids = raw[ridx], token_ids[ridx]
+        logp = torch.log_softmax(sel.float(), dim=-1)
+        chosen = logp.gather(1, sel_ids[:, None]).squeeze(1)
+        counts = [params[i].logprobs for i in rows]
+        n_top = max(counts)
+        top = logp.topk(n_top, dim=-1) if n_top > 0 else None
+        return PendingSample(token_ids, n, (rows, counts, chosen, top))
+
+
+class PendingSample:
+    """A step's sampled tokens, still on the device until :meth:`wait` reads them back
+    (in one device->host read, logprobs included: the step's one wait on the device)."""
+
+    __slots__ = ("token_ids", "_n", "_logprobs")
+
+    def __init__(self, token_ids: torch.Tensor, n: int, logprobs: tuple | None = None) -> None:
+        self.token_ids = token_ids  # [n] on the device
+        self._n = n
+        self._logprobs = logprobs
+
+    def wait(self) -> SamplerOutput:
+        lps: list[TokenLogprob | None] = [None] * self._n
+        if self._logprobs is None:
+            return SamplerOutput(self.token_ids.tolist(), lps)
+        rows, counts, chosen_t, top = self._logprobs
+        # One read for everything: float64 holds the ids and the float32 values exactly.
+        parts = [self.token_ids, chosen_t] + ([top.values, top.indices] if top is not None else [])
+        flat = torch.cat([t.reshape(-1).double() for t in parts]).tolist()
+        n, m = self._n, len(rows)
+        ids = [int(x) for x in flat[:n]]
+        chosen = flat[n:n + m]
+        top_vals = top_ids = None
+        if top is not None:
+            w = top.values.shape[-1]
+            vals, idx = flat[n + m:n + m + m * w], flat[n + m + m * w:]
+            top_vals = [vals[j * w:(j + 1) * w] for j in range(m)]
+            top_ids = [[int(x) for x in idx[j * w:(j + 1) * w]] for j in range(m)]
+        for j, (i, k) in enumerate(zip(rows, counts, strict=True)):
+            entries = None
+            if k and top_ids is not None:
+                entries = dict(zip(top_ids[j][:k], top_vals[j][:k], strict=True))
+            lps[i] = TokenLogprob(token_id=ids[i], logprob=chosen[j], top=entries)
         return SamplerOutput(ids, lps)

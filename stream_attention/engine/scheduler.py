@@ -24,7 +24,7 @@ from .sequence import Sequence, SequenceStatus
 from .types import FinishReason, QueueFullError
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
@@ -33,7 +33,7 @@ class ScheduledSeq:
 
     @classmethod
     def of(cls, seq: Sequence, n: int) -> ScheduledSeq:
-        return cls(seq, n, seq.num_computed_tokens + n == seq.num_tokens)
+        return cls(seq, n, seq.num_computed_tokens + n == len(seq.token_ids))
 
 
 @dataclass
@@ -131,23 +131,39 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        bm = self.bm
+        block_size = bm.block_size
+        chunked = self.enable_chunked_prefill
+        running = self.running
+        scheduled = out.scheduled
 
+        # Running sequences: a decode step is one token each, and a new block only when
+        # the table is full, so the common case is a few attribute reads per sequence.
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = self._chunk(seq.num_tokens - seq.num_computed_tokens, budget)
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            remaining = len(seq.token_ids) - seq.num_computed_tokens
+            n = remaining if remaining <= budget else (budget if chunked else 0)
             if n == 0:
                 i += 1
                 continue
-            while not self.bm.allocate(seq, n):
-                victim = self.running[-1]
+            if (seq.num_computed_tokens - seq.num_dropped_tokens + n <= len(seq.block_table) * block_size
+                    or bm.allocate(seq, n)):
+                scheduled.append(ScheduledSeq(seq, n, n == remaining))
+                budget -= n
+                i += 1
+                continue
+            # Short of blocks: preempt the newest sequences until it fits (or it is the newest).
+            while True:
+                victim = running[-1]
                 self._preempt(victim, out)
                 if victim is seq:
                     break
-            else:
-                out.scheduled.append(ScheduledSeq.of(seq, n))
-                budget -= n
-                i += 1
+                if bm.allocate(seq, n):
+                    scheduled.append(ScheduledSeq(seq, n, n == remaining))
+                    budget -= n
+                    i += 1
+                    break
 
         if out.preempted:
             return out
@@ -174,7 +190,19 @@ class Scheduler:
         return out
 
     def commit(self, scheduled: list[ScheduledSeq]) -> None:
-        """Advance ``num_computed_tokens`` after the model ran a step."""
+        """Advance ``num_computed_tokens`` after the model ran a step. Sequences that
+        finished while the step ran (aborted, or a stop string seen by a pipelined
+        engine) are left alone: their blocks are gone."""
+        finished = SequenceStatus.FINISHED
+        if not self.bm.enable_prefix_caching:
+            for s in scheduled:
+                seq = s.seq
+                if seq.status is not finished:
+                    seq.num_computed_tokens += s.num_new_tokens
+            return
+        commit = self.bm.commit
         for s in scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
-            self.bm.commit(s.seq)
+            seq = s.seq
+            if seq.status is not finished:
+                seq.num_computed_tokens += s.num_new_tokens
+                commit(seq)

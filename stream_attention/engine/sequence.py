@@ -30,6 +30,11 @@ class Sequence:
     ``num_dropped_tokens`` counts cache slots that were released while the sequence kept
     running (KV eviction): the K/V of logical token ``p`` then lives at cache slot
     ``p - num_dropped_tokens`` of the compacted block table.
+
+    ``block_table`` only ever grows in place (appends); every other change (free,
+    preemption, eviction) assigns a new list. So ``(table object, length)`` identifies
+    its content, and a consumer that copied it before needs only copy the new tail.
+    ``token_ids`` (and ``logprobs``) only ever grow too.
     """
 
     request_id: str
@@ -62,11 +67,25 @@ class Sequence:
     detokenizer: object | None = field(default=None, init=False, repr=False)
     num_preemptions: int = field(default=0, init=False)
     prompt_counted: bool = field(default=False, init=False)
+    # Derived from ``params`` once, for the per-token checks of every step (``params``
+    # is not expected to change once the request is queued):
+    # token ids that end the request (stop_token_ids, plus EOS unless ignore_eos),
+    stop_ids: frozenset[int] = field(default=frozenset(), init=False, repr=False)
+    # len(token_ids) at which max_tokens is reached,
+    token_limit: int = field(default=0, init=False, repr=False)
+    # and whether the sampler may take this row's argmax and nothing else.
+    plain_greedy: bool = field(default=True, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
-        if self.params.logprobs is not None:
+        p = self.params
+        if p.logprobs is not None:
             self.logprobs = []
+        stop = frozenset(p.stop_token_ids)
+        self.stop_ids = stop if p.ignore_eos else stop | frozenset(self.eos_token_ids)
+        self.token_limit = len(self.prompt_token_ids) + p.max_tokens
+        self.plain_greedy = (p.temperature == 0.0 and p.logprobs is None and p.repetition_penalty == 1.0
+                             and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -9,6 +9,7 @@ back a trailing replacement character until the bytes that complete it arrive.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 # How many tokens before the first new one are re-decoded for context.
@@ -80,6 +81,30 @@ def eos_token_ids(tokenizer: Any, model: Any | None = None) -> frozenset[int]:
     return frozenset(ids)
 
 
+def fast_decoder(tokenizer: Any, skip_special_tokens: bool = True) -> Callable[[list[int]], str]:
+    """``ids -> tokenizer.decode(ids, skip_special_tokens=..., clean_up_tokenization_spaces=False)``.
+
+    For a transformers fast tokenizer whose ``decode``/``_decode`` are the library's own,
+    that call is the Rust backend's ``decode`` behind several layers of Python argument
+    handling; calling the backend directly gives the same string for a fifth of the cost
+    (it runs for every streamed token). Anything else goes through ``decode``.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    cls = type(tokenizer)
+    if (backend is not None and type(backend).__module__.startswith("tokenizers")
+            and callable(getattr(backend, "decode", None))
+            and getattr(getattr(cls, "_decode", None), "__module__", "") in _LIBRARY_DECODE_MODULES
+            and getattr(getattr(cls, "decode", None), "__module__", "") == "transformers.tokenization_utils_base"):
+        decode = backend.decode
+        return lambda ids: decode(ids, skip_special_tokens=skip_special_tokens)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens,
+                                        clean_up_tokenization_spaces=False)
+
+
+# Where transformers defines the fast tokenizers' ``_decode`` (5.x, 4.x).
+_LIBRARY_DECODE_MODULES = ("transformers.tokenization_utils_tokenizers", "transformers.tokenization_utils_fast")
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of output token ids into text deltas, correct across
     multi-byte characters and tokenizers whose pieces depend on their neighbours."""
@@ -87,26 +112,29 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], *, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._decode = fast_decoder(tokenizer, skip_special_tokens)
         # Seed the window with the prompt's tail so the first output token decodes with
         # the same leading-space behaviour it has inside the full text.
         self.ids: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.num_prompt_context = len(self.ids)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
-                                     clean_up_tokenization_spaces=False)
+        # The decoded ids[prefix_offset:read_offset], while those offsets stand.
+        self._prefix_text: str | None = None
 
     def step(self, new_token_ids: list[int]) -> str:
         """Append tokens and return the text that became final."""
-        self.ids.extend(new_token_ids)
-        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full_text = self._decode(self.ids[self.prefix_offset:])
+        ids = self.ids
+        ids.extend(new_token_ids)
+        prefix_text = self._prefix_text
+        if prefix_text is None:
+            prefix_text = self._prefix_text = self._decode(ids[self.prefix_offset:self.read_offset])
+        full_text = self._decode(ids[self.prefix_offset:])
         if len(full_text) > len(prefix_text) and not full_text.endswith(_REPLACEMENT):
             delta = full_text[len(prefix_text):]
             self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
+            self.read_offset = len(ids)
+            self._prefix_text = None
             return delta
         return ""
 
@@ -115,6 +143,7 @@ class IncrementalDetokenizer:
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full_text = self._decode(self.ids[self.prefix_offset:])
         self.prefix_offset = self.read_offset = len(self.ids)
+        self._prefix_text = None
         return full_text[len(prefix_text):] if len(full_text) > len(prefix_text) else ""
 
 
@@ -128,11 +157,20 @@ def stop_holdback(text: str, stops: list[str]) -> int:
     """Length of the longest suffix of ``text`` that could still grow into a stop string
     (such text is held back from a stream until it is known not to be one)."""
     best = 0
+    size = len(text)
     for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
+        m = len(stop) - 1  # a held suffix is a proper prefix of the stop string
+        if m <= best:
+            continue
+        # Candidates start where stop[0] occurs in the last m characters; the leftmost
+        # one that matches is the longest.
+        first = stop[0]
+        j = text.find(first, max(0, size - m))
+        while j != -1 and size - j > best:
+            if stop.startswith(text[j:]):
+                best = size - j
                 break
+            j = text.find(first, j + 1)
     return best
 
 

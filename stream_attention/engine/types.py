@@ -74,6 +74,46 @@ class TokenLogprob:
     top: dict[int, float] | None = None
 
 
+class ListView:
+    """``source[start:end]``, taken when first needed.
+
+    The engine hands these to :class:`RequestOutput` for the running totals (token ids,
+    logprobs): copying them whole for every streamed token would cost time quadratic
+    in the output length, and a consumer usually reads only the deltas. The source
+    lists only ever grow, so a later slice is the same snapshot."""
+
+    __slots__ = ("source", "start", "end")
+
+    def __init__(self, source: list, start: int, end: int) -> None:
+        self.source, self.start, self.end = source, start, end
+
+    def materialize(self) -> list:
+        return self.source[self.start:self.end]
+
+
+class _SnapshotField:
+    """A dataclass field holding a list, or a :class:`ListView` made a list on first read."""
+
+    def __init__(self, *default) -> None:
+        self.default = default  # () = required field
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:  # the dataclass machinery asking for the field's default
+            if self.default:
+                return self.default[0]
+            raise AttributeError(self.slot)
+        value = obj.__dict__[self.slot]
+        if type(value) is ListView:
+            value = obj.__dict__[self.slot] = value.materialize()
+        return value
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass
 class RequestOutput:
     """A snapshot of a request's progress.
@@ -85,13 +125,13 @@ class RequestOutput:
 
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int]
+    token_ids: list[int] = _SnapshotField()  # noqa: RUF009 - a descriptor, not a shared default
     text: str
     delta_token_ids: list[int]
     delta_text: str
     finished: bool
     finish_reason: FinishReason | None = None
-    logprobs: list[TokenLogprob] | None = None
+    logprobs: list[TokenLogprob] | None = _SnapshotField(None)  # noqa: RUF009 - a descriptor
     # wall-clock seconds: arrival -> first token, arrival -> finish
     time_to_first_token: float | None = None
     latency: float | None = None
