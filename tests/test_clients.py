@@ -258,3 +258,17 @@ def test_loadgen_disconnects_leave_no_blocks(srv: LiveServer) -> None:
     assert s["disconnected"] > 0 and s["completed"] + s["disconnected"] == 24 and s["failed"] == 0
     stats = wait_idle(srv.engine)
     assert (stats.running, stats.kv_blocks_used) == (0, 0)
+
+
+def test_loadgen_api_key_and_sse_framing(request: pytest.FixtureRequest) -> None:
+    auth = shared_server("auth", request.config)
+    cfg = loadgen.LoadConfig(url=auth.url, api_key="test-key", num_requests=3, concurrency=2, prompt_tokens=4,
+                             max_tokens=3)  # fmt: skip
+    s = asyncio.run(loadgen.run_load(cfg))["summary"]
+    assert s["completed"] == 3 and s["output_tokens"] == 9 and s["client_cpu_s"] >= 0
+    cfg.api_key = "wrong"
+    s = asyncio.run(loadgen.run_load(cfg))["summary"]
+    assert s["failed"] == 3 and s["errors"] == {"401": 3}
+    assert loadgen._sse_data(b"data: {}") == b"{}"
+    assert loadgen._sse_data(b": keep-alive\ndata:{\"a\":\ndata: 1}") == b'{"a":\n1}'
+    assert loadgen._sse_data(b": only a comment") is None

@@ -47,7 +47,9 @@ class LiveServer:
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP (accepted
+        # sockets inherit it); without it Nagle + delayed ACK hold SSE events back ~40 ms.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -219,8 +221,9 @@ def test_health_ready_models_and_request_ids(http: httpx.Client, srv: LiveServer
     r = http.get("/ready", headers={"X-Request-ID": "my-trace-1"})
     assert r.status_code == 200 and r.json()["status"] == "ready"
     assert r.headers["x-request-id"] == "my-trace-1"
-    # An ID that could smuggle text into logs is replaced, not echoed.
-    assert http.get("/health", headers={"X-Request-ID": "bad id\x7f"}).headers["x-request-id"] != "bad id\x7f"
+    # An ID that could smuggle text into logs is replaced, not echoed (h11 lets it through to
+    # the app, which answers with a fresh ID; httptools refuses the request itself).
+    assert http.get("/health", headers={"X-Request-ID": "bad id\x7f"}).headers.get("x-request-id") != "bad id\x7f"
     models = http.get("/v1/models").json()
     assert models["object"] == "list"
     card = models["data"][0]
@@ -899,6 +902,266 @@ def test_not_ready_while_loading_and_load_failure(monkeypatch: pytest.MonkeyPatc
         assert isinstance(failures[0], OSError)
     finally:
         srv.stop()
+
+
+# ----------------------------------------------------------------------------- batched delivery
+
+
+class _StepEngine:
+    """``LLMEngine``'s surface for :class:`AsyncEngine`: a step gives every running request
+    one token, and runs only when the test releases it."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(max_waiting=1 << 20)
+        self.scheduler = SimpleNamespace(waiting=[])
+        self.tokenizer = _FakeTokenizer()
+        self.max_model_len = 1 << 10
+        self.model_name = "steps"
+        self.device = "cpu"
+        self.running: dict[str, tuple[Any, list[int]]] = {}
+        self._pending: list[Any] = []
+        self.gate = threading.Semaphore(0)
+
+    def validate(self, req: Any) -> None:
+        pass
+
+    def add_request(self, req: Any, stream: bool = True, bounded: bool = True) -> str:
+        self.running[req.request_id] = (req, [])
+        return req.request_id
+
+    def abort(self, request_id: str) -> bool:
+        return self.running.pop(request_id, None) is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self.running))
+
+    def step(self) -> list[RequestOutput]:
+        from stream_attention.engine.types import FinishReason
+
+        if not self.gate.acquire(timeout=0.05):
+            return []
+        outs = []
+        for rid, (req, ids) in list(self.running.items()):
+            ids.append(len(ids) + 1)
+            done = len(ids) >= req.params.max_tokens
+            if done:
+                del self.running[rid]
+            text = "".join(chr(96 + t) for t in ids)
+            outs.append(
+                RequestOutput(rid, req.prompt_token_ids, list(ids), text, [ids[-1]], text[-1], done,
+                              FinishReason.LENGTH if done else None)
+            )  # fmt: skip
+        return outs
+
+
+def test_async_engine_hands_over_steps_in_batches() -> None:
+    """Steps that finish while the event loop is busy reach the consumer as one batch (one
+    wake-up), complete and in order; ``stream`` still yields them one by one."""
+    from stream_attention.engine import AsyncEngine, Request, SamplingParams
+
+    fake = _StepEngine()
+    engine = AsyncEngine(engine=fake)
+
+    async def run() -> tuple[list[list[str]], list[str], int]:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        real = loop.call_soon_threadsafe
+
+        def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal wakeups
+            wakeups += 1
+            return real(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        try:
+            batched = engine.stream_batches(Request("a", [5], SamplingParams(max_tokens=6)))
+            single = engine.stream(Request("b", [5], SamplingParams(max_tokens=6)))
+            first = asyncio.ensure_future(batched.__anext__())
+            second = asyncio.ensure_future(single.__anext__())
+            await asyncio.sleep(0.1)  # both submitted
+            fake.gate.release()
+            got_a = [[o.delta_text for o in await first]]
+            got_b = [(await second).delta_text]
+            wakeups = 0
+            # Four steps while this loop does not run: one wake-up brings them all.
+            for _ in range(4):
+                fake.gate.release()
+            deadline = time.monotonic() + 30
+            while sum(map(len, engine._outbox.values())) < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)  # 4 steps x 2 requests handed over, not yet taken by this loop
+            burst = await batched.__anext__()
+            got_a.append([o.delta_text for o in burst])
+            for _ in range(4):
+                got_b.append((await single.__anext__()).delta_text)
+            woken = wakeups
+            fake.gate.release()
+            async for batch in batched:
+                got_a.append([o.delta_text for o in batch])
+                if batch[-1].finished:
+                    break
+                fake.gate.release()
+            async for out in single:
+                got_b.append(out.delta_text)
+                if out.finished:
+                    break
+                fake.gate.release()
+            return got_a, got_b, woken
+        finally:
+            loop.call_soon_threadsafe = real  # type: ignore[method-assign]
+            await engine.shutdown()
+
+    got_a, got_b, wakeups = asyncio.run(run())
+    assert got_a[0] == ["a"] and got_a[1] == ["b", "c", "d", "e"], got_a
+    assert [t for batch in got_a for t in batch] == list("abcdef")
+    assert got_b == list("abcdef")
+    assert wakeups == 1
+
+
+class _BurstEngine(FaultyEngine):
+    """Outputs arrive in bursts (the event loop behind the engine): ``stream_batches``."""
+
+    def __init__(self) -> None:
+        super().__init__("none")
+        self.model_name = "burst"
+
+    async def stream_batches(self, request: Any):
+        from stream_attention.engine.types import FinishReason
+
+        rid, prompt = request.request_id, request.prompt_token_ids
+        texts = ['a"', "\\b", "\n", "é", "\x01", "z"]
+        ids: list[int] = []
+        text = ""
+
+        def out(i: int, final: bool = False) -> RequestOutput:
+            nonlocal text
+            ids.append(10 + i)
+            text += texts[i]
+            return RequestOutput(rid, prompt, list(ids), text, [10 + i], texts[i], final,
+                                 FinishReason.LENGTH if final else None)  # fmt: skip
+
+        yield [out(0)]
+        await asyncio.sleep(0.01)
+        yield [out(1), out(2), out(3)]
+        await asyncio.sleep(0.01)
+        yield [out(4), out(5, final=True)]
+
+
+def test_sse_bursts_become_one_event_per_delta_in_order() -> None:
+    from stream_attention.server.routes_generate import _token_event
+    from stream_attention.server.sse import event
+
+    texts = ['a"', "\\b", "\n", "é", "\x01", "z"]
+    # The per-token template writes exactly what the generic encoder writes.
+    for i, t in enumerate(texts):
+        for ids, special in (([7], set()), ([7], {7}), ([3, 4, 7], set())):
+            data = {
+                "index": i,
+                "token": {"id": ids[-1], "text": t, "logprob": None, "special": ids[-1] in special},
+                "token_ids": ids,
+                "generated_text": None,
+                "details": None,
+            }
+            assert _token_event(i, ids, t, special) == event(data)
+
+    srv = LiveServer(create_app(_settings(), engine=_BurstEngine()))
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            with client.stream("POST", "/generate_stream", json={"prompt": "abc", "max_tokens": 6}) as r:
+                assert r.status_code == 200
+                events = sse_events(list(r.iter_lines()))
+            assert [e["index"] for e in events] == list(range(6))
+            assert [e["token"]["text"] for e in events] == texts
+            assert [e["token_ids"] for e in events] == [[10 + i] for i in range(6)]
+            assert all(e["generated_text"] is None for e in events[:-1])
+            final = events[-1]
+            assert final["generated_text"] == "".join(texts) and final["finish_reason"] == "length"
+            assert final["usage"]["completion_tokens"] == 6
+
+            body = {"prompt": "abc", "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}}
+            with client.stream("POST", "/v1/completions", json=body) as r:
+                chunks = sse_events(list(r.iter_lines()))
+            assert chunks[-1] == "[DONE]" and chunks[-2]["choices"] == [] and chunks[-2]["usage"]["completion_tokens"] == 6
+            texted = chunks[:-2]
+            assert [c["choices"][0]["text"] for c in texted] == texts
+            assert [c["choices"][0]["finish_reason"] for c in texted] == [None] * 5 + ["length"]
+            assert all(c["usage"] is None and c["model"] == "burst" for c in texted)
+
+            chat = {"messages": [{"role": "user", "content": "abc"}], "max_tokens": 6, "stream": True}
+            with client.stream("POST", "/v1/chat/completions", json=chat) as r:
+                chunks = sse_events(list(r.iter_lines()))
+            assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+            assert [c["choices"][0]["delta"].get("content") for c in chunks[1:-1]] == texts
+            assert chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-1] == "[DONE]"
+            assert len({c["id"] for c in chunks[:-1]}) == 1
+        # Six tokens in three bursts: six ITL/TTFT samples per request, whatever the bursts.
+        m = srv.state.metrics
+        assert m.itl.count == 3 * 5 and m.ttft._sum.get() > 0  # noqa: SLF001
+    finally:
+        srv.stop()
+
+
+def test_token_histogram_exposition_matches_prometheus_histogram() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from stream_attention.server.metrics import ITL_BUCKETS, TokenHistogram
+
+    plain, fast = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("x_seconds", "doc", buckets=ITL_BUCKETS, registry=plain)
+    ours = TokenHistogram("x_seconds", "doc", ITL_BUCKETS)
+    fast.register(ours)
+    values = [0.0, 0.001, 0.0025, 0.004, 0.03, 0.2, 5.0, 7.5] + [random.random() * 0.3 for _ in range(100)]
+    for v in values:
+        reference.observe(v)
+        ours.observe(v)
+    for _ in range(3):
+        reference.observe(0.012)
+    ours.observe(0.012, 3)
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        return [ln for ln in generate_latest(registry).decode().splitlines() if "_created" not in ln and "_sum" not in ln]
+
+    assert lines(plain) == lines(fast)
+    assert ours.count == len(values) + 3 and abs(ours.sum - sum(values) - 0.036) < 1e-9
+
+
+@pytest.mark.slow
+def test_engine_in_a_process_of_its_own() -> None:
+    """``engine_process``: the same routes, refusals, aborts and shutdown, with the engine
+    stepping in a child process."""
+    srv = LiveServer(create_app(_settings(engine_process=True, max_num_seqs=4, kv_cache_blocks=12)))
+    try:
+        srv.wait_ready(timeout=300)
+        assert srv.engine.engine is None and srv.engine._proc.is_alive()
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            body = {"prompt": "hello there", "max_tokens": 6, "ignore_eos": True}
+            with client.stream("POST", "/generate_stream", json=body) as r:
+                events = sse_events(list(r.iter_lines()))
+            assert [e["index"] for e in events] == list(range(6))
+            assert events[-1]["usage"]["completion_tokens"] == 6 and events[-1]["finish_reason"] == "length"
+            r = client.post("/generate", json={**body, "max_tokens": 4, "logprobs": 2})
+            assert r.status_code == 200, r.text
+            assert len(r.json()["token_ids"]) == 4 and len(r.json()["logprobs"]) == 4
+            # Refused by the engine itself (12 blocks of 16 tokens): 400 before any output.
+            r = client.post("/generate", json={"prompt_token_ids": [5, 6], "max_tokens": 400})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+            with client.stream("POST", "/generate_stream", json={**body, "max_tokens": 150}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        break  # hang up after the first token
+            s = wait_idle(srv.engine, timeout=30)
+            deadline = time.monotonic() + 30
+            while s.kv_blocks_used and time.monotonic() < deadline:
+                time.sleep(0.05)
+                s = srv.engine.stats()
+            assert (s.running, s.kv_blocks_used) == (0, 0)
+    finally:
+        srv.stop()
+    assert not srv.engine._proc.is_alive()
 
 
 # ----------------------------------------------------------------------------- the CLI process

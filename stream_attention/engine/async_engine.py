@@ -2,21 +2,23 @@
 
 The :class:`LLMEngine` runs in one background thread that owns it exclusively (the
 model, the scheduler, the cache). The event loop only talks to it through a locked
-inbox of "add" and "abort" commands and receives outputs through per-request
-``asyncio.Queue`` objects filled with ``call_soon_threadsafe``. A model step therefore
-never blocks the event loop, and PyTorch releases the GIL while it computes.
+inbox of "add" and "abort" commands and receives outputs through a locked outbox per
+event loop: the engine thread appends a step's outputs to it and wakes the loop with one
+``call_soon_threadsafe`` (none while a wake-up is still pending), and the loop fans them
+out to the per-request streams. A model step therefore never blocks the event loop,
+PyTorch releases the GIL while it computes, and the cost of handing outputs over does not
+grow with the number of streams: when the loop falls behind, each wake-up carries
+several steps and a stream's consumer gets them all at once (:meth:`AsyncEngine.stream_batches`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from .config import EngineConfig
@@ -26,10 +28,30 @@ from .types import EngineStats, FinishReason, QueueFullError, Request, RequestOu
 log = logging.getLogger("stream_attention.engine")
 
 
-@dataclass
 class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    """One request's outputs on its event loop: a deque and at most one waiter (lighter
+    than an ``asyncio.Queue``; only the loop's thread touches it)."""
+
+    __slots__ = ("loop", "items", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: deque[RequestOutput | BaseException] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def push(self, item: RequestOutput | BaseException) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        while not self.items:
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
 
 
 class EngineDeadError(RuntimeError):
@@ -52,6 +74,8 @@ class AsyncEngine:
         self._pending_adds = 0
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
+        # Outputs not yet handed to their loop; a loop is a key only while its wake-up is pending.
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
         self._thread: threading.Thread | None = None
         self._stop = False
         self._accepting = True
@@ -112,10 +136,15 @@ class AsyncEngine:
             if not self._streams:
                 break
             await asyncio.sleep(0.005)
+        await self._stop_worker()
+
+    async def _stop_worker(self) -> None:
+        """Stop the background loop (after the streams were drained or aborted)."""
         self._stop = True
         self._wake.set()
         thread, self._thread = self._thread, None
-        await asyncio.to_thread(thread.join, 10.0)
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 10.0)
 
     close = shutdown
 
@@ -125,11 +154,17 @@ class AsyncEngine:
         """Tokenize and validate (raises ``ValueError`` / ``PromptTooLongError``)."""
         return self.engine.make_request(prompt, params, request_id)
 
+    def _prepare(self, request: Request | PromptLike, params: SamplingParams | None) -> Request:
+        req = request if isinstance(request, Request) else self.make_request(request, params)
+        if isinstance(request, Request):
+            self.engine.validate(req)
+        return req
+
     def _submit(self, req: Request) -> _Stream:
         if not self._accepting:
             raise EngineDeadError("engine is shutting down")
         self._ensure_started()
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         with self._lock:
             if req.request_id in self._streams:
                 raise ValueError(f"request_id {req.request_id!r} is already in use")
@@ -149,18 +184,41 @@ class AsyncEngine:
         cancellation, client disconnect) aborts the request and frees its blocks.
         Raises :class:`QueueFullError`, :class:`PromptTooLongError` or ``ValueError``
         before the first output."""
-        req = request if isinstance(request, Request) else self.make_request(request, params)
-        if isinstance(request, Request):
-            self.engine.validate(req)
+        batches = self.stream_batches(request, params)
+        try:
+            async for batch in batches:
+                for out in batch:
+                    yield out
+        finally:
+            await batches.aclose()
+
+    async def stream_batches(self, request: Request | PromptLike, params: SamplingParams | None = None
+                             ) -> AsyncIterator[list[RequestOutput]]:
+        """Like :meth:`stream`, but each item is every output that has arrived since the
+        previous one (usually one; several when the consumer is behind the engine), in
+        order, the last of the last batch ``finished``. Lets a consumer handle a burst in
+        one go (e.g. one socket write for several SSE events)."""
+        req = self._prepare(request, params)
         stream = self._submit(req)
+        items = stream.items
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+                if not items:
+                    await stream.wait()
+                batch: list[RequestOutput] = []
+                while items:
+                    item = items.popleft()
+                    if isinstance(item, BaseException):
+                        if not batch:
+                            raise item
+                        items.appendleft(item)  # raised on the next call, after this batch
+                        break
+                    batch.append(item)
+                    if item.finished:
+                        finished = True
+                        break
+                yield batch
                 if finished:
                     return
         finally:
@@ -188,15 +246,39 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ loop
     def _deliver(self, out: RequestOutput | BaseException, request_id: str, final: bool) -> None:
+        self._deliver_all([(request_id, out, final)])
+
+    def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException, bool]]) -> None:
+        """Hand outputs to their streams' loops: one wake-up per loop, and none for a loop
+        whose previous wake-up has not run yet (it will pick these up too)."""
+        wake: list[asyncio.AbstractEventLoop] = []
         with self._lock:
-            stream = self._streams.get(request_id)
-            if stream is not None and final:
-                del self._streams[request_id]
-        if stream is None:
-            return
-        # A closed consumer loop raises RuntimeError: nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            streams, outbox = self._streams, self._outbox
+            for request_id, out, final in items:
+                stream = streams.get(request_id)
+                if stream is None:
+                    continue
+                if final:
+                    del streams[request_id]
+                box = outbox.get(stream.loop)
+                if box is None:
+                    box = outbox[stream.loop] = []
+                    wake.append(stream.loop)
+                box.append((stream, out))
+        for loop in wake:
+            try:
+                loop.call_soon_threadsafe(self._flush, loop)
+            except RuntimeError:  # a closed consumer loop: nobody is listening any more
+                with self._lock:
+                    self._outbox.pop(loop, None)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``: move its pending outputs into their streams, in arrival order."""
+        with self._lock:
+            box = self._outbox.pop(loop, None)
+        if box:
+            for stream, out in box:
+                stream.push(out)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -244,15 +326,13 @@ class AsyncEngine:
                         for rid in failed:
                             engine.abort(rid)
                     engine._pending.clear()
-                    for rid in failed:
-                        self._deliver(RuntimeError(f"engine step failed: {exc!r}"), rid, final=True)
+                    self._deliver_all([(rid, RuntimeError(f"engine step failed: {exc!r}"), True) for rid in failed])
                     continue
-                for out in outputs:
-                    self._deliver(out, out.request_id, final=out.finished)
+                if outputs:
+                    self._deliver_all([(out.request_id, out, out.finished) for out in outputs])
         except BaseException as exc:  # pragma: no cover - a bug in the loop itself
             self._dead = exc
             log.exception("engine loop died")
             with self._lock:
                 rids = list(self._streams)
-            for rid in rids:
-                self._deliver(EngineDeadError(f"engine loop died: {exc!r}"), rid, final=True)
+            self._deliver_all([(rid, EngineDeadError(f"engine loop died: {exc!r}"), True) for rid in rids])

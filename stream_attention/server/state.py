@@ -9,7 +9,6 @@ the pool.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 import time
@@ -52,6 +51,7 @@ class ServerState:
     max_model_len: int = 0
     device: str = "cpu"
     tokenizer: Any = None
+    vocab_size: int = 0
     in_flight: int = 0  # HTTP requests being served, for the shutdown drain
     token_text: Any = None  # token id -> text cache for logprob entries (built on first use)
 
@@ -70,6 +70,7 @@ class ServerState:
         self.max_model_len = bridge.max_model_len(engine)
         self.model_name = bridge.model_name(engine, self.settings)
         self.device = bridge.device(engine, self.settings)
+        self.vocab_size = bridge.vocab_size(engine)
         self.engine = engine
 
     def stats(self) -> EngineStats | None:
@@ -111,8 +112,8 @@ class ServerState:
             raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from exc
 
     def check_ids(self, ids: list[int], param: str) -> None:
-        vocab = bridge.vocab_size(self.engine)
-        if vocab and any(t >= vocab for t in ids):
+        vocab = self.vocab_size
+        if vocab and ids and max(ids) >= vocab:
             raise APIError(
                 400, f"{param}: token ids must be < vocabulary size {vocab}", param=param, code="invalid_value"
             )
@@ -192,36 +193,42 @@ async def watch_disconnect(http_request: HTTPRequest, coro: Awaitable[T]) -> T:
 
     Only for the time before a response starts: once a streaming response runs,
     Starlette listens for the disconnect itself and two listeners would race for it.
+    ``coro`` runs in the calling task; one watcher task cancels that task if the client
+    goes (cheaper than a task for each and ``asyncio.wait``, on every request).
     """
-    task = asyncio.ensure_future(coro)
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
 
     async def disconnected() -> None:
-        while (await http_request.receive())["type"] != "http.disconnect":
+        nonlocal gone
+        try:
+            while (await http_request.receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # the server's receive failed: the client is as good as gone
             pass
+        gone = True
+        task.cancel()
 
     watcher = asyncio.ensure_future(disconnected())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        watcher.cancel()
+        return await coro
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            raise ClientGone() from None
         raise
-    if task in done:
+    finally:
         watcher.cancel()
-        return task.result()
-    task.cancel()
-    # The cancelled work's outcome no longer matters; only that it has stopped.
-    with contextlib.suppress(BaseException):
-        await task
-    raise ClientGone()
 
 
 class GenerationStream:
-    """One engine request seen from HTTP: iterate outputs; always ``close()``.
+    """One engine request seen from HTTP: iterate outputs (or :meth:`batches` of them);
+    always ``close()``.
 
     Metrics: TTFT is arrival → first token delta, ITL each later gap divided among the
-    tokens it brought, e2e arrival → finish, all measured here so they include the
-    server's own queueing and detokenisation.
+    tokens it brought (tokens that arrive together, in one output or in one batch, share
+    the gap since the previous arrival), e2e arrival → finish, all measured here so they
+    include the server's own queueing and detokenisation.
     """
 
     def __init__(self, state: ServerState, engine: Any, request: Request) -> None:
@@ -229,8 +236,8 @@ class GenerationStream:
         self.engine = engine
         self.request = request
         self.request_id = request.request_id
-        self._iter = bridge.stream(engine, request).__aiter__()
-        self._first: RequestOutput | None = None
+        self._iter = bridge.stream_batches(engine, request).__aiter__()
+        self._first: list[RequestOutput] | None = None
         self._start = time.perf_counter()
         self._last_token_at: float | None = None
         self.submitted = False
@@ -256,20 +263,22 @@ class GenerationStream:
         # all pass the check before any of them is counted as waiting.
         self._check_queue()
         self.submitted = True
-        self._first = await self._next()
+        self._first = await self._next_batch()
 
-    async def _next(self) -> RequestOutput:
-        m = self.state.metrics
+    async def _next_batch(self) -> list[RequestOutput]:
         try:
-            out = await self._iter.__anext__()
+            outs = await self._iter.__anext__()
         except StopAsyncIteration:
             raise
         except Exception as exc:
             # The engine's stream raised, so it is over: nothing left to abort.
             self.failed = True
             raise self._http_error(exc) from exc
+        if not outs:
+            return outs
         now = time.perf_counter()
-        n = len(out.delta_token_ids)
+        m = self.state.metrics
+        n = len(outs[0].delta_token_ids) if len(outs) == 1 else sum(len(o.delta_token_ids) for o in outs)
         if n:
             if self._last_token_at is None:
                 self.ttft = now - self._start
@@ -279,7 +288,7 @@ class GenerationStream:
             else:
                 m.observe_tokens(now - self._last_token_at, n)
             self._last_token_at = now
-        self.output = out
+        out = self.output = outs[-1]
         if out.finished:
             self.finished = True
             self.e2e = now - self._start
@@ -288,7 +297,7 @@ class GenerationStream:
             m.finished.labels(finish_reason=reason).inc()
             m.request_prompt_tokens.inc(len(out.prompt_token_ids))
             m.request_generation_tokens.inc(len(out.token_ids))
-        return out
+        return outs
 
     def _http_error(self, exc: Exception) -> APIError:
         """The HTTP answer to an engine exception (refusals before the first output,
@@ -314,17 +323,22 @@ class GenerationStream:
         log.error("engine request %s failed: %r", self.request_id, exc)
         return APIError(500, f"generation failed: {exc}", code="engine_error")
 
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+    async def batches(self) -> AsyncIterator[list[RequestOutput]]:
+        """Every output that arrived since the previous batch, in order (one or more);
+        the last output of the last batch is the finished one."""
         if self._first is not None:
             first, self._first = self._first, None
             yield first
-            if first.finished:
-                return
         while not self.finished:
             try:
-                yield await self._next()
+                yield await self._next_batch()
             except StopAsyncIteration:
                 return
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        async for batch in self.batches():
+            for out in batch:
+                yield out
 
     async def collect(self) -> RequestOutput:
         """Run to the end; the last output carries the totals."""

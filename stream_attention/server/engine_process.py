@@ -1,0 +1,407 @@
+"""The engine in a process of its own (``stream-attention-serve --engine-process``).
+
+In one process the engine thread's Python (scheduling, input staging, sampling,
+detokenization) and the event loop's Python (HTTP, SSE, JSON) share one GIL, so every
+microsecond the server spends per streamed token is taken from the engine: at 64 streams
+that is what makes HTTP slower than driving the engine directly. Here the
+:class:`LLMEngine` steps in a child process (spawned: CUDA is initialised there only)
+and the server process keeps the event loop and a receiver thread:
+
+- parent → child: ``("add", Request)``, ``("abort", id)``, ``("stop",)`` over a pipe;
+- child → parent: per step, the outputs as small tuples (new token ids and text, and the
+  full text and ids only once, when a request finishes) plus the engine's counters.
+
+:class:`EngineProcess` is an :class:`AsyncEngine` (same streams, batching, aborts, drain
+and shutdown); only where the engine lives differs. Its ``engine`` attribute is ``None``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import marshal
+import multiprocessing
+import os
+import pickle
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import fields, replace
+from functools import partial
+from typing import Any
+
+from ..engine import AsyncEngine
+from ..engine.async_engine import EngineDeadError, _Stream
+from ..engine.types import (
+    EngineStats,
+    FinishReason,
+    ListView,
+    QueueFullError,
+    Request,
+    RequestOutput,
+    SamplingParams,
+)
+
+log = logging.getLogger("stream_attention.server")
+
+# Counters at most this often while stepping (and whenever the engine goes idle).
+_STATS_EVERY_S = 0.01
+
+
+def build_from_config(config: Any) -> Any:
+    """The child's engine for ``config`` (an ``EngineConfig``): what the in-process path builds."""
+    from ..engine import LLMEngine
+
+    return LLMEngine(config=config)
+
+
+def _send(conn: Any, msg: tuple[Any, ...]) -> None:
+    """``marshal`` when the message is plain data (the per-step outputs: ~3x cheaper than
+    pickle, on the engine's side), pickle otherwise (exceptions, the tokenizer, logprobs)."""
+    try:
+        conn.send_bytes(b"M" + marshal.dumps(msg))
+    except ValueError:
+        conn.send_bytes(b"P" + pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn: Any) -> tuple[Any, ...]:
+    data = conn.recv_bytes()
+    return marshal.loads(data[1:]) if data[:1] == b"M" else pickle.loads(data[1:])
+
+
+def _stats_tuple(stats: EngineStats) -> tuple[Any, ...]:
+    return tuple(getattr(stats, f.name) for f in fields(stats))
+
+
+def _wire(out: RequestOutput) -> tuple[Any, ...]:
+    """An output as the parent needs it: deltas, and totals only when it is the last."""
+    lps = out.logprobs
+    new_lps = None
+    if lps:
+        n = len(out.delta_token_ids)
+        new_lps = lps[len(lps) - n :] if n else []
+    reason = out.finish_reason.value if out.finish_reason is not None else None
+    if out.finished:
+        return (out.request_id, out.delta_token_ids, out.delta_text, True, reason, new_lps,
+                out.time_to_first_token, out.latency, out.text, out.token_ids)  # fmt: skip
+    return (out.request_id, out.delta_token_ids, out.delta_text, False, reason, new_lps, out.time_to_first_token)
+
+
+def _child_main(conn: Any, build: Callable[[], Any], log_level: int) -> None:
+    """The engine process: build the engine, then step it and answer commands until told
+    to stop or the parent goes away (its end of the pipe closes)."""
+    # Ctrl-C reaches the whole process group: the server drains, then stops this process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine] %(message)s")
+    try:
+        engine = build()
+        _send(conn, ("ready", {
+            "tokenizer": engine.tokenizer,
+            "config": engine.config,
+            "max_model_len": engine.max_model_len,
+            "model_name": engine.model_name,
+            "device": str(engine.device),
+            "stats": engine.stats(),
+        }))  # fmt: skip
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+        with contextlib.suppress(Exception):
+            _send(conn, ("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    added = 0
+    stats_at = 0.0
+    idle_stats: EngineStats | None = None
+    # One poll object for the pipe (Connection.poll builds a selector per call, every step).
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    try:
+        while True:
+            busy = engine.has_unfinished_requests()
+            stop = False
+            if poller.poll(0 if busy else 50):  # readable, or the server's end closed (recv says which)
+                while True:
+                    msg = _recv(conn)
+                    kind = msg[0]
+                    if kind == "add":
+                        added += 1
+                        req = msg[1]
+                        try:
+                            engine.add_request(req, stream=True, bounded=False)
+                        except Exception as exc:  # refused: the stream raises it before any output
+                            _send(conn, ("error", req.request_id, exc))
+                    elif kind == "abort":
+                        if not engine.abort(msg[1]):
+                            _send(conn, ("gone", msg[1]))  # not (or no longer) in the engine
+                    elif kind == "stop":
+                        stop = True
+                        break
+                    if not poller.poll(0):
+                        break
+            if stop:
+                break
+            if not engine.has_unfinished_requests():
+                stats = engine.stats()
+                if stats != idle_stats:  # idle: say so once (waiting/running/KV figures settle)
+                    idle_stats = stats
+                    _send(conn, ("stats", _stats_tuple(stats), added))
+                continue
+            idle_stats = None
+            try:
+                outputs = engine.step()
+            except Exception as exc:
+                log.exception("engine step failed; aborting the requests in flight")
+                failed = list(engine.abort_all())
+                engine._pending.clear()
+                _send(conn, ("failed_step", failed, f"engine step failed: {exc!r}"))
+                continue
+            now = time.monotonic()
+            stats = None
+            if now - stats_at >= _STATS_EVERY_S:
+                stats_at = now
+                stats = _stats_tuple(engine.stats())
+            if outputs or stats is not None:
+                _send(conn, ("out", [_wire(o) for o in outputs], stats, added))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the server went away
+    except BaseException as exc:  # noqa: BLE001
+        log.exception("engine process loop died")
+        with contextlib.suppress(Exception):
+            _send(conn, ("dead", f"{type(exc).__name__}: {exc}"))
+
+
+class EngineProcess(AsyncEngine):
+    """An :class:`AsyncEngine` whose :class:`LLMEngine` runs in a child process.
+
+    ``build`` is a picklable callable returning the engine (default: ``LLMEngine(config=config)``);
+    construction blocks until the child has loaded the model (call it from a worker
+    thread) and raises ``RuntimeError`` if that failed.
+    """
+
+    def __init__(self, config: Any = None, *, build: Callable[[], Any] | None = None,
+                 start_timeout: float = 1800.0, cpus: set[int] | None = None) -> None:
+        super().__init__(engine=_NoEngine())  # type: ignore[arg-type]
+        self.engine = None
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=True)
+        self._conn = parent
+        self._send_lock = threading.Lock()
+        build = build or partial(build_from_config, config)
+        level = logging.getLogger("stream_attention").getEffectiveLevel()
+        self._proc = ctx.Process(target=_child_main, args=(child, build, level), name="stream-attention-engine",
+                                 daemon=True)  # fmt: skip
+        self._proc.start()
+        if cpus:  # before it starts any thread of its own
+            os.sched_setaffinity(self._proc.pid, cpus)
+        child.close()
+        if not parent.poll(start_timeout):
+            self._proc.kill()
+            raise RuntimeError(f"engine process did not start within {start_timeout:g} s")
+        try:
+            kind, info = _recv(parent)
+        except EOFError:
+            self._proc.join(5)
+            raise RuntimeError(f"engine process exited while loading (exit code {self._proc.exitcode})") from None
+        if kind != "ready":
+            self._proc.join(5)
+            raise RuntimeError(f"engine process failed to load: {info}")
+        self._info = info
+        self._stats: EngineStats = info["stats"]
+        self._sent_adds = 0
+        self._acked_adds = 0
+        # Per request: prompt ids, token ids, logprobs and text so far (outputs carry totals).
+        self._progress: dict[str, tuple[list[int], list[int], list[Any] | None, list[str]]] = {}
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def config(self) -> Any:
+        return self._info["config"]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._info["tokenizer"]
+
+    @property
+    def max_model_len(self) -> int:
+        return self._info["max_model_len"]
+
+    @property
+    def model_name(self) -> str:
+        return self._info["model_name"]
+
+    @property
+    def device(self) -> str:
+        return self._info["device"]
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._proc.is_alive()
+
+    def stats(self) -> EngineStats:
+        return replace(self._stats, waiting=self._stats.waiting + max(0, self._sent_adds - self._acked_adds))
+
+    # ------------------------------------------------------------------ requests
+    def make_request(self, prompt: Any, params: SamplingParams | None = None,
+                     request_id: str | None = None) -> Request:
+        if isinstance(prompt, Request):
+            return prompt
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        return Request(request_id or f"req-{time.monotonic_ns()}", ids, params or SamplingParams(),
+                       prompt if isinstance(prompt, str) else None, time.time())  # fmt: skip
+
+    def _prepare(self, request: Any, params: SamplingParams | None) -> Request:
+        req = self.make_request(request, params)
+        req.params.validate()  # the rest (lengths, ids, KV capacity) in the child: refused before any output
+        return req
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            _send(self._conn, msg)
+
+    def _submit(self, req: Request) -> _Stream:
+        import asyncio
+
+        if not self._accepting:
+            raise EngineDeadError("engine is shutting down")
+        self._ensure_started()
+        stream = _Stream(asyncio.get_running_loop())
+        max_waiting = self.config.max_waiting
+        with self._lock:
+            if req.request_id in self._streams:
+                raise ValueError(f"request_id {req.request_id!r} is already in use")
+            if self.stats().waiting >= max_waiting:
+                raise QueueFullError(f"waiting queue is full ({max_waiting} requests)")
+            self._streams[req.request_id] = stream
+            self._progress[req.request_id] = (
+                req.prompt_token_ids, [], [] if req.params.logprobs is not None else None, [""]
+            )
+            self._sent_adds += 1
+        try:
+            self._send(("add", req))
+        except (OSError, ValueError) as exc:
+            with self._lock:
+                self._streams.pop(req.request_id, None)
+                self._progress.pop(req.request_id, None)
+            raise EngineDeadError(f"engine process unreachable: {exc}") from exc
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        with contextlib.suppress(OSError, ValueError):  # the process is gone: nothing to abort
+            self._send(("abort", request_id))
+
+    # ------------------------------------------------------------------ lifecycle
+    def _ensure_started(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine process stopped: {self._dead!r}")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="stream-attention-engine-rx", daemon=True)
+            self._thread.start()
+
+    async def _stop_worker(self) -> None:
+        import asyncio
+
+        with contextlib.suppress(OSError, ValueError):
+            self._send(("stop",))
+        await asyncio.to_thread(self._proc.join, 30.0)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._conn.close()  # ends the receiver
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 10.0)
+
+    async def shutdown(self, *, drain: bool = True, timeout: float | None = 30.0) -> None:
+        if self._thread is None:  # never started: only the process to stop
+            self._accepting = False
+            await self._stop_worker()
+            return
+        await super().shutdown(drain=drain, timeout=timeout)
+
+    close = shutdown
+
+    # ------------------------------------------------------------------ receiver
+    def _output(self, wire: tuple[Any, ...]) -> RequestOutput | None:
+        rid, delta_ids, delta_text, finished, reason = wire[:5]
+        with self._lock:
+            progress = self._progress.pop(rid, None) if finished else self._progress.get(rid)
+        if progress is None:
+            return None
+        prompt_ids, ids, lps, text_parts = progress
+        ids.extend(delta_ids)
+        if lps is not None and wire[5]:
+            lps.extend(wire[5])
+        if finished:
+            text, token_ids, latency = wire[8], list(wire[9]), wire[7]
+        else:  # a view of the totals (they only grow): no copy per streamed token
+            text_parts[0] += delta_text
+            text, token_ids, latency = text_parts[0], ListView(ids, 0, len(ids)), None
+        return RequestOutput(
+            request_id=rid, prompt_token_ids=prompt_ids, token_ids=token_ids,
+            text=text if text is not None else "", delta_token_ids=list(delta_ids), delta_text=delta_text,
+            finished=finished, finish_reason=FinishReason(reason) if reason is not None else None,
+            logprobs=ListView(lps, 0, len(lps)) if lps is not None else None, time_to_first_token=wire[6],
+            latency=latency,
+        )  # fmt: skip
+
+    def _fail(self, rids: list[str], exc: BaseException) -> None:
+        with self._lock:
+            for rid in rids:
+                self._progress.pop(rid, None)
+        self._deliver_all([(rid, exc, True) for rid in rids])
+
+    def _run(self) -> None:
+        conn = self._conn
+        try:
+            while True:
+                msg = _recv(conn)
+                kind = msg[0]
+                if kind == "out":
+                    _, wires, stats, added = msg
+                    if stats is not None:
+                        self._stats = EngineStats(*stats)
+                    self._acked_adds = added
+                    items = []
+                    for wire in wires:
+                        out = self._output(wire)
+                        if out is not None:
+                            items.append((out.request_id, out, out.finished))
+                    if items:
+                        self._deliver_all(items)
+                elif kind == "stats":
+                    self._stats, self._acked_adds = EngineStats(*msg[1]), msg[2]
+                elif kind == "error":
+                    self._fail([msg[1]], msg[2])
+                elif kind == "gone":
+                    rid = msg[1]
+                    with self._lock:
+                        known = rid in self._streams
+                    if known:
+                        self._fail([rid], _Aborted())
+                elif kind == "failed_step":
+                    self._fail(msg[1], RuntimeError(msg[2]))
+                elif kind == "dead":
+                    raise RuntimeError(msg[1])
+        except (EOFError, OSError) as exc:
+            if not self._accepting:
+                return  # shutting down: the child has stopped, or the pipe was closed on purpose
+            self._dead = exc
+        except BaseException as exc:  # noqa: BLE001
+            self._dead = exc
+        log.error("engine process stopped: %r (exit code %s)", self._dead, self._proc.exitcode)
+        with self._lock:
+            rids = list(self._streams)
+        self._fail(rids, EngineDeadError(f"engine process stopped: {self._dead!r}"))
+
+    def _deliver_all(self, items: list[tuple[str, Any, bool]]) -> None:
+        # An abort of a request the engine no longer knows ends its stream with an ABORT output.
+        fixed = [(rid, self._aborted_output(rid) if isinstance(out, _Aborted) else out, final)
+                 for rid, out, final in items]  # fmt: skip
+        super()._deliver_all(fixed)
+
+
+class _Aborted(Exception):
+    """Marker: end the stream with an ABORT output."""
+
+
+class _NoEngine:
+    """Placeholder so that :class:`AsyncEngine`'s constructor builds nothing."""
