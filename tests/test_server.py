@@ -1159,6 +1159,17 @@ def test_engine_in_a_process_of_its_own() -> None:
                 time.sleep(0.05)
                 s = srv.engine.stats()
             assert (s.running, s.kv_blocks_used) == (0, 0)
+            # Memory comes from the engine's process, which holds the model: its RSS adds in.
+            deadline = time.monotonic() + 10
+            while srv.engine.memory_report() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            report = srv.engine.memory_report()
+            assert report is not None and report["rss_bytes"] > 0
+            mem = client.get("/memory").json()
+            assert mem["engine_process"]["host_rss_bytes"] > 0
+            rss = [ln for ln in client.get("/metrics").text.splitlines()
+                   if ln.startswith("stream_attention_host_rss_bytes ")]
+            assert rss and float(rss[0].split()[1]) > report["rss_bytes"]
     finally:
         srv.stop()
     assert not srv.engine._proc.is_alive()

@@ -205,6 +205,7 @@ def create_app(
             "kv_cache_dtype": settings.kv_cache_dtype,
             "kv_compression": settings.kv_compression,
         },
+        engine=lambda: state.engine,
     )
 
     async def load() -> None:

@@ -48,6 +48,7 @@ log = logging.getLogger("stream_attention.server")
 
 # Counters at most this often while stepping (and whenever the engine goes idle).
 _STATS_EVERY_S = 0.01
+_MEMORY_EVERY_S = 1.0
 
 
 def build_from_config(config: Any) -> Any:
@@ -89,6 +90,14 @@ def _wire(out: RequestOutput) -> tuple[Any, ...]:
     return (out.request_id, out.delta_token_ids, out.delta_text, False, reason, new_lps, out.time_to_first_token)
 
 
+def _memory_report() -> dict[str, Any]:
+    """The engine process's memory: CUDA allocator rows per device and its host RSS (the
+    server process cannot read another process's allocator)."""
+    from .memory import cuda_rows, host_rss_bytes
+
+    return {"cuda": cuda_rows(), "rss_bytes": host_rss_bytes()}
+
+
 def _child_main(conn: Any, build: Callable[[], Any], log_level: int) -> None:
     """The engine process: build the engine, then step it and answer commands until told
     to stop or the parent goes away (its end of the pipe closes)."""
@@ -111,6 +120,7 @@ def _child_main(conn: Any, build: Callable[[], Any], log_level: int) -> None:
         return
     added = 0
     stats_at = 0.0
+    memory_at = 0.0
     idle_stats: EngineStats | None = None
     # One poll object for the pipe (Connection.poll builds a selector per call, every step).
     poller = select.poll()
@@ -140,6 +150,9 @@ def _child_main(conn: Any, build: Callable[[], Any], log_level: int) -> None:
                         break
             if stop:
                 break
+            if time.monotonic() - memory_at >= _MEMORY_EVERY_S:
+                memory_at = time.monotonic()
+                _send(conn, ("memory", _memory_report()))
             if not engine.has_unfinished_requests():
                 stats = engine.stats()
                 if stats != idle_stats:  # idle: say so once (waiting/running/KV figures settle)
@@ -207,6 +220,7 @@ class EngineProcess(AsyncEngine):
             raise RuntimeError(f"engine process failed to load: {info}")
         self._info = info
         self._stats: EngineStats = info["stats"]
+        self._memory: dict[str, Any] | None = None
         self._sent_adds = 0
         self._acked_adds = 0
         # Per request: prompt ids, token ids, logprobs and text so far (outputs carry totals).
@@ -236,6 +250,11 @@ class EngineProcess(AsyncEngine):
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._proc.is_alive()
+
+    def memory_report(self) -> dict[str, Any] | None:
+        """The engine process's latest memory report (``{"cuda": rows, "rss_bytes": n}``,
+        refreshed every second), or None before the first one."""
+        return self._memory
 
     def stats(self) -> EngineStats:
         return replace(self._stats, waiting=self._stats.waiting + max(0, self._sent_adds - self._acked_adds))
@@ -369,6 +388,8 @@ class EngineProcess(AsyncEngine):
                         self._deliver_all(items)
                 elif kind == "stats":
                     self._stats, self._acked_adds = EngineStats(*msg[1]), msg[2]
+                elif kind == "memory":
+                    self._memory = msg[1]
                 elif kind == "error":
                     self._fail([msg[1]], msg[2])
                 elif kind == "gone":

@@ -16,16 +16,31 @@ from ..utils.memory import MemoryProfiler, cuda_memory, host_memory
 _PROFILER = MemoryProfiler("server", reset_peak=False)
 
 
-def cuda_rows() -> list[dict[str, Any]]:
-    """Allocator figures per CUDA device, each with a ``device`` label (``cuda:N``)."""
+def cuda_rows(engine: Any = None) -> list[dict[str, Any]]:
+    """Allocator figures per CUDA device, each with a ``device`` label (``cuda:N``).
+
+    With an engine running in its own process (``--engine-process``), the figures are that
+    process's (its last report), since the CUDA allocations are all there.
+    """
+    report = _engine_report(engine)
+    if report is not None:
+        return list(report["cuda"])
     return [{**row, "device": f"cuda:{row['index']}"} for row in cuda_memory()]
 
 
-def host_rss_bytes() -> int:
-    return int(host_memory().get("rss_bytes") or 0)
+def host_rss_bytes(engine: Any = None) -> int:
+    """Resident set size of the serving processes: this one, plus the engine process if any."""
+    own = int(host_memory().get("rss_bytes") or 0)
+    report = _engine_report(engine)
+    return own + (int(report["rss_bytes"]) if report is not None else 0)
 
 
-def snapshot(stats: EngineStats | None, *, reset_peak: bool = False) -> dict[str, Any]:
+def _engine_report(engine: Any) -> dict[str, Any] | None:
+    report = getattr(engine, "memory_report", None)
+    return report() if callable(report) else None
+
+
+def snapshot(stats: EngineStats | None, *, reset_peak: bool = False, engine: Any = None) -> dict[str, Any]:
     """What ``GET /memory`` returns: the profiler's snapshot (host, CUDA devices) plus the
     KV-cache pool and the engine's counters.
 
@@ -45,4 +60,7 @@ def snapshot(stats: EngineStats | None, *, reset_peak: bool = False) -> dict[str
             "bytes_saved": stats.kv_bytes_saved,
             "blocks_evicted_total": stats.kv_blocks_evicted_total,
         }
+    report = _engine_report(engine)
+    if report is not None:  # the engine's own process holds the model and the cache
+        snap = {**snap, "engine_process": {"host_rss_bytes": report["rss_bytes"], "devices": report["cuda"]}}
     return {**snap, "kv_cache": kv, "engine": asdict(stats) if stats is not None else None}

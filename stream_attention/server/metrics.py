@@ -114,9 +114,14 @@ class TokenHistogram(Collector):
 
 
 class _MemoryCollector(Collector):
-    """CUDA allocator figures per device and the host RSS, read at scrape time."""
+    """CUDA allocator figures per device and the host RSS, read at scrape time (from the
+    engine process's last report when the engine runs in its own process)."""
+
+    def __init__(self, engine: Callable[[], Any] | None = None) -> None:
+        self._engine = engine or (lambda: None)
 
     def collect(self) -> Iterable[Metric]:
+        engine = self._engine()
         families = {
             "allocated": GaugeMetricFamily(
                 f"{PREFIX}_cuda_memory_allocated_bytes", "Bytes held by live CUDA tensors.", labels=["device"]
@@ -135,19 +140,21 @@ class _MemoryCollector(Collector):
                 f"{PREFIX}_cuda_memory_total_bytes", "Device memory capacity.", labels=["device"]
             ),
         }
-        for dev in cuda_rows():
+        for dev in cuda_rows(engine):
             for key, fam in families.items():
                 fam.add_metric([dev["device"]], float(dev[f"{key}_bytes"]))
         yield from families.values()
         yield GaugeMetricFamily(
-            f"{PREFIX}_host_rss_bytes", "Resident set size of the server process.", value=float(host_rss_bytes())
+            f"{PREFIX}_host_rss_bytes", "Resident set size of the server (and engine) process.",
+            value=float(host_rss_bytes(engine)),
         )
 
 
 class ServerMetrics:
     """The server's metric objects, in a registry of their own."""
 
-    def __init__(self, stats: Callable[[], EngineStats | None], info: dict[str, str] | None = None) -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None], info: dict[str, str] | None = None,
+                 engine: Callable[[], Any] | None = None) -> None:
         r = self.registry = CollectorRegistry()
         self.http_requests = Counter(
             f"{PREFIX}_http_requests",
@@ -209,7 +216,7 @@ class ServerMetrics:
         for reason in ("queue_full", "prompt_too_long", "not_ready"):
             self.rejected.labels(reason=reason)
         r.register(_EngineCollector(stats))
-        r.register(_MemoryCollector())
+        r.register(_MemoryCollector(engine))
         ProcessCollector(registry=r)
 
     def observe_tokens(self, gap: float, n: int) -> None:

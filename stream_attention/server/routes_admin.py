@@ -58,7 +58,7 @@ async def metrics(request: Request) -> Response:
 async def memory(request: Request, reset_peak: bool = False) -> JSONResponse:
     """Memory profile: host RSS, CUDA allocator per device, KV-cache pool and engine stats."""
     state = get_state(request)
-    return JSONResponse(snapshot(state.stats(), reset_peak=reset_peak))
+    return JSONResponse(snapshot(state.stats(), reset_peak=reset_peak, engine=state.engine))
 
 
 @router.post("/benchmark")
