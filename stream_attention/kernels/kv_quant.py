@@ -1307,7 +1307,11 @@ def paged_attention_quantized(
     num_splits = max(1, int(num_splits))
     use_split = num_splits > 1
 
-    fast = _fast_views(q, k_pages, v_pages, bits, per_channel, head_dim)
+    # On GPUs the fp16-code kernel serves decode steps only: its prefill tiles (BLOCK_M up
+    # to 64) abort inside Triton 3.6's compiler for a head_dim-64, GQA-3 model (the default
+    # model, 2026-11-25), and prefill is compute-bound, where the conversion cost matters
+    # least. The interpreter runs both, so the tests keep covering the prefill math.
+    fast = _fast_views(q, k_pages, v_pages, bits, per_channel, head_dim) if interp or max_q_len <= 1 else None
     if use_split:
         mid_o = torch.empty((num_splits, total_q, hq, head_dim), dtype=torch.float32, device=device)
         mid_s = torch.empty((num_splits, total_q, hq, 2), dtype=torch.float32, device=device)
