@@ -495,7 +495,10 @@ def test_fast_decode_gpu(bits, dtype, asm, monkeypatch):
     out = kq.paged_attention_quantized(q2, kp, vp, table, seq_lens, cu, max_q_len=5, num_splits=2,
                                        out=_fp32_out(q2))
     ref, _ = kq.paged_attention_ref(q2, kp, vp, table, seq_lens, cu)
-    torch.testing.assert_close(out.double(), ref, atol=1e-3, rtol=1e-3)
+    # Prefill steps take the generic kernel on GPUs (see paged_attention_quantized), whose
+    # dots run in the query dtype: bf16 queries get bf16 tolerances.
+    ptol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.double(), ref, atol=ptol, rtol=ptol)
     monkeypatch.setenv("STREAM_ATTENTION_KV_FAST", "0")
     generic = kq.paged_attention_quantized(q2, kp, vp, table, seq_lens, cu, max_q_len=5, num_splits=2,
                                            out=_fp32_out(q2))
