@@ -486,6 +486,30 @@ def _attend_tiles(
 
 
 @triton.jit
+def _key_range(ctx, q_len, tok0, toks, pid_s, num_splits, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys ``[lo, hi)`` a tile of query tokens ``[tok0, tok0 + toks)`` reads in split
+    ``pid_s``, and ``full_hi``: ``[lo, full_hi)`` is visible to every row and needs no mask.
+
+    The split is computed here from the sequence's own length (not on the host) so that a
+    CUDA graph captured once replays for any context length.
+    """
+    diag = ctx - q_len
+    hi = ctx
+    full = ctx
+    if CAUSAL:
+        last_tok = tl.minimum(tok0 + toks, q_len) - 1
+        hi = tl.minimum(hi, last_tok + diag + 1)
+        full = tok0 + diag + 1
+    hi = tl.maximum(hi, 0)
+    tiles_per_split = tl.cdiv(tl.cdiv(hi, BLOCK_N), num_splits)
+    lo = tl.minimum(pid_s * tiles_per_split * BLOCK_N, hi)
+    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, hi)
+    full = tl.minimum(tl.maximum(full, lo), hi)
+    full_hi = lo + (full - lo) // BLOCK_N * BLOCK_N
+    return lo, hi, full_hi
+
+
+@triton.jit
 def _load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh, stride_qd,
                      PART: tl.constexpr, BLOCK_P: tl.constexpr, KV_BITS: tl.constexpr):
     """The tile's query rows, split in the two channel halves int4 pages need."""
@@ -542,23 +566,7 @@ def _paged_attn_kernel(
     row_head = kv_head * group_size + offs_r % group_size
     row_ok = (offs_r < toks * group_size) & (row_tok < q_len)
     diag = ctx - q_len
-
-    # Keys this tile can see, cut into num_splits runs of whole tiles. The split is
-    # computed here from the sequence's own length (not on the host) so that a CUDA graph
-    # captured once replays for any context length.
-    hi = ctx
-    full = ctx
-    if CAUSAL:
-        last_tok = tl.minimum(tok0 + toks, q_len) - 1
-        hi = tl.minimum(hi, last_tok + diag + 1)
-        full = tok0 + diag + 1
-    hi = tl.maximum(hi, 0)
-    tiles_per_split = tl.cdiv(tl.cdiv(hi, BLOCK_N), num_splits)
-    lo = tl.minimum(pid_s * tiles_per_split * BLOCK_N, hi)
-    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, hi)
-    # [lo, full_hi) is visible to every row of the tile and needs no mask.
-    full = tl.minimum(tl.maximum(full, lo), hi)
-    full_hi = lo + (full - lo) // BLOCK_N * BLOCK_N
+    lo, hi, full_hi = _key_range(ctx, q_len, tok0, toks, pid_s, num_splits, CAUSAL, BLOCK_N)
 
     q_a, q_b, q_sum = _load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh, stride_qd,
                                        PART, BLOCK_P, KV_BITS)
@@ -899,19 +907,7 @@ def _paged_attn_f16_kernel(
     row_head = kv_head * group_size + offs_r % group_size
     row_ok = (offs_r < toks * group_size) & (row_tok < q_len)
     diag = ctx - q_len
-
-    hi = ctx
-    full = ctx
-    if CAUSAL:
-        last_tok = tl.minimum(tok0 + toks, q_len) - 1
-        hi = tl.minimum(hi, last_tok + diag + 1)
-        full = tok0 + diag + 1
-    hi = tl.maximum(hi, 0)
-    tiles_per_split = tl.cdiv(tl.cdiv(hi, BLOCK_N), num_splits)
-    lo = tl.minimum(pid_s * tiles_per_split * BLOCK_N, hi)
-    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, hi)
-    full = tl.minimum(tl.maximum(full, lo), hi)
-    full_hi = lo + (full - lo) // BLOCK_N * BLOCK_N
+    lo, hi, full_hi = _key_range(ctx, q_len, tok0, toks, pid_s, num_splits, CAUSAL, BLOCK_N)
 
     # q16 = q * 2^e per row with max |q16| in [2^14, 2^15): exact for bf16 and fp16 inputs.
     q_a, q_b, _ = _load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh, stride_qd,
