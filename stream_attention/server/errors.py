@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -70,6 +71,23 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     return JSONResponse(error_body(status, message, param=param, code=code), status_code=status, headers=headers)
+
+
+async def guarded_stream(gen: Any, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Pass ``chunks`` (an SSE body) through; once the 200 has gone out a failure can only be
+    an error event, and the request ``gen`` is closed whatever happens (a client that
+    disconnects closes this generator, which aborts the request and frees its blocks)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except APIError as exc:
+        yield sse_error_event(exc.message, code=exc.code, status=exc.status)
+    except Exception as exc:
+        log.exception("stream of %s failed", getattr(gen, "request_id", "?"))
+        yield sse_error_event(f"internal error: {type(exc).__name__}", code="internal_error")
+    finally:
+        await chunks.aclose()
+        await gen.close()
 
 
 def sse_error_event(message: str, *, code: str | None = None, status: int = 500) -> bytes:

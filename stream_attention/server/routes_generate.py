@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
 from ..engine.types import RequestOutput, SamplingParams, TokenLogprob
-from .errors import APIError, sse_error_event
+from .errors import APIError, guarded_stream
 from .schemas import GenerateRequest
 from .sse import EventStreamResponse, event, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
@@ -144,52 +144,44 @@ async def generate_stream(body: GenerateRequest, request: Request) -> EventStrea
     async def events() -> AsyncIterator[bytes]:
         seen = 0
         index = 0
-        try:
-            # Outputs that arrived together (the loop was behind the engine) go out as
-            # one write: still one event per delta, in order.
-            async for outs in gen.batches():
-                parts: list[bytes] = []
-                for out in outs:
-                    lps = new_logprobs(out, seen)
-                    ids = out.delta_token_ids
-                    seen += len(ids)
-                    if not ids and not out.finished:
-                        continue
-                    if ids and not lps and not out.finished:
-                        parts.append(_token_event(index, ids, out.delta_text, special))
-                        index += 1
-                        continue
-                    token = None
-                    if ids:
-                        last = ids[-1]
-                        token = {
-                            "id": last,
-                            "text": out.delta_text,
-                            "logprob": lps[-1].logprob if lps else None,
-                            "special": last in special,
-                        }
-                    data: dict[str, Any] = {
-                        "index": index,
-                        "token": token,
-                        "token_ids": list(ids),
-                        "generated_text": None,
-                        "details": None,
-                    }
-                    if lps:
-                        data["logprobs"] = [logprob_json(lp) for lp in lps]
-                    if out.finished:
-                        data.update(_final_fields(state, body, gen, out))
-                        data.setdefault("details", None)
+        # Outputs that arrived together (the loop was behind the engine) go out as
+        # one write: still one event per delta, in order.
+        async for outs in gen.batches():
+            parts: list[bytes] = []
+            for out in outs:
+                lps = new_logprobs(out, seen)
+                ids = out.delta_token_ids
+                seen += len(ids)
+                if not ids and not out.finished:
+                    continue
+                if ids and not lps and not out.finished:
+                    parts.append(_token_event(index, ids, out.delta_text, special))
                     index += 1
-                    parts.append(event(data))
-                if parts:
-                    yield parts[0] if len(parts) == 1 else b"".join(parts)
-        except APIError as exc:
-            yield sse_error_event(exc.message, code=exc.code, status=exc.status)
-        except Exception as exc:  # after the 200 went out, an event is all that is left
-            log.exception("stream of %s failed", gen.request_id)
-            yield sse_error_event(f"internal error: {type(exc).__name__}", code="internal_error")
-        finally:
-            await gen.close()
+                    continue
+                token = None
+                if ids:
+                    last = ids[-1]
+                    token = {
+                        "id": last,
+                        "text": out.delta_text,
+                        "logprob": lps[-1].logprob if lps else None,
+                        "special": last in special,
+                    }
+                data: dict[str, Any] = {
+                    "index": index,
+                    "token": token,
+                    "token_ids": list(ids),
+                    "generated_text": None,
+                    "details": None,
+                }
+                if lps:
+                    data["logprobs"] = [logprob_json(lp) for lp in lps]
+                if out.finished:
+                    data.update(_final_fields(state, body, gen, out))
+                    data.setdefault("details", None)
+                index += 1
+                parts.append(event(data))
+            if parts:
+                yield parts[0] if len(parts) == 1 else b"".join(parts)
 
-    return EventStreamResponse(events())
+    return EventStreamResponse(guarded_stream(gen, events()))

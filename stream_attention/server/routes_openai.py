@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
 from ..engine.types import RequestOutput, TokenLogprob
-from .errors import APIError, sse_error_event
+from .errors import APIError, guarded_stream
 from .routes_generate import build_params, get_state, new_logprobs
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .sse import DONE, EventStreamResponse, event, json_head, json_str
@@ -169,7 +169,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         def fast(out: RequestOutput) -> bytes:
             return (head + json_str(out.delta_text) + tail).encode()
 
-    chunks = _openai_chunks(gen, base, opening, completion_choice, include_usage, continuous, fast)
+    chunks = guarded_stream(gen, _openai_chunks(gen, base, opening, completion_choice, include_usage, continuous, fast))
     return EventStreamResponse(chunks)
 
 
@@ -240,7 +240,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 return empty
             return (head + '{"content":' + json_str(out.delta_text) + "}" + tail).encode()
 
-    chunks = _openai_chunks(gen, base, opening, chat_choice, include_usage, continuous, fast)
+    chunks = guarded_stream(gen, _openai_chunks(gen, base, opening, chat_choice, include_usage, continuous, fast))
     return EventStreamResponse(chunks)
 
 
@@ -270,49 +270,41 @@ async def _openai_chunks(
 ) -> AsyncIterator[bytes]:
     """The SSE frame both OpenAI streaming routes share: an optional opening chunk, one
     chunk per non-empty output, the usage chunk when asked for, ``[DONE]``; failures after
-    the 200 went out become error events, and the request is always closed.
+    the 200 went out become error events (:func:`.errors.guarded_stream`).
 
     ``fast`` writes a mid-stream chunk (not the last, no logprobs) from a template.
     Outputs that arrived together go out in one write, still one chunk each."""
     seen = 0
     last: RequestOutput | None = None
     ended = False
-    try:
-        # The opening chunk shares the first output's write.
-        opened: list[bytes] = [event(opening)] if opening is not None else []
-        async for outs in gen.batches():
-            parts, opened = opened, []
-            for out in outs:
-                last = out
-                lps = new_logprobs(out, seen)
-                seen += len(out.delta_token_ids)
-                if not out.delta_text and not out.delta_token_ids and not out.finished:
-                    continue
-                if fast is not None and not out.finished:
-                    parts.append(fast(out))
-                    continue
-                chunk = {**base(), "choices": [make_choice(out, lps)]}
-                if include_usage:
-                    chunk["usage"] = out.usage if continuous else None
-                parts.append(event(chunk))
-            if last is not None and last.finished:
-                # The end of the stream shares the last chunk's write.
-                if include_usage:
-                    parts.append(event({**base(), "choices": [], "usage": last.usage}))
-                parts.append(DONE)
-                ended = True
-            if parts:
-                yield parts[0] if len(parts) == 1 else b"".join(parts)
-        if opened:
-            yield opened[0]
-        if not ended:
-            if include_usage and last is not None:
-                yield event({**base(), "choices": [], "usage": last.usage})
-            yield DONE
-    except APIError as exc:
-        yield sse_error_event(exc.message, code=exc.code, status=exc.status)
-    except Exception as exc:  # after the 200 went out, an event is all that is left
-        log.exception("stream of %s failed", gen.request_id)
-        yield sse_error_event(f"internal error: {type(exc).__name__}", code="internal_error")
-    finally:
-        await gen.close()
+    # The opening chunk shares the first output's write.
+    opened: list[bytes] = [event(opening)] if opening is not None else []
+    async for outs in gen.batches():
+        parts, opened = opened, []
+        for out in outs:
+            last = out
+            lps = new_logprobs(out, seen)
+            seen += len(out.delta_token_ids)
+            if not out.delta_text and not out.delta_token_ids and not out.finished:
+                continue
+            if fast is not None and not out.finished:
+                parts.append(fast(out))
+                continue
+            chunk = {**base(), "choices": [make_choice(out, lps)]}
+            if include_usage:
+                chunk["usage"] = out.usage if continuous else None
+            parts.append(event(chunk))
+        if last is not None and last.finished:
+            # The end of the stream shares the last chunk's write.
+            if include_usage:
+                parts.append(event({**base(), "choices": [], "usage": last.usage}))
+            parts.append(DONE)
+            ended = True
+        if parts:
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
+    if opened:
+        yield opened[0]
+    if not ended:
+        if include_usage and last is not None:
+            yield event({**base(), "choices": [], "usage": last.usage})
+        yield DONE
