@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,7 +14,6 @@ from .schemas import GenerateRequest
 from .sse import EventStreamResponse, event, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
 
-log = logging.getLogger("stream_attention.server")
 router = APIRouter(tags=["generate"])
 
 

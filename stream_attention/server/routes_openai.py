@@ -7,7 +7,6 @@ included (``data: {...}`` chunks, then ``data: [DONE]``; with
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from functools import lru_cache
@@ -23,7 +22,6 @@ from .schemas import ChatCompletionRequest, CompletionRequest
 from .sse import DONE, EventStreamResponse, event, json_head, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
 
-log = logging.getLogger("stream_attention.server")
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
