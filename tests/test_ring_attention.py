@@ -29,7 +29,10 @@ from stream_attention.core.ring_attention import (
 )
 
 TIMEOUT_S = 150.0
-ATOL = 2e-5
+# The ring's blocks and the full-sequence reference run fp32 CPU GEMMs of different
+# shapes, which are not bitwise-consistent on every CPU: one CI machine showed an LSE
+# 5e-5 apart (2e-7 here). A wrong block, mask or merge is off by 1e-2 or more.
+ATOL = 1e-4
 
 # (name, batch, local_len, q_heads, kv_heads, head_dim, causal, zigzag)
 CASES_2 = [
