@@ -77,8 +77,12 @@ def _decode_case(batch: int, ctx: int, quick: bool) -> dict:
     row["paged_TBps"] = kv_bytes / ms / 1e9
 
     sweep = []
-    split_choices = sorted({1, max(1, default_splits // 2), default_splits, 2 * default_splits})
-    launches = [(64, 4, 3)] if quick else [(32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 3)]
+    split_choices = sorted({1, 2, 3, 4, default_splits})
+    # Stage counts >= 3 double-buffer the K/V tiles (the page ids are carried one tile
+    # ahead); resident programs per SM on triton 3.6 / sm_90 (registers, shared memory):
+    # (128,4,2) 2, (128,4,3) 1, (64,4,3) 3, (64,4,4) 3, (32,4,4) 4, (64,8,3) 2, (128,8,3) 1.
+    launches = [(64, 4, 3)] if quick else [(128, 4, 2), (128, 4, 3), (64, 4, 3), (64, 4, 4), (32, 4, 4),
+                                           (64, 8, 3), (128, 8, 3)]
     for launch in launches:
         for splits in split_choices:
             try:
