@@ -78,9 +78,9 @@ def _decode_case(batch: int, ctx: int, quick: bool) -> dict:
 
     sweep = []
     split_choices = sorted({1, 2, 3, 4, default_splits})
-    # Stage counts >= 3 double-buffer the K/V tiles (the page ids are carried one tile
-    # ahead); resident programs per SM on triton 3.6 / sm_90 (registers, shared memory):
-    # (128,4,2) 2, (128,4,3) 1, (64,4,3) 3, (64,4,4) 3, (32,4,4) 4, (64,8,3) 2, (128,8,3) 1.
+    # Triton 3.6 single-buffers these tiles (each tile's K/V address waits on its page-id
+    # load, so the pipeliner cannot run ahead); resident programs per SM (registers, shared
+    # memory; scripts/sass_count.py offline): (128,4,2) 2, (128,4,3) 2, (64,4,3) 3, (32,4,4) 5.
     launches = [(64, 4, 3)] if quick else [(128, 4, 2), (128, 4, 3), (64, 4, 3), (64, 4, 4), (32, 4, 4),
                                            (64, 8, 3), (128, 8, 3)]
     for launch in launches:

@@ -54,7 +54,7 @@ for stage in $STAGES; do
                run "engine_$part" "$(lim engine_$part 150)" python3 benchmarks/bench_engine.py --only $part \
                  --out "$RES/engine_$part.json" ${ENGINE_ARGS:-}
              done
-             if [[ ${STATUS[engine_engine]} != rc=0* ]]; then  # a crash: rerun small and synchronous for a traceback
+             if [[ ${ENGINE_PARTS:-engine} == *engine* && ${STATUS[engine_engine]:-} != rc=0* ]]; then  # a crash: rerun small and synchronous for a traceback
                run engine_debug 120 env CUDA_LAUNCH_BLOCKING=1 python3 benchmarks/bench_engine.py --only engine --quick \
                  --out "$RES/engine_debug.json"
              fi ;;

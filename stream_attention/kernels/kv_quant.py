@@ -344,17 +344,19 @@ def _dequantize_kernel(
 
 
 @triton.jit
-def _tile_pages(bt_ptr, start, offs_n, limit, BLOCK_SIZE: tl.constexpr, ONE_PAGE: tl.constexpr):
-    """Page index of each key column of the tile at ``start`` (0 past ``limit``).
-
-    The loops below look a tile's pages up one iteration ahead and carry them: a K/V
-    address that depends on a load of the same iteration cannot be prefetched by Triton's
-    software pipeliner, which then waits on two dependent DRAM trips per tile.
-    """
-    if ONE_PAGE:  # the tile is one page
-        return tl.load(bt_ptr + start // BLOCK_SIZE, mask=start < limit, other=0).to(tl.int64)
-    cols = start + offs_n
-    return tl.load(bt_ptr + cols // BLOCK_SIZE, mask=cols < limit, other=0).to(tl.int64)
+def _tile_pages(bt_ptr, start, cols, col_ok, BLOCK_SIZE: tl.constexpr, ONE_PAGE: tl.constexpr,
+                MASKED: tl.constexpr):
+    """Page index and row of each key column of a tile (``ONE_PAGE``: the tile is one page)."""
+    if ONE_PAGE:
+        page = tl.load(bt_ptr + start // BLOCK_SIZE).to(tl.int64)
+        row = cols - start
+    else:
+        if MASKED:
+            page = tl.load(bt_ptr + cols // BLOCK_SIZE, mask=col_ok, other=0).to(tl.int64)
+        else:
+            page = tl.load(bt_ptr + cols // BLOCK_SIZE).to(tl.int64)
+        row = cols % BLOCK_SIZE
+    return page, row
 
 
 @triton.jit
@@ -429,13 +431,11 @@ def _attend_tiles(
     offs_n = tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, BLOCK_P)
     p_ok = offs_p < PART
-    page = _tile_pages(bt_ptr, lo, offs_n, hi, BLOCK_SIZE, K_PER_CHANNEL)
     for start in range(lo, hi, BLOCK_N):
         start = tl.multiple_of(start, BLOCK_N)
         cols = start + offs_n
         col_ok = cols < ctx
-        row = cols - start if K_PER_CHANNEL else cols % BLOCK_SIZE
-        page_next = _tile_pages(bt_ptr, start + BLOCK_N, offs_n, hi, BLOCK_SIZE, K_PER_CHANNEL)
+        page, row = _tile_pages(bt_ptr, start, cols, col_ok, BLOCK_SIZE, K_PER_CHANNEL, MASKED)
         qk = _tile_scores(
             q_a, q_b, q_sum, K, KS, page, row, col_ok, kv_head,
             stride_kb, stride_kt, stride_kh, stride_kd, ks0, ks1, ks2, ks3,
@@ -482,7 +482,6 @@ def _attend_tiles(
                 acc_a = tl.dot(p_s, (vc & 15).to(q_a.dtype), acc_a, input_precision=DOT_PRECISION) + p_z
                 acc_b = tl.dot(p_s, (vc >> 4).to(q_a.dtype), acc_b, input_precision=DOT_PRECISION) + p_z
         m_i = m_new
-        page = page_next
     return acc_a, acc_b, l_i, m_i
 
 
@@ -782,13 +781,11 @@ def _attend_tiles_f16(
     offs_n = tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, PART)
     offs_u = tl.arange(0, UNITS)
-    page = _tile_pages(bt_ptr, lo, offs_n, hi, BLOCK_SIZE, False)
     for start in range(lo, hi, BLOCK_N):
         start = tl.multiple_of(start, BLOCK_N)
         cols = start + offs_n
         col_ok = cols < ctx
-        row = cols % BLOCK_SIZE
-        page_next = _tile_pages(bt_ptr, start + BLOCK_N, offs_n, hi, BLOCK_SIZE, False)
+        page, row = _tile_pages(bt_ptr, start, cols, col_ok, BLOCK_SIZE, False, MASKED)
         # Scores: K bytes [PART, N] -> exact fp16 code tiles.
         k_ptrs = K + kv_head * stride_kh + (page * stride_kb + row * stride_kt)[None, :] + offs_p[:, None]
         ks_ptrs = KS + page * ks0 + row * ks1 + kv_head * ks2
@@ -845,7 +842,6 @@ def _attend_tiles_f16(
             a2 = tl.dot(p16, v2, a2 * alpha[:, None])
             a3 = tl.dot(p16, v3, a3 * alpha[:, None])
         m_i = m_new
-        page = page_next
     return a0, a1, a2, a3, l_i, m_i, corr
 
 
@@ -1045,12 +1041,10 @@ def _token_mass_kernel(
     start = pid_n * BLOCK_N
     if start >= ctx:
         return
-    offs_n = tl.arange(0, BLOCK_N)
-    cols = start + offs_n
+    cols = start + tl.arange(0, BLOCK_N)
     col_ok = cols < ctx
     bt_ptr = BlockTables + b.to(tl.int64) * stride_bt
-    page = _tile_pages(bt_ptr, start, offs_n, ctx, BLOCK_SIZE, K_PER_CHANNEL)
-    row = offs_n if K_PER_CHANNEL else cols % BLOCK_SIZE
+    page, row = _tile_pages(bt_ptr, start, cols, col_ok, BLOCK_SIZE, K_PER_CHANNEL, True)
     diag = ctx - q_len
     toks = BLOCK_M // group_size
     offs_r = tl.arange(0, BLOCK_M)

@@ -50,17 +50,16 @@ def _paged_tiles(
     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     d_ok = offs_d < HEAD_DIM
-    # The page ids of a tile are looked up one iteration ahead and carried into the next:
-    # a K/V address that depends on a load of the same iteration cannot be prefetched by
-    # Triton's software pipeliner, so every tile would wait on two dependent DRAM trips.
-    page = tl.load(bt_row + (lo + offs_n) // PAGE_SIZE, mask=lo + offs_n < hi, other=0).to(tl.int64)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
+        # Each column finds its page through the block table; consecutive columns share
+        # a page, so these loads hit the same few cache lines.
         if MASKED:
             col_ok = cols < hi
-        next_cols = cols + BLOCK_N
-        page_next = tl.load(bt_row + next_cols // PAGE_SIZE, mask=next_cols < hi, other=0).to(tl.int64)
+            page = tl.load(bt_row + cols // PAGE_SIZE, mask=col_ok, other=0).to(tl.int64)
+        else:
+            page = tl.load(bt_row + cols // PAGE_SIZE).to(tl.int64)
         slot = (cols % PAGE_SIZE).to(tl.int64)
         k_ptrs = K + k_head_off + page[None, :] * stride_kb + slot[None, :] * stride_ks + offs_d[:, None] * stride_kd
         v_ptrs = V + v_head_off + page[:, None] * stride_vb + slot[:, None] * stride_vs + offs_d[None, :] * stride_vd
@@ -93,7 +92,6 @@ def _paged_tiles(
             v = tl.load(v_ptrs)
         acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
         m_i = m_new
-        page = page_next
     return acc, l_i, m_i
 
 
