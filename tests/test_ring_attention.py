@@ -210,8 +210,8 @@ def test_merge_partial_handles_rows_that_see_nothing():
         o, l_ = fused_attention(q, k[:, part], v[:, part], causal=False, backend="sdpa", return_lse=True)
         merge_partial_(out, lse, o, l_)
     merge_partial_(out, lse, empty_out, empty_lse)
-    torch.testing.assert_close(out, full, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(lse, full_lse, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, full_lse, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("causal", [True, False])

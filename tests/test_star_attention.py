@@ -216,9 +216,10 @@ def test_star_single_process_and_no_grad_guard():
     with torch.no_grad():
         ctx_out, query_out = module(q[:, :10], k[:, :10], v[:, :10], q[:, 10:], k[:, 10:], v[:, 10:])
         full = fused_attention(q, k, v, causal=True, backend="sdpa")
-        torch.testing.assert_close(query_out, full[:, 10:], atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(ctx_out[:, :4], full[:, :4], atol=1e-6, rtol=1e-5)
+        # Blocks vs the full sequence: fp32 CPU GEMMs of different shapes (see test_ring_attention's ATOL).
+        torch.testing.assert_close(query_out, full[:, 10:], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ctx_out[:, :4], full[:, :4], atol=1e-5, rtol=1e-4)
         defined = _phase1_definition(q, k, v, 1, 10, 2, 4)
-        torch.testing.assert_close(ctx_out, defined, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ctx_out, defined, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="inference"):
         star_attention_phase1(q.requires_grad_(), k, v, anchor_size=2)
