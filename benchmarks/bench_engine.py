@@ -10,6 +10,8 @@
     32/8 heads, intermediate 8192, vocab 128256, bf16): 64 prompts of 512 random tokens,
     256 generated tokens each with EOS ignored, for this engine and for HF ``generate``
     with a static cache, same process, same GPU.
+(c) ``--only anatomy``: paged decode and cuDNN time vs context (1k-16k) at batch 16 and 64,
+    fitted as ``ms = F + bytes / BW``: a fixed per-call cost and a marginal read rate.
 """
 
 from __future__ import annotations
@@ -36,29 +38,43 @@ def _bench(fn, warmup: int = 10, rep: int = 50) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-def _decode_case(batch: int, ctx: int, quick: bool) -> dict:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+DECODE_HQ, DECODE_HKV, DECODE_D, DECODE_PAGE = 32, 8, 128, 16
 
-    from stream_attention.kernels.paged_attention import choose_num_splits, paged_attention
 
+def _decode_data(batch: int, ctx: int) -> dict:
+    """Random bf16 decode inputs, paged (pages scattered over the pool) and the same data dense."""
     dev = torch.device("cuda")
-    hq, hkv, d, page = 32, 8, 128, 16
-    scale = 1.0 / math.sqrt(d)
+    hq, hkv, d, page = DECODE_HQ, DECODE_HKV, DECODE_D, DECODE_PAGE
     torch.manual_seed(0)
     n_pages = batch * ctx // page
     k_pages = torch.randn(n_pages, page, hkv, d, device=dev, dtype=torch.bfloat16)
     v_pages = torch.randn_like(k_pages)
     # Pages of a sequence scattered over the pool, as after a while of serving.
     table = torch.randperm(n_pages, device=dev).view(batch, ctx // page).to(torch.int32)
-    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
-    cu = torch.arange(batch + 1, dtype=torch.int32, device=dev)
     q = torch.randn(batch, hq, d, device=dev, dtype=torch.bfloat16)
-    kv_bytes = 2 * batch * ctx * hkv * d * k_pages.element_size()
+    return {
+        "dev": dev, "k_pages": k_pages, "v_pages": v_pages, "table": table, "q": q,
+        "seq_lens": torch.full((batch,), ctx, dtype=torch.int32, device=dev),
+        "cu": torch.arange(batch + 1, dtype=torch.int32, device=dev),
+        "kv_bytes": 2 * batch * ctx * hkv * d * k_pages.element_size(),
+        # [B, Hkv, ctx, D]
+        "k_dense": k_pages[table.long()].reshape(batch, ctx, hkv, d).transpose(1, 2).contiguous(),
+        "v_dense": v_pages[table.long()].reshape(batch, ctx, hkv, d).transpose(1, 2).contiguous(),
+        "q_dense": q[:, :, None, :],
+    }
 
-    # The same data, dense: [B, Hkv, ctx, D].
-    k_dense = k_pages[table.long()].reshape(batch, ctx, hkv, d).transpose(1, 2).contiguous()
-    v_dense = v_pages[table.long()].reshape(batch, ctx, hkv, d).transpose(1, 2).contiguous()
-    q_dense = q[:, :, None, :]
+
+def _decode_case(batch: int, ctx: int, quick: bool) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from stream_attention.kernels.paged_attention import choose_num_splits, paged_attention
+
+    hq, hkv, d = DECODE_HQ, DECODE_HKV, DECODE_D
+    scale = 1.0 / math.sqrt(d)
+    data = _decode_data(batch, ctx)
+    dev, k_pages, v_pages, table, q = data["dev"], data["k_pages"], data["v_pages"], data["table"], data["q"]
+    seq_lens, cu, kv_bytes = data["seq_lens"], data["cu"], data["kv_bytes"]
+    k_dense, v_dense, q_dense = data["k_dense"], data["v_dense"], data["q_dense"]
 
     row = {"batch": batch, "context": ctx, "kv_bytes": kv_bytes}
     default_splits = choose_num_splits(batch, hkv, ctx, dev)
@@ -123,6 +139,60 @@ def _decode_case(batch: int, ctx: int, quick: bool) -> dict:
         if "ms" in row[base]:
             row[f"speedup_vs_{base}"] = row[base]["ms"] / row["paged_ms"]
     return row
+
+
+def _fit_fixed_cost(points: list[tuple[int, float]]) -> dict:
+    """Least squares ``ms = F + bytes / BW`` over ``(bytes, ms)`` points: F in µs, BW in TB/s."""
+    n = len(points)
+    mx = sum(b for b, _ in points) / n
+    my = sum(t for _, t in points) / n
+    sxx = sum((b - mx) ** 2 for b, _ in points)
+    slope = sum((b - mx) * (t - my) for b, t in points) / sxx  # ms per byte
+    fixed = my - slope * mx
+    resid = max(abs(t - (fixed + slope * b)) for b, t in points)
+    return {"fixed_us": fixed * 1e3, "marginal_TBps": 1e-9 / slope, "max_residual_us": resid * 1e3}
+
+
+def decode_anatomy() -> dict:
+    """Time vs context at batch 16 and 64, for the paged kernel (shipped launch and split
+    policy) and cuDNN on the same data dense, fitted as a fixed per-call cost plus a rate."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from stream_attention.kernels.paged_attention import choose_num_splits, paged_attention
+
+    scale = 1.0 / math.sqrt(DECODE_D)
+    out: dict = {}
+    for batch in (16, 64):
+        pts: dict[str, list] = {"paged": [], "sdpa_cudnn": []}
+        for ctx in (1024, 2048, 4096, 8192, 16384):
+            data = _decode_data(batch, ctx)
+            splits = choose_num_splits(batch, DECODE_HKV, ctx, data["dev"])
+
+            def paged(data=data, splits=splits):
+                return paged_attention(data["q"], data["k_pages"], data["v_pages"], data["table"], data["seq_lens"],
+                                       data["cu"], max_q_len=1, softmax_scale=scale, num_splits=splits)
+
+            def cudnn(data=data):
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return torch.nn.functional.scaled_dot_product_attention(
+                        data["q_dense"], data["k_dense"], data["v_dense"], scale=scale, enable_gqa=True)
+
+            for name, fn in (("paged", paged), ("sdpa_cudnn", cudnn)):
+                try:
+                    fn()
+                    pts[name].append((data["kv_bytes"], _bench(fn), ctx))
+                except Exception as exc:
+                    out.setdefault("errors", []).append(f"{name} b{batch} ctx{ctx}: {exc!r}"[:300])
+            del data
+            torch.cuda.empty_cache()
+        for name, rows in pts.items():
+            entry = {"points": [{"context": c, "ms": t, "TBps": b / t / 1e9} for b, t, c in rows]}
+            if len(rows) >= 2:
+                entry.update(_fit_fixed_cost([(b, t) for b, t, _ in rows]))
+            out[f"batch{batch}_{name}"] = entry
+        print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "points"} for k, v in out.items()
+                          if k.startswith(f"batch{batch}_")}), flush=True)
+    return out
 
 
 def decode_bandwidth(quick: bool) -> dict:
@@ -320,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
-    ap.add_argument("--only", choices=["decode", "hf", "engine"], default=None,
+    ap.add_argument("--only", choices=["decode", "anatomy", "hf", "engine"], default=None,
                     help="one part only (the GPU script runs each part in its own process)")
     ap.add_argument("--kv-gib", type=float, default=8.0, help="engine KV cache size")
     ap.add_argument("--step-tokens", type=int, default=16384, help="engine max_num_batched_tokens")
@@ -363,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
             report["decode"] = {"error": repr(exc)[:1000]}
         gc.collect()
         torch.cuda.empty_cache()
+    if args.only == "anatomy":  # not part of the default run
+        report["anatomy"] = decode_anatomy()
     for part, fn in (("hf", hf_static), ("engine", engine_throughput)):
         if args.only in (None, part):
             try:
