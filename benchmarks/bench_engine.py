@@ -11,7 +11,8 @@
     256 generated tokens each with EOS ignored, for this engine and for HF ``generate``
     with a static cache, same process, same GPU.
 (c) ``--only anatomy``: paged decode and cuDNN time vs context (1k-16k) at batch 16 and 64,
-    fitted as ``ms = F + bytes / BW``: a fixed per-call cost and a marginal read rate.
+    fitted as ``ms = F + bytes / BW``: a fixed per-call cost and a marginal read rate; each
+    timed after do_bench's zeroing L2 flush and after a read-only one (no dirty write-back).
 """
 
 from __future__ import annotations
@@ -36,6 +37,29 @@ def _bench(fn, warmup: int = 10, rep: int = 50) -> float:
     import triton
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def _bench_read_flush(fn, reps: int = 60) -> float:
+    """Median milliseconds per call with L2 evicted by *reading* 256 MiB between calls.
+
+    ``do_bench`` evicts by zeroing a buffer, which leaves L2 full of dirty lines that are
+    written back while the timed kernel runs (~50 MB of H100 L2, ~15 µs of HBM time); a read
+    leaves clean lines, so the difference between the two isolates that write-back.
+    """
+    flush = torch.empty(64 * 2**20, dtype=torch.float32, device="cuda").uniform_()
+    sink = torch.empty((), dtype=torch.float32, device="cuda")
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for _ in range(5):
+        fn()
+    for start, end in zip(starts, ends, strict=True):
+        torch.sum(flush, out=sink)
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in zip(starts, ends, strict=True))
+    return float(times[len(times) // 2])
 
 
 DECODE_HQ, DECODE_HKV, DECODE_D, DECODE_PAGE = 32, 8, 128, 16
@@ -163,7 +187,7 @@ def decode_anatomy() -> dict:
     scale = 1.0 / math.sqrt(DECODE_D)
     out: dict = {}
     for batch in (16, 64):
-        pts: dict[str, list] = {"paged": [], "sdpa_cudnn": []}
+        pts: dict[str, list] = {"paged": [], "sdpa_cudnn": [], "paged_read_flush": [], "sdpa_cudnn_read_flush": []}
         for ctx in (1024, 2048, 4096, 8192, 16384):
             data = _decode_data(batch, ctx)
             splits = choose_num_splits(batch, DECODE_HKV, ctx, data["dev"])
@@ -181,6 +205,7 @@ def decode_anatomy() -> dict:
                 try:
                     fn()
                     pts[name].append((data["kv_bytes"], _bench(fn), ctx))
+                    pts[f"{name}_read_flush"].append((data["kv_bytes"], _bench_read_flush(fn), ctx))
                 except Exception as exc:
                     out.setdefault("errors", []).append(f"{name} b{batch} ctx{ctx}: {exc!r}"[:300])
             del data
