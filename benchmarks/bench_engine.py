@@ -10,7 +10,8 @@
     32/8 heads, intermediate 8192, vocab 128256, bf16): 64 prompts of 512 random tokens,
     256 generated tokens each with EOS ignored, for this engine and for HF ``generate``
     with a static cache, same process, same GPU.
-(c) ``--only anatomy``: paged decode and cuDNN time vs context (1k-16k) at batch 16 and 64,
+(c) ``--only anatomy``: paged decode (bf16 and int8 pages) and cuDNN time vs context (1k-16k)
+    at batch 16 and 64,
     fitted as ``ms = F + bytes / BW``: a fixed per-call cost and a marginal read rate; each
     timed after do_bench's zeroing L2 flush and after a read-only one (no dirty write-back).
 """
@@ -65,9 +66,9 @@ def _bench_read_flush(fn, reps: int = 60) -> float:
 DECODE_HQ, DECODE_HKV, DECODE_D, DECODE_PAGE = 32, 8, 128, 16
 
 
-def _decode_data(batch: int, ctx: int) -> dict:
+def _decode_data(batch: int, ctx: int, dev: torch.device | None = None) -> dict:
     """Random bf16 decode inputs, paged (pages scattered over the pool) and the same data dense."""
-    dev = torch.device("cuda")
+    dev = dev or torch.device("cuda")
     hq, hkv, d, page = DECODE_HQ, DECODE_HKV, DECODE_D, DECODE_PAGE
     torch.manual_seed(0)
     n_pages = batch * ctx // page
@@ -177,39 +178,61 @@ def _fit_fixed_cost(points: list[tuple[int, float]]) -> dict:
     return {"fixed_us": fixed * 1e3, "marginal_TBps": 1e-9 / slope, "max_residual_us": resid * 1e3}
 
 
-def decode_anatomy() -> dict:
+def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), dev: torch.device | None = None,
+                   bench=None, bench_read_flush=None) -> dict:
     """Time vs context at batch 16 and 64, for the paged kernel (shipped launch and split
-    policy) and cuDNN on the same data dense, fitted as a fixed per-call cost plus a rate."""
+    policy) and cuDNN on the same data dense, fitted as a fixed per-call cost plus a rate.
+    (``dev``/``bench*`` let a CPU smoke run drive the same code.)"""
+    bench, bench_read_flush = bench or _bench, bench_read_flush or _bench_read_flush
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from stream_attention.kernels import kv_quant as kq
     from stream_attention.kernels.paged_attention import choose_num_splits, paged_attention
 
     scale = 1.0 / math.sqrt(DECODE_D)
     out: dict = {}
-    for batch in (16, 64):
-        pts: dict[str, list] = {"paged": [], "sdpa_cudnn": [], "paged_read_flush": [], "sdpa_cudnn_read_flush": []}
-        for ctx in (1024, 2048, 4096, 8192, 16384):
-            data = _decode_data(batch, ctx)
+    for batch in batches:
+        names = ("paged", "paged_int8", "sdpa_cudnn")
+        pts: dict[str, list] = {n + sfx: [] for n in names for sfx in ("", "_read_flush")}
+        for ctx in contexts:
+            data = _decode_data(batch, ctx, dev)
             splits = choose_num_splits(batch, DECODE_HKV, ctx, data["dev"])
 
             def paged(data=data, splits=splits):
                 return paged_attention(data["q"], data["k_pages"], data["v_pages"], data["table"], data["seq_lens"],
                                        data["cu"], max_q_len=1, softmax_scale=scale, num_splits=splits)
 
+            # The same keys/values as int8 pages (per-token scales), read by kv_quant's decode kernel.
+            n_blocks = data["k_pages"].shape[0]
+            ids = torch.arange(n_blocks, device=data["dev"])
+            full = torch.full((n_blocks,), DECODE_PAGE, dtype=torch.int32, device=data["dev"])
+            kq8, vq8 = (kq.QuantizedPages.empty(n_blocks, DECODE_PAGE, DECODE_HKV, DECODE_D, 8, device=data["dev"])
+                        for _ in range(2))
+            kq.write_blocks_to_pages(data["k_pages"], ids, full, kq8)
+            kq.write_blocks_to_pages(data["v_pages"], ids, full, vq8)
+            # Page bytes read: codes plus one fp16 (scale, zero) pair per token and head.
+            int8_bytes = data["kv_bytes"] // 2 + 2 * batch * ctx * DECODE_HKV * 4
+
+            def paged_int8(data=data, kq8=kq8, vq8=vq8):
+                return kq.paged_attention_quantized(data["q"], kq8, vq8, data["table"], data["seq_lens"], data["cu"],
+                                                    max_q_len=1, softmax_scale=scale)
+
             def cudnn(data=data):
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                     return torch.nn.functional.scaled_dot_product_attention(
                         data["q_dense"], data["k_dense"], data["v_dense"], scale=scale, enable_gqa=True)
 
-            for name, fn in (("paged", paged), ("sdpa_cudnn", cudnn)):
+            for name, fn, nbytes in (("paged", paged, data["kv_bytes"]), ("paged_int8", paged_int8, int8_bytes),
+                                     ("sdpa_cudnn", cudnn, data["kv_bytes"])):
                 try:
                     fn()
-                    pts[name].append((data["kv_bytes"], _bench(fn), ctx))
-                    pts[f"{name}_read_flush"].append((data["kv_bytes"], _bench_read_flush(fn), ctx))
+                    pts[name].append((nbytes, bench(fn), ctx))
+                    pts[f"{name}_read_flush"].append((nbytes, bench_read_flush(fn), ctx))
                 except Exception as exc:
                     out.setdefault("errors", []).append(f"{name} b{batch} ctx{ctx}: {exc!r}"[:300])
-            del data
-            torch.cuda.empty_cache()
+            del data, kq8, vq8
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         for name, rows in pts.items():
             entry = {"points": [{"context": c, "ms": t, "TBps": b / t / 1e9} for b, t, c in rows]}
             if len(rows) >= 2:
