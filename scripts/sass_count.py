@@ -21,7 +21,15 @@ of inline PTX), ``-defer`` (deferred row sums), ``-kivi`` (per-channel keys, gen
 kernel). The launch arguments come from calling the real host wrapper on small CPU
 tensors with the kernels swapped for a recorder, so the specialization (divisibility,
 stride-1 constexprs) matches what a GPU run compiles, up to the Triton version: the SASS
-is the installed Triton's, a proxy for another version's.
+is the installed Triton's, a proxy for another version's. To see exactly what the GPU
+machine's Triton builds, put that version first on the path (no GPU needed: the wheel
+carries ptxas)::
+
+    pip download --no-deps triton==3.6.0 -d /tmp/w && unzip -q /tmp/w/triton-*.whl -d /tmp/t36
+    PYTHONPATH=/tmp/t36 python scripts/sass_count.py engine-bf16 --dump /tmp/sass
+
+The dumped TTGIR shows the software pipelining (``local_alloc <Nx...>`` buffers and the
+``async_wait {num = ...}`` depth of the K/V copies).
 
 Reusable from Python: :func:`capture_launch`, :func:`compile_kernel`, :func:`compile_sass`,
 :func:`loops`, :func:`histogram`, :func:`pipe_cycles`.
@@ -298,7 +306,21 @@ def report(case: str, launch, arch: int, full: bool, dump: str | None, loop: int
         "sm_cycles_per_iter": {p: round(c, 1) for p, c in per_sm.items()},
         "bound_pipe": bound, "elems_per_sm_clk": round(elems / per_sm[bound], 2),
         **resource_usage(ck.asm["cubin"]),
-    }
+        "shared_bytes": ck.metadata.shared,
+    } | {"resident_ctas_per_sm": resident_ctas(resource_usage(ck.asm["cubin"])["regs"], ck.metadata.shared, warps)}
+
+
+# Hopper SM limits: 64k registers (allocated per warp in units of 256), 228 KiB of shared
+# memory of which 227 KiB per block plus 1 KiB reserved per resident block, 32 blocks.
+_SM_REGS, _SM_SMEM, _SMEM_RESERVED, _SM_BLOCKS = 65536, 233472, 1024, 32
+
+
+def resident_ctas(regs: int, shared: int, warps: int) -> int:
+    """Programs of this kernel one SM holds at once (registers and shared memory; sm_90)."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = _SM_REGS // (per_warp * warps)
+    by_smem = _SM_SMEM // (shared + _SMEM_RESERVED)
+    return max(0, min(by_regs, by_smem, _SM_BLOCKS))
 
 
 def main() -> None:
@@ -322,7 +344,8 @@ def main() -> None:
         reports.append(r)
         cap = f", maxnreg {r['maxnreg']}" if r["maxnreg"] else ""
         print(f"\n{case}: BLOCK_N {r['BLOCK_N']}, {r['num_warps']} warps, {r['num_stages']} stages{cap}; "
-              f"{r['regs']} regs, {r['local_bytes']} B local; loops {r['loops']}")
+              f"{r['regs']} regs, {r['local_bytes']} B local, {r['shared_bytes']} B shared "
+              f"({r['resident_ctas_per_sm']} per SM); loops {r['loops']}")
         print(f"  loop {r['loop']}: {r['instructions']} instr/warp/iter = {r['per_kelem_total']} warp-instr per 1k KV "
               "elements (K+V codes); by opcode:")
         print("   " + "  ".join(f"{op} {v}" for op, v in r["per_kelem"].items()))
