@@ -40,6 +40,9 @@ def _bench(fn, warmup: int = 10, rep: int = 50) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+_READ_FLUSH: torch.Tensor | None = None
+
+
 def _bench_read_flush(fn, reps: int = 60) -> float:
     """Median milliseconds per call with L2 evicted by *reading* 256 MiB between calls.
 
@@ -47,7 +50,10 @@ def _bench_read_flush(fn, reps: int = 60) -> float:
     written back while the timed kernel runs (~50 MB of H100 L2, ~15 µs of HBM time); a read
     leaves clean lines, so the difference between the two isolates that write-back.
     """
-    flush = torch.empty(64 * 2**20, dtype=torch.float32, device="cuda").uniform_()
+    global _READ_FLUSH
+    if _READ_FLUSH is None:
+        _READ_FLUSH = torch.empty(64 * 2**20, dtype=torch.float32, device="cuda").uniform_()
+    flush = _READ_FLUSH
     sink = torch.empty((), dtype=torch.float32, device="cuda")
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
