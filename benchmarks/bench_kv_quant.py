@@ -31,7 +31,6 @@ included; ``--time-budget`` seconds after which optional parts are skipped (note
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -44,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stream_attention.core.distributed_utils import patched_environ  # noqa: E402
 from stream_attention.kernels import kv_quant as kq  # noqa: E402
 from stream_attention.kernels import paged_attention as pa  # noqa: E402
 
@@ -67,20 +67,6 @@ def _bench(fn, warmup: int = 10, rep: int = 60) -> float:
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-@contextlib.contextmanager
-def _env(**values: str):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _pages_read(bits: int, per_channel: bool, batch: int, ctx: int) -> int:
@@ -147,7 +133,7 @@ def _time_kq(case: Case, name: str, bits: int, *, per_channel: bool = False, lau
         ld["maxnreg"] = launch[3]
     splits = splits or case.kq_splits
     env = env or {}
-    with _env(**env):
+    with patched_environ(env):
         fast = kq._fast_views(case.q, kp, vp, bits, per_channel, D) is not None if bits != 16 else False
         if fast and "maxnreg" not in ld:  # the default cap paged_attention_quantized applies
             ld["maxnreg"] = kq.FAST_DECODE_MAXNREG.get(launch[:3])

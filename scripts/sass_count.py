@@ -232,6 +232,7 @@ def case_launch(case: str, launch: tuple[int, int, int] | None, maxnreg: int | N
             lambda: pa.paged_attention(q, k, k.clone(), table, seq_lens, cu, max_q_len=1, softmax_scale=D**-0.5,
                                        num_splits=2, launch=lt), pa, ["_paged_attn_kernel", "_combine_splits_kernel"])
         return fn, args, kwargs, kwargs["BLOCK_N"]
+    from stream_attention.core.distributed_utils import patched_environ
     from stream_attention.kernels import kv_quant as kq
 
     parts = case.split("-")
@@ -252,20 +253,12 @@ def case_launch(case: str, launch: tuple[int, int, int] | None, maxnreg: int | N
     env = {"STREAM_ATTENTION_KV_FAST": "0" if "generic" in parts else "1",
            "STREAM_ATTENTION_KV_ASM": "0" if "noasm" in parts else "1",
            "STREAM_ATTENTION_KV_DEFER_SUMS": "1" if "defer" in parts else "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with patched_environ(env):
         fn, args, kwargs = capture_launch(
             lambda: kq.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=1, num_splits=2,
                                                  launch=ld, **extra),
             kq, ["_paged_attn_kernel", "_paged_attn_tuned_tokens", "_paged_attn_tuned_page",
                  "_paged_attn_f16_kernel", "_paged_attn_f16_tuned", "_combine_splits_kernel"])
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return fn, args, kwargs, kwargs["BLOCK_N"]
 
 

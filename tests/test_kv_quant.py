@@ -448,6 +448,19 @@ def test_inline_asm_conversions_match_portable_ops(name):
         assert got == want, (name, elems)
 
 
+def _scattered_table(lens: list[int], block_size: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """A block table giving each sequence (at least one page even when empty) distinct pages
+    scattered over a pool with 5 spare pages; returns ``(table, pool_pages)``."""
+    need = [max(1, math.ceil(n / block_size)) for n in lens]
+    nb = sum(need) + 5
+    table = torch.zeros(len(lens), max(need), dtype=torch.int32)
+    perm, nxt = torch.randperm(nb, generator=gen), 0
+    for b, n in enumerate(need):
+        table[b, :n] = perm[nxt:nxt + n].int()
+        nxt += n
+    return table, nb
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -460,13 +473,7 @@ def test_fast_decode_gpu(bits, dtype, asm, monkeypatch):
     g = torch.Generator().manual_seed(1)
     hq, hkv, d, bs = 32, 8, 128, 16
     lens = [4096, 1000, 3, 2049, 0, 17]
-    need = [max(1, math.ceil(n / bs)) for n in lens]
-    nb = sum(need) + 5
-    table = torch.zeros(len(lens), max(need), dtype=torch.int32)
-    perm, nxt = torch.randperm(nb, generator=g), 0
-    for b, n in enumerate(need):
-        table[b, :n] = perm[nxt:nxt + n].int()
-        nxt += n
+    table, nb = _scattered_table(lens, bs, g)
     kp = kq.QuantizedPages.empty(nb, bs, hkv, d, bits, device=dev)
     vp = kq.QuantizedPages.empty(nb, bs, hkv, d, bits, device=dev)
     full = torch.full((nb,), bs, dtype=torch.int32, device=dev)
@@ -512,13 +519,7 @@ def test_quantized_decode_bf16_gpu(bits, per_channel):
     g = torch.Generator().manual_seed(0)
     hq, hkv, d, bs = 32, 8, 128, 16
     lens = [4096, 1000, 3, 2049]
-    need = [math.ceil(n / bs) for n in lens]
-    nb = sum(need) + 5
-    table = torch.zeros(len(lens), max(need), dtype=torch.int32)
-    perm, nxt = torch.randperm(nb, generator=g), 0
-    for b, n in enumerate(need):
-        table[b, :n] = perm[nxt:nxt + n].int()
-        nxt += n
+    table, nb = _scattered_table(lens, bs, g)
     kp = kq.QuantizedPages.empty(nb, bs, hkv, d, bits, per_channel=per_channel, device=dev)
     vp = kq.QuantizedPages.empty(nb, bs, hkv, d, bits, device=dev)
     full = torch.full((nb,), bs, dtype=torch.int32, device=dev)
