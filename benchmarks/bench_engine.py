@@ -69,6 +69,39 @@ def _bench_read_flush(fn, reps: int = 60) -> float:
     return float(times[len(times) // 2])
 
 
+def _kernel_span_read_flush(fn, reps: int = 20) -> dict:
+    """GPU-side time of ``fn`` from the profiler (CUPTI), L2 evicted by a read between calls.
+
+    ``span_us``: first kernel start to last kernel end of one call (launch latency and the
+    event pair excluded, the gap between a split kernel and its combine included);
+    ``busy_us``: the kernels' summed durations. Medians over ``reps`` calls.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    def cuda_kernels(prof) -> list:
+        return sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                      key=lambda e: e.time_range.start)
+
+    _bench_read_flush(fn, reps=3)  # allocates the flush buffer outside the profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = {e.name for e in cuda_kernels(prof)}
+    per_call = len(cuda_kernels(prof))
+    sink = torch.empty((), dtype=torch.float32, device="cuda")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            torch.sum(_READ_FLUSH, out=sink)
+            fn()
+        torch.cuda.synchronize()
+    ours = [e for e in cuda_kernels(prof) if e.name in names]
+    calls = [ours[i:i + per_call] for i in range(0, len(ours) - per_call + 1, per_call)]
+    spans = sorted(c[-1].time_range.end - c[0].time_range.start for c in calls)
+    busy = sorted(sum(e.time_range.elapsed_us() for e in c) for c in calls)
+    return {"span_us": float(spans[len(spans) // 2]), "busy_us": float(busy[len(busy) // 2]),
+            "kernels_per_call": per_call}
+
+
 DECODE_HQ, DECODE_HKV, DECODE_D, DECODE_PAGE = 32, 8, 128, 16
 
 
@@ -185,11 +218,12 @@ def _fit_fixed_cost(points: list[tuple[int, float]]) -> dict:
 
 
 def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), dev: torch.device | None = None,
-                   bench=None, bench_read_flush=None) -> dict:
+                   bench=None, bench_read_flush=None, kernel_span=None) -> dict:
     """Time vs context at batch 16 and 64, for the paged kernel (shipped launch and split
     policy) and cuDNN on the same data dense, fitted as a fixed per-call cost plus a rate.
     (``dev``/``bench*`` let a CPU smoke run drive the same code.)"""
     bench, bench_read_flush = bench or _bench, bench_read_flush or _bench_read_flush
+    kernel_span = kernel_span or _kernel_span_read_flush
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from stream_attention.kernels import kv_quant as kq
@@ -198,8 +232,9 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
     scale = 1.0 / math.sqrt(DECODE_D)
     out: dict = {}
     for batch in batches:
-        names = ("paged", "paged_int8", "sdpa_cudnn")
+        names = ("paged", "paged_1split", "paged_int8", "sdpa_cudnn")
         pts: dict[str, list] = {n + sfx: [] for n in names for sfx in ("", "_read_flush")}
+        spans: dict[str, list] = {}
         for ctx in contexts:
             data = _decode_data(batch, ctx, dev)
             splits = choose_num_splits(batch, DECODE_HKV, ctx, data["dev"])
@@ -228,12 +263,17 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
                     return torch.nn.functional.scaled_dot_product_attention(
                         data["q_dense"], data["k_dense"], data["v_dense"], scale=scale, enable_gqa=True)
 
-            for name, fn, nbytes in (("paged", paged, data["kv_bytes"]), ("paged_int8", paged_int8, int8_bytes),
-                                     ("sdpa_cudnn", cudnn, data["kv_bytes"])):
+            cases = [("paged", paged, data["kv_bytes"]), ("paged_int8", paged_int8, int8_bytes),
+                     ("sdpa_cudnn", cudnn, data["kv_bytes"])]
+            if splits > 1:  # the same kernel without its split-K combine
+                cases.append(("paged_1split", lambda data=data: paged(data, 1), data["kv_bytes"]))
+            for name, fn, nbytes in cases:
                 try:
                     fn()
-                    pts[name].append((nbytes, bench(fn), ctx))
-                    pts[f"{name}_read_flush"].append((nbytes, bench_read_flush(fn), ctx))
+                    t_zero, t_read, span = bench(fn), bench_read_flush(fn), kernel_span(fn)
+                    pts[name].append((nbytes, t_zero, ctx))
+                    pts[f"{name}_read_flush"].append((nbytes, t_read, ctx))
+                    spans.setdefault(name, []).append({"context": ctx, **span})
                 except Exception as exc:
                     out.setdefault("errors", []).append(f"{name} b{batch} ctx{ctx}: {exc!r}"[:300])
             del data, kq8, vq8
@@ -244,6 +284,10 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
             if len(rows) >= 2:
                 entry.update(_fit_fixed_cost([(b, t) for b, t, _ in rows]))
             out[f"batch{batch}_{name}"] = entry
+        for name, rows in spans.items():
+            span_pts = [(b, r["span_us"] * 1e-3) for (b, _, _), r in zip(pts[name], rows, strict=True)]
+            out[f"batch{batch}_{name}_profiler"] = {"points": rows, **(
+                _fit_fixed_cost(span_pts) if len(span_pts) >= 2 else {})}
         print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "points"} for k, v in out.items()
                           if k.startswith(f"batch{batch}_")}), flush=True)
     return out
