@@ -60,7 +60,7 @@ def _bench_read_flush(fn, reps: int = 60) -> float:
     for _ in range(5):
         fn()
     for start, end in zip(starts, ends, strict=True):
-        torch.sum(flush, out=sink)
+        torch.sum(flush, 0, out=sink)
         start.record()
         fn()
         end.record()
@@ -91,7 +91,7 @@ def _kernel_span_read_flush(fn, reps: int = 20) -> dict:
     sink = torch.empty((), dtype=torch.float32, device="cuda")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            torch.sum(_READ_FLUSH, out=sink)
+            torch.sum(_READ_FLUSH, 0, out=sink)
             fn()
         torch.cuda.synchronize()
     ours = [e for e in cuda_kernels(prof) if e.name in names]
@@ -217,6 +217,16 @@ def _fit_fixed_cost(points: list[tuple[int, float]]) -> dict:
     return {"fixed_us": fixed * 1e3, "marginal_TBps": 1e-9 / slope, "max_residual_us": resid * 1e3}
 
 
+def _with_env(fn, **env):
+    """``fn`` run with environment variables set for the call (an A/B switch)."""
+    from stream_attention.core.distributed_utils import patched_environ
+
+    def run():
+        with patched_environ(env):
+            return fn()
+    return run
+
+
 def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), dev: torch.device | None = None,
                    bench=None, bench_read_flush=None, kernel_span=None) -> dict:
     """Time vs context at batch 16 and 64, for the paged kernel (shipped launch and split
@@ -232,7 +242,8 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
     scale = 1.0 / math.sqrt(DECODE_D)
     out: dict = {}
     for batch in batches:
-        names = ("paged", "paged_1split", "paged_int8", "sdpa_cudnn")
+        names = ("paged", "paged_combine_kernel", "paged_1split", "paged_int8", "paged_int8_combine_kernel",
+                 "sdpa_cudnn")
         pts: dict[str, list] = {n + sfx: [] for n in names for sfx in ("", "_read_flush")}
         spans: dict[str, list] = {}
         for ctx in contexts:
@@ -254,9 +265,9 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
             # Page bytes read: codes plus one fp16 (scale, zero) pair per token and head.
             int8_bytes = data["kv_bytes"] // 2 + 2 * batch * ctx * DECODE_HKV * 4
 
-            def paged_int8(data=data, kq8=kq8, vq8=vq8):
+            def paged_int8(data=data, kq8=kq8, vq8=vq8, splits=splits):  # the engine's split count
                 return kq.paged_attention_quantized(data["q"], kq8, vq8, data["table"], data["seq_lens"], data["cu"],
-                                                    max_q_len=1, softmax_scale=scale)
+                                                    max_q_len=1, softmax_scale=scale, num_splits=splits)
 
             def cudnn(data=data):
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -265,8 +276,12 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
 
             cases = [("paged", paged, data["kv_bytes"]), ("paged_int8", paged_int8, int8_bytes),
                      ("sdpa_cudnn", cudnn, data["kv_bytes"])]
-            if splits > 1:  # the same kernel without its split-K combine
+            if splits > 1:  # without split-K, and with the partials merged by a second kernel
                 cases.append(("paged_1split", lambda data=data: paged(data, 1), data["kv_bytes"]))
+                cases.append(("paged_combine_kernel", _with_env(paged, STREAM_ATTENTION_PAGED_COMBINE="kernel"),
+                              data["kv_bytes"]))
+                cases.append(("paged_int8_combine_kernel",
+                              _with_env(paged_int8, STREAM_ATTENTION_PAGED_COMBINE="kernel"), int8_bytes))
             for name, fn, nbytes in cases:
                 try:
                     fn()
