@@ -11,9 +11,13 @@
     256 generated tokens each with EOS ignored, for this engine and for HF ``generate``
     with a static cache, same process, same GPU.
 (c) ``--only anatomy``: paged decode (bf16 and int8 pages) and cuDNN time vs context (1k-16k)
-    at batch 16 and 64,
-    fitted as ``ms = F + bytes / BW``: a fixed per-call cost and a marginal read rate; each
-    timed after do_bench's zeroing L2 flush and after a read-only one (no dirty write-back).
+    at batch 16 and 64, fitted as ``ms = F + bytes / BW``: a fixed per-call cost and a
+    marginal read rate; each timed as a graph replay after a zeroing L2 flush and after a
+    read-only one (no dirty write-back), as eager do_bench calls, and by the profiler.
+
+Kernel times are CUDA-graph replays with L2 evicted (zeroed, as ``do_bench`` does) before
+each (``stream_attention.core.benchmarking.time_graph_ms``): eager calls of the decode
+wrappers cost the host about as long as the kernels run, and do_bench then times GPU idle.
 """
 
 from __future__ import annotations
@@ -33,40 +37,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _bench(fn, warmup: int = 10, rep: int = 50) -> float:
-    """Median milliseconds per call, with L2 flushed between calls (triton's do_bench)."""
+def _do_bench(fn, warmup: int = 10, rep: int = 50) -> float:
+    """Median ms of eager calls, L2 zeroed between them (triton's do_bench): counts any GPU
+    idle time while the host prepares a launch."""
     import triton
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def _bench(fn, warmup: int = 10, rep: int = 50, flush: str = "zero") -> float:
+    """Median ms of a CUDA-graph replay of ``fn``, L2 evicted before each (zeroed, as
+    do_bench does, unless ``flush="read"``); eager do_bench if ``fn`` cannot be captured."""
+    from stream_attention.core.benchmarking import time_graph_ms
+
+    try:
+        return time_graph_ms(fn, reps=rep, flush=flush)
+    except Exception as exc:  # noqa: BLE001 - a backend that cannot be captured is still timed
+        print(f"graph capture failed ({exc!r:.120}); eager do_bench", file=sys.stderr)
+        torch.cuda.synchronize()
+        return _do_bench(fn, warmup=warmup, rep=rep)
+
+
 _READ_FLUSH: torch.Tensor | None = None
-
-
-def _bench_read_flush(fn, reps: int = 60) -> float:
-    """Median milliseconds per call with L2 evicted by *reading* 256 MiB between calls.
-
-    ``do_bench`` evicts by zeroing a buffer, which leaves L2 full of dirty lines that are
-    written back while the timed kernel runs (~50 MB of H100 L2, ~15 µs of HBM time); a read
-    leaves clean lines, so the difference between the two isolates that write-back.
-    """
-    global _READ_FLUSH
-    if _READ_FLUSH is None:
-        _READ_FLUSH = torch.empty(64 * 2**20, dtype=torch.float32, device="cuda").uniform_()
-    flush = _READ_FLUSH
-    sink = torch.empty((), dtype=torch.float32, device="cuda")
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for _ in range(5):
-        fn()
-    for start, end in zip(starts, ends, strict=True):
-        torch.sum(flush, 0, out=sink)
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    times = sorted(start.elapsed_time(end) for start, end in zip(starts, ends, strict=True))
-    return float(times[len(times) // 2])
 
 
 def _kernel_span_read_flush(fn, reps: int = 20) -> dict:
@@ -82,7 +74,10 @@ def _kernel_span_read_flush(fn, reps: int = 20) -> dict:
         return sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                       key=lambda e: e.time_range.start)
 
-    _bench_read_flush(fn, reps=3)  # allocates the flush buffer outside the profile
+    global _READ_FLUSH
+    if _READ_FLUSH is None:  # allocated outside the profile
+        _READ_FLUSH = torch.empty(64 * 2**20, dtype=torch.float32, device="cuda").uniform_()
+    fn()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
@@ -228,11 +223,11 @@ def _with_env(fn, **env):
 
 
 def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), dev: torch.device | None = None,
-                   bench=None, bench_read_flush=None, kernel_span=None) -> dict:
+                   bench=None, do_bench=None, kernel_span=None) -> dict:
     """Time vs context at batch 16 and 64, for the paged kernel (shipped launch and split
     policy) and cuDNN on the same data dense, fitted as a fixed per-call cost plus a rate.
     (``dev``/``bench*`` let a CPU smoke run drive the same code.)"""
-    bench, bench_read_flush = bench or _bench, bench_read_flush or _bench_read_flush
+    bench, do_bench = bench or _bench, do_bench or _do_bench
     kernel_span = kernel_span or _kernel_span_read_flush
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -240,11 +235,13 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
     from stream_attention.kernels.paged_attention import choose_num_splits, paged_attention
 
     scale = 1.0 / math.sqrt(DECODE_D)
-    out: dict = {}
+    int8_launch = dict(zip(("BLOCK_N", "num_warps", "num_stages"), kq.DEFAULT_LAUNCH["decode"], strict=True))
+    out: dict = {"int8_launch": int8_launch}
     for batch in batches:
         names = ("paged", "paged_combine_kernel", "paged_1split", "paged_int8", "paged_int8_combine_kernel",
                  "sdpa_cudnn")
-        pts: dict[str, list] = {n + sfx: [] for n in names for sfx in ("", "_read_flush")}
+        sfxs = ("", "_read_flush", "_eager_do_bench")
+        pts: dict[str, list] = {n + sfx: [] for n in names for sfx in sfxs}
         spans: dict[str, list] = {}
         for ctx in contexts:
             data = _decode_data(batch, ctx, dev)
@@ -267,7 +264,8 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
 
             def paged_int8(data=data, kq8=kq8, vq8=vq8, splits=splits):  # the engine's split count
                 return kq.paged_attention_quantized(data["q"], kq8, vq8, data["table"], data["seq_lens"], data["cu"],
-                                                    max_q_len=1, softmax_scale=scale, num_splits=splits)
+                                                    max_q_len=1, softmax_scale=scale, num_splits=splits,
+                                                    launch=int8_launch)
 
             def cudnn(data=data):
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -285,9 +283,10 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
             for name, fn, nbytes in cases:
                 try:
                     fn()
-                    t_zero, t_read, span = bench(fn), bench_read_flush(fn), kernel_span(fn)
-                    pts[name].append((nbytes, t_zero, ctx))
-                    pts[f"{name}_read_flush"].append((nbytes, t_read, ctx))
+                    times = (bench(fn), bench(fn, flush="read"), do_bench(fn))
+                    span = kernel_span(fn)
+                    for sfx, t in zip(sfxs, times, strict=True):
+                        pts[name + sfx].append((nbytes, t, ctx))
                     spans.setdefault(name, []).append({"context": ctx, **span})
                 except Exception as exc:
                     out.setdefault("errors", []).append(f"{name} b{batch} ctx{ctx}: {exc!r}"[:300])

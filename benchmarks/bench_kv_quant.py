@@ -17,7 +17,7 @@
     * a launch sweep, ``(BLOCK_N, num_warps, num_stages)``, for int8 (and two for int4).
     * ``--extra``: int8 with the portable conversions instead of inline PTX
       (``STREAM_ATTENTION_KV_ASM=0``), KIVI per-channel keys, bf16 pages through kv_quant.
-    Median ``triton.testing.do_bench`` time (L2 flushed between calls), TB/s of page bytes
+    Median time of a CUDA-graph replay (L2 zeroed before each, as do_bench does), TB/s of page bytes
     read (scales included), ``speedup_vs_bf16`` = bf16 ms / row ms, and the max error
     against float64 attention over the dequantized pages (first sequences).
 (b) Capacity: concurrent 4k-token sequences whose KV cache fits 8 GiB for a 1B-shaped Llama
@@ -58,10 +58,12 @@ BF16_ALT_LAUNCHES = [(128, 4, 3), (64, 4, 3), (64, 4, 4)]
 
 
 def _bench(fn, warmup: int = 10, rep: int = 60) -> float:
-    """Median milliseconds per call, with L2 flushed between calls."""
-    import triton.testing
+    """Median ms of a CUDA-graph replay of ``fn`` with L2 zeroed before each, as do_bench
+    evicts it. Eager calls would time the host: the wrapper costs about what a batch-16
+    decode kernel runs, and the GPU idles in between (seen as 2x run-to-run swings)."""
+    from stream_attention.core.benchmarking import time_graph_ms
 
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    return time_graph_ms(fn, reps=rep, flush="zero", warmup=2)
 
 
 def _sync(dev: torch.device) -> None:

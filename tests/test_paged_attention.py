@@ -144,3 +144,30 @@ def test_paged_attention_bf16_gpu(dtype, device):
         out = paged_attention(q, kp, vp, table, seq_lens, cu, max_q_len=33, softmax_scale=scale, num_splits=splits)
         ref = _reference(q, kp, vp, table, seq_lens, cu, scale)
         torch.testing.assert_close(out.double().cpu(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_split_decode_replays_in_a_cuda_graph(device):
+    """Graph replays re-use the merge counters: every replay must merge (new queries each time)."""
+    from stream_attention.core.benchmarking import time_graph_ms
+
+    q, kp, vp, table, seq_lens, cu = _make_case([1] * 6, [3000, 17, 900, 4096, 1, 2500], hq=32, hkv=8, d=128,
+                                                  page=16, dtype=torch.bfloat16, device=device, seed=11)
+    scale = 1.0 / math.sqrt(128)
+    out = torch.empty_like(q)
+
+    def step():
+        paged_attention(q, kp, vp, table, seq_lens, cu, max_q_len=1, softmax_scale=scale, num_splits=5, out=out)
+
+    step()  # warm-up outside the capture: compiles, allocates the counters
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in range(3):
+        q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = _reference(q, kp, vp, table, seq_lens, cu, scale)
+        torch.testing.assert_close(out.double().cpu(), ref, atol=2e-2, rtol=2e-2)
+    assert time_graph_ms(step, reps=5) > 0 and time_graph_ms(step, reps=5, flush="zero") > 0

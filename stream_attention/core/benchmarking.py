@@ -58,6 +58,57 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 10, it
     return statistics.median(samples)
 
 
+_FLUSH: dict[str, torch.Tensor] = {}
+
+
+def time_graph_ms(fn: Callable[[], object], device: torch.device | None = None, *, reps: int = 50,
+                  flush: str = "read", warmup: int = 3) -> float:
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph, L2 evicted before each.
+
+    For kernels whose host wrapper costs as much as the kernel (a decode step): between
+    eager calls the GPU can idle while the host prepares the next launch, and the event
+    pair around the call counts that idle time. A replay costs the host a few µs, and the
+    256 MiB eviction queued before it keeps the GPU busy meanwhile, so only device time
+    is measured (the decode engine replays graphs too). ``flush="read"`` evicts by reading
+    (clean lines); ``"zero"`` by writing, as ``triton.testing.do_bench`` does, which leaves
+    ~50 MB of dirty lines that the timed kernel's reads must write back first.
+    """
+    if flush not in ("read", "zero"):
+        raise ValueError(f"flush must be 'read' or 'zero', got {flush!r}")
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    key = str(device)
+    if key not in _FLUSH:
+        _FLUSH[key] = torch.empty(64 * 2**20, dtype=torch.float32, device=device).uniform_()
+    buf = _FLUSH[key]
+    sink = torch.empty((), dtype=torch.float32, device=device)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    graph.replay()
+    for start, end in zip(starts, ends, strict=True):
+        if flush == "read":
+            torch.sum(buf, 0, out=sink)
+        else:
+            buf.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize(device)
+    times = sorted(start.elapsed_time(end) for start, end in zip(starts, ends, strict=True))
+    del graph
+    if flush == "zero":
+        buf.uniform_()
+    return float(times[len(times) // 2])
+
+
 def spin_up_gpu(device: torch.device | None = None, seconds: float = 1.0) -> None:
     """Keep the GPU busy with bf16 matrix products for ``seconds`` so its clocks have
     ramped before the first autotuning pass or timing (an idle GPU runs the first

@@ -290,20 +290,20 @@ def combine_in_kernel() -> bool:
     return os.environ.get("STREAM_ATTENTION_PAGED_COMBINE", "fused").lower() != "kernel"
 
 
-_TICKETS: dict[tuple, list[torch.Tensor]] = {}
+_TICKETS: dict[str, list[torch.Tensor]] = {}
 
 
 def split_tickets(device: torch.device, count: int) -> torch.Tensor:
     """Zeroed int32 counters, one per group of split-K programs, reused across launches.
 
     The merging program re-arms its counter, so the buffer is all zeros again whenever no
-    launch is running. Buffers are kept per stream (launches on different streams may
-    overlap) and never freed (a CUDA graph may hold the address of an outgrown one). A
-    buffer allocated during a graph capture belongs to that graph's memory pool, so one
-    is made (and zeroed inside the graph) for that capture alone.
+    launch is running. One buffer serves a device (as a library workspace does): split
+    launches on one device must not run at the same time on two streams. Outgrown
+    buffers are kept (a CUDA graph may hold their address). One that has to be allocated
+    during a graph capture belongs to that graph's memory pool, so it is made (and zeroed
+    inside the graph) for that capture alone; warm up before capturing to avoid that.
     """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    bufs = _TICKETS.setdefault((str(device), stream), [])
+    bufs = _TICKETS.setdefault(str(device), [])
     if bufs and bufs[-1].numel() >= count:
         return bufs[-1]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
