@@ -212,16 +212,6 @@ def _fit_fixed_cost(points: list[tuple[int, float]]) -> dict:
     return {"fixed_us": fixed * 1e3, "marginal_TBps": 1e-9 / slope, "max_residual_us": resid * 1e3}
 
 
-def _with_env(fn, **env):
-    """``fn`` run with environment variables set for the call (an A/B switch)."""
-    from stream_attention.core.distributed_utils import patched_environ
-
-    def run():
-        with patched_environ(env):
-            return fn()
-    return run
-
-
 def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), dev: torch.device | None = None,
                    bench=None, do_bench=None, kernel_span=None) -> dict:
     """Time vs context at batch 16 and 64, for the paged kernel (shipped launch and split
@@ -235,17 +225,18 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
     from stream_attention.kernels.paged_attention import choose_num_splits, paged_attention
 
     scale = 1.0 / math.sqrt(DECODE_D)
-    int8_launch = dict(zip(("BLOCK_N", "num_warps", "num_stages"), kq.DEFAULT_LAUNCH["decode"], strict=True))
-    out: dict = {"int8_launch": int8_launch}
+    out: dict = {}
     for batch in batches:
-        names = ("paged", "paged_combine_kernel", "paged_1split", "paged_int8", "paged_int8_combine_kernel",
-                 "sdpa_cudnn")
+        names = ("paged", "paged_1split", "paged_int8", "sdpa_cudnn")
         sfxs = ("", "_read_flush", "_eager_do_bench")
         pts: dict[str, list] = {n + sfx: [] for n in names for sfx in sfxs}
         spans: dict[str, list] = {}
         for ctx in contexts:
             data = _decode_data(batch, ctx, dev)
             splits = choose_num_splits(batch, DECODE_HKV, ctx, data["dev"])
+            # The engine's int8 schedule for this launch size.
+            int8_launch = dict(zip(("BLOCK_N", "num_warps", "num_stages"),
+                                   kq.decode_launch(8, batch * DECODE_HKV * splits, data["dev"]), strict=True))
 
             def paged(data=data, splits=splits):
                 return paged_attention(data["q"], data["k_pages"], data["v_pages"], data["table"], data["seq_lens"],
@@ -262,7 +253,7 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
             # Page bytes read: codes plus one fp16 (scale, zero) pair per token and head.
             int8_bytes = data["kv_bytes"] // 2 + 2 * batch * ctx * DECODE_HKV * 4
 
-            def paged_int8(data=data, kq8=kq8, vq8=vq8, splits=splits):  # the engine's split count
+            def paged_int8(data=data, kq8=kq8, vq8=vq8, splits=splits, int8_launch=int8_launch):
                 return kq.paged_attention_quantized(data["q"], kq8, vq8, data["table"], data["seq_lens"], data["cu"],
                                                     max_q_len=1, softmax_scale=scale, num_splits=splits,
                                                     launch=int8_launch)
@@ -274,12 +265,8 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
 
             cases = [("paged", paged, data["kv_bytes"]), ("paged_int8", paged_int8, int8_bytes),
                      ("sdpa_cudnn", cudnn, data["kv_bytes"])]
-            if splits > 1:  # without split-K, and with the partials merged by a second kernel
+            if splits > 1:  # the same kernel without split-K
                 cases.append(("paged_1split", lambda data=data: paged(data, 1), data["kv_bytes"]))
-                cases.append(("paged_combine_kernel", _with_env(paged, STREAM_ATTENTION_PAGED_COMBINE="kernel"),
-                              data["kv_bytes"]))
-                cases.append(("paged_int8_combine_kernel",
-                              _with_env(paged_int8, STREAM_ATTENTION_PAGED_COMBINE="kernel"), int8_bytes))
             for name, fn, nbytes in cases:
                 try:
                     fn()

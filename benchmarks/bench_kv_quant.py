@@ -8,7 +8,7 @@
     * ``bf16``: the engine's paged kernel (``kernels/paged_attention.py``) at its
       ``DEFAULT_LAUNCH`` and its own split policy: the baseline of every ratio.
     * ``int8`` / ``int4`` (per-token scales): ``kv_quant``'s fp16-code kernel at
-      ``kv_quant.DEFAULT_LAUNCH``, with kv_quant's split policy, and ``int8@engine-splits``
+      ``kv_quant.decode_launch`` (the engine's schedule), with kv_quant's split policy, and ``int8@engine-splits``
       / ``int4@engine-splits`` with the bf16 kernel's split count (what the engine runs).
     * ``int8-generic``: the dequantizing kernel (``STREAM_ATTENTION_KV_FAST=0``), i.e. before.
     * ``int8-deferred-sums``: row sums kept per key column until the end
@@ -49,10 +49,11 @@ from stream_attention.kernels import paged_attention as pa  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 LAUNCH_KEYS = ("BLOCK_N", "num_warps", "num_stages")
-# Alternatives to kv_quant.DEFAULT_LAUNCH["decode"] (with kv_quant.FAST_DECODE_MAXNREG's cap,
-# timed first, at both split policies): (BLOCK_N, num_warps, num_stages[, maxnreg]), where
-# a 4th entry None means no register cap.
-INT8_SWEEP = [(128, 4, 3, 128), (64, 4, 3, 128), (64, 4, 4, 128), (128, 4, 3, None), (32, 4, 4), (128, 2, 2)]
+# Alternatives to kv_quant.decode_launch (timed first, at both split policies; a schedule
+# in kv_quant.FAST_DECODE_MAXNREG gets its register cap): (BLOCK_N, num_warps,
+# num_stages[, maxnreg]), where a 4th entry None means no register cap.
+INT8_SWEEP = [(128, 4, 2, 128), (128, 4, 3, 128), (64, 4, 3, 128), (64, 4, 4, 128), (128, 4, 3, None), (32, 4, 4),
+              (128, 2, 2)]
 INT4_SWEEP = [(128, 4, 3, 128), (64, 4, 3)]
 BF16_ALT_LAUNCHES = [(128, 4, 3), (64, 4, 3), (64, 4, 4)]
 
@@ -129,11 +130,12 @@ class Case:
 def _time_kq(case: Case, name: str, bits: int, *, per_channel: bool = False, launch=None, splits=None,
              env: dict | None = None, check: bool = True) -> dict:
     kp, vp = case.pages(bits, per_channel)
-    launch = tuple(launch or kq.DEFAULT_LAUNCH["decode"])
+    splits = splits or case.kq_splits
+    # Default: the schedule the engine launches for this format and launch size.
+    launch = tuple(launch or kq.decode_launch(bits, case.batch * HKV * splits, case.dev))
     ld = dict(zip(LAUNCH_KEYS, launch[:3], strict=True))
     if len(launch) > 3:
         ld["maxnreg"] = launch[3]
-    splits = splits or case.kq_splits
     env = env or {}
     with patched_environ(env):
         fast = kq._fast_views(case.q, kp, vp, bits, per_channel, D) is not None if bits != 16 else False

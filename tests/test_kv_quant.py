@@ -128,6 +128,19 @@ def _cache(lens: list[int], bits: int, per_channel: bool, device, seed: int = 0,
 DECODE_CASES = [(16, False, 3), (8, False, 1), (8, False, 4), (8, True, 2), (4, False, 3), (4, True, 1)]
 
 
+def test_default_splits_come_from_the_table_width(device):
+    """num_splits=None sizes the split from the block table (no read of seq_lens on the
+    host): a table far wider than the sequences leaves some splits empty, which must not
+    change the result."""
+    lens = [20, 3, 33]
+    kp, vp, table, seq_lens, _, _ = _cache(lens, 8, False, device, seed=4)
+    wide = torch.cat([table, torch.zeros(len(lens), 40, dtype=table.dtype, device=device)], dim=1)
+    q = torch.randn(len(lens), HQ, D, device=device)
+    out = kq.paged_attention_quantized(q, kp, vp, wide, seq_lens)
+    ref, _ = kq.paged_attention_ref(q, kp, vp, table, seq_lens)
+    torch.testing.assert_close(out.double(), ref, **TOL)
+
+
 @pytest.mark.parametrize("bits,per_channel,splits", DECODE_CASES)
 def test_paged_decode_matches_float64_on_dequantized_pages(bits, per_channel, splits, device):
     lens = [37, 53, 5, 16]  # ragged, one exact multiple of the block size

@@ -40,6 +40,7 @@ import torch
 from ..kernels.kv_quant import (
     DEFAULT_LAUNCH,
     QuantizedPages,
+    decode_launch,
     kv_bytes_per_token,
     paged_attention_quantized,
     paged_attention_ref,
@@ -223,7 +224,13 @@ def compressed_attention_step(
     want_lse = collector is not None
     fast = triton_ok and (isinstance(k_pages, QuantizedPages) or k_pages.dtype == q.dtype)
     if fast:
-        launch = DEFAULT_LAUNCH["decode" if ctx.max_q_len <= 1 else "prefill"]
+        if ctx.max_q_len <= 1:
+            quantized = isinstance(k_pages, QuantizedPages)
+            bits, kv_heads = (k_pages.bits, k_pages.num_heads) if quantized else (16, k_pages.shape[2])
+            programs = ctx.block_tables.shape[0] * kv_heads * ctx.num_splits
+            launch = decode_launch(bits, programs, q.device)
+        else:
+            launch = DEFAULT_LAUNCH["prefill"]
         res = paged_attention_quantized(
             q, k_pages, v_pages, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q, max_q_len=ctx.max_q_len,
             softmax_scale=softmax_scale, num_splits=ctx.num_splits, return_lse=want_lse,

@@ -65,7 +65,6 @@ from ..utils.quantization import (
     unpack_codes,
 )
 from .attention_fwd import dot_precision_for
-from .paged_attention import combine_in_kernel, last_split_arrived, split_tickets
 from .runtime import autotune_enabled, interpreter_enabled
 
 __all__ = [
@@ -76,6 +75,7 @@ __all__ = [
     "write_blocks_to_pages",
     "dequantize_pages",
     "DEFAULT_LAUNCH",
+    "decode_launch",
     "autotune_enabled",
     "choose_num_splits",
     "paged_attention_quantized",
@@ -530,7 +530,7 @@ def _load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh
 
 @triton.jit
 def _paged_attn_kernel(
-    Q, Out, Lse, MidO, MidStats, Tickets,
+    Q, Out, Lse, MidO, MidStats,
     K, V, KS, VS, BlockTables, SeqLens, CuSeqlensQ,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
@@ -546,8 +546,7 @@ def _paged_attn_kernel(
     tune_bucket,  # autotune key only
     PART: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, KV_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, CAUSAL: tl.constexpr,
-    SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -606,12 +605,6 @@ def _paged_attn_kernel(
         st_ptrs = MidStats + pid_s * stride_ss + q_rows * stride_st + row_head * stride_sh
         tl.store(st_ptrs, m_i, mask=row_ok)
         tl.store(st_ptrs + 1, l_i, mask=row_ok)
-        if FUSED_COMBINE:  # noqa: SIM102 (a constexpr branch: no ticket is taken without it)
-            if last_split_arrived(Tickets + pid_m * tl.num_programs(1) + pid_bh, num_splits):
-                _merge_mid(MidO, MidStats, Out, Lse, q_rows, row_head, row_ok, num_splits,
-                           stride_ms, stride_mt, stride_mh, stride_ss, stride_st, stride_sh,
-                           stride_ot, stride_oh, stride_od, stride_lh, stride_lt,
-                           PART * 2 if KV_BITS == 4 else PART, BLOCK_M, BLOCK_D, STORE_LSE)
     else:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         o_ptrs = Out + q_rows[:, None] * stride_ot + row_head[:, None] * stride_oh + offs_p[None, :] * stride_od
@@ -872,7 +865,7 @@ def _store_plane(acc, chan, corr, l_i, row_ok, q_rows, row_head, Out, MidO, pid_
 
 @triton.jit
 def _paged_attn_f16_kernel(
-    Q, Out, Lse, MidO, MidStats, Tickets,
+    Q, Out, Lse, MidO, MidStats,
     K, V, KS, VS, BlockTables, SeqLens, CuSeqlensQ,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
@@ -888,8 +881,7 @@ def _paged_attn_f16_kernel(
     tune_bucket,  # autotune key only
     PART: tl.constexpr, UNITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, KV_BITS: tl.constexpr, CAUSAL: tl.constexpr,
-    SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, STORE_LSE: tl.constexpr, USE_ASM: tl.constexpr,
-    DEFER_SUMS: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, USE_ASM: tl.constexpr, DEFER_SUMS: tl.constexpr,
 ):
     """:func:`_paged_attn_kernel` for int8/int4 pages with per-token scales and 16-bit queries.
 
@@ -985,53 +977,9 @@ def _paged_attn_f16_kernel(
         st_ptrs = MidStats + pid_s * stride_ss + q_rows * stride_st + row_head * stride_sh
         tl.store(st_ptrs, m_i, mask=row_ok)
         tl.store(st_ptrs + 1, l_i, mask=row_ok)
-        if FUSED_COMBINE:  # noqa: SIM102 (a constexpr branch: no ticket is taken without it)
-            if last_split_arrived(Tickets + pid_m * tl.num_programs(1) + pid_bh, num_splits):
-                _merge_mid(MidO, MidStats, Out, Lse, q_rows, row_head, row_ok, num_splits,
-                           stride_ms, stride_mt, stride_mh, stride_ss, stride_st, stride_sh,
-                           stride_ot, stride_oh, stride_od, stride_lh, stride_lt,
-                           PART * 2 if KV_BITS == 4 else PART, BLOCK_M, BLOCK_D, STORE_LSE)
     elif STORE_LSE:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-        tl.store(Lse + row_head * stride_lh + q_rows * stride_lt, lse, mask=row_ok)
-
-
-@triton.jit
-def _merge_mid(
-    MidO, MidStats, Out, Lse, q_rows, row_head, row_ok, num_splits,
-    stride_ms, stride_mt, stride_mh, stride_ss, stride_st, stride_sh,
-    stride_ot, stride_oh, stride_od, stride_lh, stride_lt,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
-):
-    """:func:`_combine_splits_kernel` for one tile's rows, run by the last split program."""
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    st_ptrs = MidStats + q_rows * stride_st + row_head * stride_sh
-    o_ptrs = MidO + q_rows[:, None] * stride_mt + row_head[:, None] * stride_mh + offs_d[None, :]
-    m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for _ in range(0, num_splits):
-        # .cg: read through L2, where the other programs' partials landed.
-        m = tl.load(st_ptrs, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        l = tl.load(st_ptrs + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
-        o = tl.load(o_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-        st_ptrs += stride_ss
-        o_ptrs += stride_ms
-        m_new = tl.maximum(m_run, m)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        keep = tl.math.exp2(m_run - m_ref)
-        w = tl.math.exp2(m - m_ref)
-        acc = acc * keep[:, None] + o * w[:, None]
-        total = total * keep + l * w
-        m_run = m_new
-    denom = tl.where(total == 0.0, 1.0, total)
-    out_ptrs = Out + q_rows[:, None] * stride_ot + row_head[:, None] * stride_oh + offs_d[None, :] * stride_od
-    tl.store(out_ptrs, (acc / denom[:, None]).to(Out.dtype.element_ty), mask=mask)
-    if STORE_LSE:
-        m_ref = tl.where(m_run == float("-inf"), 0.0, m_run)
-        lse = tl.where(total == 0.0, float("-inf"), (m_ref + tl.math.log2(denom)) * 0.6931471805599453)
         tl.store(Lse + row_head * stride_lh + q_rows * stride_lt, lse, mask=row_ok)
 
 
@@ -1169,6 +1117,20 @@ DEFAULT_LAUNCH = {"decode": (128, 4, 2), "prefill": (64, 4, 2)}
 # (shared memory allows 5) to hide the per-tile latency chain. benchmarks/bench_kv_quant.py
 # times both.
 FAST_DECODE_MAXNREG = {(128, 4, 2): 128}
+
+
+def decode_launch(bits: int, programs: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for a decode launch of ``programs`` programs.
+
+    int8 pages (H100, GQA 32/8, hd128, CUDA-graph replays, v0.6 in benchmarks/RESULTS.md):
+    with at most two programs per SM (batch 16 x 8 KV heads x 2 splits) (128, 4, 3)
+    without a register cap ran 73 / 124 us at 4k / 8k where (128, 4, 2) capped ran 77 /
+    131; with more programs (batch 64, 1 split) (128, 2, 2) ran 217 / 408 against 228 /
+    442. Other formats keep :data:`DEFAULT_LAUNCH` (int4's best differed by < 2%).
+    """
+    if bits == 8 and device.type == "cuda":
+        return (128, 4, 3) if programs <= 2 * _num_sms(device) else (128, 2, 2)
+    return DEFAULT_LAUNCH["decode"]
 
 
 _LAUNCH_KEYS = ("BLOCK_N", "num_warps", "num_stages")
@@ -1361,8 +1323,6 @@ def paged_attention_quantized(
         num_splits = choose_num_splits(batch, hkv, max_kv_len, device, q_tiles=q_tiles)
     num_splits = max(1, int(num_splits))
     use_split = num_splits > 1
-    fused = use_split and combine_in_kernel()
-    block_d = triton.next_power_of_2(head_dim)
 
     # On GPUs the fp16-code kernel serves decode steps only: its prefill tiles (BLOCK_M up
     # to 64) abort inside Triton 3.6's compiler for a head_dim-64, GQA-3 model (the default
@@ -1383,41 +1343,39 @@ def paged_attention_quantized(
         mid_strides = (0,) * 6
     lse_arg = lse if lse is not None else out
     lse_strides = lse.stride() if lse is not None else (0, 0)
-    tickets = split_tickets(device, q_tiles * batch * hkv) if fused else mid_s
     tail = (block_tables.stride(0), *mid_strides, *lse_strides,
             hkv, group, num_splits, softmax_scale * _LOG2E, min(max_q_len, 16))
     grid = (q_tiles, batch * hkv, num_splits)
     if fast is not None:
         kf, vf, ksf, vsf = fast
-        args = (q, out, lse_arg, mid_o, mid_s, tickets, kf, vf, ksf, vsf, block_tables, seq_lens, cu_q,
+        args = (q, out, lse_arg, mid_o, mid_s, kf, vf, ksf, vsf, block_tables, seq_lens, cu_q,
                 *q.stride(), *out.stride(), *kf.stride()[:3], *vf.stride()[:3], *ksf.stride()[:3],
                 *vsf.stride()[:3], *tail)
         if launch is None and not interp and not autotune_enabled():
-            launch = dict(zip(_LAUNCH_KEYS, DEFAULT_LAUNCH["decode" if max_q_len <= 1 else "prefill"], strict=True))
+            sched = decode_launch(bits, math.prod(grid), device) if max_q_len <= 1 else DEFAULT_LAUNCH["prefill"]
+            launch = dict(zip(_LAUNCH_KEYS, sched, strict=True))
         if launch is not None and max_q_len <= 1 and block_m <= 16 and "maxnreg" not in launch:
             cap = FAST_DECODE_MAXNREG.get(tuple(launch.get(k) for k in _LAUNCH_KEYS))
             if cap:
                 launch = {**launch, "maxnreg": cap}
         meta = dict(PART=part, UNITS=part // 2, BLOCK_M=block_m, BLOCK_SIZE=block_size, KV_BITS=bits,
-                    CAUSAL=causal, SPLIT=use_split, FUSED_COMBINE=fused, STORE_LSE=return_lse,
-                    USE_ASM=not interp and _asm_enabled(), DEFER_SUMS=_env_on("STREAM_ATTENTION_KV_DEFER_SUMS"),
-                    BLOCK_D=block_d)
+                    CAUSAL=causal, SPLIT=use_split, STORE_LSE=return_lse, USE_ASM=not interp and _asm_enabled(),
+                    DEFER_SUMS=_env_on("STREAM_ATTENTION_KV_DEFER_SUMS"))
         _launch(_paged_attn_f16_kernel, _paged_attn_f16_tuned, grid, args, meta, launch, device, max_q_len)
     else:
         k_data, k_scales, ksd, kss = _page_args(k_pages)
         v_data, v_scales, vsd, vss = _page_args(v_pages)
-        args = (q, out, lse_arg, mid_o, mid_s, tickets, k_data, v_data, k_scales, v_scales, block_tables,
-                seq_lens, cu_q,
+        args = (q, out, lse_arg, mid_o, mid_s, k_data, v_data, k_scales, v_scales, block_tables, seq_lens, cu_q,
                 *q.stride(), *out.stride(), *ksd, *vsd, *kss, *vss, *tail)
         meta = dict(PART=part, BLOCK_P=block_p, BLOCK_M=block_m, BLOCK_SIZE=block_size, KV_BITS=bits,
-                    K_PER_CHANNEL=per_channel, CAUSAL=causal, SPLIT=use_split, FUSED_COMBINE=fused,
-                    STORE_LSE=return_lse, DOT_PRECISION=dot_precision_for(q.dtype), BLOCK_D=block_d)
+                    K_PER_CHANNEL=per_channel, CAUSAL=causal, SPLIT=use_split, STORE_LSE=return_lse,
+                    DOT_PRECISION=dot_precision_for(q.dtype))
         if per_channel:  # a tile is a page: only the schedule is chosen
             _launch(_paged_attn_kernel, _paged_attn_tuned_page, grid, args, meta, launch, device, max_q_len,
                     block_n=block_size)
         else:
             _launch(_paged_attn_kernel, _paged_attn_tuned_tokens, grid, args, meta, launch, device, max_q_len)
-    if use_split and not fused:
+    if use_split:
         with _device_ctx(device):
             _combine_splits_kernel[(total_q, hq)](
                 mid_o, mid_s, out, lse_arg, num_splits,

@@ -16,8 +16,7 @@ Work split, chosen for a memory-bound decode:
   needs even for a single decode token.
 * Split-K (flash-decoding): the key range of a sequence is cut into ``num_splits``
   slices handled by different programs; each writes an un-merged partial output and its
-  log-sum-exp, and the last of them to finish merges them (a counter per group of
-  splits, see :func:`split_tickets`). This keeps every SM busy when
+  log-sum-exp, and a small combine kernel merges them. This keeps every SM busy when
   there are few sequences and long contexts. ``num_splits`` is a runtime argument, so
   a CUDA graph captured for one batch size replays for any context length.
 
@@ -30,7 +29,6 @@ shrink ``seq_lens`` and the block table: logical positions never enter this kern
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -98,55 +96,8 @@ def _paged_tiles(
 
 
 @triton.jit
-def last_split_arrived(ticket_ptr, num_splits):
-    """Count this program's partial in at ``ticket_ptr``; True for the last of ``num_splits``.
-
-    Call after storing the partial. The barrier puts every thread's stores before the
-    release; the acquire orders the winner's reads of the others' partials after theirs.
-    The winner re-arms the counter to zero for the next launch.
-    """
-    tl.debug_barrier()
-    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-    last = ticket == num_splits - 1
-    if last:
-        tl.atomic_xchg(ticket_ptr, 0)
-    return last
-
-
-@triton.jit
-def _merge_partials(
-    PartOut, PartLse, Out, row_t, head, row_ok, offs_d, d_ok, num_splits,
-    stride_ps, stride_pt, stride_ph, stride_pd, stride_ls, stride_lt, stride_lh,
-    stride_ot, stride_oh, stride_od, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Out = the split partials of these rows re-weighted by their base-2 LSEs (online)."""
-    m_run = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    l_run = tl.zeros([ROWS], dtype=tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    mask = row_ok[:, None] & d_ok[None, :]
-    lse_ptrs = PartLse + row_t * stride_lt + head * stride_lh
-    part_ptrs = PartOut + row_t[:, None] * stride_pt + head[:, None] * stride_ph + offs_d[None, :] * stride_pd
-    for _ in range(0, num_splits):
-        # .cg: read through L2, where the other programs' partials landed.
-        lse = tl.load(lse_ptrs, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        part = tl.load(part_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-        lse_ptrs += stride_ls
-        part_ptrs += stride_ps
-        m_new = tl.maximum(m_run, lse)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        keep = tl.math.exp2(m_run - m_shift)
-        w = tl.math.exp2(lse - m_shift)
-        acc = acc * keep[:, None] + part * w[:, None]
-        l_run = l_run * keep + w
-        m_run = m_new
-    out = acc / tl.where(l_run == 0.0, 1.0, l_run)[:, None]
-    o_ptrs = Out + row_t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _paged_attn_kernel(
-    Q, K, V, Out, PartOut, PartLse, Tickets,
+    Q, K, V, Out, PartOut, PartLse,
     block_tables, seq_lens, cu_seqlens_q,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -157,8 +108,7 @@ def _paged_attn_kernel(
     stride_ls, stride_lt, stride_lh,
     num_kv_heads, group_size, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -166,15 +116,12 @@ def _paged_attn_kernel(
     b = pid_bh // num_kv_heads
     kvh = pid_bh % num_kv_heads
 
-    # Three independent loads issued together: the key range needs kv_len, and every
-    # DRAM round trip before the first K tile is start-up time no other program hides.
     q_start = tl.load(cu_seqlens_q + b)
-    q_end = tl.load(cu_seqlens_q + b + 1)
-    kv_len = tl.load(seq_lens + b)
-    q_len = q_end - q_start
+    q_len = tl.load(cu_seqlens_q + b + 1) - q_start
     m0 = pid_q * BLOCK_Q
     if m0 >= q_len:
         return
+    kv_len = tl.load(seq_lens + b)
     diag = kv_len - q_len
 
     offs_r = tl.arange(0, BLOCK_Q * GROUP_PAD)
@@ -228,13 +175,6 @@ def _paged_attn_kernel(
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
         l_ptrs = PartLse + pid_s.to(tl.int64) * stride_ls + row_t * stride_lt + head * stride_lh
         tl.store(l_ptrs, lse, mask=row_ok)
-        if FUSED_COMBINE:  # noqa: SIM102 (a constexpr branch: no ticket is taken without it)
-            # The last of the num_splits programs of these rows to finish merges all the
-            # partials: a second kernel would add a launch and a ramp to every decode step.
-            if last_split_arrived(Tickets + pid_q * tl.num_programs(1) + pid_bh, num_splits):
-                _merge_partials(PartOut, PartLse, Out, row_t, head, row_ok, offs_d, d_ok, num_splits,
-                                stride_ps, stride_pt, stride_ph, stride_pd, stride_ls, stride_lt, stride_lh,
-                                stride_ot, stride_oh, stride_od, BLOCK_Q * GROUP_PAD, BLOCK_D)
     else:
         o_ptrs = Out + row_t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -282,35 +222,6 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def combine_in_kernel() -> bool:
-    """Whether split-K partials are merged by the last program of each group of splits
-    (default) rather than by a second kernel (``STREAM_ATTENTION_PAGED_COMBINE=kernel``)."""
-    return os.environ.get("STREAM_ATTENTION_PAGED_COMBINE", "fused").lower() != "kernel"
-
-
-_TICKETS: dict[str, list[torch.Tensor]] = {}
-
-
-def split_tickets(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per group of split-K programs, reused across launches.
-
-    The merging program re-arms its counter, so the buffer is all zeros again whenever no
-    launch is running. One buffer serves a device (as a library workspace does): split
-    launches on one device must not run at the same time on two streams. Outgrown
-    buffers are kept (a CUDA graph may hold their address). One that has to be allocated
-    during a graph capture belongs to that graph's memory pool, so it is made (and zeroed
-    inside the graph) for that capture alone; warm up before capturing to avoid that.
-    """
-    bufs = _TICKETS.setdefault(str(device), [])
-    if bufs and bufs[-1].numel() >= count:
-        return bufs[-1]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(count, dtype=torch.int32, device=device)
-    size = max(count, 4096, 2 * bufs[-1].numel() if bufs else 0)
-    bufs.append(torch.zeros(size, dtype=torch.int32, device=device))
-    return bufs[-1]
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: torch.device,
@@ -383,16 +294,13 @@ def paged_attention(
     if total_q == 0 or batch == 0:
         return out
     split = num_splits > 1
-    grid = (triton.cdiv(max_q_len, block_q), batch * hkv, num_splits)
-    fused = split and combine_in_kernel()
     if split:
         part_out = torch.empty((num_splits, total_q, hq, head_dim), device=q.device, dtype=torch.float32)
         part_lse = torch.empty((num_splits, total_q, hq), device=q.device, dtype=torch.float32)
     else:
         part_out, part_lse = out, out.new_empty((1, 1, 1), dtype=torch.float32)
-    tickets = split_tickets(q.device, grid[0] * grid[1]) if fused else part_lse
     args = (
-        q, k_pages, v_pages, out, part_out, part_lse, tickets,
+        q, k_pages, v_pages, out, part_out, part_lse,
         block_tables, seq_lens, cu_seqlens_q,
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *out.stride(),
         block_tables.stride(0),
@@ -402,15 +310,16 @@ def paged_attention(
     )
     meta = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_Q=block_q, GROUP_PAD=group_pad,
-        SPLIT=split, FUSED_COMBINE=fused, DOT_PRECISION=dot_precision_for(q.dtype),
+        SPLIT=split, DOT_PRECISION=dot_precision_for(q.dtype),
     )
+    grid = (triton.cdiv(max_q_len, block_q), batch * hkv, num_splits)
     block_n, warps, stages = launch or DEFAULT_LAUNCH["decode" if max_q_len <= 1 else "prefill"]
     if interpreter_enabled():
         _paged_attn_kernel[grid](*args, **meta, BLOCK_N=16)
     else:
         with torch.cuda.device(q.device):
             _paged_attn_kernel[grid](*args, **meta, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    if split and not fused:
+    if split:
         cgrid = (total_q * hq,)
         cargs = (
             part_out, part_lse, out, *part_out.stride(), *part_lse.stride(), *out.stride(), hq, num_splits,
