@@ -294,6 +294,99 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
     return out
 
 
+def decode_layout(batches=(16, 64), contexts=(4096, 8192), dev: torch.device | None = None,
+                  bench=None, kernel_span=None) -> dict:
+    """Does the page layout or placement cost bandwidth? The shipped layout is token-major
+    (``[blocks, page, Hkv, D]``: one head's 16 rows of a page lie 2 KiB apart for bf16,
+    1 KiB for int8 codes) with pages scattered over the pool. Variants: head-major pages
+    (``[blocks, Hkv, page, D]`` storage passed as a strided view: each head's page
+    contiguous) and the same pages stored in table order, for bf16 and int8 pages; cuDNN
+    dense beside."""
+    bench, kernel_span = bench or _bench, kernel_span or _kernel_span_read_flush
+    rows = []
+    for batch in batches:
+        for ctx in contexts:
+            row = _layout_case(batch, ctx, dev, bench, kernel_span)
+            print(json.dumps({k: (round(v["ms"] * 1e3, 1) if isinstance(v, dict) and "ms" in v else v)
+                              for k, v in row.items()}), flush=True)
+            rows.append(row)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return {"rows": rows}
+
+
+def _layout_case(batch: int, ctx: int, dev, bench, kernel_span) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from stream_attention.kernels import kv_quant as kq
+    from stream_attention.kernels.paged_attention import choose_num_splits, paged_attention
+
+    def head_major(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+
+    scale = 1.0 / math.sqrt(DECODE_D)
+    data = _decode_data(batch, ctx, dev)
+    d = data["dev"]
+    splits = choose_num_splits(batch, DECODE_HKV, ctx, d)
+    n_blocks = data["k_pages"].shape[0]
+    ids = torch.arange(n_blocks, device=d)
+    full = torch.full((n_blocks,), DECODE_PAGE, dtype=torch.int32, device=d)
+
+    def quantized(src: torch.Tensor) -> kq.QuantizedPages:
+        pages = kq.QuantizedPages.empty(n_blocks, DECODE_PAGE, DECODE_HKV, DECODE_D, 8, device=d)
+        kq.write_blocks_to_pages(src, ids, full, pages)
+        return pages
+
+    q8 = [quantized(data["k_pages"]), quantized(data["v_pages"])]
+    q8_hm = [kq.QuantizedPages(head_major(p.data), head_major(p.scales), 8, DECODE_D) for p in q8]
+    bf_hm = [head_major(data["k_pages"]), head_major(data["v_pages"])]
+    # The same pages stored in table order, so a sequence's pages are consecutive.
+    order = data["table"].reshape(-1).long()
+    bf_seq = [data["k_pages"][order], data["v_pages"][order]]
+    q8_seq = [quantized(bf_seq[0]), quantized(bf_seq[1])]
+    contiguous = torch.arange(n_blocks, device=d, dtype=torch.int32).view(batch, -1)
+    launch8 = dict(zip(("BLOCK_N", "num_warps", "num_stages"),
+                       kq.decode_launch(8, batch * DECODE_HKV * splits, d), strict=True))
+
+    def bf16(k, v, table):
+        return lambda: paged_attention(data["q"], k, v, table, data["seq_lens"], data["cu"], max_q_len=1,
+                                       softmax_scale=scale, num_splits=splits)
+
+    def int8(k, v, table):
+        return lambda: kq.paged_attention_quantized(data["q"], k, v, table, data["seq_lens"], data["cu"],
+                                                    max_q_len=1, softmax_scale=scale, num_splits=splits,
+                                                    launch=launch8)
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(
+                data["q_dense"], data["k_dense"], data["v_dense"], scale=scale, enable_gqa=True)
+
+    tab = data["table"]
+    cases = {
+        "bf16": bf16(data["k_pages"], data["v_pages"], tab),
+        "bf16_contiguous_table": bf16(*bf_seq, contiguous),
+        "bf16_head_major": bf16(*bf_hm, tab),
+        "int8": int8(*q8, tab),
+        "int8_contiguous_table": int8(*q8_seq, contiguous),
+        "int8_head_major": int8(*q8_hm, tab),
+        "sdpa_cudnn": cudnn,
+    }
+    row = {"batch": batch, "context": ctx, "splits": splits, "int8_launch": launch8}
+    ref = cases["bf16"]().float()
+    for name, fn in cases.items():
+        try:
+            out = fn().float().reshape(ref.shape)
+            row[name] = {"ms": bench(fn), **kernel_span(fn), "max_abs_diff_vs_bf16_paged": float((out - ref).abs().max())}
+        except Exception as exc:
+            row[name] = {"error": repr(exc)[:300]}
+    base = row["bf16"].get("ms")
+    for name in cases:
+        if base and "ms" in row[name]:
+            row[name]["speedup_vs_bf16"] = base / row[name]["ms"]
+    return row
+
+
 def decode_bandwidth(quick: bool) -> dict:
     shapes = [(16, 4096)] if quick else [(16, 4096), (16, 8192), (64, 4096), (64, 8192)]
     rows = []
@@ -489,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
-    ap.add_argument("--only", choices=["decode", "anatomy", "hf", "engine"], default=None,
+    ap.add_argument("--only", choices=["decode", "anatomy", "layout", "hf", "engine"], default=None,
                     help="one part only (the GPU script runs each part in its own process)")
     ap.add_argument("--kv-gib", type=float, default=8.0, help="engine KV cache size")
     ap.add_argument("--step-tokens", type=int, default=16384, help="engine max_num_batched_tokens")
@@ -534,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     if args.only == "anatomy":  # not part of the default run
         report["anatomy"] = decode_anatomy()
+    if args.only == "layout":  # not part of the default run
+        report["layout"] = decode_layout()
     for part, fn in (("hf", hf_static), ("engine", engine_throughput)):
         if args.only in (None, part):
             try:
