@@ -158,20 +158,70 @@ def _time_kq(case: Case, name: str, bits: int, *, per_channel: bool = False, lau
     return row
 
 
-def _time_engine(case: Case, launch=None) -> dict:
+def _time_engine(case: Case, launch=None, splits: int | None = None) -> dict:
     launch = tuple(launch or pa.DEFAULT_LAUNCH["decode"])
+    splits = splits or case.engine_splits
 
     def fn():
         return pa.paged_attention(case.q, case.k, case.v, case.table, case.seq_lens, case.cu, max_q_len=1,
-                                  softmax_scale=case.scale, num_splits=case.engine_splits, launch=launch)
+                                  softmax_scale=case.scale, num_splits=splits, launch=launch)
 
     out = fn()
     _sync(case.dev)
     ms = _bench(fn)
     read = _pages_read(16, False, case.batch, case.avg_ctx)
     return {"format": "bf16", "bits": 16, "kernel": "paged_attention.py", "launch": list(launch),
-            "num_splits": case.engine_splits, "ms": ms, "tb_per_s": read / (ms * 1e-3) / 1e12,
+            "num_splits": splits, "ms": ms, "tb_per_s": read / (ms * 1e-3) / 1e12,
             "max_abs_err_vs_fp64_on_dequantized": case.kernel_error(out, 16)}
+
+
+# --grid: (launch, split counts) for the bf16 kernel; (launch, split counts, deferred row
+# sums) for int8. A 4th launch entry is a register cap (None: none) for more programs per SM.
+BF16_GRID = [((128, 4, 2, None), (1, 2)), ((128, 4, 2, 168), (1, 2, 3)), ((128, 4, 2, 128), (1, 2, 3, 4)),
+             ((64, 4, 2, 128), (1, 2, 4)), ((128, 8, 2, None), (1, 2))]
+INT8_GRID = [((128, 4, 2, 128), (1, 2, 4), False), ((128, 4, 3, None), (1, 2), False),
+             ((128, 4, 3, None), (1, 2), True), ((128, 2, 2, None), (1, 2, 4), False),
+             ((128, 2, 2, None), (1, 2), True), ((128, 2, 3, None), (1, 2), False),
+             ((256, 4, 2, None), (1, 2), False), ((64, 2, 2, None), (1, 2, 4), False)]
+
+
+def grid_case(batch: int, ctx: int, deadline: float, dev: torch.device | None = None) -> dict:
+    """Launch x split-count x deferred-sums grid for bf16 and int8 pages, one case."""
+    case = Case(batch, ctx, dev or torch.device("cuda"))
+    rows, skipped = [], []
+    for launch, split_choices in BF16_GRID:
+        for splits in split_choices:
+            if time.perf_counter() > deadline:
+                skipped.append(f"bf16 {launch} x{splits}")
+                continue
+            try:
+                row = _time_engine(case, launch, splits=splits)
+            except Exception as exc:  # a launch that does not compile or fit
+                row = {"format": "bf16", "launch": list(launch), "num_splits": splits, "error": repr(exc)[:200]}
+            rows.append(row)
+    for launch, split_choices, defer in INT8_GRID:
+        env = {"STREAM_ATTENTION_KV_DEFER_SUMS": "1"} if defer else None
+        for splits in split_choices:
+            if time.perf_counter() > deadline:
+                skipped.append(f"int8 {launch} x{splits} defer={defer}")
+                continue
+            try:
+                row = _time_kq(case, "int8-deferred-sums" if defer else "int8", 8, launch=launch, splits=splits,
+                               env=env, check=False)
+            except Exception as exc:
+                row = {"format": "int8", "launch": list(launch), "num_splits": splits, "error": repr(exc)[:200]}
+            rows.append(row)
+    ok = [r for r in rows if "ms" in r]
+    best = {fmt: min((r for r in ok if r["format"].startswith(fmt)), key=lambda r: r["ms"], default=None)
+            for fmt in ("bf16", "int8")}
+    res = {"batch": batch, "context": ctx, "rows": rows, "skipped": skipped, "best": best}
+    if best["bf16"] and best["int8"]:
+        res["best_int8_vs_best_bf16"] = best["bf16"]["ms"] / best["int8"]["ms"]
+    print(json.dumps({"batch": batch, "context": ctx, "best": {k: (v["launch"], v["num_splits"], round(v["ms"] * 1e3, 1))
+                      for k, v in best.items() if v}, "ratio": res.get("best_int8_vs_best_bf16")}), flush=True)
+    del case
+    torch.cuda.empty_cache()
+    return res
 
 
 def decode_case(batch: int, ctx: int, deadline: float, *, sweep: bool, extra: bool,
@@ -317,6 +367,7 @@ def main() -> None:
     p.add_argument("--no-sweep", action="store_true", help="skip the launch sweep")
     p.add_argument("--extra", action="store_true", help="also portable conversions, KIVI, bf16 via kv_quant")
     p.add_argument("--no-capacity", action="store_true")
+    p.add_argument("--grid", action="store_true", help="only the launch x splits grid (BF16_GRID, INT8_GRID)")
     p.add_argument("--budget-gib", type=float, default=8.0)
     p.add_argument("--seq-tokens", type=int, default=4096)
     p.add_argument("--time-budget", type=float, default=150.0, help="seconds after which optional parts are skipped")
@@ -338,6 +389,11 @@ def main() -> None:
         "env": {k: v for k, v in os.environ.items() if k.startswith("STREAM_ATTENTION_")},
         "decode": [], "summary": [], "notes": [],
     }
+    if args.grid:
+        res["grid"] = [grid_case(batch, ctx, deadline) for batch in args.batch for ctx in args.contexts]
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=1))
+        return
     for batch in args.batch:
         for ctx in args.contexts:
             case = decode_case(batch, ctx, deadline, sweep=not args.no_sweep, extra=args.extra)

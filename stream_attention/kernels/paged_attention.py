@@ -268,7 +268,7 @@ def paged_attention(
     softmax_scale: float,
     num_splits: int = 1,
     out: torch.Tensor | None = None,
-    launch: tuple[int, int, int] | None = None,
+    launch: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Attention of packed queries over paged keys/values.
 
@@ -279,8 +279,9 @@ def paged_attention(
     keys of each sequence *including* this step's queries (already written to the pages).
     ``max_q_len`` must bound every sequence's query count (it sizes the grid; no host
     sync happens here, so the call can be captured in a CUDA graph). ``launch`` overrides
-    ``(BLOCK_N, num_warps, num_stages)`` (any power-of-two ``BLOCK_N``: each key column
-    looks its page up, so tiles may span or split pages).
+    ``(BLOCK_N, num_warps, num_stages[, maxnreg])`` (any power-of-two ``BLOCK_N``: each key
+    column looks its page up, so tiles may span or split pages; ``maxnreg`` caps registers
+    per thread so more programs fit on an SM).
     Returns ``out [total_q, Hq, D]`` in ``q``'s dtype.
     """
     total_q, hq, head_dim = q.shape
@@ -313,12 +314,13 @@ def paged_attention(
         SPLIT=split, DOT_PRECISION=dot_precision_for(q.dtype),
     )
     grid = (triton.cdiv(max_q_len, block_q), batch * hkv, num_splits)
-    block_n, warps, stages = launch or DEFAULT_LAUNCH["decode" if max_q_len <= 1 else "prefill"]
+    block_n, warps, stages, *cap = launch or DEFAULT_LAUNCH["decode" if max_q_len <= 1 else "prefill"]
     if interpreter_enabled():
         _paged_attn_kernel[grid](*args, **meta, BLOCK_N=16)
     else:
+        extra = {"maxnreg": cap[0]} if cap and cap[0] else {}
         with torch.cuda.device(q.device):
-            _paged_attn_kernel[grid](*args, **meta, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+            _paged_attn_kernel[grid](*args, **meta, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **extra)
     if split:
         cgrid = (total_q * hq,)
         cargs = (
