@@ -13,7 +13,7 @@
     * ``int8-generic``: the dequantizing kernel (``STREAM_ATTENTION_KV_FAST=0``), i.e. before.
     * ``int8-deferred-sums``: row sums kept per key column until the end
       (``STREAM_ATTENTION_KV_DEFER_SUMS=1``: two cross-warp reductions fewer per tile, more
-      registers).
+      registers; the default rows defer where ``kv_quant.defer_row_sums`` says so).
     * a launch sweep, ``(BLOCK_N, num_warps, num_stages)``, for int8 (and two for int4).
     * ``--extra``: int8 with the portable conversions instead of inline PTX
       (``STREAM_ATTENTION_KV_ASM=0``), KIVI per-channel keys, bf16 pages through kv_quant.
@@ -200,7 +200,7 @@ def grid_case(batch: int, ctx: int, deadline: float, dev: torch.device | None = 
                 row = {"format": "bf16", "launch": list(launch), "num_splits": splits, "error": repr(exc)[:200]}
             rows.append(row)
     for launch, split_choices, defer in INT8_GRID:
-        env = {"STREAM_ATTENTION_KV_DEFER_SUMS": "1"} if defer else None
+        env = {"STREAM_ATTENTION_KV_DEFER_SUMS": "1" if defer else "0"}
         for splits in split_choices:
             if time.perf_counter() > deadline:
                 skipped.append(f"int8 {launch} x{splits} defer={defer}")

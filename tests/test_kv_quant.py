@@ -265,8 +265,10 @@ def _fp32_out(q: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits,d", FAST_SHAPES)
-@pytest.mark.parametrize("splits", [1, 3])
-def test_fast_decode_matches_float64(bits, d, splits, device):
+@pytest.mark.parametrize("splits,defer", [(1, "0"), (3, "0"), (3, "1")])
+def test_fast_decode_matches_float64(bits, d, splits, defer, device, monkeypatch):
+    """Both row-sum schedules (per tile, or deferred per key column to the end)."""
+    monkeypatch.setenv("STREAM_ATTENTION_KV_DEFER_SUMS", defer)
     lens = [37, 53, 5, 16, 0]  # ragged, a full page, an empty sequence
     kp, vp, table, seq_lens, _, _ = _cache(lens, bits, False, device, seed=20 + bits + d + splits, d=d)
     q = torch.randn(len(lens), HQ, d, device=device).half()

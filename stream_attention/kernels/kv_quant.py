@@ -889,7 +889,7 @@ def _paged_attn_f16_kernel(
     scale tensors int32 views (one (scale, zero) fp16 pair per word); strides are in
     elements of those views. ``DEFER_SUMS`` keeps the row sums (softmax denominator and
     offset correction) per key column until the end: two cross-warp reductions fewer per
-    tile for ~2 * BLOCK_N / 8 more registers per thread (``STREAM_ATTENTION_KV_DEFER_SUMS=1``).
+    tile for ~2 * BLOCK_N / 8 more registers per thread (see :func:`defer_row_sums`).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -1207,6 +1207,21 @@ def _env_on(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def defer_row_sums(programs: int, max_q_len: int, device: torch.device) -> bool:
+    """Whether the fp16-code kernel keeps its row sums per key column until the end.
+
+    ``STREAM_ATTENTION_KV_DEFER_SUMS=1``/``0`` decides; unset, decode launches with at
+    most two programs per SM defer (the (128, 4, 3) schedule of :func:`decode_launch`:
+    H100, batch 16, 2 splits, 71.8 / 121.4 us at 4k / 8k against 74.6 / 129.2; with more
+    programs the extra registers cost occupancy and it ran 2-20% slower).
+    """
+    if _env_on("STREAM_ATTENTION_KV_DEFER_SUMS"):
+        return True
+    if _env_off("STREAM_ATTENTION_KV_DEFER_SUMS") or device.type != "cuda":
+        return False
+    return max_q_len <= 1 and programs <= 2 * _num_sms(device)
+
+
 def fast_path_enabled() -> bool:
     """Whether int8/int4 pages with per-token scales take the fp16-code kernel
     (:func:`_paged_attn_f16_kernel`); ``STREAM_ATTENTION_KV_FAST=0`` keeps the generic one."""
@@ -1360,7 +1375,7 @@ def paged_attention_quantized(
                 launch = {**launch, "maxnreg": cap}
         meta = dict(PART=part, UNITS=part // 2, BLOCK_M=block_m, BLOCK_SIZE=block_size, KV_BITS=bits,
                     CAUSAL=causal, SPLIT=use_split, STORE_LSE=return_lse, USE_ASM=not interp and _asm_enabled(),
-                    DEFER_SUMS=_env_on("STREAM_ATTENTION_KV_DEFER_SUMS"))
+                    DEFER_SUMS=defer_row_sums(math.prod(grid), max_q_len, device))
         _launch(_paged_attn_f16_kernel, _paged_attn_f16_tuned, grid, args, meta, launch, device, max_q_len)
     else:
         k_data, k_scales, ksd, kss = _page_args(k_pages)
