@@ -418,9 +418,12 @@ def _model(quick: bool):
 
     dev = torch.device("cuda")
     n_prompts, prompt_len, gen = (16, 512, 64) if quick else (64, 512, 256)
+    n_prompts, prompt_len, gen = WORKLOAD.get("prompts", n_prompts), WORKLOAD.get("prompt_len", prompt_len), \
+        WORKLOAD.get("gen", gen)
     cfg = LlamaConfig(
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=2048,
+        num_key_value_heads=8, head_dim=64, vocab_size=128256,
+        max_position_embeddings=max(2048, prompt_len + gen),
         rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=0,
     )
     torch.manual_seed(0)
@@ -467,6 +470,8 @@ ENGINE_KV_BYTES = 8 << 30
 ENGINE_STEP_TOKENS = 16384
 ENGINE_FUSED = True
 ENGINE_PROFILE = False
+ENGINE_KV_DTYPE = "auto"
+WORKLOAD: dict[str, int] = {}  # --prompts / --prompt-len / --gen overrides
 
 
 def _kernel_times(run) -> dict[str, float]:
@@ -543,8 +548,11 @@ def engine_throughput(quick: bool) -> dict:
     engine = LLMEngine(
         model, tok, kv_cache_memory_bytes=ENGINE_KV_BYTES, max_num_seqs=n_prompts,
         max_num_batched_tokens=ENGINE_STEP_TOKENS,
-        max_model_len=1024, enable_prefix_caching=False, fused_layers=ENGINE_FUSED,
+        max_model_len=max(1024, prompts.shape[1] + gen), enable_prefix_caching=False, fused_layers=ENGINE_FUSED,
+        kv_cache_dtype=ENGINE_KV_DTYPE,
     )
+    result["kv_cache_dtype"] = ENGINE_KV_DTYPE
+    result["engine_kv_blocks"] = engine.stats().kv_blocks_total
     result["engine_fused_layers"] = engine.runner.fused is not None
     result["engine_init_s"] = time.perf_counter() - t0
     result["engine_kv_bytes"], result["engine_step_tokens"] = ENGINE_KV_BYTES, ENGINE_STEP_TOKENS
@@ -592,8 +600,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-tokens", type=int, default=16384, help="engine max_num_batched_tokens")
     ap.add_argument("--no-fused", action="store_true", help="run transformers' layers (engine fused_layers=False)")
     ap.add_argument("--profile", action="store_true", help="add a per-kernel GPU time table of one decode step")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="engine page format: auto (bf16) / int8 / int4")
+    ap.add_argument("--prompts", type=int, default=None, help="workload: number of prompts (default 64)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="workload: prompt tokens (default 512)")
+    ap.add_argument("--gen", type=int, default=None, help="workload: generated tokens (default 256)")
     args = ap.parse_args(argv)
-    global ENGINE_KV_BYTES, ENGINE_STEP_TOKENS, ENGINE_FUSED, ENGINE_PROFILE
+    global ENGINE_KV_BYTES, ENGINE_STEP_TOKENS, ENGINE_FUSED, ENGINE_PROFILE, ENGINE_KV_DTYPE
+    ENGINE_KV_DTYPE = args.kv_cache_dtype
+    WORKLOAD.update({k: v for k, v in (("prompts", args.prompts), ("prompt_len", args.prompt_len), ("gen", args.gen))
+                     if v is not None})
     ENGINE_KV_BYTES, ENGINE_STEP_TOKENS = int(args.kv_gib * 2**30), args.step_tokens
     ENGINE_FUSED = not args.no_fused
     ENGINE_PROFILE = args.profile
