@@ -136,6 +136,7 @@ class ModelRunner:
         self._graph_sizes: list[int] = []
         self._staged_b: int | None = None
         self._staged_rows: list[tuple[list[int] | None, int]] = []
+        self._staged_copied: torch.cuda.Event | None = None  # the last staging -> device copies
         if config.use_cuda_graphs and device.type == "cuda" and self.backend == "triton":
             try:
                 self._capture_graphs()
@@ -368,6 +369,14 @@ class ModelRunner:
         b = next(s for s in self._graph_sizes if s >= n)
         graph = self.graphs[b]
         bs, mb = self.block_size, self._max_blocks
+        # The pinned staging buffers are copied to the device asynchronously. Usually the
+        # engine has read the previous step's sampled tokens back (a sync) before this
+        # runs, but a step in which no row samples (only 1-token prefill chunks, common
+        # under preemption) returns at once, and rewriting the staging then would hand
+        # the previous replay this step's ids/slots/tables: out-of-range token ids (slot
+        # numbers) and writes into other sequences' pages.
+        if self._staged_copied is not None:
+            self._staged_copied.synchronize()
         s64 = self._stage64.numpy()
         s32 = self._stage32.numpy()
         tables = s32[b:b + b * mb].reshape(b, mb)
@@ -399,10 +408,11 @@ class ModelRunner:
         s64[2 * b + n:3 * b] = self.scratch_slot
         s32[:n] = lens
         s32[n:b] = 0
-        # The staging buffers are rewritten next step only after the sampler has read this
-        # step's logits back to the host, which orders it after these copies.
         self._meta64[:3 * b].copy_(self._stage64[:3 * b], non_blocking=True)
         self._meta32[:b + b * mb].copy_(self._stage32[:b + b * mb], non_blocking=True)
+        if self._staged_copied is None:
+            self._staged_copied = torch.cuda.Event()
+        self._staged_copied.record()
         graph.graph.replay()
         if all(s.samples for s in scheduled):
             return graph.logits[:n]
