@@ -238,6 +238,35 @@ def test_cuda_graph_decode_matches_hf(tiny):
     ref.cpu()
 
 
+def test_decode_staging_pads_rows_whatever_the_previous_layout():
+    """Graph inputs for 44 sequences in the 48-row layout after a step in the 16-row one
+    (whose slots sat where the 48-row ids go): padding rows must read token 0, position 0,
+    the scratch slot and length 0, never the older values (out-of-range token ids)."""
+    from types import SimpleNamespace as NS
+
+    import numpy as np
+
+    from stream_attention.engine.model_runner import DecodeStaging
+
+    s64 = np.full(3 * 48, -1, dtype=np.int64)
+    s32 = np.full(48 + 1 + 48 * 4, -1, dtype=np.int32)
+    staging = DecodeStaging(s64, s32, block_size=16, max_blocks=4, scratch_slot=999)
+
+    def decoding(k: int, first_id: int) -> list:
+        return [NS(seq=NS(num_computed_tokens=20, num_dropped_tokens=0, token_ids=list(range(first_id, first_id + 21)),
+                          block_table=[100 + i, 200 + i])) for i in range(k)]
+
+    staging.fill(decoding(16, 7), 16)
+    assert (s64[32:48] >= 16 * 200).all()  # the 16-row layout's slots, where 48-row ids go
+    staging.fill(decoding(44, 3), 48)
+    assert (s64[:44] == 23).all() and (s64[44:48] == 0).all()
+    assert (s64[48:92] == 20).all() and (s64[92:96] == 0).all()
+    assert s64[96:140].tolist() == [(200 + i) * 16 + 4 for i in range(44)] and (s64[140:144] == 999).all()
+    assert (s32[:44] == 21).all() and (s32[44:48] == 0).all()
+    tables = s32[48:48 + 48 * 4].reshape(48, 4)
+    assert tables[:44, :2].tolist() == [[100 + i, 200 + i] for i in range(44)]
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_under_heavy_preemption_matches_hf(tiny):
     """A pool far too small for the batch: preemptions, recomputes in small chunks (steps

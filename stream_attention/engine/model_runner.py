@@ -134,8 +134,6 @@ class ModelRunner:
             self._warm_up_kernels()
         self.graphs: dict[int, _DecodeGraph] = {}
         self._graph_sizes: list[int] = []
-        self._staged_b: int | None = None
-        self._staged_rows: list[tuple[list[int] | None, int]] = []
         self._staged_copied: torch.cuda.Event | None = None  # the last staging -> device copies
         if config.use_cuda_graphs and device.type == "cuda" and self.backend == "triton":
             try:
@@ -335,6 +333,8 @@ class ModelRunner:
         self._meta32 = torch.zeros(top + 1 + top * self._max_blocks, dtype=torch.int32, device=dev)
         self._stage64 = torch.zeros(3 * top, dtype=torch.long).pin_memory()
         self._stage32 = torch.zeros(top + 1 + top * self._max_blocks, dtype=torch.int32).pin_memory()
+        self._staging = DecodeStaging(self._stage64.numpy(), self._stage32.numpy(), self.block_size,
+                                      self._max_blocks, self.scratch_slot)
         self._cu_decode = torch.arange(top + 1, dtype=torch.int32, device=dev)
         pool = None
         for b in reversed(sizes):
@@ -368,7 +368,7 @@ class ModelRunner:
         n = len(scheduled)
         b = next(s for s in self._graph_sizes if s >= n)
         graph = self.graphs[b]
-        bs, mb = self.block_size, self._max_blocks
+        mb = self._max_blocks
         # The pinned staging buffers are copied to the device asynchronously. Usually the
         # engine has read the previous step's sampled tokens back (a sync) before this
         # runs, but a step in which no row samples (only 1-token prefill chunks, common
@@ -377,15 +377,42 @@ class ModelRunner:
         # numbers) and writes into other sequences' pages.
         if self._staged_copied is not None:
             self._staged_copied.synchronize()
-        s64 = self._stage64.numpy()
-        s32 = self._stage32.numpy()
+        self._staging.fill(scheduled, b)
+        self._meta64[:3 * b].copy_(self._stage64[:3 * b], non_blocking=True)
+        self._meta32[:b + b * mb].copy_(self._stage32[:b + b * mb], non_blocking=True)
+        if self._staged_copied is None:
+            self._staged_copied = torch.cuda.Event()
+        self._staged_copied.record()
+        graph.graph.replay()
+        if all(s.samples for s in scheduled):
+            return graph.logits[:n]
+        keep = [i for i, s in enumerate(scheduled) if s.samples]
+        return graph.logits[torch.tensor(keep, device=self.device)]
+
+
+class DecodeStaging:
+    """Host side of a decode graph's inputs: ids, positions, slots (int64) and sequence
+    lengths, block tables (int32) written into pinned buffers laid out per graph size
+    ``b`` as ``[ids | positions | slots]`` and ``[lens | tables (b x max_blocks)]``."""
+
+    def __init__(self, s64: np.ndarray, s32: np.ndarray, block_size: int, max_blocks: int,
+                 scratch_slot: int) -> None:
+        self.s64, self.s32 = s64, s32
+        self.block_size, self.max_blocks, self.scratch_slot = block_size, max_blocks, scratch_slot
+        self._b: int | None = None
+        self._rows: list[tuple[list[int] | None, int]] = []
+
+    def fill(self, scheduled: list, b: int) -> None:
+        """Stage one decode token per scheduled sequence, padded to ``b`` rows."""
+        s64, s32, bs, mb = self.s64, self.s32, self.block_size, self.max_blocks
+        n = len(scheduled)
         tables = s32[b:b + b * mb].reshape(b, mb)
         # Block tables only grow in place (every other change assigns a new list, see
         # Sequence), so (list object, length) identifies a staged row's content: a row is
         # rewritten only from where it grew. The layout differs per graph size.
-        if self._staged_b != b:
-            self._staged_b, self._staged_rows = b, [(None, 0)] * b
-        rows = self._staged_rows
+        if self._b != b:
+            self._b, self._rows = b, [(None, 0)] * b
+        rows = self._rows
         ids, pos, slots, lens = [], [], [], []
         for i, s in enumerate(scheduled):
             seq = s.seq
@@ -402,22 +429,17 @@ class ModelRunner:
                 start = m if staged is table and m < k else 0
                 tables[i, start:k] = table[start:]
                 rows[i] = (table, k)
+        # Padding rows (n..b) get token 0 at position 0, writing to the scratch slot: the
+        # buffers keep older steps' values there, laid out for other graph sizes (slot
+        # numbers where ids go), which would read as out-of-range token ids.
         s64[:n] = ids
+        s64[n:b] = 0
         s64[b:b + n] = pos
+        s64[b + n:2 * b] = 0
         s64[2 * b:2 * b + n] = slots
         s64[2 * b + n:3 * b] = self.scratch_slot
         s32[:n] = lens
         s32[n:b] = 0
-        self._meta64[:3 * b].copy_(self._stage64[:3 * b], non_blocking=True)
-        self._meta32[:b + b * mb].copy_(self._stage32[:b + b * mb], non_blocking=True)
-        if self._staged_copied is None:
-            self._staged_copied = torch.cuda.Event()
-        self._staged_copied.record()
-        graph.graph.replay()
-        if all(s.samples for s in scheduled):
-            return graph.logits[:n]
-        keep = [i for i, s in enumerate(scheduled) if s.samples]
-        return graph.logits[torch.tensor(keep, device=self.device)]
 
 
 @dataclass
