@@ -80,6 +80,32 @@ def test_quantized_pages_generate_close_to_float(reference, dtype: str, min_agre
     e.block_manager.check_invariants([])
 
 
+def test_fresh_prefill_over_quantized_pages_attends_over_the_step_keys(reference, monkeypatch) -> None:
+    """Triton backend: a prefill with nothing cached runs the varlen kernel on the step's
+    16-bit keys and values (the codes are still written), so first tokens match float
+    pages; the decode steps after it read the int8 codes."""
+    from stream_attention.kernels import attention_fwd, kv_quant
+
+    calls = {"varlen": 0, "quantized": 0}
+    real_varlen, real_quantized = attention_fwd.attention_forward, kv_quant.paged_attention_quantized
+
+    def varlen(*args, **kwargs):
+        calls["varlen"] += 1
+        return real_varlen(*args, **kwargs)
+
+    def quantized(*args, **kwargs):
+        calls["quantized"] += 1
+        return real_quantized(*args, **kwargs)
+
+    monkeypatch.setattr(attention_fwd, "attention_forward", varlen)
+    monkeypatch.setattr("stream_attention.engine.kv_compression.paged_attention_quantized", quantized)
+    e = _engine(kv_cache_dtype="int8", attention_backend="triton")
+    outs = [o.token_ids for o in e.generate(PROMPTS[:3], SamplingParams(max_tokens=3, temperature=0.0,
+                                                                       ignore_eos=True))]
+    assert calls["varlen"] > 0 and calls["quantized"] > 0
+    assert [o[0] for o in outs] == [r[0] for r in reference[:3]]
+
+
 def _run_with_eviction(**overrides):
     """Two long greedy generations under a small budget; checks every eviction's effect on the pool."""
     e = _engine(num_kv_blocks=96, block_size=16, kv_sink_tokens=4, kv_window_tokens=32, kv_budget_tokens=64,

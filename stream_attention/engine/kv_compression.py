@@ -222,6 +222,19 @@ def compressed_attention_step(
     triton_ok = ctx.backend == "triton" and triton_runs_on(q.device)
     write_kv(k, v, k_pages, v_pages, ctx.slot_mapping, use_triton=triton_ok)
     want_lse = collector is not None
+    if triton_ok and ctx.fresh_prefill and not want_lse:
+        # Nothing cached yet: the step's own keys and values are all there is to attend
+        # to, in 16 bits, so the dense varlen kernel runs on them (what the float-page
+        # path does) instead of reading back the codes just written: exact where the
+        # pages would add quantization error, and the GPU's dequantizing prefill kernel
+        # is the slower one (the generic kernel; see paged_attention_quantized).
+        from ..kernels.attention_fwd import attention_forward
+
+        out, _ = attention_forward(
+            q, k, v, causal=True, softmax_scale=softmax_scale, cu_seqlens_q=ctx.cu_seqlens_q,
+            cu_seqlens_k=ctx.cu_seqlens_q, max_seqlen_q=ctx.max_q_len, max_seqlen_k=ctx.max_q_len, store_lse=False,
+        )
+        return out
     fast = triton_ok and (isinstance(k_pages, QuantizedPages) or k_pages.dtype == q.dtype)
     if fast:
         if ctx.max_q_len <= 1:
