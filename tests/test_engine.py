@@ -221,21 +221,30 @@ def test_default_model_runs_when_none_is_given():
     assert len(out.token_ids) == 4 and eng.model_name == "stream-attention-default"
 
 
+def _assert_hf_greedy_on_gpu(tiny, outs, prompts, n: int) -> None:
+    """Each output equals HF greedy on the GPU; the module-scoped models go back to the CPU."""
+    model, ref, _ = tiny
+    dev = torch.device("cuda")
+    try:
+        ref.to(dev)
+        for out, p in zip(outs, prompts, strict=True):
+            got = ref.generate(torch.tensor([p], device=dev), max_new_tokens=n, do_sample=False, pad_token_id=0)
+            assert out.token_ids == got[0, len(p):].tolist()
+    finally:
+        model.cpu()
+        ref.cpu()
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_matches_hf(tiny):
     """On a GPU: Triton kernels, CUDA-graph decode, fp32 so greedy must agree exactly."""
-    model, ref, tok = tiny
+    model, _, tok = tiny
     dev = torch.device("cuda")
     eng = LLMEngine(model.to(dev), tok, num_kv_blocks=64, block_size=16, max_num_batched_tokens=24, max_num_seqs=8)
     assert eng.runner.graphs, "decode graphs were not captured"
     prompts = _prompts([3, 21, 40, 9, 30, 17], seed=6)
     outs = eng.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
-    ref = ref.to(dev)
-    for out, p in zip(outs, prompts, strict=True):
-        got = ref.generate(torch.tensor([p], device=dev), max_new_tokens=20, do_sample=False, pad_token_id=0)
-        assert out.token_ids == got[0, len(p):].tolist()
-    model.cpu()
-    ref.cpu()
+    _assert_hf_greedy_on_gpu(tiny, outs, prompts, 20)
 
 
 def test_decode_staging_pads_rows_whatever_the_previous_layout():
@@ -271,7 +280,7 @@ def test_decode_staging_pads_rows_whatever_the_previous_layout():
 def test_cuda_graph_decode_under_heavy_preemption_matches_hf(tiny):
     """A pool far too small for the batch: preemptions, recomputes in small chunks (steps
     in which no row samples) between pipelined graph replays. Greedy must still agree."""
-    model, ref, tok = tiny
+    model, _, tok = tiny
     dev = torch.device("cuda")
     eng = LLMEngine(model.to(dev), tok, num_kv_blocks=24, block_size=8, max_num_batched_tokens=9, max_num_seqs=16)
     assert eng.runner.graphs and eng.pipeline
@@ -279,12 +288,7 @@ def test_cuda_graph_decode_under_heavy_preemption_matches_hf(tiny):
     outs = eng.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
     assert eng.stats().preemptions_total > 0
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
-    ref = ref.to(dev)
-    for out, p in zip(outs, prompts, strict=True):
-        got = ref.generate(torch.tensor([p], device=dev), max_new_tokens=24, do_sample=False, pad_token_id=0)
-        assert out.token_ids == got[0, len(p):].tolist()
-    model.cpu()
-    ref.cpu()
+    _assert_hf_greedy_on_gpu(tiny, outs, prompts, 24)
 
 
 def _drive(eng: LLMEngine, requests, arrive_at) -> tuple[dict, int]:
