@@ -297,9 +297,9 @@ def test_eviction_under_the_real_scheduler_keeps_books_balanced():
     assert mgr.blocks_evicted > 0
 
 
-def _step_ctx(block_tables, seq_lens, cu, slots, max_q):
+def _step_ctx(block_tables, seq_lens, cu, slots, max_q, fresh_prefill=False):
     return SimpleNamespace(slot_mapping=slots, block_tables=block_tables, seq_lens=seq_lens, cu_seqlens_q=cu,
-                           max_q_len=max_q, num_splits=2, backend="triton")
+                           max_q_len=max_q, num_splits=2, backend="triton", fresh_prefill=fresh_prefill)
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
@@ -323,6 +323,15 @@ def test_quantized_attention_step_writes_and_attends(dtype, device):
     # The pages hold the tokens to within the format's error.
     deq = kq.dequantize_pages_ref(kp).reshape(-1, 2, 32)[slots]
     assert (deq - k).abs().max() < (0.05 if dtype == "int8" else 0.5)
+    # Marked as a fresh prefill (nothing cached before), the step attends over its own
+    # unquantized keys and values instead: exact attention, the codes still written.
+    fresh = ekv.compressed_attention_step(q, k, v, kp, vp, _step_ctx(tables, ctx.seq_lens, cu, slots, 20, True),
+                                          32**-0.5)
+    kf, vf = (torch.zeros(9 * BS, 2, 32, device=device) for _ in range(2))
+    kf[slots], vf[slots] = k, v
+    exact, _ = kq.paged_attention_ref(q, kf.view(9, BS, 2, 32), vf.view(9, BS, 2, 32), tables, ctx.seq_lens, cu)
+    torch.testing.assert_close(fresh.double(), exact, atol=1e-4, rtol=1e-4)
+    assert torch.equal(kq.dequantize_pages_ref(kp).reshape(-1, 2, 32)[slots], deq)
     # A decode step with a heavy hitter planted in sequence 1's first block: the collector sees it.
     slots2 = torch.tensor([int(tables[0, 1]) * BS + 4, int(tables[1, 0]) * BS + 9], device=device)
     q2, k2, v2 = (torch.randn(2, h, 32, generator=g).to(device) for h in (4, 2, 2))

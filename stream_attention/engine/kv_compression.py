@@ -197,6 +197,7 @@ class _StepContext(Protocol):
     max_q_len: int
     num_splits: int
     backend: str
+    fresh_prefill: bool  # no sequence of the step has cached keys yet
 
 
 def compressed_attention_step(
