@@ -1126,7 +1126,8 @@ def decode_launch(bits: int, programs: int, device: torch.device) -> tuple[int, 
     with at most two programs per SM (batch 16 x 8 KV heads x 2 splits) (128, 4, 3)
     without a register cap ran 73 / 124 us at 4k / 8k where (128, 4, 2) capped ran 77 /
     131; with more programs (batch 64, 1 split) (128, 2, 2) ran 217 / 408 against 228 /
-    442. Other formats keep :data:`DEFAULT_LAUNCH` (int4's best differed by < 2%).
+    442. Other formats keep :data:`DEFAULT_LAUNCH` (int4's best alternative, (128, 4, 3)
+    capped at 128 registers, was 1-6% faster at batch 16 across runs and slower at 64).
     """
     if bits == 8 and device.type == "cuda":
         return (128, 4, 3) if programs <= 2 * _num_sms(device) else (128, 2, 2)
