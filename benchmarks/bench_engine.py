@@ -58,9 +58,6 @@ def _bench(fn, warmup: int = 10, rep: int = 50, flush: str = "zero") -> float:
         return _do_bench(fn, warmup=warmup, rep=rep)
 
 
-_READ_FLUSH: torch.Tensor | None = None
-
-
 def _kernel_span_read_flush(fn, reps: int = 20) -> dict:
     """GPU-side time of ``fn`` from the profiler (CUPTI), L2 evicted by a read between calls.
 
@@ -70,23 +67,23 @@ def _kernel_span_read_flush(fn, reps: int = 20) -> dict:
     """
     from torch.profiler import ProfilerActivity, profile
 
+    from stream_attention.core.benchmarking import evict_l2
+
     def cuda_kernels(prof) -> list:
         return sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                       key=lambda e: e.time_range.start)
 
-    global _READ_FLUSH
-    if _READ_FLUSH is None:  # allocated outside the profile
-        _READ_FLUSH = torch.empty(64 * 2**20, dtype=torch.float32, device="cuda").uniform_()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    evict_l2(dev)  # allocates the flush buffer outside the profile
     fn()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     names = {e.name for e in cuda_kernels(prof)}
     per_call = len(cuda_kernels(prof))
-    sink = torch.empty((), dtype=torch.float32, device="cuda")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            torch.sum(_READ_FLUSH, 0, out=sink)
+            evict_l2(dev)
             fn()
         torch.cuda.synchronize()
     ours = [e for e in cuda_kernels(prof) if e.name in names]

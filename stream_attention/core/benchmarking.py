@@ -58,7 +58,25 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 10, it
     return statistics.median(samples)
 
 
-_FLUSH: dict[str, torch.Tensor] = {}
+_FLUSH: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+_FLUSH_KINDS = ("read", "zero")
+
+
+def evict_l2(device: torch.device, how: str = "read") -> None:
+    """Queue an eviction of ``device``'s L2 cache: a pass over 256 MiB that reads it
+    (``"read"``: leaves clean lines) or zeroes it (``"zero"``, as ``triton.testing.do_bench``
+    does: leaves ~50 MB of dirty lines for the next kernel to write back)."""
+    if how not in _FLUSH_KINDS:
+        raise ValueError(f"flush must be 'read' or 'zero', got {how!r}")
+    key = str(device)
+    if key not in _FLUSH:
+        _FLUSH[key] = (torch.empty(64 * 2**20, dtype=torch.float32, device=device).uniform_(),
+                       torch.empty((), dtype=torch.float32, device=device))
+    buf, sink = _FLUSH[key]
+    if how == "read":
+        torch.sum(buf, 0, out=sink)
+    else:
+        buf.zero_()
 
 
 def time_graph_ms(fn: Callable[[], object], device: torch.device | None = None, *, reps: int = 50,
@@ -69,11 +87,9 @@ def time_graph_ms(fn: Callable[[], object], device: torch.device | None = None, 
     eager calls the GPU can idle while the host prepares the next launch, and the event
     pair around the call counts that idle time. A replay costs the host a few µs, and the
     256 MiB eviction queued before it keeps the GPU busy meanwhile, so only device time
-    is measured (the decode engine replays graphs too). ``flush="read"`` evicts by reading
-    (clean lines); ``"zero"`` by writing, as ``triton.testing.do_bench`` does, which leaves
-    ~50 MB of dirty lines that the timed kernel's reads must write back first.
+    is measured (the decode engine replays graphs too). ``flush`` is :func:`evict_l2`'s.
     """
-    if flush not in ("read", "zero"):
+    if flush not in _FLUSH_KINDS:
         raise ValueError(f"flush must be 'read' or 'zero', got {flush!r}")
     device = device or torch.device("cuda", torch.cuda.current_device())
     side = torch.cuda.Stream(device)
@@ -85,27 +101,17 @@ def time_graph_ms(fn: Callable[[], object], device: torch.device | None = None, 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    key = str(device)
-    if key not in _FLUSH:
-        _FLUSH[key] = torch.empty(64 * 2**20, dtype=torch.float32, device=device).uniform_()
-    buf = _FLUSH[key]
-    sink = torch.empty((), dtype=torch.float32, device=device)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     graph.replay()
     for start, end in zip(starts, ends, strict=True):
-        if flush == "read":
-            torch.sum(buf, 0, out=sink)
-        else:
-            buf.zero_()
+        evict_l2(device, flush)
         start.record()
         graph.replay()
         end.record()
     torch.cuda.synchronize(device)
     times = sorted(start.elapsed_time(end) for start, end in zip(starts, ends, strict=True))
     del graph
-    if flush == "zero":
-        buf.uniform_()
     return float(times[len(times) // 2])
 
 
