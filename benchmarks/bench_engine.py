@@ -295,106 +295,6 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
     return out
 
 
-# (name, launch or None for the shipped one, num_splits or None for the split policy,
-# head_splits, carry_page_ids, environment). Timed in the same process as cuDNN.
-DECODE_VARIANTS = [
-    ("shipped", None, None, 1, False, {}),
-    ("no_pdl", None, None, 1, False, {"STREAM_ATTENTION_PDL": "0"}),
-    ("carry", None, None, 1, True, {}),
-    ("1split", None, 1, 1, False, {}),
-    ("1split_carry", None, 1, 1, True, {}),
-    ("heads2", None, 1, 2, False, {}),
-    ("heads2_carry", None, 1, 2, True, {}),
-    ("heads4_carry", None, 1, 4, True, {}),
-    ("heads2_2split_carry", None, 2, 2, True, {}),
-    ("1split_carry_3stage", (128, 4, 3), 1, 1, True, {}),
-    ("heads2_carry_3stage", (128, 4, 3), 1, 2, True, {}),
-    ("heads2_carry_64", (64, 4, 2), 1, 2, True, {}),
-]
-
-
-def decode_variants(cases=((16, 4096), (16, 8192), (64, 4096), (64, 8192)), dev: torch.device | None = None,
-                    bench=None) -> dict:
-    """The bf16 paged decode kernel's work-split options (split-K with or without a
-    programmatic-launch combine, query heads spread over programs, page ids carried a
-    tile ahead, double-buffered launches) against cuDNN on the same data dense and the
-    int8 kernel on the same data quantized, all timed as graph replays after a zeroing
-    and after a read-only L2 flush, in one process."""
-    bench = bench or _bench
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from stream_attention.core.distributed_utils import patched_environ
-    from stream_attention.kernels import kv_quant as kq
-    from stream_attention.kernels.paged_attention import choose_num_splits, paged_attention
-
-    scale = 1.0 / math.sqrt(DECODE_D)
-    rows = []
-    for batch, ctx in cases:
-        data = _decode_data(batch, ctx, dev)
-        policy = choose_num_splits(batch, DECODE_HKV, ctx, data["dev"])
-        ref = None
-        res = {"batch": batch, "context": ctx, "policy_splits": policy, "variants": {}}
-        for name, launch, splits, heads, carry, env in DECODE_VARIANTS:
-            def fn(data=data, launch=launch, splits=splits or policy, heads=heads, carry=carry):
-                return paged_attention(data["q"], data["k_pages"], data["v_pages"], data["table"], data["seq_lens"],
-                                       data["cu"], max_q_len=1, softmax_scale=scale, num_splits=splits,
-                                       head_splits=heads, carry_page_ids=carry, launch=launch)
-            try:
-                with patched_environ(env):
-                    out = fn().float()
-                    if ref is None:
-                        ref = out
-                    ms, ms_read = bench(fn), bench(fn, flush="read")
-                res["variants"][name] = {"ms": ms, "TBps": data["kv_bytes"] / ms / 1e9, "ms_read_flush": ms_read,
-                                         "TBps_read_flush": data["kv_bytes"] / ms_read / 1e9,
-                                         "max_abs_diff_vs_shipped": float((out - ref).abs().max())}
-            except Exception as exc:
-                res["variants"][name] = {"error": repr(exc)[:300]}
-
-        def cudnn(data=data):
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return torch.nn.functional.scaled_dot_product_attention(
-                    data["q_dense"], data["k_dense"], data["v_dense"], scale=scale, enable_gqa=True)
-
-        cudnn()
-        ms, ms_read = bench(cudnn), bench(cudnn, flush="read")
-        res["sdpa_cudnn"] = {"ms": ms, "TBps": data["kv_bytes"] / ms / 1e9, "ms_read_flush": ms_read,
-                             "TBps_read_flush": data["kv_bytes"] / ms_read / 1e9}
-        n_blocks = data["k_pages"].shape[0]
-        ids = torch.arange(n_blocks, device=data["dev"])
-        full = torch.full((n_blocks,), DECODE_PAGE, dtype=torch.int32, device=data["dev"])
-        kq8, vq8 = (kq.QuantizedPages.empty(n_blocks, DECODE_PAGE, DECODE_HKV, DECODE_D, 8, device=data["dev"])
-                    for _ in range(2))
-        kq.write_blocks_to_pages(data["k_pages"], ids, full, kq8)
-        kq.write_blocks_to_pages(data["v_pages"], ids, full, vq8)
-        int8_launch = dict(zip(("BLOCK_N", "num_warps", "num_stages"),
-                               kq.decode_launch(8, batch * DECODE_HKV * policy, data["dev"]), strict=True))
-
-        def int8(data=data, kq8=kq8, vq8=vq8, policy=policy, int8_launch=int8_launch):
-            return kq.paged_attention_quantized(data["q"], kq8, vq8, data["table"], data["seq_lens"], data["cu"],
-                                                max_q_len=1, softmax_scale=scale, num_splits=policy,
-                                                launch=int8_launch)
-
-        int8()
-        res["int8"] = {"ms": bench(int8), "ms_read_flush": bench(int8, flush="read")}
-        ok = {k: v for k, v in res["variants"].items() if "ms" in v}
-        best = min(ok, key=lambda k: ok[k]["ms"])
-        res["best"] = best
-        res["best_vs_cudnn"] = res["sdpa_cudnn"]["ms"] / ok[best]["ms"]
-        res["shipped_vs_cudnn"] = res["sdpa_cudnn"]["ms"] / ok["shipped"]["ms"]
-        res["int8_vs_shipped"] = ok["shipped"]["ms"] / res["int8"]["ms"]
-        res["int8_vs_best"] = ok[best]["ms"] / res["int8"]["ms"]
-        print(json.dumps({"batch": batch, "context": ctx, "cudnn_TBps": round(res["sdpa_cudnn"]["TBps"], 3),
-                          **{k: round(v["TBps"], 3) for k, v in ok.items()}, "best": best,
-                          "best_vs_cudnn": round(res["best_vs_cudnn"], 3),
-                          "int8_vs_best": round(res["int8_vs_best"], 3)}), flush=True)
-        rows.append(res)
-        del data, kq8, vq8, ref
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return {"cases": rows}
-
-
 def decode_layout(batches=(16, 64), contexts=(4096, 8192), dev: torch.device | None = None,
                   bench=None, kernel_span=None) -> dict:
     """Does the page layout or placement cost bandwidth? The shipped layout is token-major
@@ -691,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
-    ap.add_argument("--only", choices=["decode", "anatomy", "layout", "variants", "hf", "engine"], default=None,
+    ap.add_argument("--only", choices=["decode", "anatomy", "layout", "hf", "engine"], default=None,
                     help="one part only (the GPU script runs each part in its own process)")
     ap.add_argument("--kv-gib", type=float, default=8.0, help="engine KV cache size")
     ap.add_argument("--step-tokens", type=int, default=16384, help="engine max_num_batched_tokens")
@@ -745,8 +645,6 @@ def main(argv: list[str] | None = None) -> int:
         report["anatomy"] = decode_anatomy()
     if args.only == "layout":  # not part of the default run
         report["layout"] = decode_layout()
-    if args.only == "variants":  # not part of the default run
-        report["variants"] = decode_variants()
     for part, fn in (("hf", hf_static), ("engine", engine_throughput)):
         if args.only in (None, part):
             try:

@@ -223,23 +223,14 @@ def case_launch(case: str, launch: tuple[int, int, int] | None, maxnreg: int | N
     """``(jit_fn, args, kwargs, BLOCK_N)`` of a decode launch of ``case`` (``maxnreg``: a
     register cap for kv_quant's launches, None for none, -1 for the wrapper's default)."""
     nb, table, seq_lens, cu, q = _decode_inputs()
-    if case.startswith("engine-bf16"):
-        # Suffixes: "-s1" one split (no combine), "-hs2"/"-hs4" head splits (and one
-        # split), "-carry" page ids looked up a tile ahead, "-pdl" the grid-dependency
-        # trigger compiled in (the CPU capture never enables it by itself).
+    if case == "engine-bf16":
         from stream_attention.kernels import paged_attention as pa
 
-        parts = case.split("-")[2:]
-        head_splits = next((int(p[2:]) for p in parts if p.startswith("hs")), 1)
-        splits = 1 if "s1" in parts or head_splits > 1 else 2
         k = torch.zeros(nb, PAGE, HKV, D, dtype=torch.bfloat16)
         lt = launch or pa.DEFAULT_LAUNCH["decode"]
         fn, args, kwargs = capture_launch(
             lambda: pa.paged_attention(q, k, k.clone(), table, seq_lens, cu, max_q_len=1, softmax_scale=D**-0.5,
-                                       num_splits=splits, head_splits=head_splits, carry_page_ids="carry" in parts,
-                                       launch=lt), pa, ["_paged_attn_kernel", "_combine_splits_kernel"])
-        if "pdl" in parts:
-            kwargs["PDL"] = True
+                                       num_splits=2, launch=lt), pa, ["_paged_attn_kernel", "_combine_splits_kernel"])
         return fn, args, kwargs, kwargs["BLOCK_N"]
     from stream_attention.core.distributed_utils import patched_environ
     from stream_attention.kernels import kv_quant as kq

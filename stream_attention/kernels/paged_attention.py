@@ -35,19 +35,7 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import dot_precision_for
-from .runtime import interpreter_enabled, pdl_enabled
-
-try:  # grid dependency control for programmatic dependent launch (Hopper and later)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - older Triton: pdl_enabled() is False, never traced
-
-    @triton.jit
-    def gdc_launch_dependents():
-        pass
-
-    @triton.jit
-    def gdc_wait():
-        pass
+from .runtime import interpreter_enabled
 
 _LOG2E = 1.0 / math.log(2.0)
 _MIN_DOT_ROWS = 16
@@ -55,28 +43,20 @@ _MIN_DOT_ROWS = 16
 
 @triton.jit
 def _paged_tiles(
-    acc, l_i, m_i, page_ids, q, K, V, bt_row, bt_width,
+    acc, l_i, m_i, q, K, V, bt_row,
     stride_ks, stride_vs, k_head_off, v_head_off, stride_kb, stride_vb, stride_kd, stride_vd,
     offs_n, offs_d, tok, lo, hi, kv_len, diag, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, CARRY: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
+        # Each column finds its page through the block table; consecutive columns share
+        # a page, so these loads hit the same few cache lines.
         if MASKED:
             col_ok = cols < hi
-        # Each column finds its page through the block table; consecutive columns share
-        # a page, so these loads hit the same few cache lines. With CARRY the ids of the
-        # next tile are looked up one tile ahead (bounded by the table's width, not by
-        # the sequence: ids past its end are only used under the column mask), so the
-        # K/V copies never wait on a page-id load issued in the same iteration.
-        if CARRY:
-            page = page_ids.to(tl.int64)
-            nxt = (cols + BLOCK_N) // PAGE_SIZE
-            page_ids = tl.load(bt_row + nxt, mask=nxt < bt_width, other=0)
-        elif MASKED:
             page = tl.load(bt_row + cols // PAGE_SIZE, mask=col_ok, other=0).to(tl.int64)
         else:
             page = tl.load(bt_row + cols // PAGE_SIZE).to(tl.int64)
@@ -112,7 +92,7 @@ def _paged_tiles(
             v = tl.load(v_ptrs)
         acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
         m_i = m_new
-    return acc, l_i, m_i, page_ids
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -123,31 +103,18 @@ def _paged_attn_kernel(
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
-    stride_bt, bt_width,
+    stride_bt,
     stride_ps, stride_pt, stride_ph, stride_pd,
     stride_ls, stride_lt, stride_lh,
     num_kv_heads, group_size, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_Q: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_SPLIT: tl.constexpr, SPLIT: tl.constexpr,
-    CARRY: tl.constexpr, PDL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    if PDL:
-        # Let the combine kernel's programs launch now; they wait for this grid to finish.
-        gdc_launch_dependents()
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    pid_z = tl.program_id(2)
-    pid_s = pid_z // HEAD_SPLIT
+    pid_s = tl.program_id(2)
     b = pid_bh // num_kv_heads
     kvh = pid_bh % num_kv_heads
-    offs_n = tl.arange(0, BLOCK_N)
-    bt_row = block_tables + b.to(tl.int64) * stride_bt
-    if CARRY and not SPLIT:
-        # The first tile starts at key 0 whatever the lengths are: its page ids load now,
-        # alongside the lengths, rather than after them.
-        first_pages = tl.load(bt_row + offs_n // PAGE_SIZE, mask=offs_n // PAGE_SIZE < bt_width, other=0)
-    else:
-        first_pages = offs_n
 
     q_start = tl.load(cu_seqlens_q + b)
     q_len = tl.load(cu_seqlens_q + b + 1) - q_start
@@ -157,13 +124,12 @@ def _paged_attn_kernel(
     kv_len = tl.load(seq_lens + b)
     diag = kv_len - q_len
 
-    # Rows are (token, query head) pairs: BLOCK_Q tokens times the GROUP_ROWS heads of
-    # this program's share of the group (the whole group unless HEAD_SPLIT > 1).
-    offs_r = tl.arange(0, BLOCK_Q * GROUP_ROWS)
-    tok = m0 + offs_r // GROUP_ROWS
-    g = (pid_z % HEAD_SPLIT) * GROUP_ROWS + offs_r % GROUP_ROWS
+    offs_r = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    tok = m0 + offs_r // GROUP_PAD
+    g = offs_r % GROUP_PAD
     row_ok = (tok < q_len) & (g < group_size)
     head = kvh * group_size + g
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
@@ -180,27 +146,23 @@ def _paged_attn_kernel(
     lo_s = tl.minimum(pid_s * tiles_per_split * BLOCK_N, hi)
     hi_s = tl.minimum(lo_s + tiles_per_split * BLOCK_N, hi)
     mid = tl.minimum(tl.maximum(full_hi, lo_s), hi_s)
-    if CARRY and SPLIT:
-        first = (lo_s + offs_n) // PAGE_SIZE
-        first_pages = tl.load(bt_row + first, mask=first < bt_width, other=0)
 
+    bt_row = block_tables + b.to(tl.int64) * stride_bt
     k_head_off = kvh.to(tl.int64) * stride_kh
     v_head_off = kvh.to(tl.int64) * stride_vh
 
-    m_i = tl.full([BLOCK_Q * GROUP_ROWS], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_Q * GROUP_ROWS], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q * GROUP_ROWS, BLOCK_D], dtype=tl.float32)
-    # The unmasked loop ends on a tile boundary (or where the masked one is empty), so
-    # the page ids it carries out are those of the masked loop's first tile.
-    acc, l_i, m_i, pages = _paged_tiles(
-        acc, l_i, m_i, first_pages, q, K, V, bt_row, bt_width, stride_ks, stride_vs, k_head_off, v_head_off,
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _paged_tiles(
+        acc, l_i, m_i, q, K, V, bt_row, stride_ks, stride_vs, k_head_off, v_head_off,
         stride_kb, stride_vb, stride_kd, stride_vd, offs_n, offs_d, tok, lo_s, mid, kv_len, diag, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, DOT_PRECISION, CARRY,
+        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, DOT_PRECISION,
     )
-    acc, l_i, m_i, pages = _paged_tiles(
-        acc, l_i, m_i, pages, q, K, V, bt_row, bt_width, stride_ks, stride_vs, k_head_off, v_head_off,
+    acc, l_i, m_i = _paged_tiles(
+        acc, l_i, m_i, q, K, V, bt_row, stride_ks, stride_vs, k_head_off, v_head_off,
         stride_kb, stride_vb, stride_kd, stride_vd, offs_n, offs_d, tok, mid, hi_s, kv_len, diag, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, DOT_PRECISION, CARRY,
+        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, DOT_PRECISION,
     )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -225,11 +187,8 @@ def _combine_splits_kernel(
     stride_ls, stride_lt, stride_lh,
     stride_ot, stride_oh, stride_od,
     num_heads, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    if PDL:
-        # Launched early (programmatic dependent launch): wait until the partials exist.
-        gdc_wait()
     pid = tl.program_id(0)
     t = (pid // num_heads).to(tl.int64)
     h = pid % num_heads
@@ -282,24 +241,19 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: to
     return int(max(1, min(by_occupancy, by_length, 32)))
 
 
-def block_q_for(max_q_len: int, group_size: int, head_splits: int = 1) -> tuple[int, int]:
-    """``(BLOCK_Q, GROUP_ROWS)``: query tokens per program and the (padded) query heads
-    of a KV group that one program serves, ``next_power_of_2(group) // head_splits``.
+def block_q_for(max_q_len: int, group_size: int) -> tuple[int, int]:
+    """``(BLOCK_Q, GROUP_PAD)``: query tokens per program and the padded group size.
 
     Decode uses the fewest tokens whose (token, head) rows reach ``tl.dot``'s minimum of
     16; prefill chunks use up to 64 rows per program.
     """
     group_pad = triton.next_power_of_2(max(group_size, 1))
-    if head_splits < 1 or head_splits & (head_splits - 1) or head_splits > group_pad:
-        raise ValueError(f"head_splits must be a power of two <= {group_pad} (the padded group of "
-                         f"{group_size} query heads per KV head), got {head_splits}")
-    group_rows = group_pad // head_splits
-    min_q = max(1, _MIN_DOT_ROWS // group_rows)
+    min_q = max(1, _MIN_DOT_ROWS // group_pad)
     if max_q_len <= 1:
-        return min_q, group_rows
-    want = max(min_q, 64 // group_rows, 1)
+        return min_q, group_pad
+    want = max(min_q, 64 // group_pad, 1)
     want = min(want, max(min_q, triton.next_power_of_2(max_q_len)))
-    return want, group_rows
+    return want, group_pad
 
 
 def paged_attention(
@@ -313,8 +267,6 @@ def paged_attention(
     max_q_len: int,
     softmax_scale: float,
     num_splits: int = 1,
-    head_splits: int = 1,
-    carry_page_ids: bool = False,
     out: torch.Tensor | None = None,
     launch: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
@@ -330,25 +282,19 @@ def paged_attention(
     ``(BLOCK_N, num_warps, num_stages[, maxnreg])`` (any power-of-two ``BLOCK_N``: each key
     column looks its page up, so tiles may span or split pages; ``maxnreg`` caps registers
     per thread so more programs fit on an SM).
-    ``head_splits`` > 1 gives each KV head's query heads to that many programs, which
-    read the same pages (the second read mostly from L2): parallelism without split-K's
-    partials and combine kernel. ``carry_page_ids`` looks each tile's page ids up one
-    tile ahead. With split-K on a Hopper GPU the combine kernel is launched as a
-    programmatic dependent launch unless ``STREAM_ATTENTION_PDL=0``.
     Returns ``out [total_q, Hq, D]`` in ``q``'s dtype.
     """
     total_q, hq, head_dim = q.shape
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
     batch = block_tables.shape[0]
     group = hq // hkv
-    block_q, group_rows = block_q_for(max_q_len, group, head_splits)
+    block_q, group_pad = block_q_for(max_q_len, group)
     block_d = max(16, triton.next_power_of_2(head_dim))
     if out is None:
         out = torch.empty((total_q, hq, head_dim), device=q.device, dtype=q.dtype)
     if total_q == 0 or batch == 0:
         return out
     split = num_splits > 1
-    pdl = split and pdl_enabled(q.device)
     if split:
         part_out = torch.empty((num_splits, total_q, hq, head_dim), device=q.device, dtype=torch.float32)
         part_lse = torch.empty((num_splits, total_q, hq), device=q.device, dtype=torch.float32)
@@ -358,16 +304,16 @@ def paged_attention(
         q, k_pages, v_pages, out, part_out, part_lse,
         block_tables, seq_lens, cu_seqlens_q,
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *out.stride(),
-        block_tables.stride(0), block_tables.shape[1],
+        block_tables.stride(0),
         *(part_out.stride() if split else (0, 0, 0, 0)),
         *(part_lse.stride() if split else (0, 0, 0)),
         hkv, group, num_splits, softmax_scale * _LOG2E,
     )
     meta = dict(
-        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_Q=block_q, GROUP_ROWS=group_rows,
-        HEAD_SPLIT=head_splits, SPLIT=split, CARRY=carry_page_ids, PDL=pdl, DOT_PRECISION=dot_precision_for(q.dtype),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_Q=block_q, GROUP_PAD=group_pad,
+        SPLIT=split, DOT_PRECISION=dot_precision_for(q.dtype),
     )
-    grid = (triton.cdiv(max_q_len, block_q), batch * hkv, num_splits * head_splits)
+    grid = (triton.cdiv(max_q_len, block_q), batch * hkv, num_splits)
     block_n, warps, stages, *cap = launch or DEFAULT_LAUNCH["decode" if max_q_len <= 1 else "prefill"]
     if interpreter_enabled():
         _paged_attn_kernel[grid](*args, **meta, BLOCK_N=16)
@@ -380,12 +326,12 @@ def paged_attention(
         cargs = (
             part_out, part_lse, out, *part_out.stride(), *part_lse.stride(), *out.stride(), hq, num_splits,
         )
-        cmeta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), PDL=pdl)
+        cmeta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
         if interpreter_enabled():
             _combine_splits_kernel[cgrid](*cargs, **cmeta)
         else:
             with torch.cuda.device(q.device):
-                _combine_splits_kernel[cgrid](*cargs, **cmeta, **({"launch_pdl": True} if pdl else {}))
+                _combine_splits_kernel[cgrid](*cargs, **cmeta)
     return out
 
 

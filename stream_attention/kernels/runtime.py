@@ -60,33 +60,6 @@ def why_triton_cannot_run(device: torch.device) -> str:
     )
 
 
-@functools.cache
-def gdc_available() -> bool:
-    """True when Triton exposes grid dependency control (``gdc_wait`` and friends)."""
-    try:
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the Triton version
-        return False
-    return True
-
-
-@functools.cache
-def _pdl_capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether a dependent kernel (a split-K combine) is launched with programmatic
-    dependent launch: on Hopper or later, with a Triton that has grid dependency control,
-    unless ``STREAM_ATTENTION_PDL=0``. Its programs start while the kernel before it
-    drains and wait (``gdc_wait``) for its results, hiding the launch gap."""
-    if not gdc_available() or interpreter_enabled() or device.type != "cuda":
-        return False
-    if os.environ.get("STREAM_ATTENTION_PDL", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def autotune_enabled() -> bool:
     """Whether GPU launches autotune (``STREAM_ATTENTION_AUTOTUNE=1``) or take the
     measured default config of their shape class (the default).
