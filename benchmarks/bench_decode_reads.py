@@ -19,6 +19,7 @@ replays after a zeroing L2 flush, as elsewhere (``core.benchmarking.time_graph_m
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -35,8 +36,11 @@ CASES = ((16, 4096), (16, 8192), (64, 4096), (64, 8192))
 # (BLOCK_N, num_warps, num_stages) x split counts
 READ_GRID = [((128, 4, 2), (1, 2, 4, 8)), ((64, 4, 2), (4, 8, 16)), ((64, 2, 2), (4, 8, 16)), ((32, 2, 2), (8, 16))]
 # The attention kernel over the same kind of grid (the shipped launch is (128, 4, 2)).
-ATTENTION_GRID = [((128, 4, 2), (1, 2, 3, 4)), ((64, 2, 2), (2, 4, 8, 16)), ((64, 2, 3), (4, 8, 16)),
-                  ((128, 2, 2), (2, 4, 8)), ((64, 4, 2), (2, 4, 8)), ((32, 2, 3), (8, 16))]
+ATTENTION_GRID = [((128, 4, 2), (1, 2, 3, 4)), ((64, 2, 2), (2, 4, 8, 16)), ((64, 4, 2), (2, 4, 8))]
+# Launches timed with the page ids carried a tile ahead (``carry_page_ids``, when the
+# kernel has it): the only way Triton double-buffers these tiles.
+CARRY_GRID = [((64, 2, 3), (2, 4, 8)), ((64, 2, 4), (4, 8)), ((32, 2, 4), (4, 8, 16)), ((64, 4, 3), (2, 4, 8)),
+              ((128, 4, 3), (1, 2)), ((32, 4, 4), (4, 8))]
 
 
 @triton.jit
@@ -128,15 +132,22 @@ def run_case(batch: int, ctx: int, deadline: float) -> dict:
     res["attention_shipped"] = timed(lambda: paged_attention(q, k, v, scattered, seq_lens, cu, max_q_len=1,
                                                              softmax_scale=D**-0.5, num_splits=splits))
     res["attention"] = []
-    for launch, split_choices in ATTENTION_GRID:
+    has_carry = "carry_page_ids" in inspect.signature(paged_attention).parameters
+    grid = [(la, sp, False) for la, sp in ATTENTION_GRID] + ([(la, sp, True) for la, sp in CARRY_GRID]
+                                                            if has_carry else [])
+    for launch, split_choices, carry in grid:
+        extra = {"carry_page_ids": True} if carry else {}
         for s in split_choices:
             if time.perf_counter() > deadline:
                 res["skipped"].append(f"attention {launch} x{s}")
                 continue
-            row = timed(lambda s=s, la=launch: paged_attention(q, k, v, scattered, seq_lens, cu, max_q_len=1,
-                                                               softmax_scale=D**-0.5, num_splits=s, launch=la))
-            res["attention"].append({"launch": list(launch), "splits": s, **row})
-    res["attention_best"] = min(res["attention"], key=lambda r: r["ms"])
+            try:
+                row = timed(lambda s=s, la=launch, ex=extra: paged_attention(
+                    q, k, v, scattered, seq_lens, cu, max_q_len=1, softmax_scale=D**-0.5, num_splits=s, launch=la, **ex))
+            except Exception as exc:  # a launch that does not fit
+                row = {"error": repr(exc)[:200]}
+            res["attention"].append({"launch": list(launch), "splits": s, "carry": carry, **row})
+    res["attention_best"] = min((r for r in res["attention"] if "ms" in r), key=lambda r: r["ms"])
     kd = k[scattered.long()].reshape(batch, ctx, HKV, D).transpose(1, 2).contiguous()
     vd = v[scattered.long()].reshape(batch, ctx, HKV, D).transpose(1, 2).contiguous()
 
@@ -165,6 +176,7 @@ def run_case(batch: int, ctx: int, deadline: float) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
+    p.add_argument("--cases", nargs="+", default=[f"{b}x{c}" for b, c in CASES], help="BATCHxCONTEXT ...")
     p.add_argument("--budget-s", type=float, default=150.0, help="seconds after which grid points are skipped")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -175,7 +187,7 @@ def main() -> None:
     deadline = time.perf_counter() + args.budget_s
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "cases": []}
-    for batch, ctx in CASES:
+    for batch, ctx in (tuple(int(x) for x in case.split("x")) for case in args.cases):
         res["cases"].append(run_case(batch, ctx, deadline))
         torch.cuda.empty_cache()
         Path(args.out).write_text(json.dumps(res, indent=1))
