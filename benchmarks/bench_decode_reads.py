@@ -37,6 +37,9 @@ CASES = ((16, 4096), (16, 8192), (64, 4096), (64, 8192))
 READ_GRID = [((128, 4, 2), (1, 2, 4, 8)), ((64, 4, 2), (4, 8, 16)), ((64, 2, 2), (4, 8, 16)), ((32, 2, 2), (8, 16))]
 # The attention kernel over the same kind of grid (the shipped launch is (128, 4, 2)).
 ATTENTION_GRID = [((128, 4, 2), (1, 2, 3, 4)), ((64, 2, 2), (2, 4, 8, 16)), ((64, 4, 2), (2, 4, 8))]
+# The TMA decode kernel (kernels/paged_decode_tma.py): (num_warps, num_stages) x splits.
+TMA_GRID = [((1, 6), (1, 2, 4, 8, 16)), ((1, 8), (1, 2, 4, 8, 16)), ((1, 10), (2, 4, 8, 16)), ((1, 12), (4, 8)),
+            ((2, 8), (1, 2, 4, 8)), ((2, 12), (2, 4, 8)), ((4, 8), (1, 2, 4))]
 # Launches timed with the page ids carried a tile ahead (``carry_page_ids``, when the
 # kernel has it): the only way Triton double-buffers these tiles.
 CARRY_GRID = [((64, 2, 3), (2, 4, 8)), ((64, 2, 4), (4, 8)), ((32, 2, 4), (4, 8, 16)), ((64, 4, 3), (2, 4, 8)),
@@ -148,6 +151,33 @@ def run_case(batch: int, ctx: int, deadline: float) -> dict:
                 row = {"error": repr(exc)[:200]}
             res["attention"].append({"launch": list(launch), "splits": s, "carry": carry, **row})
     res["attention_best"] = min((r for r in res["attention"] if "ms" in r), key=lambda r: r["ms"])
+    res["tma"] = []
+    try:
+        from stream_attention.kernels import paged_decode_tma as pdt
+    except ImportError:
+        pdt = None
+    if pdt is not None and pdt.tma_decode_supported(q, k, v, 1):
+        want = paged_attention(q, k, v, scattered, seq_lens, cu, max_q_len=1, softmax_scale=D**-0.5,
+                               num_splits=splits).float()
+        for launch, split_choices in TMA_GRID:
+            for s in split_choices:
+                if s * batch * HKV < 132 and s < max(split_choices):
+                    continue
+                if time.perf_counter() > deadline:
+                    res["skipped"].append(f"tma {launch} x{s}")
+                    continue
+                try:
+                    def fn(s=s, la=launch):
+                        return pdt.paged_decode_tma(q, k, v, scattered, seq_lens, cu, softmax_scale=D**-0.5,
+                                                    num_splits=s, launch=la)
+                    err = float((fn().float() - want).abs().max())
+                    row = {**timed(fn), "max_abs_diff_vs_pointer_kernel": err}
+                except Exception as exc:
+                    row = {"error": repr(exc)[:300]}
+                res["tma"].append({"launch": list(launch), "splits": s, **row})
+        ok = [r for r in res["tma"] if "ms" in r]
+        if ok:
+            res["tma_best"] = min(ok, key=lambda r: r["ms"])
     kd = k[scattered.long()].reshape(batch, ctx, HKV, D).transpose(1, 2).contiguous()
     vd = v[scattered.long()].reshape(batch, ctx, HKV, D).transpose(1, 2).contiguous()
 
@@ -168,6 +198,8 @@ def run_case(batch: int, ctx: int, deadline: float) -> dict:
                       "attention": round(res["attention_shipped"]["TBps"], 3),
                       "attention_best": [res["attention_best"]["launch"], res["attention_best"]["splits"],
                                          round(res["attention_best"]["TBps"], 3)],
+                      "tma_best": [res["tma_best"]["launch"], res["tma_best"]["splits"],
+                                   round(res["tma_best"]["TBps"], 3)] if "tma_best" in res else None,
                       "cudnn": round(res["sdpa_cudnn"]["TBps"], 3), "copy": round(res["copy_read_write_TBps"], 3)}),
           flush=True)
     return res
