@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 CASES = ((16, 4096), (16, 8192), (64, 4096), (64, 8192))
 # (BLOCK_N, num_warps, num_stages) x split counts
-READ_GRID = [((128, 4, 2), (1, 2, 4, 8)), ((64, 4, 2), (4, 8, 16)), ((64, 2, 2), (4, 8, 16)), ((32, 2, 2), (8, 16))]
+READ_GRID = [((128, 4, 2), (2, 4, 8)), ((64, 2, 2), (4, 8, 16)), ((32, 2, 2), (16,))]
 # The attention kernel over the same kind of grid (the shipped launch is (128, 4, 2)).
-ATTENTION_GRID = [((128, 4, 2), (1, 2, 3, 4)), ((64, 2, 2), (2, 4, 8, 16)), ((64, 4, 2), (2, 4, 8))]
-# The TMA decode kernel (kernels/paged_decode_tma.py): (num_warps, num_stages) x splits.
-TMA_GRID = [((1, 6), (1, 2, 4, 8, 16)), ((1, 8), (1, 2, 4, 8, 16)), ((1, 10), (2, 4, 8, 16)), ((1, 12), (4, 8)),
-            ((2, 8), (1, 2, 4, 8)), ((2, 12), (2, 4, 8)), ((4, 8), (1, 2, 4))]
+ATTENTION_GRID = [((128, 4, 2), (1, 2, 3)), ((64, 2, 2), (4,))]
+# The TMA decode kernel (kernels/paged_decode_tma.py): (num_warps, num_stages, pages per iteration) x splits.
+TMA_GRID = [((1, 6, 1), (1, 2, 3, 4, 6, 8)), ((1, 5, 1), (3, 4)), ((1, 4, 1), (4, 8)),
+            ((1, 4, 2), (1, 2, 3, 4, 8)), ((1, 6, 2), (1, 2, 3, 4, 8)), ((2, 6, 2), (1, 2, 4)), ((1, 8, 2), (2, 4))]
 # Launches timed with the page ids carried a tile ahead (``carry_page_ids``, when the
 # kernel has it): the only way Triton double-buffers these tiles.
 CARRY_GRID = [((64, 2, 3), (2, 4, 8)), ((64, 2, 4), (4, 8)), ((32, 2, 4), (4, 8, 16)), ((64, 4, 3), (2, 4, 8)),
