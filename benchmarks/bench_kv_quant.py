@@ -5,11 +5,12 @@
 
 (a) Paged decode attention, GQA 32/8, head_dim 128, pages of 16 tokens scattered over the
     pool, one bf16 query per sequence, for every batch x context:
-    * ``bf16``: the engine's paged kernel (``kernels/paged_attention.py``) at its
-      ``DEFAULT_LAUNCH`` and its own split policy: the baseline of every ratio.
+    * ``bf16``: the engine's decode kernel (``paged_attention`` without a launch: the TMA
+      kernel ``kernels/paged_decode_tma.py`` on Hopper) at its own split policy: the
+      baseline of every ratio; the pointer kernel's launches are timed beside it.
     * ``int8`` / ``int4`` (per-token scales): ``kv_quant``'s fp16-code kernel at
       ``kv_quant.decode_launch`` (the engine's schedule), with kv_quant's split policy, and ``int8@engine-splits``
-      / ``int4@engine-splits`` with the bf16 kernel's split count (what the engine runs).
+      / ``int4@engine-splits`` with the split count the engine gives quantized pages.
     * ``int8-generic``: the dequantizing kernel (``STREAM_ATTENTION_KV_FAST=0``), i.e. before.
     * ``int8-deferred-sums``: row sums kept per key column until the end
       (``STREAM_ATTENTION_KV_DEFER_SUMS=1``: two cross-warp reductions fewer per tile, more
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stream_attention.core.distributed_utils import patched_environ  # noqa: E402
 from stream_attention.kernels import kv_quant as kq  # noqa: E402
 from stream_attention.kernels import paged_attention as pa  # noqa: E402
+from stream_attention.kernels import paged_decode_tma as pdt  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 LAUNCH_KEYS = ("BLOCK_N", "num_warps", "num_stages")
@@ -55,7 +57,7 @@ LAUNCH_KEYS = ("BLOCK_N", "num_warps", "num_stages")
 INT8_SWEEP = [(128, 4, 2, 128), (128, 4, 3, 128), (64, 4, 3, 128), (64, 4, 4, 128), (128, 4, 3, None), (32, 4, 4),
               (128, 2, 2)]
 INT4_SWEEP = [(128, 4, 3, 128), (64, 4, 3)]
-BF16_ALT_LAUNCHES = [(128, 4, 3), (64, 4, 3), (64, 4, 4)]
+BF16_ALT_LAUNCHES = [(128, 4, 2), (128, 4, 3), (64, 4, 3)]  # the pointer kernel (shipped launch first)
 
 
 def _bench(fn, warmup: int = 10, rep: int = 60) -> float:
@@ -101,6 +103,8 @@ class Case:
         self.scale = 1.0 / math.sqrt(D)
         self.kq_splits = kq.choose_num_splits(batch, HKV, ctx, dev)
         self.engine_splits = pa.choose_num_splits(batch, HKV, ctx, dev)
+        # What the engine gives kv_quant's kernel (ModelRunner._decode_splits for quantized pages).
+        self.engine_quant_splits = pa.choose_num_splits(batch, HKV, ctx, dev, tma=False)
         self._pages: dict = {}
 
     def pages(self, bits: int, per_channel: bool = False):
@@ -159,7 +163,9 @@ def _time_kq(case: Case, name: str, bits: int, *, per_channel: bool = False, lau
 
 
 def _time_engine(case: Case, launch=None, splits: int | None = None) -> dict:
-    launch = tuple(launch or pa.DEFAULT_LAUNCH["decode"])
+    """The engine's bf16 decode: the TMA kernel where it runs (``launch`` None), else the
+    pointer kernel at ``launch``."""
+    launch = tuple(launch) if launch else None
     splits = splits or case.engine_splits
 
     def fn():
@@ -170,7 +176,9 @@ def _time_engine(case: Case, launch=None, splits: int | None = None) -> dict:
     _sync(case.dev)
     ms = _bench(fn)
     read = _pages_read(16, False, case.batch, case.avg_ctx)
-    return {"format": "bf16", "bits": 16, "kernel": "paged_attention.py", "launch": list(launch),
+    tma = launch is None and pa.tma_decode_supported(case.q, case.k, case.v, 1)
+    return {"format": "bf16", "bits": 16, "kernel": "paged_decode_tma.py" if tma else "paged_attention.py",
+            "launch": list(pdt.DEFAULT_TMA_DECODE_LAUNCH if tma else launch or pa.DEFAULT_LAUNCH["decode"]),
             "num_splits": splits, "ms": ms, "tb_per_s": read / (ms * 1e-3) / 1e12,
             "max_abs_err_vs_fp64_on_dequantized": case.kernel_error(out, 16)}
 
@@ -228,21 +236,22 @@ def decode_case(batch: int, ctx: int, deadline: float, *, sweep: bool, extra: bo
                 dev: torch.device | None = None) -> dict:
     case = Case(batch, ctx, dev or torch.device("cuda"))
     res = {"batch": batch, "context": ctx, "kq_num_splits": case.kq_splits,
-           "engine_num_splits": case.engine_splits, "rows": [], "sweep": [], "skipped": []}
+           "engine_num_splits": case.engine_splits, "engine_quant_num_splits": case.engine_quant_splits, "rows": [], "sweep": [], "skipped": []}
     rows, sw = res["rows"], res["sweep"]
 
     def over() -> bool:
         return time.perf_counter() > deadline
 
     rows.append(_time_engine(case))
-    # Double-buffered bf16 launches: the int8 ratio is also given against the fastest bf16.
-    bf16_alt = [_time_engine(case, launch) for launch in BF16_ALT_LAUNCHES]
+    # The pointer kernel at its own split policy: the int8 ratio is also given against the fastest bf16.
+    pointer_splits = pa.choose_num_splits(batch, HKV, ctx, case.dev, tma=False)
+    bf16_alt = [_time_engine(case, launch, splits=pointer_splits) for launch in BF16_ALT_LAUNCHES]
     rows.append(_time_kq(case, "int8", 8))
-    if case.engine_splits != case.kq_splits:
-        rows.append(_time_kq(case, "int8@engine-splits", 8, splits=case.engine_splits))
+    if case.engine_quant_splits != case.kq_splits:
+        rows.append(_time_kq(case, "int8@engine-splits", 8, splits=case.engine_quant_splits))
     rows.append(_time_kq(case, "int4", 4))
-    if case.engine_splits != case.kq_splits:
-        rows.append(_time_kq(case, "int4@engine-splits", 4, splits=case.engine_splits))
+    if case.engine_quant_splits != case.kq_splits:
+        rows.append(_time_kq(case, "int4@engine-splits", 4, splits=case.engine_quant_splits))
     rows.append(_time_kq(case, "int8-generic", 8, env={"STREAM_ATTENTION_KV_FAST": "0"}))
     if not over():
         rows.append(_time_kq(case, "int8-deferred-sums", 8, env={"STREAM_ATTENTION_KV_DEFER_SUMS": "1"}))

@@ -254,6 +254,14 @@ class ModelRunner:
             max_kv, fresh
 
     # ------------------------------------------------------------ forward
+    def _decode_splits(self, batch: int, max_kv_len: int, scoring: bool = False) -> int:
+        """Split-K factor of a decode step: the float pages' kernel policy, or the
+        two-programs-per-SM policy that kv_quant's kernel schedules assume when that kernel
+        runs (quantized pages, or a step that collects attention scores for eviction)."""
+        quantized_kernel = self.config.kv_cache_quantized or scoring
+        return choose_num_splits(batch, self.geometry.num_kv_heads, max_kv_len, self.device,
+                                 tma=False if quantized_kernel else None)
+
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_to_keep: int | torch.Tensor):
         if self.fused is not None:
             return self.fused(input_ids, positions, logits_to_keep)
@@ -286,7 +294,7 @@ class ModelRunner:
             max_q_len=max_q,
             max_kv_len=max_kv,
             backend=self.backend,
-            num_splits=choose_num_splits(len(scheduled), self.geometry.num_kv_heads, max_kv, dev) if max_q == 1 else 1,
+            num_splits=self._decode_splits(len(scheduled), max_kv, collector is not None) if max_q == 1 else 1,
             fresh_prefill=fresh,
             seq_lens_cpu=seq_lens,
             cu_seqlens_q_cpu=cu,
@@ -346,7 +354,7 @@ class ModelRunner:
                 kv_caches=self.kv_caches, slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
                 cu_seqlens_q=self._cu_decode[:b + 1], max_q_len=1, max_kv_len=self.max_model_len,
                 backend=self.backend,
-                num_splits=choose_num_splits(b, self.geometry.num_kv_heads, self.max_model_len, dev),
+                num_splits=self._decode_splits(b, self.max_model_len),
             )
             with torch.inference_mode(), attn_hook.attention_context(ctx):
                 self._forward(ids, pos, 0)  # warm-up: compiles kernels outside the capture

@@ -35,7 +35,9 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import dot_precision_for
+from .paged_decode_tma import paged_decode_tma, tma_decode_enabled, tma_decode_supported
 from .runtime import interpreter_enabled
+from .split_combine import _combine_splits_kernel
 
 _LOG2E = 1.0 / math.log(2.0)
 _MIN_DOT_ROWS = 16
@@ -180,35 +182,6 @@ def _paged_attn_kernel(
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
-def _combine_splits_kernel(
-    PartOut, PartLse, Out,
-    stride_ps, stride_pt, stride_ph, stride_pd,
-    stride_ls, stride_lt, stride_lh,
-    stride_ot, stride_oh, stride_od,
-    num_heads, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = (pid // num_heads).to(tl.int64)
-    h = pid % num_heads
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < num_splits
-    d_ok = offs_d < HEAD_DIM
-    lse = tl.load(PartLse + offs_s * stride_ls + t * stride_lt + h * stride_lh, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse - m)
-    denom = tl.sum(w, 0)
-    parts = tl.load(
-        PartOut + offs_s[:, None] * stride_ps + t * stride_pt + h * stride_ph + offs_d[None, :] * stride_pd,
-        mask=s_ok[:, None] & d_ok[None, :], other=0.0,
-    )
-    out = tl.sum(parts * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(Out + t * stride_ot + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
-
-
 # (BLOCK_N, num_warps, num_stages) per kind of launch, from H100 sweeps (benchmarks/
 # bench_engine.py; decode re-measured with benchmarks/bench_kv_quant.py: (128, 4, 2) ran
 # at 2.88-2.96 TB/s where (64, 4, 3) ran at 2.35-2.40, batch 64, GQA 32/8, hd128). Fixed
@@ -225,16 +198,21 @@ def num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: torch.device,
-                      *, min_keys_per_split: int = 256) -> int:
-    """Split-K factor that puts about two programs on each SM without making slices tiny.
+                      *, min_keys_per_split: int = 256, tma: bool | None = None) -> int:
+    """Split-K factor for a decode launch without making slices tiny: about four
+    one-warp programs per SM for the TMA kernel (``tma``; default: whether decode on
+    ``device`` takes it, :func:`.paged_decode_tma.tma_decode_enabled`), two for the pointer
+    kernel, in one wave.
 
-    Measured on an H100 (batch 16, 8 KV heads, 4k context, hd128): 1/2/5/10 splits ran in
-    0.141/0.115/0.120/0.122 ms; two programs per SM was the optimum, four (the old
-    target) cost 5%.
+    Measured on an H100 (GQA 32/8, hd128, benchmarks/bench_decode_reads.py): the TMA kernel
+    at batch 16 x 4k ran 2.36/2.45/2.48/2.47 TB/s at 2/3/4/8 splits, at batch 64 best
+    unsplit; the pointer kernel 2.28/2.43/2.38/2.20 TB/s at 1/2/3/4 splits.
     """
     if device.type != "cuda":
         return 1
-    target = 2 * num_sms(device)
+    if tma is None:
+        tma = tma_decode_enabled(device)
+    target = (4 if tma else 2) * num_sms(device)
     programs = max(batch * num_kv_heads, 1)
     by_occupancy = max(1, round(target / programs))
     by_length = max(1, -(-max_kv_len // min_keys_per_split))
@@ -282,8 +260,13 @@ def paged_attention(
     ``(BLOCK_N, num_warps, num_stages[, maxnreg])`` (any power-of-two ``BLOCK_N``: each key
     column looks its page up, so tiles may span or split pages; ``maxnreg`` caps registers
     per thread so more programs fit on an SM).
+    Decode calls (``max_q_len <= 1``) without a ``launch`` go to the TMA kernel
+    (:mod:`.paged_decode_tma`) where :func:`.paged_decode_tma.tma_decode_supported` allows.
     Returns ``out [total_q, Hq, D]`` in ``q``'s dtype.
     """
+    if launch is None and tma_decode_supported(q, k_pages, v_pages, max_q_len):
+        return paged_decode_tma(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q,
+                                softmax_scale=softmax_scale, num_splits=num_splits, out=out)
     total_q, hq, head_dim = q.shape
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
     batch = block_tables.shape[0]

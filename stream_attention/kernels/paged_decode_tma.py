@@ -14,14 +14,16 @@ pointer module's combine kernel.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .paged_attention import _combine_splits_kernel
 from .runtime import interpreter_enabled
+from .split_combine import _combine_splits_kernel
 
 try:  # host-side descriptors: triton >= 3.3
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -43,7 +45,7 @@ def _paged_decode_tma_kernel(
     stride_ls, stride_lt, stride_lh,
     num_kv_heads, group_size, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
-    NUM_STAGES: tl.constexpr, PAIRS: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -75,44 +77,19 @@ def _paged_decode_tma_kernel(
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
     # Every page of [lo, hi) holds at least one key, so m is finite after the first one.
-    if PAIRS:
-        # Two pages per iteration: one rescale of the accumulator per 2 * PAGE_SIZE keys.
-        # An odd last page is paired with itself and its second copy masked out.
-        for i in tl.range(lo, hi, 2, num_stages=NUM_STAGES):
-            page0 = tl.load(bt_row + i)
-            page1 = tl.load(bt_row + tl.minimum(i + 1, hi - 1))
-            k0 = desc_k.load([page0 * PAGE_SIZE, col])
-            k1 = desc_k.load([page1 * PAGE_SIZE, col])
-            qk0 = tl.dot(q, k0.T) * qk_scale
-            qk0 = tl.where((i * PAGE_SIZE + offs_p)[None, :] < kv_len, qk0, float("-inf"))
-            qk1 = tl.dot(q, k1.T) * qk_scale
-            qk1 = tl.where(((i + 1) * PAGE_SIZE + offs_p)[None, :] < tl.minimum(kv_len, hi * PAGE_SIZE), qk1,
-                           float("-inf"))
-            m_new = tl.maximum(m_i, tl.maximum(tl.max(qk0, 1), tl.max(qk1, 1)))
-            p0 = tl.math.exp2(qk0 - m_new[:, None])
-            p1 = tl.math.exp2(qk1 - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p0, 1) + tl.sum(p1, 1)
-            acc = acc * alpha[:, None]
-            v0 = desc_v.load([page0 * PAGE_SIZE, col])
-            v1 = desc_v.load([page1 * PAGE_SIZE, col])
-            acc = tl.dot(p0.to(v0.dtype), v0, acc)
-            acc = tl.dot(p1.to(v1.dtype), v1, acc)
-            m_i = m_new
-    else:
-        for i in tl.range(lo, hi, num_stages=NUM_STAGES):
-            page = tl.load(bt_row + i)
-            k = desc_k.load([page * PAGE_SIZE, col])
-            qk = tl.dot(q, k.T) * qk_scale
-            qk = tl.where((i * PAGE_SIZE + offs_p)[None, :] < kv_len, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            v = desc_v.load([page * PAGE_SIZE, col])
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
+    for i in tl.range(lo, hi, num_stages=NUM_STAGES):
+        page = tl.load(bt_row + i)
+        k = desc_k.load([page * PAGE_SIZE, col])
+        qk = tl.dot(q, k.T) * qk_scale
+        qk = tl.where((i * PAGE_SIZE + offs_p)[None, :] < kv_len, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = desc_v.load([page * PAGE_SIZE, col])
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -126,25 +103,41 @@ def _paged_decode_tma_kernel(
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
-# (num_warps, num_stages, pages per iteration): placeholder until measured on an H100.
-DEFAULT_TMA_DECODE_LAUNCH = (1, 6, 1)
+# (num_warps, num_stages) from an H100 sweep (benchmarks/bench_decode_reads.py, GQA 32/8,
+# hd128): one warp per program, two pages of K and V in flight (the page-id load takes the
+# first pipeline stages). More buffers (8-12 stages), two warps, or two pages per
+# iteration measured equal or slower.
+DEFAULT_TMA_DECODE_LAUNCH = (1, 6)
+
+
+def tma_decode_enabled(device: torch.device) -> bool:
+    """Whether decode calls on ``device`` may take this kernel: a Hopper or later GPU (or
+    the CPU interpreter), a Triton with host tensor descriptors, and
+    ``STREAM_ATTENTION_PAGED_TMA`` not set to 0 (which keeps the pointer kernel)."""
+    if TensorDescriptor is None:
+        return False
+    if os.environ.get("STREAM_ATTENTION_PAGED_TMA", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if device.type == "cuda":
+        return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+    return device.type == "cpu" and interpreter_enabled()
+
+
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def tma_decode_supported(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, max_q_len: int) -> bool:
-    """Whether :func:`paged_decode_tma` can take this call: decode, 16-bit pages and
-    queries of one dtype, contiguous pools, a power-of-two head dim, a Hopper GPU (or the
-    CPU interpreter)."""
-    if TensorDescriptor is None or max_q_len > 1:
+    """Whether :func:`paged_decode_tma` can take this call: decode (``max_q_len <= 1``) on
+    an enabled device, pages and queries of one 16-bit dtype, contiguous pools, a
+    power-of-two head dim and page size within a TMA box (16-256)."""
+    if max_q_len > 1 or not tma_decode_enabled(q.device):
         return False
-    if q.device.type == "cuda":
-        if torch.cuda.get_device_capability(q.device)[0] < 9:
-            return False
-    elif not (q.device.type == "cpu" and interpreter_enabled()):
-        return False
-    d = q.shape[-1]
+    d, page = q.shape[-1], k_pages.shape[1]
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k_pages.dtype == v_pages.dtype):
         return False
-    if d < 16 or d & (d - 1) or k_pages.shape[1] < 8:
+    if not (16 <= d <= 256 and 16 <= page <= 256) or d & (d - 1) or page & (page - 1):
         return False
     return k_pages.is_contiguous() and v_pages.is_contiguous()
 
@@ -160,13 +153,12 @@ def paged_decode_tma(
     softmax_scale: float,
     num_splits: int = 1,
     out: torch.Tensor | None = None,
-    launch: tuple[int, ...] | None = None,
+    launch: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Decode attention over paged K/V with one TMA copy per page (see the module doc).
 
     Arguments as :func:`.paged_attention.paged_attention` with ``max_q_len = 1``; the
-    caller checked :func:`tma_decode_supported`. ``launch``: ``(num_warps, num_stages[,
-    pages per iteration (1 or 2)])``.
+    caller checked :func:`tma_decode_supported`. ``launch``: ``(num_warps, num_stages)``.
     """
     total_q, hq, d = q.shape
     num_blocks, page_size, hkv, _ = k_pages.shape
@@ -185,8 +177,7 @@ def paged_decode_tma(
         part_out, part_lse = out, out.new_empty((1, 1, 1), dtype=torch.float32)
     descs = [TensorDescriptor(p.view(num_blocks * page_size, hkv * d), [num_blocks * page_size, hkv * d],
                               [hkv * d, 1], [page_size, d]) for p in (k_pages, v_pages)]
-    warps, stages, *rest = launch or DEFAULT_TMA_DECODE_LAUNCH
-    pairs = bool(rest) and rest[0] == 2
+    warps, stages = launch or DEFAULT_TMA_DECODE_LAUNCH
     if interpreter_enabled():
         warps, stages = 4, 1
     ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
@@ -196,7 +187,7 @@ def paged_decode_tma(
             *q.stride(), *out.stride(), block_tables.stride(0),
             *(part_out.stride() if split else (0, 0, 0, 0)), *(part_lse.stride() if split else (0, 0, 0)),
             hkv, group, num_splits, softmax_scale * _LOG2E,
-            HEAD_DIM=d, PAGE_SIZE=page_size, ROWS=rows, SPLIT=split, NUM_STAGES=stages, PAIRS=pairs,
+            HEAD_DIM=d, PAGE_SIZE=page_size, ROWS=rows, SPLIT=split, NUM_STAGES=stages,
             num_warps=warps, num_stages=stages,
         )
         if split:
