@@ -1,13 +1,15 @@
-"""How fast can a Triton kernel *read* paged K/V at all? A ceiling for the paged decode kernel.
+"""How fast can a Triton kernel *read* paged K/V at all? A ceiling for the paged decode kernels.
 
-    python benchmarks/bench_decode_reads.py --out reads.json [--budget-s 150]
+    python benchmarks/bench_decode_reads.py --out reads.json [--cases 16x4096 64x8192] [--budget-s 150]
 
-The paged decode kernel (``kernels/paged_attention.py``) runs at 0.93-0.98x cuDNN's dense
-decode on an H100 (benchmarks/RESULTS.md). This separates the load scheme from the attention
-math: ``_paged_read_kernel`` walks the same pages in the same order with the same grid
-(one program per sequence x KV head x key split) and the same per-column page look-up,
-but only sums the K/V tiles. If that read alone is not faster than cuDNN's whole attention,
-no change to the attention math of a kernel built this way can close the gap.
+The pointer paged decode kernel (``kernels/paged_attention.py``) ran at 0.93-0.98x cuDNN's
+dense decode on an H100 (benchmarks/RESULTS.md v0.6). This separates the load scheme from
+the attention math: ``_paged_read_kernel`` walks the same pages in the same order with the
+same grid (one program per sequence x KV head x key split) and the same per-column page
+look-up, but only sums the K/V tiles. If that read alone is not faster than cuDNN's whole
+attention, no change to the attention math of a kernel built this way can close the gap.
+The TMA kernel (``kernels/paged_decode_tma.py``), which loads a page per descriptor copy,
+is timed over its launch x split grid in the same run.
 
 Per case (GQA 32/8 layout, head_dim 128, pages of 16, bf16, pages scattered over the pool):
 ``read`` over a launch x split grid, ``read`` with each sequence's pages consecutive in the

@@ -5,7 +5,8 @@
 (a) Paged decode attention, GQA 32/8, head_dim 128, pages of 16, bf16: bytes of K/V
     read per second for batch 16/64 and context 4k/8k, against SDPA (cuDNN and flash
     backends) on the same keys/values laid out densely, plus a plain copy of the same
-    bytes as the ceiling; a sweep of launch shapes and split counts for the paged kernel.
+    bytes as the ceiling. ``paged`` is the engine's decode call (the TMA kernel on Hopper); the
+    sweep of launch shapes and split counts is the pointer kernel's.
 (b) Offline throughput of a 1B-shaped Llama with random weights (hidden 2048, 16 layers,
     32/8 heads, intermediate 8192, vocab 128256, bf16): 64 prompts of 512 random tokens,
     256 generated tokens each with EOS ignored, for this engine and for HF ``generate``
@@ -235,9 +236,10 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
         for ctx in contexts:
             data = _decode_data(batch, ctx, dev)
             splits = choose_num_splits(batch, DECODE_HKV, ctx, data["dev"])
-            # The engine's int8 schedule for this launch size.
+            # The engine's split count and schedule for int8 pages (ModelRunner._decode_splits).
+            splits8 = choose_num_splits(batch, DECODE_HKV, ctx, data["dev"], tma=False)
             int8_launch = dict(zip(("BLOCK_N", "num_warps", "num_stages"),
-                                   kq.decode_launch(8, batch * DECODE_HKV * splits, data["dev"]), strict=True))
+                                   kq.decode_launch(8, batch * DECODE_HKV * splits8, data["dev"]), strict=True))
 
             def paged(data=data, splits=splits):
                 return paged_attention(data["q"], data["k_pages"], data["v_pages"], data["table"], data["seq_lens"],
@@ -254,7 +256,7 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
             # Page bytes read: codes plus one fp16 (scale, zero) pair per token and head.
             int8_bytes = data["kv_bytes"] // 2 + 2 * batch * ctx * DECODE_HKV * 4
 
-            def paged_int8(data=data, kq8=kq8, vq8=vq8, splits=splits, int8_launch=int8_launch):
+            def paged_int8(data=data, kq8=kq8, vq8=vq8, splits=splits8, int8_launch=int8_launch):
                 return kq.paged_attention_quantized(data["q"], kq8, vq8, data["table"], data["seq_lens"], data["cu"],
                                                     max_q_len=1, softmax_scale=scale, num_splits=splits,
                                                     launch=int8_launch)
