@@ -21,7 +21,6 @@ replays after a zeroing L2 flush, as elsewhere (``core.benchmarking.time_graph_m
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import time
@@ -37,15 +36,10 @@ HQ, HKV, D, PAGE = 32, 8, 128, 16
 CASES = ((16, 4096), (16, 8192), (64, 4096), (64, 8192))
 # (BLOCK_N, num_warps, num_stages) x split counts
 READ_GRID = [((128, 4, 2), (2, 4, 8)), ((64, 2, 2), (4, 8, 16)), ((32, 2, 2), (16,))]
-# The attention kernel over the same kind of grid (the shipped launch is (128, 4, 2)).
+# The pointer attention kernel over the same kind of grid (explicit launches; its shipped one is (128, 4, 2)).
 ATTENTION_GRID = [((128, 4, 2), (1, 2, 3)), ((64, 2, 2), (4,))]
-# The TMA decode kernel (kernels/paged_decode_tma.py): (num_warps, num_stages, pages per iteration) x splits.
-TMA_GRID = [((1, 6, 1), (1, 2, 3, 4, 6, 8)), ((1, 5, 1), (3, 4)), ((1, 4, 1), (4, 8)),
-            ((1, 4, 2), (1, 2, 3, 4, 8)), ((1, 6, 2), (1, 2, 3, 4, 8)), ((2, 6, 2), (1, 2, 4)), ((1, 8, 2), (2, 4))]
-# Launches timed with the page ids carried a tile ahead (``carry_page_ids``, when the
-# kernel has it): the only way Triton double-buffers these tiles.
-CARRY_GRID = [((64, 2, 3), (2, 4, 8)), ((64, 2, 4), (4, 8)), ((32, 2, 4), (4, 8, 16)), ((64, 4, 3), (2, 4, 8)),
-              ((128, 4, 3), (1, 2)), ((32, 4, 4), (4, 8))]
+# The TMA decode kernel (kernels/paged_decode_tma.py): (num_warps, num_stages) x splits.
+TMA_GRID = [((1, 6), (1, 2, 3, 4, 6, 8)), ((1, 5), (3, 4)), ((1, 4), (4, 8)), ((1, 8), (2, 4)), ((2, 6), (1, 2, 4))]
 
 
 @triton.jit
@@ -134,24 +128,21 @@ def run_case(batch: int, ctx: int, deadline: float) -> dict:
     res["read_best_consecutive_pages"] = timed(
         lambda: paged_read(k, v, consecutive, seq_lens, out, best["splits"], tuple(best["launch"])))
     splits = choose_num_splits(batch, HKV, ctx, dev)
+    # The engine's decode call: the TMA kernel where it runs.
     res["attention_shipped"] = timed(lambda: paged_attention(q, k, v, scattered, seq_lens, cu, max_q_len=1,
                                                              softmax_scale=D**-0.5, num_splits=splits))
     res["attention"] = []
-    has_carry = "carry_page_ids" in inspect.signature(paged_attention).parameters
-    grid = [(la, sp, False) for la, sp in ATTENTION_GRID] + ([(la, sp, True) for la, sp in CARRY_GRID]
-                                                            if has_carry else [])
-    for launch, split_choices, carry in grid:
-        extra = {"carry_page_ids": True} if carry else {}
+    for launch, split_choices in ATTENTION_GRID:
         for s in split_choices:
             if time.perf_counter() > deadline:
                 res["skipped"].append(f"attention {launch} x{s}")
                 continue
             try:
-                row = timed(lambda s=s, la=launch, ex=extra: paged_attention(
-                    q, k, v, scattered, seq_lens, cu, max_q_len=1, softmax_scale=D**-0.5, num_splits=s, launch=la, **ex))
+                row = timed(lambda s=s, la=launch: paged_attention(
+                    q, k, v, scattered, seq_lens, cu, max_q_len=1, softmax_scale=D**-0.5, num_splits=s, launch=la))
             except Exception as exc:  # a launch that does not fit
                 row = {"error": repr(exc)[:200]}
-            res["attention"].append({"launch": list(launch), "splits": s, "carry": carry, **row})
+            res["attention"].append({"launch": list(launch), "splits": s, **row})
     res["attention_best"] = min((r for r in res["attention"] if "ms" in r), key=lambda r: r["ms"])
     res["tma"] = []
     try:
@@ -160,7 +151,7 @@ def run_case(batch: int, ctx: int, deadline: float) -> dict:
         pdt = None
     if pdt is not None and pdt.tma_decode_supported(q, k, v, 1):
         want = paged_attention(q, k, v, scattered, seq_lens, cu, max_q_len=1, softmax_scale=D**-0.5,
-                               num_splits=splits).float()
+                               num_splits=2, launch=(128, 4, 2)).float()  # the pointer kernel
         for launch, split_choices in TMA_GRID:
             for s in split_choices:
                 if s * batch * HKV < 132 and s < max(split_choices):

@@ -87,27 +87,28 @@ class _Recorder:
         return launch
 
 
-def capture_launch(call, module, names: list[str]):
-    """Run ``call()`` with ``module.<name>`` kernels replaced by recorders (CUDA device
-    contexts disabled) and return the first recorded ``(jit_fn, args, kwargs)``."""
+def capture_launch(call, module, names: list):
+    """Run ``call()`` with ``module.<name>`` kernels (or ``(other_module, name)`` entries)
+    replaced by recorders (CUDA device contexts disabled) and return the first recorded
+    ``(jit_fn, args, kwargs)``."""
     from triton.runtime.jit import JITFunction
 
     calls: list = []
-    saved = {n: getattr(module, n) for n in names}
+    targets = [n if isinstance(n, tuple) else (module, n) for n in names]
+    saved = {(m, n): getattr(m, n) for m, n in targets}
     saved_dev = torch.cuda.device
     try:
-        for n in names:
-            fn = saved[n]
+        for (m, n), fn in saved.items():
             base = fn
             while not isinstance(base, JITFunction):  # autotuner / heuristics -> JITFunction
                 base = base.fn
-            setattr(module, n, _Recorder(base, calls))
+            setattr(m, n, _Recorder(base, calls))
         torch.cuda.device = lambda *_a, **_k: contextlib.nullcontext()
         call()
     finally:
         torch.cuda.device = saved_dev
-        for n, fn in saved.items():
-            setattr(module, n, fn)
+        for (m, n), fn in saved.items():
+            setattr(m, n, fn)
     if not calls:
         raise RuntimeError("the wrapper launched none of " + ", ".join(names))
     return calls[0]
@@ -225,12 +226,14 @@ def case_launch(case: str, launch: tuple[int, int, int] | None, maxnreg: int | N
     nb, table, seq_lens, cu, q = _decode_inputs()
     if case == "engine-bf16":
         from stream_attention.kernels import paged_attention as pa
+        from stream_attention.kernels import split_combine
 
         k = torch.zeros(nb, PAGE, HKV, D, dtype=torch.bfloat16)
         lt = launch or pa.DEFAULT_LAUNCH["decode"]
         fn, args, kwargs = capture_launch(
             lambda: pa.paged_attention(q, k, k.clone(), table, seq_lens, cu, max_q_len=1, softmax_scale=D**-0.5,
-                                       num_splits=2, launch=lt), pa, ["_paged_attn_kernel", "_combine_splits_kernel"])
+                                       num_splits=2, launch=lt), pa,
+            ["_paged_attn_kernel", (split_combine, "_combine_splits_kernel")])
         return fn, args, kwargs, kwargs["BLOCK_N"]
     from stream_attention.core.distributed_utils import patched_environ
     from stream_attention.kernels import kv_quant as kq

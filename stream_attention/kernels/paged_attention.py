@@ -37,7 +37,7 @@ import triton.language as tl
 from .attention_fwd import dot_precision_for
 from .paged_decode_tma import paged_decode_tma, tma_decode_enabled, tma_decode_supported
 from .runtime import interpreter_enabled
-from .split_combine import _combine_splits_kernel
+from .split_combine import combine_splits, partial_buffers
 
 _LOG2E = 1.0 / math.log(2.0)
 _MIN_DOT_ROWS = 16
@@ -278,18 +278,13 @@ def paged_attention(
     if total_q == 0 or batch == 0:
         return out
     split = num_splits > 1
-    if split:
-        part_out = torch.empty((num_splits, total_q, hq, head_dim), device=q.device, dtype=torch.float32)
-        part_lse = torch.empty((num_splits, total_q, hq), device=q.device, dtype=torch.float32)
-    else:
-        part_out, part_lse = out, out.new_empty((1, 1, 1), dtype=torch.float32)
+    part_out, part_lse, part_out_strides, part_lse_strides = partial_buffers(out, num_splits)
     args = (
         q, k_pages, v_pages, out, part_out, part_lse,
         block_tables, seq_lens, cu_seqlens_q,
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *out.stride(),
         block_tables.stride(0),
-        *(part_out.stride() if split else (0, 0, 0, 0)),
-        *(part_lse.stride() if split else (0, 0, 0)),
+        *part_out_strides, *part_lse_strides,
         hkv, group, num_splits, softmax_scale * _LOG2E,
     )
     meta = dict(
@@ -305,16 +300,7 @@ def paged_attention(
         with torch.cuda.device(q.device):
             _paged_attn_kernel[grid](*args, **meta, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **extra)
     if split:
-        cgrid = (total_q * hq,)
-        cargs = (
-            part_out, part_lse, out, *part_out.stride(), *part_lse.stride(), *out.stride(), hq, num_splits,
-        )
-        cmeta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
-        if interpreter_enabled():
-            _combine_splits_kernel[cgrid](*cargs, **cmeta)
-        else:
-            with torch.cuda.device(q.device):
-                _combine_splits_kernel[cgrid](*cargs, **cmeta)
+        combine_splits(part_out, part_lse, out, num_splits)
     return out
 
 

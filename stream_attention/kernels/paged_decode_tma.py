@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .runtime import interpreter_enabled
-from .split_combine import _combine_splits_kernel
+from .split_combine import combine_splits, partial_buffers
 
 try:  # host-side descriptors: triton >= 3.3
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -170,11 +170,7 @@ def paged_decode_tma(
     if total_q == 0 or batch == 0:
         return out
     split = num_splits > 1
-    if split:
-        part_out = torch.empty((num_splits, total_q, hq, d), device=q.device, dtype=torch.float32)
-        part_lse = torch.empty((num_splits, total_q, hq), device=q.device, dtype=torch.float32)
-    else:
-        part_out, part_lse = out, out.new_empty((1, 1, 1), dtype=torch.float32)
+    part_out, part_lse, part_out_strides, part_lse_strides = partial_buffers(out, num_splits)
     descs = [TensorDescriptor(p.view(num_blocks * page_size, hkv * d), [num_blocks * page_size, hkv * d],
                               [hkv * d, 1], [page_size, d]) for p in (k_pages, v_pages)]
     warps, stages = launch or DEFAULT_TMA_DECODE_LAUNCH
@@ -185,14 +181,11 @@ def paged_decode_tma(
         _paged_decode_tma_kernel[(batch * hkv, num_splits)](
             q, *descs, out, part_out, part_lse, block_tables, seq_lens, cu_seqlens_q,
             *q.stride(), *out.stride(), block_tables.stride(0),
-            *(part_out.stride() if split else (0, 0, 0, 0)), *(part_lse.stride() if split else (0, 0, 0)),
+            *part_out_strides, *part_lse_strides,
             hkv, group, num_splits, softmax_scale * _LOG2E,
             HEAD_DIM=d, PAGE_SIZE=page_size, ROWS=rows, SPLIT=split, NUM_STAGES=stages,
             num_warps=warps, num_stages=stages,
         )
-        if split:
-            _combine_splits_kernel[(total_q * hq,)](
-                part_out, part_lse, out, *part_out.stride(), *part_lse.stride(), *out.stride(), hq, num_splits,
-                HEAD_DIM=d, BLOCK_D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-            )
+    if split:
+        combine_splits(part_out, part_lse, out, num_splits)
     return out

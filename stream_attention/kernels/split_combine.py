@@ -7,6 +7,9 @@ query head) re-weights them by ``exp2(lse - max)`` and stores the merged row.
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 import triton
 import triton.language as tl
 
@@ -38,3 +41,26 @@ def _combine_splits_kernel(
     )
     out = tl.sum(parts * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
     tl.store(Out + t * stride_ot + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
+
+
+def partial_buffers(out: torch.Tensor, num_splits: int):
+    """Split-K scratch for an output ``out [total_q, Hq, D]``: fp32 partial outputs
+    ``[S, total_q, Hq, D]`` and base-2 LSEs ``[S, total_q, Hq]`` with their strides as kernel
+    arguments; without splits, placeholders and zero strides (the kernels then write ``out``)."""
+    if num_splits > 1:
+        part_out = torch.empty((num_splits, *out.shape), device=out.device, dtype=torch.float32)
+        part_lse = torch.empty((num_splits, *out.shape[:2]), device=out.device, dtype=torch.float32)
+        return part_out, part_lse, part_out.stride(), part_lse.stride()
+    return out, out.new_empty((1, 1, 1), dtype=torch.float32), (0, 0, 0, 0), (0, 0, 0)
+
+
+def combine_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, num_splits: int) -> None:
+    """Merge the ``num_splits`` partials of :func:`partial_buffers` into ``out``."""
+    total_q, hq, head_dim = out.shape
+    ctx = torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext()
+    with ctx:
+        _combine_splits_kernel[(total_q * hq,)](
+            part_out, part_lse, out, *part_out.stride(), *part_lse.stride(), *out.stride(), hq, num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        )
