@@ -5,7 +5,9 @@ The engine keeps each layer's keys and values in a pool of pages laid out
 row of ``block_tables``) and the first ``seq_lens[b]`` slots of those pages hold its
 keys. One kernel serves decode (one query per sequence) and prefill chunks (several
 queries per sequence, causal over the cached keys plus the chunk itself), so a packed
-step of mixed requests is a single launch per layer.
+step of mixed requests is a single launch per layer. Pure decode steps of 16-bit pages on
+Hopper go to :mod:`.paged_decode_tma` instead (a page per TMA copy; faster there, see
+:func:`paged_attention`).
 
 Work split, chosen for a memory-bound decode:
 
