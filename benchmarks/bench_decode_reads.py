@@ -86,6 +86,7 @@ def run_case(batch: int, ctx: int, deadline: float) -> dict:
 
     from stream_attention.core.benchmarking import time_graph_ms
     from stream_attention.kernels.paged_attention import choose_num_splits, paged_attention
+    from stream_attention.kernels.paged_decode_tma import paged_decode_tma, tma_decode_supported
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -100,7 +101,7 @@ def run_case(batch: int, ctx: int, deadline: float) -> dict:
     nbytes = 2 * k.numel() * k.element_size()
     max_splits = max(s for _, choices in READ_GRID for s in choices)
     out = torch.empty(batch * HKV * max_splits, D, device=dev, dtype=torch.float32)
-    res: dict = {"batch": batch, "context": ctx, "kv_bytes": nbytes, "read": [], "skipped": []}
+    res: dict = {"batch": batch, "context": ctx, "kv_bytes": nbytes, "skipped": []}
 
     def timed(fn) -> dict:
         fn()
@@ -112,65 +113,52 @@ def run_case(batch: int, ctx: int, deadline: float) -> dict:
     paged_read(k, v, scattered, seq_lens, out, 1, (128, 4, 2))
     want = (k[scattered[0].long()].float() + v[scattered[0].long()].float()).sum((0, 1))  # [HKV, D]
     res["read_check_max_rel_err"] = float((out[:HKV] - want).abs().max() / want.abs().max())
-    for launch, split_choices in READ_GRID:
-        for splits in split_choices:
-            if time.perf_counter() > deadline:
-                res["skipped"].append(f"{launch} x{splits}")
-                continue
-            try:
-                row = timed(lambda s=splits, la=launch: paged_read(k, v, scattered, seq_lens, out, s, la))
-            except Exception as exc:  # a launch that does not fit
-                row = {"error": repr(exc)[:200]}
-            res["read"].append({"launch": list(launch), "splits": splits, **row})
-    ok = [r for r in res["read"] if "ms" in r]
-    best = min(ok, key=lambda r: r["ms"])
-    res["read_best"] = best
+    def sweep(name: str, grid, make_fn, want=None, skip=lambda s, choices: False) -> list[dict]:
+        """Time ``make_fn(splits, launch)`` over ``grid`` until the deadline; with ``want``,
+        also its max difference from that output."""
+        rows = []
+        for launch, split_choices in grid:
+            for s in split_choices:
+                if skip(s, split_choices):
+                    continue
+                if time.perf_counter() > deadline:
+                    res["skipped"].append(f"{name} {launch} x{s}")
+                    continue
+                fn = make_fn(s, launch)
+                try:
+                    row = timed(fn)
+                    if want is not None:
+                        row["max_abs_diff_vs_pointer_kernel"] = float((fn().float() - want).abs().max())
+                except Exception as exc:  # a launch that does not fit
+                    row = {"error": repr(exc)[:300]}
+                rows.append({"launch": list(launch), "splits": s, **row})
+        return rows
+
+    def fastest(rows: list[dict]) -> dict:
+        return min((r for r in rows if "ms" in r), key=lambda r: r["ms"])
+
+    res["read"] = sweep("read", READ_GRID, lambda s, la: lambda: paged_read(k, v, scattered, seq_lens, out, s, la))
+    best = res["read_best"] = fastest(res["read"])
     res["read_best_consecutive_pages"] = timed(
         lambda: paged_read(k, v, consecutive, seq_lens, out, best["splits"], tuple(best["launch"])))
     splits = choose_num_splits(batch, HKV, ctx, dev)
     # The engine's decode call: the TMA kernel where it runs.
     res["attention_shipped"] = timed(lambda: paged_attention(q, k, v, scattered, seq_lens, cu, max_q_len=1,
                                                              softmax_scale=D**-0.5, num_splits=splits))
-    res["attention"] = []
-    for launch, split_choices in ATTENTION_GRID:
-        for s in split_choices:
-            if time.perf_counter() > deadline:
-                res["skipped"].append(f"attention {launch} x{s}")
-                continue
-            try:
-                row = timed(lambda s=s, la=launch: paged_attention(
-                    q, k, v, scattered, seq_lens, cu, max_q_len=1, softmax_scale=D**-0.5, num_splits=s, launch=la))
-            except Exception as exc:  # a launch that does not fit
-                row = {"error": repr(exc)[:200]}
-            res["attention"].append({"launch": list(launch), "splits": s, **row})
-    res["attention_best"] = min((r for r in res["attention"] if "ms" in r), key=lambda r: r["ms"])
+    res["attention"] = sweep("attention", ATTENTION_GRID, lambda s, la: lambda: paged_attention(
+        q, k, v, scattered, seq_lens, cu, max_q_len=1, softmax_scale=D**-0.5, num_splits=s, launch=la))
+    res["attention_best"] = fastest(res["attention"])
     res["tma"] = []
-    try:
-        from stream_attention.kernels import paged_decode_tma as pdt
-    except ImportError:
-        pdt = None
-    if pdt is not None and pdt.tma_decode_supported(q, k, v, 1):
+    if tma_decode_supported(q, k, v, 1):
         want = paged_attention(q, k, v, scattered, seq_lens, cu, max_q_len=1, softmax_scale=D**-0.5,
                                num_splits=2, launch=(128, 4, 2)).float()  # the pointer kernel
-        for launch, split_choices in TMA_GRID:
-            for s in split_choices:
-                if s * batch * HKV < 132 and s < max(split_choices):
-                    continue
-                if time.perf_counter() > deadline:
-                    res["skipped"].append(f"tma {launch} x{s}")
-                    continue
-                try:
-                    def fn(s=s, la=launch):
-                        return pdt.paged_decode_tma(q, k, v, scattered, seq_lens, cu, softmax_scale=D**-0.5,
-                                                    num_splits=s, launch=la)
-                    err = float((fn().float() - want).abs().max())
-                    row = {**timed(fn), "max_abs_diff_vs_pointer_kernel": err}
-                except Exception as exc:
-                    row = {"error": repr(exc)[:300]}
-                res["tma"].append({"launch": list(launch), "splits": s, **row})
-        ok = [r for r in res["tma"] if "ms" in r]
-        if ok:
-            res["tma_best"] = min(ok, key=lambda r: r["ms"])
+        res["tma"] = sweep(
+            "tma", TMA_GRID,
+            lambda s, la: lambda: paged_decode_tma(q, k, v, scattered, seq_lens, cu, softmax_scale=D**-0.5,
+                                                   num_splits=s, launch=la),
+            want=want, skip=lambda s, choices: s * batch * HKV < 132 and s < max(choices))
+        if any("ms" in r for r in res["tma"]):
+            res["tma_best"] = fastest(res["tma"])
     kd = k[scattered.long()].reshape(batch, ctx, HKV, D).transpose(1, 2).contiguous()
     vd = v[scattered.long()].reshape(batch, ctx, HKV, D).transpose(1, 2).contiguous()
 
