@@ -309,6 +309,29 @@ def _drive(eng: LLMEngine, requests, arrive_at) -> tuple[dict, int]:
     return {i: got[rid] for i, rid in ids.items()}, calls
 
 
+
+# Pipelined and synchronous runs batch different rows into each step, so the logits of one
+# row come from GEMMs of different shapes: with several OpenMP threads the fp32 sums are
+# ordered differently and logprobs move by ~1e-6 (seen 4e-6 on a 2-core machine). Token ids
+# must still be identical; the values agree to 1e-4, far below any real sampling difference.
+LOGPROB_ATOL = 1e-4
+
+
+def _assert_logprobs_close(got, want, where) -> None:
+    if got is None or want is None:
+        assert got is want, where
+        return
+    assert len(got) == len(want), where
+    for g, w in zip(got, want, strict=True):
+        assert g.token_id == w.token_id, where
+        assert abs(g.logprob - w.logprob) <= LOGPROB_ATOL, (where, g.logprob, w.logprob)
+        assert (g.top is None) == (w.top is None), where
+        if g.top is not None:
+            assert g.top.keys() == w.top.keys(), where
+            for tid, lp in g.top.items():
+                assert abs(lp - w.top[tid]) <= LOGPROB_ATOL, (where, tid, lp, w.top[tid])
+
+
 def test_pipelined_steps_give_the_outputs_of_synchronous_steps(tiny):
     """``pipeline_steps``: the next step is launched before this one's text is processed.
     Outputs must not change: greedy, seeded sampling, stop strings (found one step late,
@@ -340,7 +363,7 @@ def test_pipelined_steps_give_the_outputs_of_synchronous_steps(tiny):
         assert p_last.finished and (p_toks, p_text) == (p_last.token_ids, p_last.text), i
         assert (p_last.token_ids, p_last.text, p_last.finish_reason) == (
             s_last.token_ids, s_last.text, s_last.finish_reason), i
-        assert p_last.logprobs == s_last.logprobs, i
+        _assert_logprobs_close(p_last.logprobs, s_last.logprobs, i)
     assert results[True][0][2].token_ids == _hf_greedy(ref, prompts[0], 12)
     assert results[True][1][2].finish_reason is FinishReason.STOP and len(results[True][1][2].token_ids) < 20
 
