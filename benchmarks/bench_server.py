@@ -645,7 +645,7 @@ def main() -> int:
     if args.engine_process:
         # The server's engine in a child process (stream-attention-serve --engine-process):
         # the in-process one goes first, so both never hold the device's memory at once.
-        from stream_attention.server.engine_process import EngineProcess
+        from stream_attention.engine.process_engine import EngineProcess
 
         asyncio.run(engine.shutdown())
         del engine

@@ -31,6 +31,7 @@ pytest.importorskip("uvicorn")
 
 import uvicorn  # noqa: E402
 
+from stream_attention.engine.process_engine import EngineProcess  # noqa: E402
 from stream_attention.engine.types import EngineStats, PromptTooLongError, QueueFullError, RequestOutput  # noqa: E402
 from stream_attention.server import ServerSettings, create_app  # noqa: E402
 from stream_attention.server.settings import build_parser, settings_from_args  # noqa: E402
@@ -777,16 +778,33 @@ class _FakeTokenizer:
 
 
 class FaultyEngine:
-    """Stands in for the engine only to make it fail in the ways the HTTP layer must map."""
+    """An engine client (the ``EngineClient`` protocol) that fails in the ways the HTTP
+    layer must map."""
 
     max_model_len = 64
     model_name = "faulty"
     device = "cpu"
+    config = None
 
     def __init__(self, fault: str) -> None:
         self.fault = fault
         self.tokenizer = _FakeTokenizer()
         self.aborted: list[str] = []
+        self.is_running = True
+        self.failure: BaseException | None = None
+
+    async def start(self) -> None:
+        pass
+
+    async def shutdown(self, *, drain: bool = True, timeout: float | None = 30.0) -> None:
+        pass
+
+    def memory_report(self) -> None:
+        return None
+
+    async def stream_batches(self, request: Any):
+        async for out in self.stream(request):
+            yield [out]
 
     async def stream(self, request: Any):
         if self.fault == "queue_full":
@@ -857,8 +875,11 @@ def test_engine_failure_mid_stream_becomes_error_event_and_not_ready_is_503() ->
 
 
 def test_dead_engine_fails_health_and_readiness() -> None:
+    from stream_attention.engine import EngineDeadError
+
     engine = FaultyEngine("dead")
-    engine.is_running = False  # the engine loop has stopped
+    engine.is_running = False  # the engine has stopped for good
+    engine.failure = EngineDeadError("engine loop stopped")
     srv = LiveServer(create_app(_settings(), engine=engine))
     try:
         with httpx.Client(base_url=srv.url, timeout=30) as client:
@@ -873,7 +894,7 @@ def test_not_ready_while_loading_and_load_failure(monkeypatch: pytest.MonkeyPatc
     from stream_attention.server import engine_bridge
 
     release = threading.Event()
-    monkeypatch.setattr(engine_bridge, "build_engine", lambda settings: release.wait(60) and None)
+    monkeypatch.setattr(engine_bridge, "build_engine", lambda settings, on_give_up=None: release.wait(60) and None)
     srv = LiveServer(create_app(_settings()))
     try:
         with httpx.Client(base_url=srv.url, timeout=30) as client:
@@ -886,7 +907,7 @@ def test_not_ready_while_loading_and_load_failure(monkeypatch: pytest.MonkeyPatc
         release.set()  # a model load cannot be interrupted: shutdown waits for it
         srv.stop()
 
-    def broken(settings: ServerSettings) -> None:
+    def broken(settings: ServerSettings, on_give_up: Any = None) -> None:
         raise OSError("no such model: /nowhere")
 
     monkeypatch.setattr(engine_bridge, "build_engine", broken)
@@ -1136,7 +1157,8 @@ def test_engine_in_a_process_of_its_own() -> None:
     srv = LiveServer(create_app(_settings(engine_process=True, max_num_seqs=4, kv_cache_blocks=12)))
     try:
         srv.wait_ready(timeout=300)
-        assert srv.engine.engine is None and srv.engine._proc.is_alive()
+        process = srv.engine.client
+        assert isinstance(process, EngineProcess) and process._proc.is_alive()
         with httpx.Client(base_url=srv.url, timeout=60) as client:
             body = {"prompt": "hello there", "max_tokens": 6, "ignore_eos": True}
             with client.stream("POST", "/generate_stream", json=body) as r:
@@ -1172,7 +1194,7 @@ def test_engine_in_a_process_of_its_own() -> None:
             assert rss and float(rss[0].split()[1]) > report["rss_bytes"]
     finally:
         srv.stop()
-    assert not srv.engine._proc.is_alive()
+    assert not process._proc.is_alive()
 
 
 # ----------------------------------------------------------------------------- the CLI process

@@ -19,7 +19,8 @@ transformers causal LM whose attention goes through ``AttentionInterface`` works
 engine's paged kernels for the engine's steps only.
 """
 
-from .async_engine import AsyncEngine, EngineDeadError
+from .async_engine import AsyncEngine, EngineDeadError, StepFailedError
+from .client import EngineClient, build_engine_client
 from .config import EngineConfig
 from .llm_engine import LLMEngine
 from .types import (
@@ -35,6 +36,7 @@ from .types import (
 
 __all__ = [
     "AsyncEngine",
+    "EngineClient",
     "EngineConfig",
     "EngineDeadError",
     "EngineStats",
@@ -45,5 +47,7 @@ __all__ = [
     "Request",
     "RequestOutput",
     "SamplingParams",
+    "StepFailedError",
     "TokenLogprob",
+    "build_engine_client",
 ]

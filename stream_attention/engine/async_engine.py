@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
+import torch
+
 from .config import EngineConfig
 from .llm_engine import LLMEngine, PromptLike
 from .types import EngineStats, FinishReason, QueueFullError, Request, RequestOutput, SamplingParams
@@ -58,72 +60,62 @@ class EngineDeadError(RuntimeError):
     """The engine's background loop has stopped; no request can be served."""
 
 
-class AsyncEngine:
-    """Serve many concurrent streams from one :class:`LLMEngine`.
+class StepFailedError(RuntimeError):
+    """A step failed in a way the engine survives (out of device memory): the requests of
+    that step end with this error and the engine keeps serving the others."""
 
-    Construct it like ``LLMEngine`` (``AsyncEngine(model, tokenizer, config=..., **overrides)``,
-    or ``AsyncEngine(EngineConfig(...))``), or wrap an existing engine with ``engine=``.
-    The background thread starts on :meth:`start` or on the first request.
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the device running out of memory (CUDA's, or the same type
+    raised on CPU by a test)."""
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom)
+
+
+class StreamFrontend:
+    """The event-loop side shared by every engine client: per-request streams, batched
+    hand-over of outputs from a driver thread, aborts, drain and shutdown.
+
+    A subclass drives an engine (in a thread of this process, or in another process) and
+    calls :meth:`_deliver_all` from its driver thread with each step's outputs.
     """
 
-    def __init__(self, model: Any = None, tokenizer: Any = None, *, config: EngineConfig | None = None,
-                 engine: LLMEngine | None = None, **overrides: Any) -> None:
-        self.engine = engine or LLMEngine(model, tokenizer, config=config, **overrides)
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._inbox: deque[tuple[str, Any]] = deque()
-        self._pending_adds = 0
-        self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
         # Outputs not yet handed to their loop; a loop is a key only while its wake-up is pending.
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
         self._thread: threading.Thread | None = None
-        self._stop = False
         self._accepting = True
         self._dead: BaseException | None = None
 
-    # ------------------------------------------------------------------ facts
-    @property
-    def config(self) -> EngineConfig:
-        return self.engine.config
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.engine.tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def model_name(self) -> str:
-        return self.engine.model_name
-
-    @property
-    def device(self) -> Any:
-        return self.engine.device
+    # Subclasses: the facts (config, tokenizer, ...), make_request/_prepare, _submit, abort,
+    # stats, _ensure_started and _stop_worker.
 
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    # ------------------------------------------------------------------ lifecycle
-    async def start(self) -> None:
-        """Start the background loop (idempotent)."""
-        self._ensure_started()
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the engine stopped serving, once it has (None while it runs or after a clean stop)."""
+        return self._dead
 
-    def _ensure_started(self) -> None:
-        if self._dead is not None:
-            raise EngineDeadError(f"engine loop stopped: {self._dead!r}")
-        if self._thread is None:
-            self._stop = False
-            self._thread = threading.Thread(target=self._run, name="stream-attention-engine", daemon=True)
-            self._thread.start()
+    def memory_report(self) -> dict[str, Any] | None:
+        """The device and host memory of the process that holds the model, when it is not
+        this one (None: read this process's own)."""
+        return None
+
+    async def start(self) -> None:
+        """Start the background driver (idempotent)."""
+        self._ensure_started()
 
     async def shutdown(self, *, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop accepting requests; with ``drain`` let running ones finish (up to
-        ``timeout`` seconds), then abort whatever is left and stop the loop."""
+        ``timeout`` seconds), then abort whatever is left and stop the driver."""
         self._accepting = False
         if self._thread is None:
+            await self._stop_worker()
             return
         if drain:
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -131,51 +123,14 @@ class AsyncEngine:
                 await asyncio.sleep(0.01)
         for rid in list(self._streams):
             self.abort(rid)
-        # Let the loop deliver the abort outputs before it stops.
+        # Let the driver deliver the abort outputs before it stops.
         for _ in range(200):
-            if not self._streams:
+            if not self._streams or not self.is_running:
                 break
             await asyncio.sleep(0.005)
         await self._stop_worker()
 
-    async def _stop_worker(self) -> None:
-        """Stop the background loop (after the streams were drained or aborted)."""
-        self._stop = True
-        self._wake.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            await asyncio.to_thread(thread.join, 10.0)
-
     close = shutdown
-
-    # ------------------------------------------------------------------ requests
-    def make_request(self, prompt: PromptLike, params: SamplingParams | None = None,
-                     request_id: str | None = None) -> Request:
-        """Tokenize and validate (raises ``ValueError`` / ``PromptTooLongError``)."""
-        return self.engine.make_request(prompt, params, request_id)
-
-    def _prepare(self, request: Request | PromptLike, params: SamplingParams | None) -> Request:
-        req = request if isinstance(request, Request) else self.make_request(request, params)
-        if isinstance(request, Request):
-            self.engine.validate(req)
-        return req
-
-    def _submit(self, req: Request) -> _Stream:
-        if not self._accepting:
-            raise EngineDeadError("engine is shutting down")
-        self._ensure_started()
-        stream = _Stream(asyncio.get_running_loop())
-        with self._lock:
-            if req.request_id in self._streams:
-                raise ValueError(f"request_id {req.request_id!r} is already in use")
-            waiting = len(self.engine.scheduler.waiting) + self._pending_adds
-            if waiting >= self.engine.config.max_waiting:
-                raise QueueFullError(f"waiting queue is full ({self.engine.config.max_waiting} requests)")
-            self._streams[req.request_id] = stream
-            self._pending_adds += 1
-            self._inbox.append(("add", req))
-        self._wake.set()
-        return stream
 
     async def stream(self, request: Request | PromptLike, params: SamplingParams | None = None) -> AsyncIterator[
             RequestOutput]:
@@ -211,6 +166,7 @@ class AsyncEngine:
                     item = items.popleft()
                     if isinstance(item, BaseException):
                         if not batch:
+                            finished = True  # the engine ended this request itself
                             raise item
                         items.appendleft(item)  # raised on the next call, after this batch
                         break
@@ -233,16 +189,25 @@ class AsyncEngine:
         assert last is not None
         return last
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request from any thread; a no-op if it already finished."""
-        with self._lock:
-            self._inbox.append(("abort", request_id))
-        self._wake.set()
+    def _new_stream(self, req: Request, waiting: int, max_waiting: int) -> _Stream:
+        """Register ``req``'s stream (under the lock) unless refused; raises before any output."""
+        if not self._accepting:
+            raise EngineDeadError("engine is shutting down")
+        if self._dead is not None:
+            raise EngineDeadError(f"engine stopped: {self._dead!r}")
+        if req.request_id in self._streams:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        if waiting >= max_waiting:
+            raise QueueFullError(f"waiting queue is full ({max_waiting} requests)")
+        stream = _Stream(asyncio.get_running_loop())
+        self._streams[req.request_id] = stream
+        return stream
 
-    def stats(self) -> EngineStats:
-        s = self.engine.stats()
-        s.waiting += self._pending_adds
-        return s
+    def _fail_every_stream(self, exc: BaseException) -> None:
+        """End every open stream with ``exc`` (the engine can serve none of them)."""
+        with self._lock:
+            rids = list(self._streams)
+        self._deliver_all([(rid, exc, True) for rid in rids])
 
     # ------------------------------------------------------------------ loop
     def _deliver(self, out: RequestOutput | BaseException, request_id: str, final: bool) -> None:
@@ -280,6 +245,108 @@ class AsyncEngine:
             for stream, out in box:
                 stream.push(out)
 
+    @staticmethod
+    def _aborted_output(request_id: str) -> RequestOutput:
+        return RequestOutput(request_id=request_id, prompt_token_ids=[], token_ids=[], text="", delta_token_ids=[],
+                             delta_text="", finished=True, finish_reason=FinishReason.ABORT)
+
+
+class AsyncEngine(StreamFrontend):
+    """Serve many concurrent streams from one :class:`LLMEngine` stepping in a thread of
+    this process.
+
+    Construct it like ``LLMEngine`` (``AsyncEngine(model, tokenizer, config=..., **overrides)``,
+    or ``AsyncEngine(EngineConfig(...))``), or wrap an existing engine with ``engine=``.
+    The background thread starts on :meth:`start` or on the first request.
+
+    A step that runs out of device memory fails the requests of that step
+    (:class:`StepFailedError`) and the engine serves on; any other exception inside a step
+    leaves the engine's state unknown, so every open stream ends with
+    :class:`EngineDeadError` and the loop stops (:class:`~.supervisor.SupervisedEngine`
+    restarts it).
+    """
+
+    def __init__(self, model: Any = None, tokenizer: Any = None, *, config: EngineConfig | None = None,
+                 engine: LLMEngine | None = None, **overrides: Any) -> None:
+        super().__init__()
+        self.engine = engine or LLMEngine(model, tokenizer, config=config, **overrides)
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._pending_adds = 0
+        self._wake = threading.Event()
+        self._stop = False
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def device(self) -> Any:
+        return self.engine.device
+
+    # ------------------------------------------------------------------ lifecycle
+    def _ensure_started(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine loop stopped: {self._dead!r}")
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._run, name="stream-attention-engine", daemon=True)
+            self._thread.start()
+
+    async def _stop_worker(self) -> None:
+        """Stop the background loop (after the streams were drained or aborted)."""
+        self._stop = True
+        self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 10.0)
+
+    # ------------------------------------------------------------------ requests
+    def make_request(self, prompt: PromptLike, params: SamplingParams | None = None,
+                     request_id: str | None = None) -> Request:
+        """Tokenize and validate (raises ``ValueError`` / ``PromptTooLongError``)."""
+        return self.engine.make_request(prompt, params, request_id)
+
+    def _prepare(self, request: Request | PromptLike, params: SamplingParams | None) -> Request:
+        req = request if isinstance(request, Request) else self.make_request(request, params)
+        if isinstance(request, Request):
+            self.engine.validate(req)
+        return req
+
+    def _submit(self, req: Request) -> _Stream:
+        self._ensure_started()
+        with self._lock:
+            waiting = len(self.engine.scheduler.waiting) + self._pending_adds
+            stream = self._new_stream(req, waiting, self.engine.config.max_waiting)
+            self._pending_adds += 1
+            self._inbox.append(("add", req))
+        self._wake.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request from any thread; a no-op if it already finished."""
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        s = self.engine.stats()
+        s.waiting += self._pending_adds
+        return s
+
+    # ------------------------------------------------------------------ loop
     def _drain_inbox(self) -> None:
         while True:
             with self._lock:
@@ -300,11 +367,6 @@ class AsyncEngine:
                 if stream is not None:
                     self._deliver(self._aborted_output(arg), arg, final=True)
 
-    @staticmethod
-    def _aborted_output(request_id: str) -> RequestOutput:
-        return RequestOutput(request_id=request_id, prompt_token_ids=[], token_ids=[], text="", delta_token_ids=[],
-                             delta_text="", finished=True, finish_reason=FinishReason.ABORT)
-
     def _run(self) -> None:
         engine = self.engine
         try:
@@ -314,25 +376,37 @@ class AsyncEngine:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
-                try:
-                    outputs = engine.step()
-                except Exception as exc:
-                    log.exception("engine step failed; aborting the requests in flight")
-                    abort_all = getattr(engine, "abort_all", None)
-                    if callable(abort_all):
-                        failed = list(abort_all())
-                    else:
-                        failed = list(engine._seqs)
-                        for rid in failed:
-                            engine.abort(rid)
-                    engine._pending.clear()
-                    self._deliver_all([(rid, RuntimeError(f"engine step failed: {exc!r}"), True) for rid in failed])
-                    continue
+                outputs, failed, why = run_step(engine)
+                if failed:
+                    err = StepFailedError(why)
+                    self._deliver_all([(rid, err, True) for rid in failed])
                 if outputs:
                     self._deliver_all([(out.request_id, out, out.finished) for out in outputs])
-        except BaseException as exc:  # pragma: no cover - a bug in the loop itself
-            self._dead = exc
+        except BaseException as exc:
             log.exception("engine loop died")
-            with self._lock:
-                rids = list(self._streams)
-            self._deliver_all([(rid, EngineDeadError(f"engine loop died: {exc!r}"), True) for rid in rids])
+            # Without its traceback the exception no longer holds the engine's frames (and
+            # their device memory) alive after the client is dropped.
+            self._dead = exc.with_traceback(None)
+            self._fail_every_stream(EngineDeadError(f"engine loop died: {exc!r}"))
+
+
+def run_step(engine: LLMEngine) -> tuple[list[RequestOutput], list[str], str]:
+    """One engine step under the engine clients' failure policy.
+
+    Returns ``(outputs, failed_ids, why)``. A step that runs out of device memory ends the
+    requests it had scheduled (``failed_ids``, for their streams to end with
+    :class:`StepFailedError` and ``why``); waiting requests keep their place and the
+    engine serves on. Any other exception ends every request and propagates: the engine's
+    state is unknown, so the caller stops and a supervisor builds a fresh engine.
+    """
+    try:
+        return engine.step(), [], ""
+    except Exception as exc:
+        oom = is_out_of_memory(exc)
+        failed = engine.fail_all(waiting_too=not oom)
+        if not oom:
+            raise
+        log.warning("engine step ran out of device memory; failing its %d requests", len(failed))
+        if engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return [], failed, f"the engine ran out of device memory: {exc}"

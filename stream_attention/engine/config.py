@@ -73,6 +73,10 @@ class EngineConfig:
     use_cuda_graphs: bool = True  # decode-only steps replay captured graphs (CUDA only)
     cuda_graph_max_batch: int = 256
     seed: int = 0  # seeds requests that have no seed of their own, so runs are repeatable
+    # Testing hook for fault handling: when this file exists at the start of a step, the
+    # engine deletes it and raises what it names inside the step ("oom": the device's
+    # out-of-memory error; anything else: RuntimeError). Works in the engine process too.
+    fault_file: str | None = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> EngineConfig:

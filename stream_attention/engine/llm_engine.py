@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Sequence as SequenceABC
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -258,6 +260,32 @@ class LLMEngine:
             self.abort(rid)
         return ids
 
+    def fail_all(self, *, waiting_too: bool = True) -> list[str]:
+        """End the requests a failed step leaves behind: every unfinished one, or with
+        ``waiting_too=False`` only those already scheduled (waiting ones keep their place).
+        Their blocks return to the pool; the step in flight and the outputs not yet
+        returned for them are dropped (the caller tells each request's owner why).
+        Returns their ids."""
+        self._inflight = None
+        ids = [rid for rid, seq in self._seqs.items() if waiting_too or seq.status is not SequenceStatus.WAITING]
+        for rid in ids:
+            self.abort(rid)
+        failed = set(ids)
+        self._pending = [out for out in self._pending if out.request_id not in failed]
+        return ids
+
+    def _inject_fault(self, path: str) -> None:
+        """``EngineConfig.fault_file``: raise the fault the file names, once per file."""
+        try:
+            kind = Path(path).read_text().strip()
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        log.warning("injecting an engine fault from %s: %s", path, kind or "error")
+        if kind == "oom":
+            raise torch.cuda.OutOfMemoryError("injected out-of-memory fault")
+        raise RuntimeError(f"injected engine fault ({kind or 'error'})")
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._seqs) or bool(self._pending) or self._inflight is not None
 
@@ -276,6 +304,8 @@ class LLMEngine:
         request added between calls joins the step after the one already running, and a
         request that ends on a stop string has already been given a row in the running
         step (its token is dropped)."""
+        if self.config.fault_file is not None:
+            self._inject_fault(self.config.fault_file)
         outputs, self._pending = self._pending, []
         flight, self._inflight = self._inflight, None
         if flight is None:

@@ -162,6 +162,8 @@ class EngineStats:
     kv_compression_ratio: float = 1.0
     kv_bytes_saved: int = 0
     kv_blocks_evicted_total: int = 0
+    # Set by a supervising client: how often the engine was rebuilt after dying.
+    engine_restarts_total: int = 0
 
     @property
     def kv_usage(self) -> float:

@@ -210,7 +210,7 @@ def create_app(
 
     async def load() -> None:
         try:
-            built = await asyncio.to_thread(bridge.build_engine, settings)
+            built = await asyncio.to_thread(bridge.build_engine, settings, on_load_failure)
             await bridge.start(built)
             state.attach(built)
             log.info("engine ready: model=%s device=%s context=%d", state.model_name, state.device, state.max_model_len)

@@ -7,11 +7,11 @@ Keeping every engine call here means the HTTP layer depends on the contract in
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from ..engine import EngineClient, EngineDeadError, StepFailedError, build_engine_client
 from ..engine.types import EngineStats, Request, RequestOutput
 from .settings import ServerSettings
 
@@ -58,111 +58,70 @@ def engine_config(settings: ServerSettings) -> Any:
     return validate() if callable(validate) else config
 
 
-def build_engine(settings: ServerSettings) -> Any:
-    """Load the model and start the engine (blocking: call from a worker thread): in this
-    process, or with ``engine_process`` in a child process of its own."""
-    config = engine_config(settings)
-    if settings.engine_process:
-        from .engine_process import EngineProcess
-
-        return EngineProcess(config)
-    from ..engine import AsyncEngine
-
-    return AsyncEngine(config=config)
+def build_engine(settings: ServerSettings,
+                 on_give_up: Callable[[BaseException], None] | None = None) -> EngineClient:
+    """Load the model and build its supervised engine client (blocking: call from a worker
+    thread). ``on_give_up`` runs if the engine keeps dying and will not be restarted again."""
+    mode = "process" if settings.engine_process else settings.engine_mode
+    return build_engine_client(engine_config(settings), mode=mode, supervise=True, on_give_up=on_give_up,
+                               max_restarts=settings.engine_max_restarts)
 
 
-async def start(engine: Any) -> None:
-    """Start the engine's background loop where it has one to start."""
-    fn = getattr(engine, "start", None)
-    if callable(fn):
-        result = fn()
-        if inspect.isawaitable(result):
-            await result
+async def start(engine: EngineClient) -> None:
+    await engine.start()
 
 
-async def shutdown(engine: Any) -> None:
-    for name in ("shutdown", "close", "stop"):
-        fn = getattr(engine, name, None)
-        if callable(fn):
-            result = fn()
-            if inspect.isawaitable(result):
-                await result
-            return
+async def shutdown(engine: EngineClient, timeout: float | None = 30.0) -> None:
+    await engine.shutdown(drain=True, timeout=timeout)
 
 
-def stream(engine: Any, request: Request) -> AsyncIterator[RequestOutput]:
+def stream(engine: EngineClient, request: Request) -> AsyncIterator[RequestOutput]:
     """Outputs of ``request``; refusals (queue full, too long, invalid) raise before the first."""
     return engine.stream(request)
 
 
-def stream_batches(engine: Any, request: Request) -> AsyncIterator[list[RequestOutput]]:
-    """Outputs of ``request`` in batches: each item is every output that arrived since the
-    previous one (the engine's ``stream_batches``; single outputs from an engine without it)."""
-    batched = getattr(engine, "stream_batches", None)
-    if callable(batched):
-        return batched(request)
-    return _one_by_one(engine.stream(request))
-
-
-async def _one_by_one(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[list[RequestOutput]]:
-    try:
-        async for out in outputs:
-            yield [out]
-    finally:
-        aclose = getattr(outputs, "aclose", None)
-        if aclose is not None:
-            await aclose()
+def stream_batches(engine: EngineClient, request: Request) -> AsyncIterator[list[RequestOutput]]:
+    """Outputs of ``request`` in batches: each item is every output that arrived since the previous one."""
+    return engine.stream_batches(request)
 
 
 def is_engine_dead(exc: BaseException) -> bool:
-    """Whether ``exc`` says the engine can serve nothing more (503, not a request error)."""
-    try:
-        from ..engine import EngineDeadError
-    except ImportError:
-        return False
-    return isinstance(exc, EngineDeadError)
+    """Whether ``exc`` says the engine cannot finish the request (503, not a request error):
+    it is gone or restarting, or the step ran out of device memory."""
+    return isinstance(exc, EngineDeadError | StepFailedError)
 
 
-async def abort(engine: Any, request_id: str) -> None:
-    result = engine.abort(request_id)
-    if inspect.isawaitable(result):
-        await result
+async def abort(engine: EngineClient, request_id: str) -> None:
+    engine.abort(request_id)
 
 
-def is_alive(engine: Any) -> bool:
-    """False once the engine's background loop has stopped (it can serve nothing more)."""
-    running = getattr(engine, "is_running", None)
-    return True if running is None else bool(running)
+def is_alive(engine: EngineClient) -> bool:
+    """False once the engine can serve nothing more (not while it restarts)."""
+    return engine.failure is None
 
 
-def stats(engine: Any) -> EngineStats:
+def is_ready(engine: EngineClient) -> bool:
+    """Whether requests can be served now."""
+    return engine.is_running
+
+
+def stats(engine: EngineClient) -> EngineStats:
     return engine.stats()
 
 
-def tokenizer(engine: Any) -> Any:
+def tokenizer(engine: EngineClient) -> Any:
     return engine.tokenizer
 
 
-def max_model_len(engine: Any) -> int:
-    for owner in (engine, getattr(engine, "config", None)):
-        value = getattr(owner, "max_model_len", None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise RuntimeError("engine does not report its context length (max_model_len)")
+def max_model_len(engine: EngineClient) -> int:
+    return engine.max_model_len
 
 
-def model_name(engine: Any, settings: ServerSettings) -> str:
-    if settings.served_model_name:
-        return settings.served_model_name
-    for owner in (engine, getattr(engine, "config", None)):
-        for attr in ("model_name", "served_model_name", "model"):
-            value = getattr(owner, attr, None)
-            if isinstance(value, str) and value:
-                return value
-    return settings.model or "stream-attention-default"
+def model_name(engine: EngineClient, settings: ServerSettings) -> str:
+    return settings.served_model_name or engine.model_name or settings.model or "stream-attention-default"
 
 
-def vocab_size(engine: Any) -> int:
+def vocab_size(engine: EngineClient) -> int:
     tok = tokenizer(engine)
     try:
         return len(tok)
@@ -170,9 +129,5 @@ def vocab_size(engine: Any) -> int:
         return int(getattr(tok, "vocab_size", 0))
 
 
-def device(engine: Any, settings: ServerSettings) -> str:
-    for owner in (engine, getattr(engine, "config", None)):
-        value = getattr(owner, "device", None)
-        if value is not None and not callable(value):
-            return str(value)
-    return settings.resolved_device()
+def device(engine: EngineClient, settings: ServerSettings) -> str:
+    return str(engine.device) if engine.device is not None else settings.resolved_device()

@@ -26,9 +26,10 @@ _GENERATION = TypeAdapter(GenerationBenchmarkRequest)
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """Liveness: 200 while the process can serve (or is still loading its model); 503 once
-    the engine's loop has died, so an orchestrator restarts the container. Never needs the
-    API key; never waits on the engine."""
+    """Liveness: 200 while the process can serve (or is still loading its model, or its
+    engine is being restarted); 503 once the engine has died for good (its supervisor gave
+    up), so an orchestrator restarts the container. Never needs the API key; never waits
+    on the engine."""
     state = get_state(request)
     body = {"status": "ok", "uptime_s": time.time() - state.started_at, "version": __version__}
     if state.engine_dead:
@@ -42,7 +43,14 @@ async def ready(request: Request) -> JSONResponse:
     state = get_state(request)
     if state.ready:
         return JSONResponse({"status": "ready", "model": state.model_name, "device": state.device})
-    status = "draining" if state.draining else ("failed" if state.load_error or state.engine_dead else "loading")
+    if state.draining:
+        status = "draining"
+    elif state.load_error or state.engine_dead:
+        status = "failed"
+    elif state.engine is not None:
+        status = "restarting"
+    else:
+        status = "loading"
     body: dict[str, Any] = {"status": status}
     if state.load_error:
         body["error"] = state.load_error

@@ -57,9 +57,14 @@ class ServerSettings(BaseSettings):
     seed: int = Field(0, description="engine seed for requests that give none")
     attention_backend: Literal["auto", "triton", "sdpa"] = Field("auto", description="attention kernels of the engine")
     use_cuda_graphs: bool = Field(True, description="replay CUDA graphs for decode steps (CUDA only)")
-    engine_process: bool = Field(
-        False,
-        description="run the engine in a process of its own (no GIL shared with HTTP: faster at many streams)",
+    engine_mode: Literal["auto", "thread", "process"] = Field(
+        "auto",
+        description="where the engine steps: process = a process of its own (its Python never waits for the "
+        "server's per-token work; the default on CUDA), thread = a thread of the server process (the default on CPU)",
+    )
+    engine_process: bool = Field(False, description="same as --engine-mode process")
+    engine_max_restarts: int = Field(
+        5, ge=0, description="engine restarts allowed within 10 minutes before the server exits non-zero"
     )
 
     # --- KV cache ----------------------------------------------------------------

@@ -57,11 +57,12 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and not self.draining and bridge.is_alive(self.engine)
+        return self.engine is not None and not self.draining and bridge.is_ready(self.engine)
 
     @property
     def engine_dead(self) -> bool:
-        """Loaded once, but its loop has stopped: only a restart helps."""
+        """Loaded once, but it can serve nothing more (its supervisor gave up): only a
+        restart of the server helps. A restarting engine is not dead, only not ready."""
         return self.engine is not None and not bridge.is_alive(self.engine)
 
     def attach(self, engine: Any) -> None:

@@ -1,4 +1,4 @@
-"""The engine in a process of its own (``stream-attention-serve --engine-process``).
+"""The engine in a process of its own: :class:`EngineProcess`, the engine client the server uses on CUDA.
 
 In one process the engine thread's Python (scheduling, input staging, sampling,
 detokenization) and the event loop's Python (HTTP, SSE, JSON) share one GIL, so every
@@ -11,8 +11,9 @@ and the server process keeps the event loop and a receiver thread:
 - child → parent: per step, the outputs as small tuples (new token ids and text, and the
   full text and ids only once, when a request finishes) plus the engine's counters.
 
-:class:`EngineProcess` is an :class:`AsyncEngine` (same streams, batching, aborts, drain
-and shutdown); only where the engine lives differs. Its ``engine`` attribute is ``None``.
+:class:`EngineProcess` shares :class:`~.async_engine.StreamFrontend` with
+:class:`~.async_engine.AsyncEngine` (same streams, batching, aborts, drain and shutdown,
+same step-failure policy); only where the engine lives differs.
 """
 
 from __future__ import annotations
@@ -32,19 +33,17 @@ from dataclasses import fields, replace
 from functools import partial
 from typing import Any
 
-from ..engine import AsyncEngine
-from ..engine.async_engine import EngineDeadError, _Stream
-from ..engine.types import (
+from .async_engine import EngineDeadError, StepFailedError, StreamFrontend, _Stream, run_step
+from .types import (
     EngineStats,
     FinishReason,
     ListView,
-    QueueFullError,
-    Request,
+        Request,
     RequestOutput,
     SamplingParams,
 )
 
-log = logging.getLogger("stream_attention.server")
+log = logging.getLogger("stream_attention.engine")
 
 # Counters at most this often while stepping (and whenever the engine goes idle).
 _STATS_EVERY_S = 0.01
@@ -53,7 +52,7 @@ _MEMORY_EVERY_S = 1.0
 
 def build_from_config(config: Any) -> Any:
     """The child's engine for ``config`` (an ``EngineConfig``): what the in-process path builds."""
-    from ..engine import LLMEngine
+    from .llm_engine import LLMEngine
 
     return LLMEngine(config=config)
 
@@ -93,9 +92,10 @@ def _wire(out: RequestOutput) -> tuple[Any, ...]:
 def _memory_report() -> dict[str, Any]:
     """The engine process's memory: CUDA allocator rows per device and its host RSS (the
     server process cannot read another process's allocator)."""
-    from .memory import cuda_rows, host_rss_bytes
+    from ..utils.memory import cuda_memory, host_memory
 
-    return {"cuda": cuda_rows(), "rss_bytes": host_rss_bytes()}
+    rows = [{**row, "device": f"cuda:{row['index']}"} for row in cuda_memory()]
+    return {"cuda": rows, "rss_bytes": int(host_memory().get("rss_bytes") or 0)}
 
 
 def _child_main(conn: Any, build: Callable[[], Any], log_level: int) -> None:
@@ -160,14 +160,9 @@ def _child_main(conn: Any, build: Callable[[], Any], log_level: int) -> None:
                     _send(conn, ("stats", _stats_tuple(stats), added))
                 continue
             idle_stats = None
-            try:
-                outputs = engine.step()
-            except Exception as exc:
-                log.exception("engine step failed; aborting the requests in flight")
-                failed = list(engine.abort_all())
-                engine._pending.clear()
-                _send(conn, ("failed_step", failed, f"engine step failed: {exc!r}"))
-                continue
+            outputs, failed, why = run_step(engine)
+            if failed:
+                _send(conn, ("failed_step", failed, why))
             now = time.monotonic()
             stats = None
             if now - stats_at >= _STATS_EVERY_S:
@@ -183,8 +178,8 @@ def _child_main(conn: Any, build: Callable[[], Any], log_level: int) -> None:
             _send(conn, ("dead", f"{type(exc).__name__}: {exc}"))
 
 
-class EngineProcess(AsyncEngine):
-    """An :class:`AsyncEngine` whose :class:`LLMEngine` runs in a child process.
+class EngineProcess(StreamFrontend):
+    """An engine client whose :class:`~.llm_engine.LLMEngine` runs in a child process.
 
     ``build`` is a picklable callable returning the engine (default: ``LLMEngine(config=config)``);
     construction blocks until the child has loaded the model (call it from a worker
@@ -193,8 +188,7 @@ class EngineProcess(AsyncEngine):
 
     def __init__(self, config: Any = None, *, build: Callable[[], Any] | None = None,
                  start_timeout: float = 1800.0, cpus: set[int] | None = None) -> None:
-        super().__init__(engine=_NoEngine())  # type: ignore[arg-type]
-        self.engine = None
+        super().__init__()
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
         self._conn = parent
@@ -225,6 +219,11 @@ class EngineProcess(AsyncEngine):
         self._acked_adds = 0
         # Per request: prompt ids, token ids, logprobs and text so far (outputs carry totals).
         self._progress: dict[str, tuple[list[int], list[int], list[Any] | None, list[str]]] = {}
+
+    @property
+    def pid(self) -> int | None:
+        """The engine process's id."""
+        return self._proc.pid
 
     # ------------------------------------------------------------------ facts
     @property
@@ -278,19 +277,9 @@ class EngineProcess(AsyncEngine):
             _send(self._conn, msg)
 
     def _submit(self, req: Request) -> _Stream:
-        import asyncio
-
-        if not self._accepting:
-            raise EngineDeadError("engine is shutting down")
         self._ensure_started()
-        stream = _Stream(asyncio.get_running_loop())
-        max_waiting = self.config.max_waiting
         with self._lock:
-            if req.request_id in self._streams:
-                raise ValueError(f"request_id {req.request_id!r} is already in use")
-            if self.stats().waiting >= max_waiting:
-                raise QueueFullError(f"waiting queue is full ({max_waiting} requests)")
-            self._streams[req.request_id] = stream
+            stream = self._new_stream(req, self.stats().waiting, self.config.max_waiting)
             self._progress[req.request_id] = (
                 req.prompt_token_ids, [], [] if req.params.logprobs is not None else None, [""]
             )
@@ -328,15 +317,6 @@ class EngineProcess(AsyncEngine):
         thread, self._thread = self._thread, None
         if thread is not None:
             await asyncio.to_thread(thread.join, 10.0)
-
-    async def shutdown(self, *, drain: bool = True, timeout: float | None = 30.0) -> None:
-        if self._thread is None:  # never started: only the process to stop
-            self._accepting = False
-            await self._stop_worker()
-            return
-        await super().shutdown(drain=drain, timeout=timeout)
-
-    close = shutdown
 
     # ------------------------------------------------------------------ receiver
     def _output(self, wire: tuple[Any, ...]) -> RequestOutput | None:
@@ -399,7 +379,7 @@ class EngineProcess(AsyncEngine):
                     if known:
                         self._fail([rid], _Aborted())
                 elif kind == "failed_step":
-                    self._fail(msg[1], RuntimeError(msg[2]))
+                    self._fail(msg[1], StepFailedError(msg[2]))
                 elif kind == "dead":
                     raise RuntimeError(msg[1])
         except (EOFError, OSError) as exc:
@@ -408,6 +388,7 @@ class EngineProcess(AsyncEngine):
             self._dead = exc
         except BaseException as exc:  # noqa: BLE001
             self._dead = exc
+        self._proc.join(1.0)
         log.error("engine process stopped: %r (exit code %s)", self._dead, self._proc.exitcode)
         with self._lock:
             rids = list(self._streams)
@@ -422,7 +403,3 @@ class EngineProcess(AsyncEngine):
 
 class _Aborted(Exception):
     """Marker: end the stream with an ABORT output."""
-
-
-class _NoEngine:
-    """Placeholder so that :class:`AsyncEngine`'s constructor builds nothing."""
