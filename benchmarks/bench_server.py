@@ -656,6 +656,10 @@ def main() -> int:
         t0 = time.perf_counter()
         engine = EngineProcess(build=build, cpus=_cpus(args.engine_cpus))
         result["engine_process_init_s"] = time.perf_counter() - t0
+    # The server always serves a supervised client (restarted if it dies): measure that path.
+    from stream_attention.engine.supervisor import SupervisedEngine
+
+    engine = SupervisedEngine(lambda: None, client=engine)  # type: ignore[arg-type]  # never restarted here
     # The direct runs' loop is gone; the engine thread keeps running for the server.
     server = _Server(engine, profile=bool(args.profile_loop))
     try:
