@@ -206,3 +206,53 @@ def test_commit_leaves_sequences_that_ended_during_the_step():
     sched.commit(out.scheduled)
     assert a.num_computed_tokens == 6 and b.num_computed_tokens == 0 and not b.block_table
     bm.check_invariants([a])
+
+
+def _decode_all(sched: Scheduler, out) -> None:
+    """Pretend the model ran ``out``: commit it and give every sampling row its token."""
+    sched.commit(out.scheduled)
+    for s in out.scheduled:
+        if s.samples:
+            s.seq.token_ids.append(7)
+
+
+def test_prefill_wait_holds_a_lone_arrival_for_company_then_admits() -> None:
+    """With ``prefill_wait_steps=2`` a request arriving while others decode waits at most
+    two decode steps; one arriving in the meantime joins it, so both prefill in one step."""
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8, prefill_wait_steps=2)
+    first = _seq("a", list(range(6)), max_tokens=16)
+    sched.add(first)
+    out = sched.schedule()  # an idle engine admits at once
+    assert [s.seq.request_id for s in out.scheduled] == ["a"]
+    _decode_all(sched, out)
+    late = _seq("b", list(range(10, 16)), max_tokens=4)
+    sched.add(late)
+    out = sched.schedule()
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1)]  # held 1
+    _decode_all(sched, out)
+    later = _seq("c", list(range(20, 26)), max_tokens=4)
+    sched.add(later)
+    out = sched.schedule()
+    assert [s.seq.request_id for s in out.scheduled] == ["a"]  # held 2
+    _decode_all(sched, out)
+    out = sched.schedule()  # the wait is over: both prefill together
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 6), ("c", 6)]
+
+
+def test_prefill_wait_admits_at_once_when_the_waiting_prompts_fill_half_the_budget() -> None:
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=40, max_waiting=8, prefill_wait_steps=4)
+    sched.add(_seq("a", list(range(6)), max_tokens=16))
+    _decode_all(sched, sched.schedule())
+    sched.add(_seq("b", list(range(20)), max_tokens=4))  # 20 prompt tokens = half of 40
+    assert [s.seq.request_id for s in sched.schedule().scheduled] == ["a", "b"]
+
+
+def test_prefill_wait_off_admits_every_step() -> None:
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8)
+    sched.add(_seq("a", list(range(6)), max_tokens=16))
+    _decode_all(sched, sched.schedule())
+    sched.add(_seq("b", list(range(4)), max_tokens=4))
+    assert [s.seq.request_id for s in sched.schedule().scheduled] == ["a", "b"]

@@ -66,6 +66,9 @@ class EngineConfig:
     max_waiting: int = 1024  # bound of the waiting queue; beyond it add_request raises QueueFullError
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # Decode steps a few new requests may wait for others to share their prefill step
+    # (scheduler.py): None = 2 on CUDA, where mixed steps run eagerly, 0 elsewhere.
+    prefill_wait_steps: int | None = None
     attention_backend: str = "auto"  # auto | triton | sdpa (torch over gathered pages)
     # Llama-family models run through the engine's fused forward (engine/fused_llama.py)
     # instead of transformers' layers; False keeps transformers' forward with the attention hook.
@@ -97,6 +100,7 @@ class EngineConfig:
             ("attention_backend", self.attention_backend in ("auto", "triton", "sdpa")),
             ("max_model_len", self.max_model_len is None or self.max_model_len >= 1),
             ("cuda_graph_max_batch", self.cuda_graph_max_batch >= 1),
+            ("prefill_wait_steps", self.prefill_wait_steps is None or self.prefill_wait_steps >= 0),
         ]
         for name, ok in checks:
             if not ok:

@@ -140,6 +140,8 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_waiting=config.max_waiting,
             enable_chunked_prefill=config.enable_chunked_prefill,
+            prefill_wait_steps=(config.prefill_wait_steps if config.prefill_wait_steps is not None
+                                else 2 if self.device.type == "cuda" else 0),
         )
         self.sampler = Sampler(self.device, config.seed)
         self.eos_token_ids = eos_token_ids(tok, hf_model)

@@ -8,6 +8,10 @@ Each step the scheduler fills a token budget (``max_num_batched_tokens``) in thi
    the block fits; if the sequence itself is the newest, it is the one preempted.
 2. waiting sequences, oldest first, while budget, sequence slots and blocks last
    (prefix-cache hits are claimed first, so only the uncached part costs budget).
+   With ``prefill_wait_steps`` > 0, a few new requests arriving while others decode wait
+   up to that many decode steps for company: requests of a serving workload arrive a few
+   milliseconds apart, and one prefill step for several of them costs far less than one
+   mixed step each (mixed steps run eagerly; decode-only steps replay CUDA graphs).
 
 Progress is guaranteed: requests whose prompt plus ``max_tokens`` cannot fit the whole
 pool are refused at admission, so the oldest running sequence can always get every
@@ -65,6 +69,7 @@ class Scheduler:
         max_waiting: int,
         enable_chunked_prefill: bool = True,
         admission_reserve_blocks: int | None = None,
+        prefill_wait_steps: int = 0,
     ) -> None:
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
@@ -79,6 +84,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefill_wait_steps = prefill_wait_steps
+        self._held_steps = 0
 
     # ------------------------------------------------------------------ intake
     def add(self, seq: Sequence) -> None:
@@ -165,7 +172,7 @@ class Scheduler:
                     i += 1
                     break
 
-        if out.preempted:
+        if out.preempted or (self.prefill_wait_steps and self._hold_admissions(scheduled, budget)):
             return out
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -188,6 +195,28 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq.of(seq, n))
             budget -= n
         return out
+
+    def _hold_admissions(self, scheduled: list[ScheduledSeq], budget: int) -> bool:
+        """Whether to keep waiting requests back this step so that later arrivals share
+        their prefill step: only while every scheduled row is a decode, for at most
+        ``prefill_wait_steps`` steps in a row, and not once the waiting prompts would fill
+        half the step's budget or every free sequence slot."""
+        waiting = self.waiting
+        if not waiting or not scheduled or self._held_steps >= self.prefill_wait_steps:
+            self._held_steps = 0
+            return False
+        if len(waiting) >= self.max_num_seqs - len(self.running) or not all(
+                s.num_new_tokens == 1 for s in scheduled):
+            self._held_steps = 0
+            return False
+        tokens = 0
+        for seq in waiting:
+            tokens += seq.num_tokens - seq.num_computed_tokens
+            if 2 * tokens >= budget:
+                self._held_steps = 0
+                return False
+        self._held_steps += 1
+        return True
 
     def commit(self, scheduled: list[ScheduledSeq]) -> None:
         """Advance ``num_computed_tokens`` after the model ran a step. Sequences that
