@@ -84,8 +84,6 @@ def load_model(model: Any, tokenizer: Any, config: EngineConfig, device: torch.d
     return model.to(device).eval(), tok, name
 
 
-_load_model = load_model  # the name engine/distributed.py used first
-
 
 class _Flight:
     """A launched step: what ran, who samples, and the sampling still on the device."""
@@ -451,11 +449,6 @@ class LLMEngine:
             time_to_first_token=ttft,
             latency=latency,
         )
-
-    # Old private names (kept for callers written against them).
-    _process_token = process_token
-    _finish_text = finish_text
-    _output = make_output
 
     # ------------------------------------------------------------------ batch API
     def generate(
