@@ -80,7 +80,7 @@ def _tiny_engine(batch: int, prompt_len: int, gen: int, block_size: int, pipelin
     return LLMEngine(
         model, load_tokenizer(), num_kv_blocks=blocks, block_size=block_size, max_num_seqs=batch,
         max_num_batched_tokens=16384, use_cuda_graphs=False, attention_backend="sdpa", enable_prefix_caching=False,
-        device="cpu", extra={"pipeline_steps": pipeline},
+        device="cpu", pipeline_steps=pipeline,
     )
 
 

@@ -144,7 +144,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._counters = EngineStats()
         # Pipelined steps (see step()): worth it where the model runs asynchronously.
-        self.pipeline = bool(config.extra.get("pipeline_steps", self.device.type == "cuda"))
+        self.pipeline = config.pipeline_steps if config.pipeline_steps is not None else self.device.type == "cuda"
         self._inflight: _Flight | None = None
         log.info("engine ready: %s on %s in %.1f s", name, self.device, time.perf_counter() - t0)
 
