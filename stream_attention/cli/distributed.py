@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .. import envs
 from ..core.config import StreamAttentionConfig
 from ..core.distributed_utils import find_free_port, launch_local
 from ..engine.config import EngineConfig
@@ -129,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.update(SAFE_NCCL_ENV)
     backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+    if envs.torchrun_launched():
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(envs.local_rank())
         dist.init_process_group(backend)
         try:
             result = _rank_main(args)

@@ -8,9 +8,10 @@ nothing but torch and triton (the server's settings use pydantic-settings).
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, fields
 from typing import Any
+
+from .. import envs
 
 ENV_PREFIX = "STREAM_ATTENTION_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -104,12 +105,11 @@ class StreamAttentionConfig:
 
         Unparseable values raise ``ValueError`` naming the variable.
         """
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = os.environ.get(prefix + f.name.upper())
-            if raw is None:
-                continue
-            values[f.name] = _parse(prefix + f.name.upper(), raw, f.type)
+        types = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {
+            name: _parse(prefix + name.upper(), raw, types[name])
+            for name, raw in envs.family_values(types, prefix).items()
+        }
         values.update(overrides)
         return cls(**values)
 
