@@ -103,7 +103,7 @@ class _Timers:
         else:  # an engine from before Sampler.launch (comparisons against older commits)
             self._wrap(engine, "sampler", "sample", on_end=self._sampled)
         self._wrap(engine.scheduler, "commit", "commit")
-        self._wrap(engine.kv_mgr, "after_step", "commit")
+        self._wrap(engine.kv_mgr, "after_step", "commit")  # called from Scheduler.commit
 
     def _launching(self, t0: float, args) -> None:
         self.last_scheduled = args[0]
@@ -176,8 +176,7 @@ def _stub_forward(engine) -> None:
     bufs = itertools.cycle([torch.randn(engine.scheduler.max_num_seqs, vocab, generator=g) for _ in range(7)])
 
     def execute(scheduled):
-        engine.runner.last_collector = None
-        return next(bufs)[:sum(1 for s in scheduled if s.samples)]
+        return next(bufs)[:sum(1 for s in scheduled if s.samples)], None
 
     engine.runner.execute = execute
 
