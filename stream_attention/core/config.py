@@ -27,8 +27,8 @@ class StreamAttentionConfig:
         head_dim: per-head dimension (16..256).
         num_kv_heads: key/value heads for GQA/MQA; ``None`` means ``num_heads``.
         tile_size_q, tile_size_k: preferred query/key tile sizes. On CUDA the kernel
-            autotunes its tiles per GPU and shape; these are kept for API compatibility
-            and recorded in benchmark metadata.
+            autotunes its tiles per GPU and shape; these are accepted (the seed's
+            configs set them) and recorded in benchmark metadata.
         use_fp16: on CUDA, run the hidden-states path in fp16 when inputs are fp32.
         use_qkv_projections: build Q/K/V and output projections (hidden-states input).
         qkv_bias: bias on those projections.
