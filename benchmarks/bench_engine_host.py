@@ -80,7 +80,7 @@ def _tiny_engine(batch: int, prompt_len: int, gen: int, block_size: int, pipelin
     return LLMEngine(
         model, load_tokenizer(), num_kv_blocks=blocks, block_size=block_size, max_num_seqs=batch,
         max_num_batched_tokens=16384, use_cuda_graphs=False, attention_backend="sdpa", enable_prefix_caching=False,
-        device="cpu", extra={"pipeline_steps": pipeline},
+        device="cpu", pipeline_steps=pipeline,
     )
 
 
@@ -103,7 +103,7 @@ class _Timers:
         else:  # an engine from before Sampler.launch (comparisons against older commits)
             self._wrap(engine, "sampler", "sample", on_end=self._sampled)
         self._wrap(engine.scheduler, "commit", "commit")
-        self._wrap(engine.kv_mgr, "after_step", "commit")
+        self._wrap(engine.kv_mgr, "after_step", "commit")  # called from Scheduler.commit
 
     def _launching(self, t0: float, args) -> None:
         self.last_scheduled = args[0]
@@ -176,8 +176,7 @@ def _stub_forward(engine) -> None:
     bufs = itertools.cycle([torch.randn(engine.scheduler.max_num_seqs, vocab, generator=g) for _ in range(7)])
 
     def execute(scheduled):
-        engine.runner.last_collector = None
-        return next(bufs)[:sum(1 for s in scheduled if s.samples)]
+        return next(bufs)[:sum(1 for s in scheduled if s.samples)], None
 
     engine.runner.execute = execute
 

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stream_attention.cli.benchmark import _flex_attention_fn  # noqa: E402
 from stream_attention.core.benchmarking import attention_flops, spin_up_gpu  # noqa: E402
+from stream_attention.core.kernel_benchmark import flex_attention_fn  # noqa: E402
 from stream_attention.core.sdpa import sdpa_attention  # noqa: E402
 from stream_attention.kernels import attention_fwd, attention_fwd_tma  # noqa: E402
 
@@ -122,7 +122,7 @@ def grid(report: dict, deadline: float, flex: bool) -> None:
     rows = []
     for d in (128, 64):
         for causal in (False, True):
-            flex_fn = _flex_attention_fn(causal, 2048 // d, 2048 // d) if flex else None
+            flex_fn = flex_attention_fn(causal, 2048 // d, 2048 // d) if flex else None
             for n in (1024, 2048, 4096, 8192, 16384):
                 if time.perf_counter() > deadline:
                     rows.append({"D": d, "causal": causal, "N": n, "skipped": "time budget"})

@@ -41,6 +41,6 @@ def test_benchmark_cli_table_json_and_plot(tmp_path, capsys):
 
 
 def test_console_scripts_are_installed():
-    for name in ("stream_attention.cli.benchmark", "stream_attention.cli.accuracy"):
+    for name in ("stream_attention.cli.benchmark", "stream_attention.cli.accuracy", "stream_attention.cli.distributed"):
         res = subprocess.run([sys.executable, "-m", name, "--help"], capture_output=True, text=True, timeout=120)
         assert res.returncode == 0 and "usage" in res.stdout

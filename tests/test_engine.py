@@ -352,7 +352,7 @@ def test_pipelined_steps_give_the_outputs_of_synchronous_steps(tiny):
     arrive_at = [0, 0, 1, 3, 4, 8]
     results = {}
     for pipelined in (False, True):
-        eng = _engine(tiny, attention_backend="sdpa", max_num_batched_tokens=16, extra={"pipeline_steps": pipelined})
+        eng = _engine(tiny, attention_backend="sdpa", max_num_batched_tokens=16, pipeline_steps=pipelined)
         assert eng.pipeline is pipelined
         results[pipelined], _ = _drive(eng, requests, arrive_at)
         assert eng.stats().kv_blocks_used == 0 and not eng.scheduler.running
@@ -369,7 +369,7 @@ def test_pipelined_steps_give_the_outputs_of_synchronous_steps(tiny):
 
 
 def test_pipelined_abort_while_a_step_is_in_flight(tiny):
-    eng = _engine(tiny, attention_backend="sdpa", extra={"pipeline_steps": True})
+    eng = _engine(tiny, attention_backend="sdpa", pipeline_steps=True)
     keep = eng.add_request(_prompts([7], seed=12)[0], SamplingParams(max_tokens=10, ignore_eos=True))
     gone = eng.add_request(_prompts([9], seed=13)[0], SamplingParams(max_tokens=10, ignore_eos=True))
     outs = {o.request_id: o for o in eng.step()}

@@ -265,11 +265,15 @@ def test_heavy_hitter_eviction_drops_the_least_attended_blocks():
     np.testing.assert_allclose(mgr._scores["r0"].mean(6), [0.0, 7, 9, 3, 0.0, 0.1])
 
 
-def test_eviction_under_the_real_scheduler_keeps_books_balanced():
+@pytest.mark.parametrize("scheduler_owns_policy", [False, True])
+def test_eviction_under_the_real_scheduler_keeps_books_balanced(scheduler_owns_policy):
+    """By hand, or with the scheduler calling the policy on commit, finish and preemption
+    (evictions happen only in ``after_step``, so ``blocks_evicted > 0`` shows it was called)."""
     rng = random.Random(0)
     bm = BlockManager(num_blocks=48, block_size=BS)
-    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_waiting=16)
     mgr = _manager("streaming", ratio=3.0, sink_tokens=4, window_tokens=32)
+    owned = mgr if scheduler_owns_policy else None
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_waiting=16, kv_policy=owned)
     for i in range(6):
         seq = Sequence(request_id=f"s{i}", prompt_token_ids=[rng.randrange(50) for _ in range(rng.randint(20, 120))],
                        params=SamplingParams(max_tokens=rng.randint(40, 160)))
@@ -279,16 +283,19 @@ def test_eviction_under_the_real_scheduler_keeps_books_balanced():
         out = sched.schedule()
         if not out and not sched.num_unfinished:
             break
-        for seq in out.preempted:
-            mgr.forget(seq.request_id)
+        if owned is None:
+            for seq in out.preempted:
+                mgr.forget(seq.request_id)
         sched.commit(out.scheduled)
-        mgr.after_step(list(sched.running), bm)
+        if owned is None:
+            mgr.after_step(list(sched.running), bm)
         for s in out.scheduled:
             if s.samples:
                 s.seq.token_ids.append(rng.randrange(50))
                 if s.seq.num_output_tokens >= s.seq.params.max_tokens:
                     sched.finish(s.seq, FinishReason.LENGTH)
-                    mgr.forget(s.seq.request_id)
+                    if owned is None:
+                        mgr.forget(s.seq.request_id)
                     finished += 1
         for seq in sched.running:
             assert seq.num_kv_slots <= mgr.policy.budget(seq.num_computed_tokens) + BS

@@ -176,10 +176,10 @@ def test_settings_priority_flags_over_env_over_dotenv(tmp_path: Path, monkeypatc
     monkeypatch.setenv("STREAM_ATTENTION_KV_CACHE_DTYPE", "bfloat16")
     s = settings_from_args(["--host", "0.0.0.0", "--no-benchmark-enabled"])
     assert s.port == 9100  # .env
-    assert s.max_queue == 9  # env beats .env
+    assert s.max_waiting == 9  # env beats .env (--max-queue is the old name of --max-waiting)
     assert s.kv_cache_dtype == "bf16"  # alias normalised
     assert s.host == "0.0.0.0" and s.benchmark_enabled is False  # flags
-    assert settings_from_args(["--max-queue", "3"]).max_queue == 3  # flag beats env
+    assert settings_from_args(["--max-queue", "3"]).max_waiting == 3  # flag beats env
     monkeypatch.setenv("STREAM_ATTENTION_API_KEY", "")
     assert settings_from_args([]).api_key is None
     with pytest.raises(Exception, match="device"):
@@ -210,6 +210,32 @@ def test_engine_config_from_settings() -> None:
         "cpu",
         32,
     )
+
+
+def test_engine_settings_are_the_engine_config_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every EngineConfig field is a server setting of the same name, default and help; the
+    old server names still work as flags and variables; out-of-range values name the field."""
+    import dataclasses
+
+    from stream_attention.engine import EngineConfig
+
+    fields = ServerSettings.model_fields
+    for f in dataclasses.fields(EngineConfig):
+        assert f.name in fields, f.name
+        assert fields[f.name].default == f.default, f.name
+        assert fields[f.name].description == f.metadata["help"], f.name
+    help_text = build_parser().format_help()
+    for flag in ("--max-waiting", "--block-size", "--num-kv-blocks", "--gpu-memory-fraction", "--pipeline-steps"):
+        assert flag in help_text
+    monkeypatch.setenv("STREAM_ATTENTION_KV_BLOCK_SIZE", "64")
+    monkeypatch.setenv("STREAM_ATTENTION_KV_CACHE_MEMORY_FRACTION", "0.5")
+    s = settings_from_args(["--kv-cache-blocks", "0", "--no-pipeline-steps"])
+    assert (s.block_size, s.gpu_memory_fraction, s.num_kv_blocks, s.pipeline_steps) == (64, 0.5, None, False)
+    assert ServerSettings(_env_file=None).max_waiting == EngineConfig().max_waiting  # one default
+    with pytest.raises(Exception, match="max_num_seqs"):
+        ServerSettings(_env_file=None, max_num_seqs=0)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        EngineConfig(max_num_seqs=0).validate()
 
 
 # ----------------------------------------------------------------------------- basics

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -29,9 +28,9 @@ from typing import Any
 
 import httpx
 
+from .. import envs
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-URL_ENV = "STREAM_ATTENTION_URL"
-API_KEY_ENV = "STREAM_ATTENTION_API_KEY"
 RETRY_STATUSES = frozenset({429, 503})
 
 
@@ -209,8 +208,8 @@ class _Base:
         max_backoff: float = 10.0,
         headers: dict[str, str] | None = None,
     ) -> None:
-        self.base_url = (base_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
-        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self.base_url = (base_url or envs.client_url() or DEFAULT_URL).rstrip("/")
+        key = api_key if api_key is not None else envs.client_api_key()
         self.headers = dict(headers or {})
         if key:
             self.headers["Authorization"] = f"Bearer {key}"

@@ -8,24 +8,21 @@ Triton kernels through a whole model on CPU under ``TRITON_INTERPRET=1``. An exp
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
 
+from .. import envs
 from ..kernels.runtime import TritonUnavailableError, triton_runs_on, why_triton_cannot_run
 
 Backend = Literal["auto", "triton", "sdpa"]
-_VALID = ("auto", "triton", "sdpa")
-ENV_VAR = "STREAM_ATTENTION_BACKEND"
+_VALID = envs.BACKENDS
+ENV_VAR = envs.BACKEND.name
 
 
 def env_backend() -> str:
     """The backend named by ``STREAM_ATTENTION_BACKEND`` (``"auto"`` when unset)."""
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if value not in _VALID:
-        raise ValueError(f"{ENV_VAR}={value!r}: expected one of {', '.join(_VALID)}")
-    return value
+    return envs.backend()
 
 
 def resolve_backend(

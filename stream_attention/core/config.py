@@ -8,9 +8,10 @@ nothing but torch and triton (the server's settings use pydantic-settings).
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, fields
 from typing import Any
+
+from .. import envs
 
 ENV_PREFIX = "STREAM_ATTENTION_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -26,8 +27,8 @@ class StreamAttentionConfig:
         head_dim: per-head dimension (16..256).
         num_kv_heads: key/value heads for GQA/MQA; ``None`` means ``num_heads``.
         tile_size_q, tile_size_k: preferred query/key tile sizes. On CUDA the kernel
-            autotunes its tiles per GPU and shape; these are kept for API compatibility
-            and recorded in benchmark metadata.
+            autotunes its tiles per GPU and shape; these are accepted (the seed's
+            configs set them) and recorded in benchmark metadata.
         use_fp16: on CUDA, run the hidden-states path in fp16 when inputs are fp32.
         use_qkv_projections: build Q/K/V and output projections (hidden-states input).
         qkv_bias: bias on those projections.
@@ -104,12 +105,11 @@ class StreamAttentionConfig:
 
         Unparseable values raise ``ValueError`` naming the variable.
         """
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = os.environ.get(prefix + f.name.upper())
-            if raw is None:
-                continue
-            values[f.name] = _parse(prefix + f.name.upper(), raw, f.type)
+        types = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {
+            name: _parse(prefix + name.upper(), raw, types[name])
+            for name, raw in envs.family_values(types, prefix).items()
+        }
         values.update(overrides)
         return cls(**values)
 

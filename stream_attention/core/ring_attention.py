@@ -52,7 +52,6 @@ from .functional import check_qkv, fused_attention
 __all__ = [
     "RingAttention",
     "ring_attention",
-    "create_ring_attention",
     "zigzag_shard",
     "zigzag_unshard",
     "block_backward_reference",
@@ -435,10 +434,3 @@ class RingAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"zigzag={self.config.ring_attention_zigzag}, overlap={self.config.ring_attention_overlap}"
-
-
-def create_ring_attention(
-    config: StreamAttentionConfig, process_group: dist.ProcessGroup | None = None
-) -> RingAttention:
-    """Build a :class:`RingAttention` (the seed's factory name)."""
-    return RingAttention(config, process_group)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,6 +32,37 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[key]
 
 
+# Short names of the float dtypes (what the server's flags offer); ``parse_dtype`` also
+# takes the long ones.
+DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+
+def canonical_dtype_name(value: str) -> str:
+    """``"bfloat16"`` -> ``"bf16"`` and so on; other names lower-cased and returned as they are."""
+    key = value.strip().lower().removeprefix("torch.")
+    return DTYPE_ALIASES.get(key, key)
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A config field with its help text and bounds, declared once: :meth:`EngineConfig.validate`
+    checks the bounds, and the server derives its flags (name, type, default, help, bounds)
+    from the same metadata."""
+    meta: dict[str, Any] = {"help": help}
+    for key, value in (("ge", ge), ("gt", gt), ("le", le), ("choices", choices)):
+        if value is not None:
+            meta[key] = value
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class EngineConfig:
     """Everything the engine needs besides the model object itself.
@@ -39,72 +71,94 @@ class EngineConfig:
     takes whatever is left of ``gpu_memory_fraction`` of the device after the weights and
     a profiled forward pass, and on CPU ``cpu_kv_cache_bytes``. ``num_kv_blocks`` overrides
     both (tests use it to force preemption).
+
+    Each field's help text and bounds live in its metadata (see :func:`setting`);
+    ``stream-attention-serve`` offers every field as a flag of the same name.
     """
 
-    model: str | None = None  # local path or hub id; None -> the embedded demo model
-    tokenizer: str | None = None  # defaults to ``model``
-    dtype: str = "auto"  # weights/activations: auto = the checkpoint's (fp32 on CPU, bf16 on GPU if fp32)
-    device: str | None = None  # None -> cuda when available, else cpu
-    trust_remote_code: bool = False
-    revision: str | None = None
-    max_model_len: int | None = None  # None -> the model's max_position_embeddings
-    block_size: int = 16
-    gpu_memory_fraction: float = 0.90
-    kv_cache_memory_bytes: int | None = None
-    cpu_kv_cache_bytes: int = 512 * 1024 * 1024
-    num_kv_blocks: int | None = None
-    kv_cache_dtype: str = "auto"  # auto = the model dtype; fp16/bf16/fp32 store pages in that type; int8/int4 quantize
-    # KV compression (``engine/kv_compression.py``): none | streaming | heavy-hitter | hybrid (aliases accepted).
-    kv_compression: str = "none"
-    kv_compression_ratio: float | None = None  # eviction budget = ceil(tokens / ratio) (unless kv_budget_tokens)
-    kv_budget_tokens: int | None = None  # eviction budget in cache slots per sequence
-    kv_sink_tokens: int = 4
-    kv_window_tokens: int = 256
-    kv_score_interval: int = 8  # heavy-hitter: score every n-th decode step
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192  # per-step token budget: decode tokens + prefill chunks
-    max_waiting: int = 1024  # bound of the waiting queue; beyond it add_request raises QueueFullError
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    # Decode steps a few new requests may wait for others to share their prefill step
-    # (scheduler.py): None = 2 on CUDA, where mixed steps run eagerly, 0 elsewhere.
-    prefill_wait_steps: int | None = None
-    attention_backend: str = "auto"  # auto | triton | sdpa (torch over gathered pages)
-    # Llama-family models run through the engine's fused forward (engine/fused_llama.py)
-    # instead of transformers' layers; False keeps transformers' forward with the attention hook.
-    fused_layers: bool = True
-    use_cuda_graphs: bool = True  # decode-only steps replay captured graphs (CUDA only)
-    cuda_graph_max_batch: int = 256
-    seed: int = 0  # seeds requests that have no seed of their own, so runs are repeatable
-    # Testing hook for fault handling: when this file exists at the start of a step, the
-    # engine deletes it and raises what it names inside the step ("oom": the device's
-    # out-of-memory error; anything else: RuntimeError). Works in the engine process too.
-    fault_file: str | None = None
-    extra: dict = field(default_factory=dict)
+    model: str | None = setting(None, "local path or Hugging Face hub id; unset loads the embedded default model")
+    tokenizer: str | None = setting(None, "tokenizer path or hub id (default: the model's)")
+    dtype: str = setting(
+        "auto", "weights/activations dtype (auto = the checkpoint's; fp32 on CPU, bf16 on GPU if fp32)",
+        choices=DTYPE_NAMES,
+    )
+    device: str | None = setting(None, "cpu, cuda or cuda:N (unset: cuda when available, else cpu)")
+    trust_remote_code: bool = setting(False, "allow model code from the hub")
+    revision: str | None = setting(None, "model revision (branch, tag or commit) on the hub")
+    max_model_len: int | None = setting(None, "context length (default: the model's max_position_embeddings)", ge=16)
+    block_size: int = setting(16, "tokens per KV block (a power of two)", ge=1, le=1024)
+    gpu_memory_fraction: float = setting(
+        0.90, "fraction of device memory the weights plus the KV pool may take (CUDA)", gt=0.0, le=1.0
+    )
+    kv_cache_memory_bytes: int | None = setting(None, "bytes of KV pool (overrides the fraction)", gt=0)
+    cpu_kv_cache_bytes: int = setting(512 * 1024 * 1024, "bytes of KV pool on CPU", gt=0)
+    num_kv_blocks: int | None = setting(None, "KV blocks in the pool (unset: size from memory)", ge=1)
+    kv_cache_dtype: str = setting(
+        "auto", "storage format of KV pages (auto = the model dtype; int8/int4 quantize)",
+        choices=(*DTYPE_NAMES, "int8", "int4"),
+    )
+    kv_compression: str = setting(
+        "none", "KV eviction policy: none, streaming (sinks + recent window), heavy-hitter (H2O/SnapKV), hybrid"
+    )
+    kv_compression_ratio: float | None = setting(
+        None, "eviction target: keep 1/ratio of each sequence's tokens (unless kv_budget_tokens)", ge=1.0, le=64.0
+    )
+    kv_budget_tokens: int | None = setting(None, "eviction target: KV tokens kept per sequence", ge=1)
+    kv_sink_tokens: int = setting(4, "first tokens eviction never drops (attention sinks)", ge=0)
+    kv_window_tokens: int = setting(256, "most recent tokens eviction never drops", ge=0)
+    kv_score_interval: int = setting(8, "heavy-hitter eviction: score every n-th decode step", ge=1)
+    max_num_seqs: int = setting(256, "sequences decoded together", ge=1, le=4096)
+    max_num_batched_tokens: int = setting(8192, "tokens per engine step (decode tokens + prefill chunks)", ge=1)
+    max_waiting: int = setting(
+        256, "requests waiting beyond the running ones; past it add_request raises QueueFullError (HTTP 429)",
+        ge=0, le=1_000_000,
+    )
+    enable_prefix_caching: bool = setting(True, "reuse KV blocks of shared prompt prefixes")
+    enable_chunked_prefill: bool = setting(True, "split long prompts over several steps")
+    prefill_wait_steps: int | None = setting(
+        None,
+        "decode steps a few new requests may wait for others to share one prefill step "
+        "(unset: 2 on CUDA, where mixed steps run eagerly; 0 elsewhere)",
+        ge=0, le=64,
+    )
+    attention_backend: str = setting(
+        "auto", "attention kernels: triton, or sdpa (torch over gathered pages)", choices=("auto", "triton", "sdpa")
+    )
+    fused_layers: bool = setting(
+        True, "run Llama-family models through the engine's fused forward (engine/fused_llama.py)"
+    )
+    use_cuda_graphs: bool = setting(True, "replay CUDA graphs for decode-only steps (CUDA only)")
+    cuda_graph_max_batch: int = setting(256, "largest decode batch captured in a CUDA graph", ge=1)
+    pipeline_steps: bool | None = setting(
+        None, "launch the next step before this one's tokens are processed (unset: on CUDA)"
+    )
+    seed: int = setting(0, "seed of requests that give none, so runs are repeatable")
+    fault_file: str | None = setting(
+        None,
+        "testing hook: when this file exists at the start of a step the engine deletes it and raises what it "
+        "names inside the step ('oom': the device's out-of-memory error; anything else: RuntimeError)",
+    )
 
     def validate(self) -> EngineConfig:
         """Raise ``ValueError`` naming the first bad field; returns ``self``."""
-        parse_dtype(self.dtype)
+        parse_dtype(self.dtype)  # the dtype fields take long names too: parse_dtype checks them
         if not self.kv_cache_quantized:
             parse_dtype(self.kv_cache_dtype)
         self.kv_compression_config()  # validates the compression fields
-        checks = [
-            ("block_size", self.block_size >= 1 and (self.block_size & (self.block_size - 1)) == 0),
-            ("gpu_memory_fraction", 0.0 < self.gpu_memory_fraction <= 1.0),
-            ("kv_cache_memory_bytes", self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0),
-            ("cpu_kv_cache_bytes", self.cpu_kv_cache_bytes > 0),
-            ("num_kv_blocks", self.num_kv_blocks is None or self.num_kv_blocks >= 1),
-            ("max_num_seqs", self.max_num_seqs >= 1),
-            ("max_num_batched_tokens", self.max_num_batched_tokens >= 1),
-            ("max_waiting", self.max_waiting >= 0),
-            ("attention_backend", self.attention_backend in ("auto", "triton", "sdpa")),
-            ("max_model_len", self.max_model_len is None or self.max_model_len >= 1),
-            ("cuda_graph_max_batch", self.cuda_graph_max_batch >= 1),
-            ("prefill_wait_steps", self.prefill_wait_steps is None or self.prefill_wait_steps >= 0),
-        ]
-        for name, ok in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None or f.name in ("dtype", "kv_cache_dtype"):
+                continue
+            if "choices" in meta and value not in meta["choices"]:
+                raise ValueError(f"{f.name}={value!r}: expected one of {', '.join(meta['choices'])}")
+            if (
+                ("ge" in meta and not value >= meta["ge"])
+                or ("gt" in meta and not value > meta["gt"])
+                or ("le" in meta and not value <= meta["le"])
+            ):
+                raise ValueError(f"{f.name}={value!r} is out of range")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size={self.block_size!r} is out of range (a power of two)")
         return self
 
     @property
@@ -126,6 +180,12 @@ class EngineConfig:
     def replace(self, **changes) -> EngineConfig:
         """A copy with ``changes`` applied (unknown names raise ``TypeError``)."""
         return dataclasses.replace(self, **changes)
+
+    def resolved_prefill_wait_steps(self) -> int:
+        """``prefill_wait_steps``, or its default for the device: 2 on CUDA, 0 elsewhere."""
+        if self.prefill_wait_steps is not None:
+            return self.prefill_wait_steps
+        return 2 if self.resolved_device().type == "cuda" else 0
 
     def resolved_device(self) -> torch.device:
         if self.device:

@@ -2,9 +2,9 @@
 
 transformers' eager decoder layer launches ~35 kernels per layer at decode time, most of
 them element-wise ops on a few hundred kilobytes (RMSNorm's six, RoPE's ten, SiLU and the
-product, residual adds, q/k/v as three matmuls). Measured on an H100 with a 1B Llama at
-batch 64, that launch-bound work was half the decode step even inside a CUDA graph. This
-forward runs the same weights with nine kernels per layer:
+product, residual adds, q/k/v as three matmuls): for a 1B Llama at batch 64 on an H100,
+about half the decode step even inside a CUDA graph. This forward runs the same weights
+with nine kernels per layer:
 
     add+RMSNorm → QKV matmul → RoPE of q and k, storing k and v into the pages
     → paged attention → O matmul → add+RMSNorm → gate|up matmul → SiLU·up → down matmul

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from .block_manager import BlockManager
 from .config import EngineConfig, parse_dtype
 from .model_runner import ModelRunner
 from .sampler import PendingSample, Sampler
@@ -86,8 +85,6 @@ def load_model(model: Any, tokenizer: Any, config: EngineConfig, device: torch.d
     return model.to(device).eval(), tok, name
 
 
-_load_model = load_model  # the name engine/distributed.py used first
-
 
 class _Flight:
     """A launched step: what ran, who samples, and the sampling still on the device."""
@@ -129,20 +126,10 @@ class LLMEngine:
         self.model_name = name
         self.tokenizer = tok
         self.runner = ModelRunner(hf_model, config, self.device)
-        self.kv_mgr = self.runner.kv_mgr
+        self.kv_mgr = self.runner.kv_mgr  # the page format (runner) and the eviction policy (scheduler)
         self.max_model_len = self.runner.max_model_len
-        self.block_manager = BlockManager(
-            self.runner.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
-        )
-        self.scheduler = Scheduler(
-            self.block_manager,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_waiting=config.max_waiting,
-            enable_chunked_prefill=config.enable_chunked_prefill,
-            prefill_wait_steps=(config.prefill_wait_steps if config.prefill_wait_steps is not None
-                                else 2 if self.device.type == "cuda" else 0),
-        )
+        self.scheduler = Scheduler.from_config(config, self.runner.num_blocks, kv_policy=self.kv_mgr)
+        self.block_manager = self.scheduler.bm
         self.sampler = Sampler(self.device, config.seed)
         self.eos_token_ids = eos_token_ids(tok, hf_model)
         self._seqs: dict[str, Sequence] = {}
@@ -150,7 +137,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._counters = EngineStats()
         # Pipelined steps (see step()): worth it where the model runs asynchronously.
-        self.pipeline = bool(config.extra.get("pipeline_steps", self.device.type == "cuda"))
+        self.pipeline = config.pipeline_steps if config.pipeline_steps is not None else self.device.type == "cuda"
         self._inflight: _Flight | None = None
         log.info("engine ready: %s on %s in %.1f s", name, self.device, time.perf_counter() - t0)
 
@@ -248,7 +235,6 @@ class LLMEngine:
         if seq is None or not self.scheduler.abort(seq):
             return False
         seq.finish_time = time.time()
-        self.kv_mgr.forget(request_id)
         self.finish_text(seq)
         self._pending.append(self.make_output(seq))
         del self._seqs[request_id]
@@ -326,8 +312,6 @@ class LLMEngine:
         sched = scheduler.schedule()
         counters = self._counters
         counters.preemptions_total = scheduler.num_preemptions
-        for seq in sched.preempted:  # recomputed from scratch later: their scores are stale
-            self.kv_mgr.forget(seq.request_id)
         if not sched:
             return None
         scheduled = sched.scheduled
@@ -339,8 +323,7 @@ class LLMEngine:
             if not seq.prompt_counted:
                 seq.prompt_counted = True
                 counters.prompt_tokens_total += len(seq.prompt_token_ids)
-        logits = self.runner.execute(scheduled)
-        collector, self.runner.last_collector = self.runner.last_collector, None
+        logits, collector = self.runner.execute(scheduled)
         pending = self.sampler.launch(logits, sampling) if sampling else None
         return _Flight(scheduled, sampling, pending, collector)
 
@@ -350,13 +333,7 @@ class LLMEngine:
         per sequence: ``(seq, token whose text is still to be processed or None, ended)``."""
         result = flight.pending.wait() if flight.pending is not None else None
         scheduler = self.scheduler
-        scheduler.commit(flight.scheduled)
-        # KV compression: merge this step's block scores and evict over-budget sequences.
-        self.kv_mgr.after_step(scheduler.running, self.block_manager, flight.collector)
-        if flight.collector is not None:
-            for s in flight.scheduled:  # ended while the step ran: no scores to keep
-                if s.seq.status is SequenceStatus.FINISHED:
-                    self.kv_mgr.forget(s.seq.request_id)
+        scheduler.commit(flight.scheduled, flight.collector)
         if result is None:
             return []
         now = time.time()
@@ -403,7 +380,6 @@ class LLMEngine:
         """Retire ``seq`` from scheduling (its blocks are freed now); its text is finished later."""
         seq.finish_time = now
         self.scheduler.finish(seq, reason)
-        self.kv_mgr.forget(seq.request_id)
         self._seqs.pop(seq.request_id, None)
         self._counters.requests_finished_total += 1
 
@@ -483,11 +459,6 @@ class LLMEngine:
             time_to_first_token=ttft,
             latency=latency,
         )
-
-    # Old private names (kept for callers written against them).
-    _process_token = process_token
-    _finish_text = finish_text
-    _output = make_output
 
     # ------------------------------------------------------------------ batch API
     def generate(

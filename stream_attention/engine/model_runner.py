@@ -100,7 +100,6 @@ class ModelRunner:
             config.kv_compression_config(), num_layers=g.num_layers, num_kv_heads=g.num_kv_heads,
             head_dim=g.head_dim, block_size=config.block_size, float_dtype=self.kv_dtype,
         )
-        self.last_collector: BlockScoreCollector | None = None
         self.block_size = config.block_size
         limit = g.max_position_embeddings or 2048
         self.max_model_len = min(config.max_model_len or limit, limit)
@@ -271,16 +270,17 @@ class ModelRunner:
         return out.logits[0]
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """Run one step; returns logits ``[num_sampling_seqs, vocab]`` in schedule order."""
+    def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, BlockScoreCollector | None]:
+        """Run one step; returns logits ``[num_sampling_seqs, vocab]`` in schedule order, and
+        the block scores the step collected for KV eviction (None unless the policy scores
+        this step; the scheduler takes them in ``commit``)."""
         n = len(scheduled)
-        # KV compression: a scoring step (heavy-hitter) runs eagerly and hands the
-        # collector to the engine, which passes it to ``kv_mgr.after_step``.
-        self.last_collector = collector = self.kv_mgr.start_step(scheduled)
+        # A scoring step (heavy-hitter) runs eagerly: the graphs do not collect scores.
+        collector = self.kv_mgr.start_step(scheduled)
         if collector is None and self.graphs and n <= self._graph_sizes[-1] and all(
                 s.num_new_tokens == 1 for s in scheduled):
-            return self._run_graph(scheduled)
-        return self._run_eager(scheduled, collector)
+            return self._run_graph(scheduled), None
+        return self._run_eager(scheduled, collector), collector
 
     def _run_eager(self, scheduled, collector: BlockScoreCollector | None = None) -> torch.Tensor:
         dev = self.device

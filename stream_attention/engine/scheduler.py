@@ -22,10 +22,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
 from .types import FinishReason, QueueFullError
+
+if TYPE_CHECKING:
+    from .config import EngineConfig
+    from .kv_compression import BlockScoreCollector, KVCompressionManager
 
 
 @dataclass(slots=True)
@@ -58,7 +63,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Decides which sequences run each step and how many tokens each computes."""
+    """Decides which sequences run each step and how many tokens each computes.
+
+    It owns the KV state of its sequences: the block manager (``bm``) and, when given,
+    the KV eviction policy (``kv_policy``), which hears of every finish, abort and
+    preemption here and merges each step's block scores in :meth:`commit`.
+    """
 
     def __init__(
         self,
@@ -69,9 +79,11 @@ class Scheduler:
         max_waiting: int,
         enable_chunked_prefill: bool = True,
         admission_reserve_blocks: int | None = None,
+        kv_policy: KVCompressionManager | None = None,
         prefill_wait_steps: int = 0,
     ) -> None:
         self.bm = block_manager
+        self.kv_policy = kv_policy
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting = max_waiting
@@ -86,6 +98,28 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefill_wait_steps = prefill_wait_steps
         self._held_steps = 0
+
+    @classmethod
+    def from_config(
+        cls, config: EngineConfig, num_blocks: int, kv_policy: KVCompressionManager | None = None
+    ) -> Scheduler:
+        """A scheduler with a block manager of ``num_blocks`` blocks, sized and limited by ``config``."""
+        bm = BlockManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
+        return cls(
+            bm,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_waiting=config.max_waiting,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            kv_policy=kv_policy,
+            prefill_wait_steps=config.resolved_prefill_wait_steps(),
+        )
+
+    def _release(self, seq: Sequence) -> None:
+        """Free ``seq``'s blocks and forget its eviction scores."""
+        self.bm.free(seq)
+        if self.kv_policy is not None:
+            self.kv_policy.forget(seq.request_id)
 
     # ------------------------------------------------------------------ intake
     def add(self, seq: Sequence) -> None:
@@ -103,7 +137,7 @@ class Scheduler:
             self.waiting.remove(seq)
         else:
             return False
-        self.bm.free(seq)
+        self._release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = FinishReason.ABORT
         return True
@@ -112,7 +146,7 @@ class Scheduler:
         """Retire a running sequence that produced its last token."""
         if seq in self.running:
             self.running.remove(seq)
-        self.bm.free(seq)
+        self._release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
@@ -123,7 +157,7 @@ class Scheduler:
     # --------------------------------------------------------------- stepping
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
-        self.bm.free(seq)
+        self._release(seq)  # recomputed from scratch later: its scores are stale
         seq.reset_for_recompute()
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -218,20 +252,30 @@ class Scheduler:
         self._held_steps += 1
         return True
 
-    def commit(self, scheduled: list[ScheduledSeq]) -> None:
+    def commit(self, scheduled: list[ScheduledSeq], collector: BlockScoreCollector | None = None) -> None:
         """Advance ``num_computed_tokens`` after the model ran a step. Sequences that
         finished while the step ran (aborted, or a stop string seen by a pipelined
-        engine) are left alone: their blocks are gone."""
+        engine) are left alone: their blocks are gone. Then the eviction policy merges
+        the step's block scores (``collector``, from ``ModelRunner.execute``) and evicts
+        blocks of over-budget sequences."""
         finished = SequenceStatus.FINISHED
         if not self.bm.enable_prefix_caching:
             for s in scheduled:
                 seq = s.seq
                 if seq.status is not finished:
                     seq.num_computed_tokens += s.num_new_tokens
+        else:
+            commit = self.bm.commit
+            for s in scheduled:
+                seq = s.seq
+                if seq.status is not finished:
+                    seq.num_computed_tokens += s.num_new_tokens
+                    commit(seq)
+        policy = self.kv_policy
+        if policy is None:
             return
-        commit = self.bm.commit
-        for s in scheduled:
-            seq = s.seq
-            if seq.status is not finished:
-                seq.num_computed_tokens += s.num_new_tokens
-                commit(seq)
+        policy.after_step(self.running, self.bm, collector)
+        if collector is not None:
+            for s in scheduled:  # ended while the step ran: no scores to keep
+                if s.seq.status is finished:
+                    policy.forget(s.seq.request_id)

@@ -992,6 +992,7 @@ def attention_backward(
     dropout_offset: int = 0,
     dlse: torch.Tensor | None = None,
     dbias: torch.Tensor | None = None,
+    autotune: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`~stream_attention.kernels.attention_fwd.attention_forward`.
 
@@ -1011,6 +1012,7 @@ def attention_backward(
 
     Returns ``(dq, dk, dv)`` in the dtypes and layouts of ``q, k, v``. The result is
     deterministic (no atomics): GQA's dK/dV sum over the group inside one program.
+    ``autotune`` autotunes the GPU launches (None = ``STREAM_ATTENTION_AUTOTUNE``).
     """
     varlen = cu_seqlens_q is not None
     head_dim = q.shape[-1]
@@ -1155,7 +1157,7 @@ def attention_backward(
         )
     else:
         with torch.cuda.device(q.device):
-            if autotune_enabled():
+            if autotune_enabled() if autotune is None else autotune:
                 _bwd_dkdv_tuned[lambda cfg: (triton.cdiv(seqlen_k, cfg["BLOCK_N"]), batch * hkv)](*dkdv_args, **meta)
                 _bwd_dq_tuned[lambda cfg: (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * hq)](
                     *dq_args, **meta, STORE_DBIAS=store_dbias

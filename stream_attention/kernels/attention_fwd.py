@@ -30,12 +30,12 @@ The backward lives in :mod:`.attention_bwd`.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import envs
 from .masks_dropout import apply_masks, dropout_keep, mask_dropout_meta, prepare_masks
 from .runtime import autotune_enabled, first_config, interpreter_enabled, launch_kwargs
 
@@ -527,12 +527,10 @@ def tma_enabled(device: torch.device) -> bool:
     """Whether dense, unmasked launches take the TMA-descriptor kernel
     (:mod:`.attention_fwd_tma`): on Hopper and newer GPUs unless
     ``STREAM_ATTENTION_TMA=0``; under the interpreter only with ``STREAM_ATTENTION_TMA=1``."""
-    setting = os.environ.get("STREAM_ATTENTION_TMA", "").strip().lower()
-    if setting in ("0", "false", "no", "off"):
+    setting = envs.tma()
+    if setting is False:
         return False
-    if device.type == "cuda":
-        return True
-    return setting in ("1", "true", "yes", "on")
+    return device.type == "cuda" or setting is True
 
 
 def window_bounds(causal: bool, window: tuple[int, int] | None) -> tuple[int, int, bool]:
@@ -575,6 +573,8 @@ def attention_forward(
     dropout_p: float = 0.0,
     dropout_seed: int = 0,
     dropout_offset: int = 0,
+    tma: bool | None = None,
+    autotune: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the forward kernel. Inputs are assumed validated by the caller.
 
@@ -592,13 +592,20 @@ def attention_forward(
     * ``dropout_p`` with ``dropout_seed``/``dropout_offset`` (``0 <= seed, offset < 2**31``):
       attention dropout on the probabilities (see :mod:`.masks_dropout`). The LSE is that
       of the un-dropped scores, as the backward expects.
+
+    Launch choices (None = the environment's, :mod:`stream_attention.envs`):
+
+    * ``tma``: whether a dense, unmasked call may take the TMA-descriptor kernel
+      (:func:`tma_enabled`); it does when the shape suits it;
+    * ``autotune``: autotune the GPU launch instead of taking the measured config.
     """
     varlen = cu_seqlens_q is not None
     if not varlen and attn_mask is None and key_padding_mask is None and dropout_p == 0.0 and softmax_scale > 0:
-        from . import attention_fwd_tma as tma
+        from . import attention_fwd_tma as tma_kernel
 
-        if tma_enabled(q.device) and tma.tma_preferred(q, k, causal, window) and tma.tma_supported(q, k, v):
-            return tma.attention_forward_tma(
+        use_tma = tma_enabled(q.device) if tma is None else tma
+        if use_tma and tma_kernel.tma_preferred(q, k, causal, window) and tma_kernel.tma_supported(q, k, v):
+            return tma_kernel.attention_forward_tma(
                 q, k, v, causal=causal, softmax_scale=softmax_scale, window=window, store_lse=store_lse
             )
     head_dim = q.shape[-1]
@@ -681,7 +688,7 @@ def attention_forward(
             return (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * hq)
 
         with torch.cuda.device(q.device):
-            if autotune_enabled():
+            if autotune_enabled() if autotune is None else autotune:
                 _attn_fwd_tuned[grid](*args, **meta)
             else:
                 prefer = preferred_fwd_config(head_dim, _bucket(seqlen_q))

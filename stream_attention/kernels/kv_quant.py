@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import envs
 from ..utils.quantization import (
     FP16_MAX,
     SCALE_MIN,
@@ -1200,14 +1200,6 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: to
     return int(max(1, min(by_occupancy, by_length, 64)))
 
 
-def _env_off(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("0", "false", "no", "off")
-
-
-def _env_on(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def defer_row_sums(programs: int, max_q_len: int, device: torch.device) -> bool:
     """Whether the fp16-code kernel keeps its row sums per key column until the end.
 
@@ -1216,9 +1208,9 @@ def defer_row_sums(programs: int, max_q_len: int, device: torch.device) -> bool:
     H100, batch 16, 2 splits, 71.8 / 121.4 us at 4k / 8k against 74.6 / 129.2; with more
     programs the extra registers cost occupancy and it ran 2-20% slower).
     """
-    if _env_on("STREAM_ATTENTION_KV_DEFER_SUMS"):
+    if envs.kv_defer_sums() is True:
         return True
-    if _env_off("STREAM_ATTENTION_KV_DEFER_SUMS") or device.type != "cuda":
+    if envs.kv_defer_sums() is False or device.type != "cuda":
         return False
     return max_q_len <= 1 and programs <= 2 * _num_sms(device)
 
@@ -1226,12 +1218,12 @@ def defer_row_sums(programs: int, max_q_len: int, device: torch.device) -> bool:
 def fast_path_enabled() -> bool:
     """Whether int8/int4 pages with per-token scales take the fp16-code kernel
     (:func:`_paged_attn_f16_kernel`); ``STREAM_ATTENTION_KV_FAST=0`` keeps the generic one."""
-    return not _env_off("STREAM_ATTENTION_KV_FAST")
+    return envs.kv_fast()
 
 
 def _asm_enabled() -> bool:
     """Inline-PTX code conversion on GPUs (``STREAM_ATTENTION_KV_ASM=0``: portable integer ops)."""
-    return not _env_off("STREAM_ATTENTION_KV_ASM")
+    return envs.kv_asm()
 
 
 def _fast_views(q, k_pages, v_pages, bits: int, per_channel: bool, head_dim: int):

@@ -5,7 +5,7 @@ Why they exist: at decode batch sizes a layer's matmuls read megabytes of weight
 its element-wise ops touch a few hundred kilobytes of activations, yet transformers'
 eager code spends ~30 kernel launches per layer on them (RMSNorm alone is six: cast,
 square, mean, add, rsqrt, two multiplies). Inside a CUDA graph each still costs a few
-microseconds of GPU time; at 16 layers that was half of a 1B model's decode step
+microseconds of GPU time; at 16 layers that is about half of a 1B model's decode step
 (benchmarks/RESULTS.md). Here each op is one kernel that reads its inputs once.
 
 Rounding follows transformers' eager code wherever it rounds to the model dtype between

@@ -16,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import envs
 from .runtime import interpreter_enabled
 from .split_combine import combine_splits, partial_buffers
 
@@ -116,7 +116,7 @@ def tma_decode_enabled(device: torch.device) -> bool:
     ``STREAM_ATTENTION_PAGED_TMA`` not set to 0 (which keeps the pointer kernel)."""
     if TensorDescriptor is None:
         return False
-    if os.environ.get("STREAM_ATTENTION_PAGED_TMA", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not envs.paged_tma():
         return False
     if device.type == "cuda":
         return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9

@@ -8,9 +8,10 @@ kernels run on CPU tensors through Triton's interpreter. That is how CI tests th
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from .. import envs
 
 __all__ = [
     "triton_available",
@@ -36,7 +37,7 @@ def triton_available() -> bool:
 
 def interpreter_enabled() -> bool:
     """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+    return envs.triton_interpret()
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -68,7 +69,7 @@ def autotune_enabled() -> bool:
     seconds that would land on a server's first requests or a model's first steps; the
     defaults are the configs autotuning picked on an H100 (benchmarks/RESULTS.md).
     """
-    return os.environ.get("STREAM_ATTENTION_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes", "on")
+    return envs.autotune()
 
 
 def first_config(configs, prune, named_args, prefer=None):

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import envs
 from .data import read_heldout, read_tokens
 from .default import default_config, default_model_dir
 from .tokenizer import BOS, EOS
@@ -133,7 +134,7 @@ def setup_attention(args: argparse.Namespace, device: torch.device) -> dict[str,
     info["registered_by"] = "stream_attention.integration.hf"
     from ..core.backend import ENV_VAR, env_backend
 
-    backend = args.backend or (env_backend() if os.environ.get(ENV_VAR) else None)
+    backend = args.backend or (env_backend() if envs.backend_is_set() else None)
     backend = backend or ("triton" if device.type == "cuda" else "auto")
     if backend == "triton":
         ok, why = triton_backward_works(device)
@@ -143,7 +144,7 @@ def setup_attention(args: argparse.Namespace, device: torch.device) -> dict[str,
                 raise SystemExit(f"Triton backward unavailable ({why}) and --require-triton-backward was given")
             logger.warning("Triton backward unavailable (%s): attention falls back to SDPA for training", why)
             backend = "sdpa"
-    os.environ["STREAM_ATTENTION_BACKEND"] = backend
+    os.environ[ENV_VAR] = backend  # every "auto" below follows it
     info["backend"] = backend
     return info
 

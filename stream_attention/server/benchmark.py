@@ -131,7 +131,7 @@ class BenchmarkRunner:
     async def _kernel(self, spec: KernelBenchmarkRequest) -> dict[str, Any]:
         self.check_kernel(spec)
         # Imported lazily: it pulls the baselines and FlexAttention, which serving never needs.
-        from ..cli.benchmark import format_table, run_benchmark
+        from ..core.kernel_benchmark import format_table, run_benchmark
 
         device = self._kernel_device()
         deadline = time.monotonic() + self.state.settings.benchmark_time_budget

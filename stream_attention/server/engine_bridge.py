@@ -12,50 +12,16 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ..engine import EngineClient, EngineDeadError, StepFailedError, build_engine_client
+from ..engine.config import EngineConfig
 from ..engine.types import EngineStats, Request, RequestOutput
 from .settings import ServerSettings
 
 log = logging.getLogger("stream_attention.server")
 
 
-def engine_config(settings: ServerSettings) -> Any:
-    """The engine's ``EngineConfig`` for ``settings`` (validated: raises ``ValueError``)."""
-    from ..engine import EngineConfig
-
-    wanted: dict[str, Any] = {
-        "model": settings.model,
-        "tokenizer": settings.tokenizer,
-        "revision": settings.revision,
-        "trust_remote_code": settings.trust_remote_code,
-        "dtype": settings.dtype,
-        "device": None if settings.device == "auto" else settings.device,
-        "max_model_len": settings.max_model_len,
-        "block_size": settings.kv_block_size,
-        "gpu_memory_fraction": settings.kv_cache_memory_fraction,
-        "kv_cache_memory_bytes": settings.kv_cache_memory_bytes,
-        "num_kv_blocks": settings.kv_cache_blocks or None,
-        "kv_cache_dtype": settings.kv_cache_dtype,
-        "max_num_seqs": settings.max_num_seqs,
-        "max_num_batched_tokens": settings.max_num_batched_tokens,
-        "max_waiting": settings.max_queue,
-        "enable_prefix_caching": settings.enable_prefix_caching,
-        "attention_backend": settings.attention_backend,
-        "use_cuda_graphs": settings.use_cuda_graphs,
-        "seed": settings.seed,
-        "kv_compression": settings.kv_compression,
-        "kv_compression_ratio": settings.kv_compression_ratio,
-        "kv_budget_tokens": settings.kv_budget_tokens,
-        "kv_sink_tokens": settings.kv_sink_tokens,
-        "kv_window_tokens": settings.kv_window_tokens,
-        "kv_score_interval": settings.kv_score_interval,
-    }
-    known = {f.name for f in dataclasses.fields(EngineConfig)}
-    kwargs = {k: v for k, v in wanted.items() if k in known}
-    if "kv_compression" not in known and settings.kv_compression != "none":
-        raise ValueError(f"kv_compression={settings.kv_compression!r}: this engine build has no KV compression")
-    config = EngineConfig(**kwargs)
-    validate = getattr(config, "validate", None)
-    return validate() if callable(validate) else config
+def engine_config(settings: ServerSettings) -> EngineConfig:
+    """The engine's config: each engine field of ``settings`` as it is (validated: raises ``ValueError``)."""
+    return EngineConfig(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(EngineConfig)}).validate()
 
 
 def build_engine(settings: ServerSettings,

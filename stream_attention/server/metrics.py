@@ -225,25 +225,3 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def metric_names(text: str) -> set[str]:
-    """Family and sample names in an exposition (what a PromQL selector can name)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    names: set[str] = set()
-    for fam in text_string_to_metric_families(text):
-        names.add(fam.name)
-        names.update(s.name for s in fam.samples)
-    return names
-
-
-def as_dict(text: str) -> dict[str, list[dict[str, Any]]]:
-    """Parse an exposition into ``{sample name: [{labels, value}]}``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, list[dict[str, Any]]] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out.setdefault(s.name, []).append({"labels": dict(s.labels), "value": s.value})
-    return out

@@ -1,62 +1,87 @@
 """Server settings: command-line flags over ``STREAM_ATTENTION_*`` environment over ``.env``.
 
 Every field of :class:`ServerSettings` is settable three ways, highest priority first:
-a flag (``--max-queue 64``), an environment variable (``STREAM_ATTENTION_MAX_QUEUE=64``)
+a flag (``--max-waiting 64``), an environment variable (``STREAM_ATTENTION_MAX_WAITING=64``)
 and a line in ``.env`` in the working directory. The package's attention modules read
 other ``STREAM_ATTENTION_*`` names from the same ``.env`` (``NUM_HEADS``, ``BACKEND``...),
 so unknown names are ignored here rather than rejected.
+
+The engine's settings are not declared here: :class:`EngineSettings` is generated from
+:class:`~stream_attention.engine.config.EngineConfig` (same names, types, defaults, help
+and bounds), so a new engine field is a new server flag with nothing to map by hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import types
 import typing
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+import torch
+from pydantic import AliasChoices, Field, SecretStr, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ..engine.config import EngineConfig, canonical_dtype_name
 
 ENV_PREFIX = "STREAM_ATTENTION_"
 
-_DTYPE_ALIASES = {
-    "bfloat16": "bf16",
-    "float16": "fp16",
-    "half": "fp16",
-    "float32": "fp32",
-    "float": "fp32",
+# Names the server's flags had before they took the engine's names; still accepted as
+# flags (--max-queue), environment variables (STREAM_ATTENTION_MAX_QUEUE) and arguments.
+LEGACY_NAMES: dict[str, tuple[str, ...]] = {
+    "max_waiting": ("max_queue",),
+    "block_size": ("kv_block_size",),
+    "num_kv_blocks": ("kv_cache_blocks",),
+    "gpu_memory_fraction": ("kv_cache_memory_fraction",),
 }
 
+_SETTINGS_CONFIG = SettingsConfigDict(
+    env_prefix=ENV_PREFIX,
+    env_prefix_target="all",  # the legacy names are aliases: they get the prefix too
+    env_file=".env",
+    env_file_encoding="utf-8",
+    extra="ignore",
+    validate_default=True,
+)
 
-class ServerSettings(BaseSettings):
+
+def _engine_field(f: dataclasses.Field, annotation: Any) -> tuple[Any, Any]:
+    """The pydantic field of one :class:`EngineConfig` field (its metadata gives help and bounds)."""
+    meta = f.metadata
+    if "choices" in meta:
+        choices = Literal[tuple(meta["choices"])]  # type: ignore[misc]
+        annotation = choices | None if type(None) in typing.get_args(annotation) else choices
+    names = (f.name, *LEGACY_NAMES.get(f.name, ()))
+    return annotation, Field(
+        f.default,
+        description=meta.get("help"),
+        validation_alias=AliasChoices(*names) if len(names) > 1 else None,
+        **{k: meta[k] for k in ("ge", "gt", "le") if k in meta},
+    )
+
+
+_HINTS = typing.get_type_hints(EngineConfig)
+EngineSettings: type[BaseSettings] = create_model(
+    "EngineSettings",
+    __base__=BaseSettings,
+    __doc__="The engine's settings: one per :class:`EngineConfig` field, of the same name.",
+    **{f.name: _engine_field(f, _HINTS[f.name]) for f in dataclasses.fields(EngineConfig)},
+)
+
+
+class ServerSettings(EngineSettings):
     """Everything ``stream-attention-serve`` can be told.
 
-    Engine-facing fields (model, dtype, device, KV cache, limits) are handed to the
-    engine's config; HTTP-facing ones (host, port, API key, body size, drain time) stay
-    in the server.
+    The engine's fields come from :class:`EngineSettings` and go to the engine's config
+    unchanged (``engine_bridge.engine_config``); the fields below are the server's own
+    (HTTP, request limits, ``/benchmark``).
     """
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        validate_default=True,
-    )
+    model_config = _SETTINGS_CONFIG
 
     # --- model -----------------------------------------------------------------
-    model: str | None = Field(
-        None, description="local path or Hugging Face hub id; unset serves the engine's embedded default model"
-    )
-    tokenizer: str | None = Field(None, description="tokenizer path or hub id (default: the model's)")
     served_model_name: str | None = Field(None, description="name reported by /v1/models (default: from the model)")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="weights/activations dtype")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    revision: str | None = Field(None, description="model revision (branch, tag or commit) on the hub")
-    trust_remote_code: bool = Field(False, description="allow model code from the hub")
-    seed: int = Field(0, description="engine seed for requests that give none")
-    attention_backend: Literal["auto", "triton", "sdpa"] = Field("auto", description="attention kernels of the engine")
-    use_cuda_graphs: bool = Field(True, description="replay CUDA graphs for decode steps (CUDA only)")
     engine_mode: Literal["auto", "thread", "process"] = Field(
         "auto",
         description="where the engine steps: process = a process of its own (its Python never waits for the "
@@ -67,34 +92,7 @@ class ServerSettings(BaseSettings):
         5, ge=0, description="engine restarts allowed within 10 minutes before the server exits non-zero"
     )
 
-    # --- KV cache ----------------------------------------------------------------
-    kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp32", "int8", "int4"] = Field(
-        "auto", description="storage format of KV pages (auto = the model dtype)"
-    )
-    kv_compression: str = Field(
-        "none",
-        description="KV eviction policy: none, streaming (sinks + recent window), heavy-hitter (H2O/SnapKV), hybrid",
-    )
-    kv_compression_ratio: float | None = Field(
-        None, ge=1.0, le=64.0, description="eviction target: keep 1/ratio of each sequence's tokens"
-    )
-    kv_budget_tokens: int | None = Field(None, ge=1, description="eviction target: KV tokens kept per sequence")
-    kv_sink_tokens: int = Field(4, ge=0, description="first tokens eviction never drops (attention sinks)")
-    kv_window_tokens: int = Field(256, ge=0, description="most recent tokens eviction never drops")
-    kv_score_interval: int = Field(8, ge=1, description="heavy-hitter eviction: score every n-th decode step")
-    kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
-    kv_cache_blocks: int = Field(0, ge=0, description="KV blocks in the pool (0 = size from memory)")
-    kv_cache_memory_fraction: float = Field(
-        0.9, gt=0.0, le=1.0, description="fraction of device memory weights plus KV pool may take (CUDA)"
-    )
-    kv_cache_memory_bytes: int | None = Field(None, gt=0, description="bytes of KV pool (overrides the fraction)")
-    enable_prefix_caching: bool = Field(True, description="reuse KV blocks of shared prompt prefixes")
-
     # --- limits ----------------------------------------------------------------
-    max_model_len: int | None = Field(None, ge=16, description="context length (default: the model's)")
-    max_num_seqs: int = Field(256, ge=1, le=4096, description="sequences decoded together")
-    max_num_batched_tokens: int = Field(8192, ge=1, description="tokens per engine step (decode + prefill chunks)")
-    max_queue: int = Field(256, ge=0, le=1_000_000, description="requests waiting beyond the running ones; 429 past it")
     max_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
 
@@ -126,10 +124,13 @@ class ServerSettings(BaseSettings):
     @field_validator("dtype", "kv_cache_dtype", mode="before")
     @classmethod
     def _dtype_alias(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = value.strip().lower()
-            return _DTYPE_ALIASES.get(value, value)
-        return value
+        return canonical_dtype_name(value) if isinstance(value, str) else value
+
+    @field_validator("num_kv_blocks", mode="before")
+    @classmethod
+    def _zero_blocks_is_unset(cls, value: Any) -> Any:
+        # --kv-cache-blocks 0 meant "size the pool from memory", which is what unset means.
+        return None if value in (0, "0") else value
 
     @field_validator("kv_compression", mode="before")
     @classmethod
@@ -138,12 +139,14 @@ class ServerSettings(BaseSettings):
 
     @field_validator("device")
     @classmethod
-    def _device(cls, value: str) -> str:
+    def _device(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         value = value.strip().lower()
         head, _, index = value.partition(":")
         if head not in ("auto", "cpu", "cuda") or (index and (head != "cuda" or not index.isdigit())):
             raise ValueError(f"device={value!r}: expected auto, cpu, cuda or cuda:N")
-        return value
+        return None if value == "auto" else value
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -158,12 +161,8 @@ class ServerSettings(BaseSettings):
         return self
 
     def resolved_device(self) -> str:
-        """``device`` with ``auto`` resolved against what this machine has."""
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        """``device``, or what this machine has when it is unset (``auto``)."""
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key is not None else None
@@ -192,14 +191,20 @@ def build_parser(prog: str = "stream-attention-serve") -> argparse.ArgumentParse
     )
     parser.add_argument("--env-file", default=None, help="read settings from this file instead of ./.env")
     for name, info in ServerSettings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
         env = ENV_PREFIX + name.upper()
         help_text = f"{info.description or ''} [env {env}; default {info.default!r}]".strip()
-        if info.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            continue
-        typ, choices = _flag_type(info.annotation)
-        parser.add_argument(flag, dest=name, type=typ, choices=choices, default=None, help=help_text)
+        # A legacy name keeps a flag of its own, so an error names the flag that was typed.
+        for dest in (name, *LEGACY_NAMES.get(name, ())):
+            flag = "--" + dest.replace("_", "-")
+            if dest != name:
+                help_text = f"same as --{name.replace('_', '-')}"
+            if info.annotation in (bool, bool | None):
+                parser.add_argument(
+                    flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                )
+                continue
+            typ, choices = _flag_type(info.annotation)
+            parser.add_argument(flag, dest=dest, type=typ, choices=choices, default=None, help=help_text)
     return parser
 
 

@@ -252,7 +252,7 @@ class GenerationStream:
     def _check_queue(self) -> None:
         state = self.state
         stats = state.stats()
-        if stats is not None and stats.waiting >= state.settings.max_queue:
+        if stats is not None and stats.waiting >= state.settings.max_waiting:
             state.metrics.rejected.labels(reason="queue_full").inc()
             raise APIError(
                 429, "the request queue is full; retry later", code="queue_full", headers=state.retry_headers()
