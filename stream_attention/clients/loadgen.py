@@ -747,6 +747,7 @@ def plot_sweep(sweep: dict[str, Any], path: str | Path) -> None:
         raise ValueError("--plot needs matplotlib (pip install 'stream-attention[plot]')") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     runs = sweep["runs"]
     x = list(range(len(runs)))
@@ -760,6 +761,8 @@ def plot_sweep(sweep: dict[str, Any], path: str | Path) -> None:
         lat.plot(x, series(key, "p50"), "o-", color=color, label=f"{name} p50")
         lat.plot(x, series(key, "p99"), "s--", color=color, label=f"{name} p99")
     lat.set_yscale("log")
+    for axis in (lat.yaxis.set_major_formatter, lat.yaxis.set_minor_formatter):
+        axis(FormatStrFormatter("%g"))
     lat.set_ylabel("latency (ms)")
     lat.set_title("Latency percentiles")
     thr.plot(x, [r["summary"]["requests_per_s"] for r in runs], "o-", label="throughput")
