@@ -29,6 +29,7 @@ from stream_attention.clients.workload import (
     make_prefixes,
     sample_sharegpt,
 )
+from stream_attention.models.default import default_model_dir
 
 # ----------------------------------------------------------------------------- arrivals
 
@@ -370,7 +371,7 @@ def test_sharegpt_sweep_end_to_end(srv, tmp_path: Path) -> None:  # type: ignore
     path = tmp_path / "data.jsonl"
     _write_sharegpt(path, jsonl=True)
     cfg = loadgen.LoadConfig(url=srv.url, endpoint="chat", num_requests=4, dataset_name="sharegpt",
-                             dataset_path=str(path), tokenizer="stream_attention/models/default")  # fmt: skip
+                             dataset_path=str(path), tokenizer=str(default_model_dir()))  # fmt: skip
     sweep = asyncio.run(loadgen.run_sweep(cfg, [math.inf]))
     (run,) = sweep["runs"]
     assert run["summary"]["completed"] == 4 and run["workload"]["token_counter"].startswith("tokenizer")
@@ -379,3 +380,21 @@ def test_sharegpt_sweep_end_to_end(srv, tmp_path: Path) -> None:  # type: ignore
     run = asyncio.run(loadgen.run_load(dataclasses.replace(cfg, tokenizer=None, rate=50.0)))
     assert run["workload"]["token_counter"] in {"server /tokenize", CharCounter.name}
     assert run["summary"]["completed"] == 4
+
+
+@pytest.mark.slow
+def test_server_tokenize_counts_like_the_models_tokenizer(srv) -> None:  # type: ignore[no-untyped-def]
+    """Dataset prompts counted through ``POST /tokenize`` equal the served model's tokenizer's counts."""
+    import httpx
+
+    texts = ["hello world", "p" * 40, "The quick brown fox jumps over the lazy dog."]
+
+    async def server_counts() -> list[int] | None:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
+            counter = loadgen.ServerTokenCounter(http)
+            return await counter.count(texts) if await counter.answers() else None
+
+    counts = asyncio.run(server_counts())
+    if counts is None:
+        pytest.skip("this server has no /tokenize route")
+    assert counts == asyncio.run(loadgen.HFTokenCounter(str(default_model_dir())).count(texts))
