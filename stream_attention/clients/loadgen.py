@@ -157,8 +157,10 @@ def _body(cfg: LoadConfig, req: SampledRequest) -> dict[str, Any]:
             **common,
         }
     prompt: str | list[int] = req.prompt
-    if req.prefix is not None:
-        prompt = req.prefix + req.prompt if isinstance(prompt, list) else f"{req.prefix}\n\n{req.prompt}"  # type: ignore[operator]
+    if isinstance(prompt, list) and isinstance(req.prefix, list):
+        prompt = req.prefix + prompt
+    elif req.prefix is not None:
+        prompt = f"{req.prefix}\n\n{prompt}"
     if cfg.endpoint == "generate":
         return {("prompt_token_ids" if isinstance(prompt, list) else "prompt"): prompt, **common}
     return {"prompt": prompt, "stream": True, "stream_options": {"include_usage": True}, **common}
@@ -403,13 +405,16 @@ class ServerTokenCounter:
         return int(response.json()["count"])
 
     async def count(self, texts: Sequence[str]) -> list[int]:
-        return list(await asyncio.gather(*(self._one(t) for t in texts)))
+        try:
+            return list(await asyncio.gather(*(self._one(t) for t in texts)))
+        except (httpx.HTTPError, KeyError, TypeError) as exc:
+            raise ValueError(f"counting dataset tokens through /tokenize failed: {exc}") from exc
 
     async def answers(self) -> bool:
         """Whether the route exists and counts (older servers have no ``/tokenize``)."""
         try:
             return (await self.count(["hello"]))[0] > 0
-        except (httpx.HTTPError, KeyError, TypeError, ValueError):
+        except ValueError:
             return False
 
 
