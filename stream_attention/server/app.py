@@ -22,13 +22,15 @@ from typing import Any
 
 import prometheus_client
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from . import engine_bridge as bridge
 from .benchmark import BenchmarkRunner
-from .errors import error_body, install_error_handlers
+from .errors import ERROR_RESPONSES, error_body, install_error_handlers
+from .limits import RequestLimits
 from .metrics import ServerMetrics
 from .routes_admin import router as admin_router
 from .routes_generate import router as generate_router
@@ -41,7 +43,7 @@ log = logging.getLogger("stream_attention.server")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Routes polled by machines; their access-log lines go to DEBUG.
 _QUIET = {"/health", "/ready", "/metrics"}
-_NO_AUTH = {"/health"}
+_MONITORING = frozenset({"/metrics", "/memory"})
 _READ_HEADERS = frozenset({b"x-request-id", b"authorization", b"content-length"})
 
 
@@ -52,6 +54,8 @@ class ServerMiddleware:
         self.app = app
         self.state = state
         self.routes = routes
+        # Liveness must answer an orchestrator that holds no key; monitoring only when asked.
+        self.public = {"/health"} | (_MONITORING if state.settings.public_metrics else set())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,7 +98,7 @@ class ServerMiddleware:
         state.metrics.http_in_progress.inc()
         try:
             key = settings.api_key_value()
-            if key and path not in _NO_AUTH and not _authorized(wanted.get(b"authorization", ""), key):
+            if key and path not in self.public and not _authorized(wanted.get(b"authorization", ""), key):
                 await reply(
                     401,
                     error_body(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key"),
@@ -260,8 +264,10 @@ def create_app(
         **extra,
     )
     app.state.server = state
+    app.state.limits = RequestLimits.from_settings(settings)
     app.state.benchmark = BenchmarkRunner(state)
     install_error_handlers(app)
+    _document_errors_only_as_sent(app)
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, exc: ClientGone) -> Response:
@@ -269,10 +275,38 @@ def create_app(
         return Response(status_code=499)
 
     for router in (generate_router, openai_router, admin_router):
-        app.include_router(router)
+        app.include_router(router, responses=ERROR_RESPONSES)
     # Metric labels use the route template, never the raw path, so a scan of random
     # URLs cannot blow up the series count.
     routes = {getattr(r, "path", None) for rt in (app, generate_router, openai_router, admin_router) for r in rt.routes}
     routes.discard(None)
     app.add_middleware(ServerMiddleware, state=state, routes=routes)
+    origins = settings.cors_origins()
+    if origins:
+        # Outside ServerMiddleware: a browser's preflight carries no API key.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
     return app
+
+
+def _document_errors_only_as_sent(app: FastAPI) -> None:
+    """Drop FastAPI's automatic 422 from the OpenAPI document: validation errors are
+    answered 400 in the :class:`~.errors.ErrorResponse` shape, which every route declares."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

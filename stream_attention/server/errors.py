@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
@@ -28,9 +29,41 @@ _TYPE_BY_STATUS = {
     405: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable_error",
+}
+
+
+class ErrorObject(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (declared in the OpenAPI document)."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: ErrorObject
+
+
+# The error statuses any route may answer with, for the OpenAPI document.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "invalid request: the message names the field (param)",
+        401: "missing or invalid API key",
+        404: "unknown model, or the route is disabled",
+        413: "request body too large",
+        415: "request body is not JSON",
+        429: "queue full or a benchmark already running (Retry-After)",
+        500: "internal error",
+        503: "model loading, failed or shutting down (Retry-After)",
+    }.items()
 }
 
 

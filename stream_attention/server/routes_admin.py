@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -14,11 +13,12 @@ from starlette.responses import JSONResponse, Response
 
 from .. import __version__
 from .errors import APIError
+from .limits import JSONBodyRoute
 from .memory import snapshot
 from .routes_generate import get_state
 from .schemas import GenerationBenchmarkRequest, KernelBenchmarkRequest
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=JSONBodyRoute)
 
 _KERNEL = TypeAdapter(KernelBenchmarkRequest)
 _GENERATION = TypeAdapter(GenerationBenchmarkRequest)
@@ -70,11 +70,7 @@ async def benchmark(request: Request) -> JSONResponse:
         raise APIError(
             404, "/benchmark is disabled on this server (STREAM_ATTENTION_BENCHMARK_ENABLED)", code="disabled"
         )
-    raw = await request.body()
-    try:
-        data = json.loads(raw) if raw.strip() else {}
-    except json.JSONDecodeError as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    data = await request.json() if (await request.body()).strip() else {}
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_value")
     kind = data.get("kind", "kernel")

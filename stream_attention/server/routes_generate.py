@@ -10,11 +10,12 @@ from starlette.responses import JSONResponse
 
 from ..engine.types import RequestOutput, SamplingParams, TokenLogprob
 from .errors import APIError, guarded_stream
+from .limits import JSONBodyRoute
 from .schemas import GenerateRequest
 from .sse import EventStreamResponse, event, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
 
-router = APIRouter(tags=["generate"])
+router = APIRouter(tags=["generate"], route_class=JSONBodyRoute)
 
 
 def get_state(request: Request) -> ServerState:

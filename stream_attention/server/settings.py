@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -92,6 +93,11 @@ class ServerSettings(BaseSettings):
     max_queue: int = Field(256, ge=0, le=1_000_000, description="requests waiting beyond the running ones; 429 past it")
     max_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
+    max_json_depth: int = Field(32, ge=4, le=512, description="deepest nesting of arrays/objects in a request body")
+    max_stop_strings: int = Field(16, ge=0, le=1024, description="most stop strings a request may give")
+    max_stop_string_chars: int = Field(256, ge=1, description="longest stop string, in characters")
+    max_stop_token_ids: int = Field(64, ge=0, description="most stop_token_ids a request may give")
+    max_logit_bias: int = Field(300, ge=0, description="most logit_bias entries a request may give")
 
     # --- HTTP --------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address")
@@ -99,6 +105,14 @@ class ServerSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="if set, every route but /health needs 'Authorization: Bearer <key>'"
     )
+    api_key_file: Path | None = Field(
+        None, description="read the API key from this file (keeps it out of argv and the environment)"
+    )
+    public_metrics: bool = Field(False, description="serve /metrics and /memory without the API key")
+    allowed_origins: str = Field(
+        "", description="comma-separated origins browsers may call from (CORS; '*' = any); empty = CORS off"
+    )
+    log_prompts: bool = Field(False, description="log each request's prompt and parameters (off: prompts never logged)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info")
     drain_timeout: float = Field(30.0, ge=0.0, description="seconds shutdown waits for in-flight requests")
     retry_after: int = Field(1, ge=1, le=3600, description="Retry-After seconds sent with 429/503")
@@ -147,6 +161,21 @@ class ServerSettings(BaseSettings):
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
+    def _key_from_file(self) -> ServerSettings:
+        if self.api_key_file is None:
+            return self
+        if self.api_key is not None:
+            raise ValueError("api_key and api_key_file are both set: give one")
+        try:
+            key = self.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"api_key_file={str(self.api_key_file)!r}: cannot read it ({exc})") from exc
+        if not key:
+            raise ValueError(f"api_key_file={str(self.api_key_file)!r} is empty")
+        self.api_key = SecretStr(key)
+        return self
+
+    @model_validator(mode="after")
     def _limits(self) -> ServerSettings:
         if self.max_model_len is not None and self.max_tokens > self.max_model_len:
             self.max_tokens = self.max_model_len
@@ -162,6 +191,9 @@ class ServerSettings(BaseSettings):
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key is not None else None
+
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.allowed_origins.split(",") if o.strip()]
 
 
 def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
