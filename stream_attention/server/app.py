@@ -228,6 +228,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = engine is None
         loader = None
+        state.draining = False  # an app may be started again after a shutdown (tests, embedding)
         if engine is not None:
             state.attach(engine)
             await bridge.start(engine)
@@ -295,8 +296,9 @@ def create_app(
 
 
 def _document_errors_only_as_sent(app: FastAPI) -> None:
-    """Drop FastAPI's automatic 422 from the OpenAPI document: validation errors are
-    answered 400 in the :class:`~.errors.ErrorResponse` shape, which every route declares."""
+    """Errors in the OpenAPI document as the server sends them: every error status as JSON
+    in the :class:`~.errors.ErrorResponse` shape (FastAPI files them under the route's own
+    media type, e.g. ``text/event-stream``), and no automatic 422 (validation errors are 400)."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -304,7 +306,12 @@ def _document_errors_only_as_sent(app: FastAPI) -> None:
             schema = build()
             for operations in schema.get("paths", {}).values():
                 for operation in operations.values():
-                    operation.get("responses", {}).pop("422", None)
+                    responses = operation.get("responses", {})
+                    responses.pop("422", None)
+                    for status in ERROR_RESPONSES:
+                        content = responses.get(str(status), {}).get("content")
+                        if content and "application/json" not in content:
+                            responses[str(status)]["content"] = {"application/json": content.popitem()[1]}
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
         return app.openapi_schema

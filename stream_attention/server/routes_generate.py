@@ -12,7 +12,7 @@ from ..engine.types import RequestOutput, SamplingParams, TokenLogprob
 from .errors import APIError, guarded_stream
 from .limits import JSONBodyRoute
 from .schemas import GenerateRequest
-from .sse import EventStreamResponse, event, json_str
+from .sse import EVENT_STREAM, EventStreamResponse, event, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
 
 router = APIRouter(tags=["generate"], route_class=JSONBodyRoute)
@@ -126,7 +126,7 @@ async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
     return JSONResponse(result)
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", response_class=EventStreamResponse, status_code=200, responses=EVENT_STREAM)
 async def generate_stream(body: GenerateRequest, request: Request) -> EventStreamResponse:
     """One SSE event per token delta, then a final event with the full text and usage.
 
