@@ -238,7 +238,7 @@ def create_app(
             yield
         finally:
             state.draining = True
-            deadline = time.monotonic() + settings.drain_timeout
+            deadline = time.monotonic() + settings.shutdown_timeout
             while state.in_flight > 0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             if state.in_flight:
@@ -293,6 +293,31 @@ def create_app(
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     return app
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """Start a graceful shutdown (the server's signal handler calls this in the event loop).
+
+    New requests are refused (503, ``/ready`` says draining) while running ones go on;
+    whatever still runs after ``shutdown_timeout`` is aborted in the engine, so its
+    stream ends with ``finish_reason: abort`` and a complete response instead of a
+    connection cut mid-body.
+    """
+    state: ServerState = app.state.server
+    state.draining = True
+
+    async def abort_running() -> None:
+        running = [gen for gen in state.streams if not gen.finished]
+        if running:
+            log.warning("shutdown timeout: aborting %d running requests", len(running))
+        for gen in running:
+            try:
+                await bridge.abort(gen.engine, gen.request_id)
+            except Exception:
+                log.exception("abort of %s failed", gen.request_id)
+
+    loop = asyncio.get_running_loop()
+    loop.call_later(state.settings.shutdown_timeout, lambda: loop.create_task(abort_running()))
 
 
 def _document_errors_only_as_sent(app: FastAPI) -> None:

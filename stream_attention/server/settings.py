@@ -33,7 +33,7 @@ class ServerSettings(BaseSettings):
     """Everything ``stream-attention-serve`` can be told.
 
     Engine-facing fields (model, dtype, device, KV cache, limits) are handed to the
-    engine's config; HTTP-facing ones (host, port, API key, body size, drain time) stay
+    engine's config; HTTP-facing ones (host, port, API key, request limits, shutdown time) stay
     in the server.
     """
 
@@ -114,7 +114,9 @@ class ServerSettings(BaseSettings):
     )
     log_prompts: bool = Field(False, description="log each request's prompt and parameters (off: prompts never logged)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info")
-    drain_timeout: float = Field(30.0, ge=0.0, description="seconds shutdown waits for in-flight requests")
+    shutdown_timeout: float = Field(
+        30.0, ge=0.0, description="seconds SIGINT/SIGTERM wait for in-flight requests to finish before exiting"
+    )
     retry_after: int = Field(1, ge=1, le=3600, description="Retry-After seconds sent with 429/503")
     telemetry: bool = Field(
         False, description="FastAPI's native OpenTelemetry spans/metrics (needs a configured OpenTelemetry SDK)"
@@ -210,6 +212,10 @@ def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
     return str, None
 
 
+# Earlier names of flags, still accepted.
+_FLAG_ALIASES = {"shutdown_timeout": ("--drain-timeout",)}
+
+
 def build_parser(prog: str = "stream-attention-serve") -> argparse.ArgumentParser:
     """One ``--flag`` per settings field; unset flags leave env/.env/defaults in charge."""
     parser = argparse.ArgumentParser(
@@ -226,7 +232,8 @@ def build_parser(prog: str = "stream-attention-serve") -> argparse.ArgumentParse
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         typ, choices = _flag_type(info.annotation)
-        parser.add_argument(flag, dest=name, type=typ, choices=choices, default=None, help=help_text)
+        flags = (flag, *_FLAG_ALIASES.get(name, ()))
+        parser.add_argument(*flags, dest=name, type=typ, choices=choices, default=None, help=help_text)
     return parser
 
 

@@ -53,6 +53,7 @@ class ServerState:
     tokenizer: Any = None
     vocab_size: int = 0
     in_flight: int = 0  # HTTP requests being served, for the shutdown drain
+    streams: set[GenerationStream] = field(default_factory=set)  # open engine requests, for shutdown
     token_text: Any = None  # token id -> text cache for logprob entries (built on first use)
 
     @property
@@ -180,6 +181,7 @@ class ServerState:
             arrival_time=time.time(),
         )
         gen = GenerationStream(self, engine, request)
+        self.streams.add(gen)
         try:
             await watch_disconnect(http_request, gen.prime())
         except BaseException:
@@ -353,6 +355,7 @@ class GenerationStream:
         if self.closed:
             return
         self.closed = True
+        self.state.streams.discard(self)
         # Shielded: this runs in the finally of a stream Starlette has just cancelled, and
         # anyio would cancel every await inside it again before the abort could land.
         with anyio.CancelScope(shield=True):
