@@ -180,6 +180,9 @@ class ServerState:
             prompt=prompt,
             arrival_time=time.time(),
         )
+        if self.settings.log_prompts:  # opt-in: prompts are the users' data
+            shown = prompt if prompt is not None else prompt_ids
+            log.info("request %s prompt %r (%d tokens) %s", request.request_id, shown, len(prompt_ids), params)
         gen = GenerationStream(self, engine, request)
         self.streams.add(gen)
         try:
