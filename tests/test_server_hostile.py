@@ -367,3 +367,16 @@ def test_prompts_are_never_logged_unless_asked(serve: Any, log_lines: list[str])
     _send_marked_prompts(serve(log_prompts=True), "loud-marker-91c2")
     logged = [line for line in log_lines if "loud-marker-91c2" in line]
     assert len(logged) == len(GEN_ROUTES)  # one line per accepted request
+
+
+def test_readme_limits_table_matches_the_settings() -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| `--([a-z-]+)`(?: / `--[a-z-]+`)? \| ([^|]+) \|", readme, flags=re.M)
+    assert len(rows) >= 12
+    fields = ServerSettings.model_fields
+    for flag, default in rows:
+        field = fields[flag.replace("-", "_")]
+        if isinstance(field.default, int | float) and not isinstance(field.default, bool):
+            assert float(default.strip()) == field.default, flag
