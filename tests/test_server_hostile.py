@@ -380,3 +380,44 @@ def test_readme_limits_table_matches_the_settings() -> None:
         field = fields[flag.replace("-", "_")]
         if isinstance(field.default, int | float) and not isinstance(field.default, bool):
             assert float(default.strip()) == field.default, flag
+
+
+# ----------------------------------------------------------------------------- engine refusals
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ("temperature=5.0 is out of range", "temperature"),
+        ("prompt_token_ids contain ids outside [0, 4096)", "prompt_token_ids"),
+        ("prompt (9 tokens) + max_tokens (99) = 108 exceeds the context length 64", "prompt"),
+        ("prompt is empty", "prompt"),
+        ("120 tokens exceed max_num_batched_tokens without chunked prefill", None),
+        ("", None),
+    ],
+)
+def test_request_errors_name_the_field_they_start_with(message: str, param: str | None) -> None:
+    from stream_attention.server.errors import request_error
+
+    err = request_error(ValueError(message))
+    assert (err.status, err.param) == (400, param)
+    assert err.message == (message or "ValueError")
+
+
+@pytest.mark.slow
+def test_engine_refusal_after_server_validation_is_a_400() -> None:
+    # A KV cache of 4 blocks x 16 tokens: the server's context check (2048) passes the
+    # request, the engine's capacity check refuses it.
+    app = create_app(ServerSettings(_env_file=None, kv_cache_blocks=4, kv_block_size=16, log_level="warning"))
+    srv = LiveServer(app)
+    try:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            for path in GEN_ROUTES:
+                body, _ = _with_prompt(path, "def f(x):", max_tokens=200)
+                err = _error(_post(client, path, _raw(body)), 400, code="context_length_exceeded")
+                assert "KV cache" in err["message"], err
+            body, _ = _with_prompt("/generate", "def f(x):", max_tokens=8)
+            assert _post(client, "/generate", _raw(body)).status_code == 200
+    finally:
+        srv.stop()

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
 from ..engine.types import RequestOutput, SamplingParams, TokenLogprob
-from .errors import APIError, guarded_stream
+from .errors import APIError, guarded_stream, request_error
 from .limits import JSONBodyRoute
 from .schemas import GenerateRequest
 from .sse import EVENT_STREAM, EventStreamResponse, event, json_str
@@ -27,8 +27,7 @@ def build_params(fn: Callable[[], SamplingParams]) -> SamplingParams:
     try:
         return fn()
     except ValueError as exc:
-        name = str(exc).split("=", 1)[0].strip()
-        raise APIError(400, str(exc), param=name if name.isidentifier() else None, code="out_of_range") from exc
+        raise request_error(exc, code="out_of_range") from exc
 
 
 def new_logprobs(out: RequestOutput, seen: int) -> list[TokenLogprob]:

@@ -22,7 +22,7 @@ from starlette.requests import Request as HTTPRequest
 
 from ..engine.types import EngineStats, PromptTooLongError, QueueFullError, Request, RequestOutput, SamplingParams
 from . import engine_bridge as bridge
-from .errors import APIError
+from .errors import APIError, request_error
 from .metrics import ServerMetrics
 from .settings import ServerSettings
 
@@ -317,12 +317,9 @@ class GenerationStream:
             )
         if isinstance(exc, PromptTooLongError):
             m.rejected.labels(reason="prompt_too_long").inc()
-            return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
+            return request_error(exc, code="context_length_exceeded")
         if isinstance(exc, ValueError):
-            param = str(exc).split("=", 1)[0].strip() if "=" in str(exc) else None
-            return APIError(
-                400, str(exc), param=param if param and param.isidentifier() else None, code="invalid_value"
-            )
+            return request_error(exc)
         if bridge.is_engine_dead(exc):
             return APIError(503, str(exc), code="engine_unavailable", headers=self.state.retry_headers())
         log.error("engine request %s failed: %r", self.request_id, exc)
