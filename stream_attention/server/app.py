@@ -29,9 +29,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from . import engine_bridge as bridge
 from .benchmark import BenchmarkRunner
-from .errors import ERROR_RESPONSES, error_body, install_error_handlers
+from .errors import error_body, install_error_handlers
 from .limits import RequestLimits
 from .metrics import ServerMetrics
+from .openapi import document_errors_as_sent
 from .routes_admin import router as admin_router
 from .routes_generate import router as generate_router
 from .routes_openai import router as openai_router
@@ -268,7 +269,7 @@ def create_app(
     app.state.limits = RequestLimits.from_settings(settings)
     app.state.benchmark = BenchmarkRunner(state)
     install_error_handlers(app)
-    _document_errors_only_as_sent(app)
+    document_errors_as_sent(app)
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, exc: ClientGone) -> Response:
@@ -276,7 +277,7 @@ def create_app(
         return Response(status_code=499)
 
     for router in (generate_router, openai_router, admin_router):
-        app.include_router(router, responses=ERROR_RESPONSES)
+        app.include_router(router)
     # Metric labels use the route template, never the raw path, so a scan of random
     # URLs cannot blow up the series count.
     routes = {getattr(r, "path", None) for rt in (app, generate_router, openai_router, admin_router) for r in rt.routes}
@@ -318,27 +319,3 @@ def begin_shutdown(app: FastAPI) -> None:
 
     loop = asyncio.get_running_loop()
     loop.call_later(state.settings.shutdown_timeout, lambda: loop.create_task(abort_running()))
-
-
-def _document_errors_only_as_sent(app: FastAPI) -> None:
-    """Errors in the OpenAPI document as the server sends them: every error status as JSON
-    in the :class:`~.errors.ErrorResponse` shape (FastAPI files them under the route's own
-    media type, e.g. ``text/event-stream``), and no automatic 422 (validation errors are 400)."""
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = build()
-            for operations in schema.get("paths", {}).values():
-                for operation in operations.values():
-                    responses = operation.get("responses", {})
-                    responses.pop("422", None)
-                    for status in ERROR_RESPONSES:
-                        content = responses.get(str(status), {}).get("content")
-                        if content and "application/json" not in content:
-                            responses[str(status)]["content"] = {"application/json": content.popitem()[1]}
-            for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]

@@ -52,22 +52,6 @@ class ErrorResponse(BaseModel):
     error: ErrorObject
 
 
-# The error statuses any route may answer with, for the OpenAPI document.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "invalid request: the message names the field (param)",
-        401: "missing or invalid API key",
-        404: "unknown model, or the route is disabled",
-        413: "request body too large",
-        415: "request body is not JSON",
-        429: "queue full or a benchmark already running (Retry-After)",
-        500: "internal error",
-        503: "model loading, failed or shutting down (Retry-After)",
-    }.items()
-}
-
-
 class APIError(Exception):
     """An error the server answers with ``status`` and a JSON body naming ``param``."""
 

@@ -15,10 +15,11 @@ from .. import __version__
 from .errors import APIError
 from .limits import JSONBodyRoute
 from .memory import snapshot
+from .openapi import ERROR_RESPONSES
 from .routes_generate import get_state
 from .schemas import GenerationBenchmarkRequest, KernelBenchmarkRequest
 
-router = APIRouter(tags=["operations"], route_class=JSONBodyRoute)
+router = APIRouter(tags=["operations"], route_class=JSONBodyRoute, responses=ERROR_RESPONSES)
 
 _KERNEL = TypeAdapter(KernelBenchmarkRequest)
 _GENERATION = TypeAdapter(GenerationBenchmarkRequest)

@@ -11,11 +11,12 @@ from starlette.responses import JSONResponse
 from ..engine.types import RequestOutput, SamplingParams, TokenLogprob
 from .errors import APIError, guarded_stream, request_error
 from .limits import JSONBodyRoute
+from .openapi import ERROR_RESPONSES, EVENT_STREAM
 from .schemas import GenerateRequest
-from .sse import EVENT_STREAM, EventStreamResponse, event, json_str
+from .sse import EventStreamResponse, event, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
 
-router = APIRouter(tags=["generate"], route_class=JSONBodyRoute)
+router = APIRouter(tags=["generate"], route_class=JSONBodyRoute, responses=ERROR_RESPONSES)
 
 
 def get_state(request: Request) -> ServerState:

@@ -18,12 +18,13 @@ from starlette.responses import JSONResponse
 from ..engine.types import RequestOutput, TokenLogprob
 from .errors import APIError, guarded_stream
 from .limits import JSONBodyRoute
+from .openapi import ERROR_RESPONSES, STREAM_OR_JSON
 from .routes_generate import build_params, get_state, new_logprobs
 from .schemas import ChatCompletionRequest, CompletionRequest
-from .sse import DONE, STREAM_OR_JSON, EventStreamResponse, event, json_head, json_str
+from .sse import DONE, EventStreamResponse, event, json_head, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
 
-router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONBodyRoute)
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONBodyRoute, responses=ERROR_RESPONSES)
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 _USAGE_NULL = ',"usage":null'

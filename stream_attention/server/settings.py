@@ -93,11 +93,6 @@ class ServerSettings(BaseSettings):
     max_queue: int = Field(256, ge=0, le=1_000_000, description="requests waiting beyond the running ones; 429 past it")
     max_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
-    max_json_depth: int = Field(32, ge=4, le=512, description="deepest nesting of arrays/objects in a request body")
-    max_stop_strings: int = Field(16, ge=0, le=1024, description="most stop strings a request may give")
-    max_stop_string_chars: int = Field(256, ge=1, description="longest stop string, in characters")
-    max_stop_token_ids: int = Field(64, ge=0, description="most stop_token_ids a request may give")
-    max_logit_bias: int = Field(300, ge=0, description="most logit_bias entries a request may give")
 
     # --- HTTP --------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address")
@@ -121,6 +116,13 @@ class ServerSettings(BaseSettings):
     telemetry: bool = Field(
         False, description="FastAPI's native OpenTelemetry spans/metrics (needs a configured OpenTelemetry SDK)"
     )
+
+    # --- what one request may carry (limits.py) -----------------------------------
+    max_json_depth: int = Field(32, ge=4, le=512, description="deepest nesting of arrays/objects in a request body")
+    max_stop_strings: int = Field(16, ge=0, le=1024, description="most stop strings a request may give")
+    max_stop_string_chars: int = Field(256, ge=1, description="longest stop string, in characters")
+    max_stop_token_ids: int = Field(64, ge=0, description="most stop_token_ids a request may give")
+    max_logit_bias: int = Field(300, ge=0, description="most logit_bias entries a request may give")
 
     # --- /benchmark ------------------------------------------------------------
     benchmark_enabled: bool = Field(True, description="serve POST /benchmark")

@@ -12,25 +12,6 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# One event of our streams in OpenAPI 3.1 terms: a ``data:`` line holding a JSON object
-# (``[DONE]`` ends OpenAI streams).
-EVENT_STREAM_CONTENT = {
-    "text/event-stream": {
-        "schema": {
-            "type": "object",
-            "properties": {"data": {"type": "string", "contentMediaType": "application/json"}},
-            "required": ["data"],
-        }
-    }
-}
-# OpenAPI ``responses`` of a route that streams events.
-EVENT_STREAM: dict[int | str, dict[str, Any]] = {
-    200: {"description": "Server-Sent Events", "content": EVENT_STREAM_CONTENT}
-}
-# ... and of one that answers JSON, or streams events when the request says ``stream: true``.
-STREAM_OR_JSON: dict[int | str, dict[str, Any]] = {
-    200: {"description": "JSON, or Server-Sent Events when stream is true", "content": EVENT_STREAM_CONTENT}
-}
 DONE = b"data: [DONE]\n\n"
 
 # One encoder for every event (json.dumps with options builds a new one per call).
