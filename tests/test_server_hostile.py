@@ -204,7 +204,7 @@ def test_out_of_range_prompt_token_ids_are_400(http: httpx.Client, ids: list[int
 
 
 @pytest.mark.parametrize("path", ("/v1/completions", "/v1/chat/completions"))
-@pytest.mark.parametrize("n", [2, 10**6, 10**30, -1])
+@pytest.mark.parametrize("n", [0, -1, 10**6, 10**30])
 def test_oversized_n_is_400(http: httpx.Client, path: str, n: int) -> None:
     body, _ = _with_prompt(path, "x", n=n)
     _error(_post(http, path, _raw(body)), 400, "n")
