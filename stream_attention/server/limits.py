@@ -88,7 +88,7 @@ def _field(path: list[str | int]) -> str | None:
 
 def check_json_values(data: Any, max_depth: int) -> None:
     """Reject lone surrogates, non-finite numbers and nesting past ``max_depth``, naming
-    the path of the first offender. Iterative: the depth bound is what it enforces."""
+    the path of an offender. Iterative, so a deep body cannot exhaust the stack here."""
     stack: list[tuple[Any, list[str | int]]] = [(data, [])]
     while stack:
         value, path = stack.pop()
