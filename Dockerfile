@@ -48,7 +48,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8000/health || exit 1
 
-# exec form: SIGTERM reaches uvicorn, which drains in-flight requests (drain_timeout).
+# exec form: SIGTERM reaches uvicorn, which drains in-flight requests (--shutdown-timeout).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["stream-attention-serve"]
 CMD []

@@ -22,6 +22,7 @@ from typing import Any
 
 import prometheus_client
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,7 +30,9 @@ from .. import __version__
 from . import engine_bridge as bridge
 from .benchmark import BenchmarkRunner
 from .errors import error_body, install_error_handlers
+from .limits import RequestLimits
 from .metrics import ServerMetrics
+from .openapi import document_errors_as_sent
 from .routes_admin import router as admin_router
 from .routes_generate import router as generate_router
 from .routes_openai import router as openai_router
@@ -41,7 +44,7 @@ log = logging.getLogger("stream_attention.server")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Routes polled by machines; their access-log lines go to DEBUG.
 _QUIET = {"/health", "/ready", "/metrics"}
-_NO_AUTH = {"/health"}
+_MONITORING = frozenset({"/metrics", "/memory"})
 _READ_HEADERS = frozenset({b"x-request-id", b"authorization", b"content-length"})
 
 
@@ -52,6 +55,8 @@ class ServerMiddleware:
         self.app = app
         self.state = state
         self.routes = routes
+        # Liveness must answer an orchestrator that holds no key; monitoring only when asked.
+        self.public = {"/health"} | (_MONITORING if state.settings.public_metrics else set())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,7 +99,7 @@ class ServerMiddleware:
         state.metrics.http_in_progress.inc()
         try:
             key = settings.api_key_value()
-            if key and path not in _NO_AUTH and not _authorized(wanted.get(b"authorization", ""), key):
+            if key and path not in self.public and not _authorized(wanted.get(b"authorization", ""), key):
                 await reply(
                     401,
                     error_body(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key"),
@@ -224,6 +229,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = engine is None
         loader = None
+        state.draining = False  # an app may be started again after a shutdown (tests, embedding)
         if engine is not None:
             state.attach(engine)
             await bridge.start(engine)
@@ -233,7 +239,7 @@ def create_app(
             yield
         finally:
             state.draining = True
-            deadline = time.monotonic() + settings.drain_timeout
+            deadline = time.monotonic() + settings.shutdown_timeout
             while state.in_flight > 0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             if state.in_flight:
@@ -260,8 +266,10 @@ def create_app(
         **extra,
     )
     app.state.server = state
+    app.state.limits = RequestLimits.from_settings(settings)
     app.state.benchmark = BenchmarkRunner(state)
     install_error_handlers(app)
+    document_errors_as_sent(app)
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, exc: ClientGone) -> Response:
@@ -275,4 +283,39 @@ def create_app(
     routes = {getattr(r, "path", None) for rt in (app, generate_router, openai_router, admin_router) for r in rt.routes}
     routes.discard(None)
     app.add_middleware(ServerMiddleware, state=state, routes=routes)
+    origins = settings.cors_origins()
+    if origins:
+        # Outside ServerMiddleware: a browser's preflight carries no API key.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
     return app
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """Start a graceful shutdown (the server's signal handler calls this in the event loop).
+
+    New requests are refused (503, ``/ready`` says draining) while running ones go on;
+    whatever still runs after ``shutdown_timeout`` is aborted in the engine, so its
+    stream ends with ``finish_reason: abort`` and a complete response instead of a
+    connection cut mid-body.
+    """
+    state: ServerState = app.state.server
+    state.draining = True
+
+    async def abort_running() -> None:
+        running = [gen for gen in state.streams if not gen.finished]
+        if running:
+            log.warning("shutdown timeout: aborting %d running requests", len(running))
+        for gen in running:
+            try:
+                await bridge.abort(gen.engine, gen.request_id)
+            except Exception:
+                log.exception("abort of %s failed", gen.request_id)
+
+    loop = asyncio.get_running_loop()
+    loop.call_later(state.settings.shutdown_timeout, lambda: loop.create_task(abort_running()))

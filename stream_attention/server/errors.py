@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
@@ -28,10 +30,26 @@ _TYPE_BY_STATUS = {
     405: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable_error",
 }
+
+
+class ErrorObject(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (declared in the OpenAPI document)."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: ErrorObject
 
 
 class APIError(Exception):
@@ -55,6 +73,20 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, param=self.param, code=self.code)
+
+
+# The field a request-level ValueError names first: "temperature=5.0 is out of range",
+# "prompt_token_ids contain ids outside [0, 4096)", "prompt (9 tokens) + max_tokens ...".
+_LEADING_FIELD = re.compile(r"([a-z_][a-z0-9_]*)(?:=|\s|$)")
+
+
+def request_error(exc: ValueError, *, code: str = "invalid_value") -> APIError:
+    """The 400 for a ``ValueError`` raised about one request, by the engine's validation
+    or by the builder of its parameters: the one mapping of such errors to HTTP.
+    The field the message starts with becomes ``param``."""
+    message = str(exc) or type(exc).__name__
+    named = _LEADING_FIELD.match(message)
+    return APIError(400, message, param=named.group(1) if named else None, code=code)
 
 
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -10,15 +9,17 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import TypeAdapter, ValidationError
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from .. import __version__
 from .errors import APIError
+from .limits import JSONBodyRoute
 from .memory import snapshot
+from .openapi import ERROR_RESPONSES
 from .routes_generate import get_state
 from .schemas import GenerationBenchmarkRequest, KernelBenchmarkRequest
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=JSONBodyRoute, responses=ERROR_RESPONSES)
 
 _KERNEL = TypeAdapter(KernelBenchmarkRequest)
 _GENERATION = TypeAdapter(GenerationBenchmarkRequest)
@@ -57,7 +58,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=503, headers=state.retry_headers())
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -78,11 +79,7 @@ async def benchmark(request: Request) -> JSONResponse:
         raise APIError(
             404, "/benchmark is disabled on this server (STREAM_ATTENTION_BENCHMARK_ENABLED)", code="disabled"
         )
-    raw = await request.body()
-    try:
-        data = json.loads(raw) if raw.strip() else {}
-    except json.JSONDecodeError as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    data = await request.json() if (await request.body()).strip() else {}
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_value")
     kind = data.get("kind", "kernel")

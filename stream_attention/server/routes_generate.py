@@ -9,12 +9,14 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
 from ..engine.types import RequestOutput, SamplingParams, TokenLogprob
-from .errors import APIError, guarded_stream
+from .errors import APIError, guarded_stream, request_error
+from .limits import JSONBodyRoute
+from .openapi import ERROR_RESPONSES, EVENT_STREAM
 from .schemas import GenerateRequest
 from .sse import EventStreamResponse, event, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
 
-router = APIRouter(tags=["generate"])
+router = APIRouter(tags=["generate"], route_class=JSONBodyRoute, responses=ERROR_RESPONSES)
 
 
 def get_state(request: Request) -> ServerState:
@@ -26,8 +28,7 @@ def build_params(fn: Callable[[], SamplingParams]) -> SamplingParams:
     try:
         return fn()
     except ValueError as exc:
-        name = str(exc).split("=", 1)[0].strip()
-        raise APIError(400, str(exc), param=name if name.isidentifier() else None, code="out_of_range") from exc
+        raise request_error(exc, code="out_of_range") from exc
 
 
 def new_logprobs(out: RequestOutput, seen: int) -> list[TokenLogprob]:
@@ -125,7 +126,7 @@ async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
     return JSONResponse(result)
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", response_class=EventStreamResponse, status_code=200, responses=EVENT_STREAM)
 async def generate_stream(body: GenerateRequest, request: Request) -> EventStreamResponse:
     """One SSE event per token delta, then a final event with the full text and usage.
 

@@ -17,12 +17,14 @@ from starlette.responses import JSONResponse
 
 from ..engine.types import RequestOutput, TokenLogprob
 from .errors import APIError, guarded_stream
+from .limits import JSONBodyRoute
+from .openapi import ERROR_RESPONSES, STREAM_OR_JSON
 from .routes_generate import build_params, get_state, new_logprobs
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .sse import DONE, EventStreamResponse, event, json_head, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONBodyRoute, responses=ERROR_RESPONSES)
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 _USAGE_NULL = ',"usage":null'
@@ -99,7 +101,7 @@ async def _run(request: Request, gen: GenerationStream) -> RequestOutput:
 # --------------------------------------------------------------------------------------
 
 
-@router.post("/completions")
+@router.post("/completions", responses=STREAM_OR_JSON)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state = get_state(request)
     _check_model(state, body.model)
@@ -171,7 +173,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     return EventStreamResponse(chunks)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=STREAM_OR_JSON)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = get_state(request)
     _check_model(state, body.model)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..engine.types import SamplingParams
+from .limits import check_logit_bias, current_limits
 
 
 class Strict(BaseModel):
@@ -34,8 +35,8 @@ class _Sampling(Strict):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = Field(None, description="stop strings (at most 16)")
-    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    stop: str | list[str] | None = Field(None, description="stop strings (at most --max-stop-strings)")
+    stop_token_ids: list[int] | None = Field(None, description="at most --max-stop-token-ids")
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
 
@@ -43,15 +44,21 @@ class _Sampling(Strict):
     @classmethod
     def _stop_bounds(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = _stop_list(value)
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop strings")
+        limits = current_limits()
+        if len(stops) > limits.max_stop_strings:
+            raise ValueError(f"at most {limits.max_stop_strings} stop strings")
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
+        if max(map(len, stops), default=0) > limits.max_stop_string_chars:
+            raise ValueError(f"stop strings must be at most {limits.max_stop_string_chars} characters")
         return value
 
     @field_validator("stop_token_ids")
     @classmethod
     def _non_negative_ids(cls, value: list[int] | None) -> list[int] | None:
+        limit = current_limits().max_stop_token_ids
+        if value and len(value) > limit:
+            raise ValueError(f"at most {limit} stop token ids")
         if value and min(value) < 0:  # min() is C speed; prompts carry thousands of ids
             raise ValueError("token ids must be >= 0")
         return value
@@ -151,6 +158,7 @@ class _OpenAICommon(_Sampling):
     @field_validator("logit_bias")
     @classmethod
     def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        check_logit_bias(value or {})
         if value:
             raise ValueError("logit_bias is not supported")
         return value

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -34,6 +35,7 @@ LEGACY_NAMES: dict[str, tuple[str, ...]] = {
     "block_size": ("kv_block_size",),
     "num_kv_blocks": ("kv_cache_blocks",),
     "gpu_memory_fraction": ("kv_cache_memory_fraction",),
+    "shutdown_timeout": ("drain_timeout",),
 }
 
 _SETTINGS_CONFIG = SettingsConfigDict(
@@ -102,12 +104,30 @@ class ServerSettings(EngineSettings):
     api_key: SecretStr | None = Field(
         None, description="if set, every route but /health needs 'Authorization: Bearer <key>'"
     )
+    api_key_file: Path | None = Field(
+        None, description="read the API key from this file (keeps it out of argv and the environment)"
+    )
+    public_metrics: bool = Field(False, description="serve /metrics and /memory without the API key")
+    allowed_origins: str = Field(
+        "", description="comma-separated origins browsers may call from (CORS; '*' = any); empty = CORS off"
+    )
+    log_prompts: bool = Field(False, description="log each request's prompt and parameters (off: prompts never logged)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info")
-    drain_timeout: float = Field(30.0, ge=0.0, description="seconds shutdown waits for in-flight requests")
+    shutdown_timeout: float = Field(
+        30.0, ge=0.0, description="seconds SIGINT/SIGTERM wait for in-flight requests to finish before exiting",
+        validation_alias=AliasChoices("shutdown_timeout", "drain_timeout"),
+    )
     retry_after: int = Field(1, ge=1, le=3600, description="Retry-After seconds sent with 429/503")
     telemetry: bool = Field(
         False, description="FastAPI's native OpenTelemetry spans/metrics (needs a configured OpenTelemetry SDK)"
     )
+
+    # --- what one request may carry (limits.py) -----------------------------------
+    max_json_depth: int = Field(32, ge=4, le=512, description="deepest nesting of arrays/objects in a request body")
+    max_stop_strings: int = Field(16, ge=0, le=1024, description="most stop strings a request may give")
+    max_stop_string_chars: int = Field(256, ge=1, description="longest stop string, in characters")
+    max_stop_token_ids: int = Field(64, ge=0, description="most stop_token_ids a request may give")
+    max_logit_bias: int = Field(300, ge=0, description="most logit_bias entries a request may give")
 
     # --- /benchmark ------------------------------------------------------------
     benchmark_enabled: bool = Field(True, description="serve POST /benchmark")
@@ -155,6 +175,21 @@ class ServerSettings(EngineSettings):
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
+    def _key_from_file(self) -> ServerSettings:
+        if self.api_key_file is None:
+            return self
+        if self.api_key is not None:
+            raise ValueError("api_key and api_key_file are both set: give one")
+        try:
+            key = self.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"api_key_file={str(self.api_key_file)!r}: cannot read it ({exc})") from exc
+        if not key:
+            raise ValueError(f"api_key_file={str(self.api_key_file)!r} is empty")
+        self.api_key = SecretStr(key)
+        return self
+
+    @model_validator(mode="after")
     def _limits(self) -> ServerSettings:
         if self.max_model_len is not None and self.max_tokens > self.max_model_len:
             self.max_tokens = self.max_model_len
@@ -166,6 +201,9 @@ class ServerSettings(EngineSettings):
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key is not None else None
+
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.allowed_origins.split(",") if o.strip()]
 
 
 def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
@@ -182,6 +220,7 @@ def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
     return str, None
 
 
+# Earlier names of flags, still accepted.
 def build_parser(prog: str = "stream-attention-serve") -> argparse.ArgumentParser:
     """One ``--flag`` per settings field; unset flags leave env/.env/defaults in charge."""
     parser = argparse.ArgumentParser(

@@ -22,7 +22,7 @@ from starlette.requests import Request as HTTPRequest
 
 from ..engine.types import EngineStats, PromptTooLongError, QueueFullError, Request, RequestOutput, SamplingParams
 from . import engine_bridge as bridge
-from .errors import APIError
+from .errors import APIError, request_error
 from .metrics import ServerMetrics
 from .settings import ServerSettings
 
@@ -53,6 +53,7 @@ class ServerState:
     tokenizer: Any = None
     vocab_size: int = 0
     in_flight: int = 0  # HTTP requests being served, for the shutdown drain
+    streams: set[GenerationStream] = field(default_factory=set)  # open engine requests, for shutdown
     token_text: Any = None  # token id -> text cache for logprob entries (built on first use)
 
     @property
@@ -180,7 +181,11 @@ class ServerState:
             prompt=prompt,
             arrival_time=time.time(),
         )
+        if self.settings.log_prompts:  # opt-in: prompts are the users' data
+            shown = prompt if prompt is not None else prompt_ids
+            log.info("request %s prompt %r (%d tokens) %s", request.request_id, shown, len(prompt_ids), params)
         gen = GenerationStream(self, engine, request)
+        self.streams.add(gen)
         try:
             await watch_disconnect(http_request, gen.prime())
         except BaseException:
@@ -313,12 +318,9 @@ class GenerationStream:
             )
         if isinstance(exc, PromptTooLongError):
             m.rejected.labels(reason="prompt_too_long").inc()
-            return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
+            return request_error(exc, code="context_length_exceeded")
         if isinstance(exc, ValueError):
-            param = str(exc).split("=", 1)[0].strip() if "=" in str(exc) else None
-            return APIError(
-                400, str(exc), param=param if param and param.isidentifier() else None, code="invalid_value"
-            )
+            return request_error(exc)
         if bridge.is_engine_dead(exc):
             return APIError(503, str(exc), code="engine_unavailable", headers=self.state.retry_headers())
         log.error("engine request %s failed: %r", self.request_id, exc)
@@ -354,6 +356,7 @@ class GenerationStream:
         if self.closed:
             return
         self.closed = True
+        self.state.streams.discard(self)
         # Shielded: this runs in the finally of a stream Starlette has just cancelled, and
         # anyio would cancel every await inside it again before the abort could land.
         with anyio.CancelScope(shield=True):
