@@ -194,6 +194,20 @@ def test_every_dashboard_and_alert_metric_is_exported(live: Any) -> None:
     assert not missing, f"queried but not exported: {missing}"
 
 
+def test_readme_metrics_table_names_exist(live: Any) -> None:
+    """The README's mapping to vLLM names only metrics the server really exports."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Metrics"):]
+    section = section[:section.index("\n## ", 1)]
+    ours = {row.split("|")[1] for row in section.splitlines() if row.startswith("| `stream_attention_")}
+    named = set(re.findall(r"`(stream_attention_\w+)", " ".join(ours)))
+    assert len(named) >= 12
+    with httpx.Client(base_url=live.url, timeout=60) as http:
+        exposed = exposed_series_names(http.get("/metrics").text)
+    histograms = {n.removesuffix("_bucket") for n in exposed if n.endswith("_bucket")}
+    assert not sorted(named - exposed - histograms)
+
+
 def test_engine_up_and_restart_counter_on_a_live_server(live: Any) -> None:
     with httpx.Client(base_url=live.url, timeout=60) as http:
         text = http.get("/metrics").text
