@@ -44,7 +44,9 @@ ENV STREAM_ATTENTION_HOST=0.0.0.0 \
     TRITON_CACHE_DIR=/home/app/.triton
 EXPOSE 8000
 
-# /health answers while the model loads; the start period covers the load.
+# Liveness: /health answers while the model loads (the start period covers the load) and
+# turns 503 once the engine has died. docker-compose.yml probes the same route with the
+# same timings; /ready is the readiness route, for load balancers.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8000/health || exit 1
 

@@ -116,6 +116,8 @@ class StreamFrontend:
         self._accepting = False
         if self._thread is None:
             await self._stop_worker()
+            if self._dead is None:
+                self._dead = EngineDeadError("the engine was shut down")
             return
         if drain:
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -129,6 +131,8 @@ class StreamFrontend:
                 break
             await asyncio.sleep(0.005)
         await self._stop_worker()
+        if self._dead is None:
+            self._dead = EngineDeadError("the engine was shut down")
 
     close = shutdown
 

@@ -53,6 +53,12 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._hash_to_block: dict[int, int] = {}
         self.prefix_cache_hits = 0  # blocks served from the prefix cache
+        # Token counts as vLLM reports them (prefix_cache_queries / prefix_cache_hits): the
+        # prompt tokens of first admissions and how many of them the cache served. A
+        # preempted sequence re-finding its own blocks is left out so it cannot inflate the
+        # hit rate.
+        self.prefix_cache_query_tokens = 0
+        self.prefix_cache_hit_tokens = 0
         self.blocks_dropped = 0
 
     # ------------------------------------------------------------------ queries
@@ -100,7 +106,8 @@ class BlockManager:
         return revived + fresh + reserve <= len(self._free)
 
     def take_cached(self, seq: Sequence, cached: list[int]) -> None:
-        """Give ``seq`` the prefix blocks found by :meth:`match_prefix`."""
+        """Give ``seq`` the prefix blocks found by :meth:`match_prefix` (called on every
+        admission, hit or not: it also counts the prefix-cache lookup)."""
         h = _NO_HASH
         for bid in cached:
             block = self.blocks[bid]
@@ -114,6 +121,9 @@ class BlockManager:
         seq.num_computed_tokens = n
         seq.num_cached_prompt_tokens = max(seq.num_cached_prompt_tokens, n)
         self.prefix_cache_hits += len(cached)
+        if self.enable_prefix_caching and not seq.num_preemptions:
+            self.prefix_cache_query_tokens += seq.num_tokens
+            self.prefix_cache_hit_tokens += n
 
     # -------------------------------------------------------------- allocation
     def _pop_free(self) -> int:

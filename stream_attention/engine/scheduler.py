@@ -220,8 +220,7 @@ class Scheduler:
             if not self.bm.can_admit(seq, cached, n, reserve):
                 break
             self.waiting.popleft()
-            if cached:
-                self.bm.take_cached(seq, cached)
+            self.bm.take_cached(seq, cached)
             ok = self.bm.allocate(seq, n)
             assert ok, "can_admit promised room"
             seq.status = SequenceStatus.RUNNING

@@ -157,6 +157,9 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     requests_finished_total: int = 0
+    # Prefix cache, in prompt tokens of newly admitted requests (vLLM's definition):
+    # looked up, and served from the cache.
+    prefix_cache_queries_total: int = 0
     prefix_cache_hits_total: int = 0
     # KV compression (zeros when the cache is uncompressed)
     kv_compression_ratio: float = 1.0

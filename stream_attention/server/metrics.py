@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ..engine.types import EngineStats
+from . import engine_bridge as bridge
 from .memory import cuda_rows, host_rss_bytes
 
 PREFIX = "stream_attention"
@@ -69,13 +70,36 @@ class _EngineCollector(Collector):
             ("prompt_tokens", "Prompt tokens prefilled.", s.prompt_tokens_total),
             ("generation_tokens", "Tokens generated.", s.generation_tokens_total),
             ("engine_requests_finished", "Requests the engine finished (any reason).", s.requests_finished_total),
-            ("prefix_cache_hits", "Prompt blocks reused from the prefix cache.", s.prefix_cache_hits_total),
+            (
+                "prefix_cache_queries",
+                "Prompt tokens of newly admitted requests looked up in the prefix cache.",
+                s.prefix_cache_queries_total,
+            ),
+            ("prefix_cache_hits", "Of those prompt tokens, the ones served from the prefix cache.",
+             s.prefix_cache_hits_total),
             ("kv_blocks_evicted", "KV blocks freed by compression/eviction.", s.kv_blocks_evicted_total),
+            ("engine_restarts", "Times the engine was rebuilt after it died.", s.engine_restarts_total),
         ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=float(value))
         for name, doc, value in counters:
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=float(value))
+
+
+class _EngineUpCollector(Collector):
+    """``engine_up``: 1 while the engine serves, 0 while it loads, restarts or once it
+    died (the test ``/ready`` makes)."""
+
+    def __init__(self, engine: Callable[[], Any]) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterable[Metric]:
+        engine = self._engine()
+        up = engine is not None and bridge.is_ready(engine)
+        yield GaugeMetricFamily(
+            f"{PREFIX}_engine_up", "1 while the engine serves, 0 while it loads, restarts or after it stopped.",
+            value=1.0 if up else 0.0,
+        )
 
 
 class TokenHistogram(Collector):
@@ -217,6 +241,7 @@ class ServerMetrics:
             self.rejected.labels(reason=reason)
         r.register(_EngineCollector(stats))
         r.register(_MemoryCollector(engine))
+        r.register(_EngineUpCollector(engine or (lambda: None)))
         ProcessCollector(registry=r)
 
     def observe_tokens(self, gap: float, n: int) -> None:
