@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 from ..engine.types import RequestOutput, TokenLogprob
 from .errors import APIError, guarded_stream
 from .routes_generate import build_params, get_state, new_logprobs
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from .sse import DONE, EventStreamResponse, event, json_head, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
 
@@ -28,7 +28,7 @@ OPENAI_DEFAULT_TEMPERATURE = 1.0
 _USAGE_NULL = ',"usage":null'
 
 
-def _check_model(state: ServerState, model: str | None) -> None:
+def check_model(state: ServerState, model: str | None) -> None:
     state.require_engine()
     if model and model != state.model_name:
         raise APIError(
@@ -89,6 +89,17 @@ def chat_logprobs(state: ServerState, lps: list[TokenLogprob]) -> dict[str, Any]
     }
 
 
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Chat messages as the tokenizer's chat template takes them."""
+    out = []
+    for m in messages:
+        msg = {"role": m.role, "content": m.text()}
+        if m.name:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
+
+
 async def _run(request: Request, gen: GenerationStream) -> RequestOutput:
     try:
         return await watch_disconnect(request, gen.collect())
@@ -102,7 +113,7 @@ async def _run(request: Request, gen: GenerationStream) -> RequestOutput:
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state = get_state(request)
-    _check_model(state, body.model)
+    check_model(state, body.model)
     if isinstance(body.prompt, str):
         ids = await state.encode(body.prompt)
         if not ids:
@@ -174,14 +185,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = get_state(request)
-    _check_model(state, body.model)
-    messages = []
-    for m in body.messages:
-        msg = {"role": m.role, "content": m.text()}
-        if m.name:
-            msg["name"] = m.name
-        messages.append(msg)
-    prompt = state.chat_prompt(messages, add_generation_prompt=body.add_generation_prompt)
+    check_model(state, body.model)
+    prompt = state.chat_prompt(template_messages(body.messages), add_generation_prompt=body.add_generation_prompt)
     # The template already spells out BOS and friends; letting the tokenizer add them
     # again would double them.
     ids = await state.encode(prompt, add_special_tokens=False)

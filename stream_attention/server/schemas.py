@@ -307,3 +307,42 @@ class GenerationBenchmarkRequest(Strict):
     prompt_tokens: int = Field(64, ge=1, le=8192)
     max_tokens: int = Field(32, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
+
+
+# ---------------------------------------------------------------------------------------
+# /tokenize and /detokenize (vLLM's shapes)
+
+
+class TokenizeRequest(Strict):
+    """``POST /tokenize``: give ``prompt`` (text) or ``messages`` (rendered through the chat
+    template, as the chat route does). ``add_special_tokens`` defaults as in vLLM: on for a
+    prompt, off for messages (the template spells out its special tokens itself)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        for m in self.messages or []:
+            m.text()  # raises for non-text parts
+        return self
+
+
+class DetokenizeRequest(Strict):
+    """``POST /detokenize``: token ids back to text."""
+
+    model: str | None = None
+    tokens: list[int]
+
+    @field_validator("tokens")
+    @classmethod
+    def _ids_non_negative(cls, value: list[int]) -> list[int]:
+        if value and min(value) < 0:
+            raise ValueError("token ids must be >= 0")
+        return value
