@@ -9,6 +9,7 @@ snapshots with token and text deltas. It is single-threaded by design; the
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -22,7 +23,7 @@ from .config import EngineConfig, parse_dtype
 from .model_runner import ModelRunner
 from .sampler import PendingSample, Sampler
 from .scheduler import ScheduledSeq, Scheduler
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence, SequenceGroup, SequenceStatus
 from .tokenizer import (
     IncrementalDetokenizer,
     decode_output,
@@ -197,6 +198,11 @@ class LLMEngine:
             raise PromptTooLongError(f"prompt + max_tokens = {total} tokens exceeds the KV cache ({capacity} tokens)")
         if not self.config.enable_chunked_prefill and total > self.config.max_num_batched_tokens:
             raise PromptTooLongError(f"{total} tokens exceed max_num_batched_tokens without chunked prefill")
+        if req.params.n > 1:
+            if req.params.n > self.config.max_num_seqs:
+                raise ValueError(f"n={req.params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+            if self.kv_mgr.policy is not None:
+                raise ValueError(f"n={req.params.n}: parallel sampling is not supported with KV eviction")
 
     def _new_sequence(self, req: Request, stream: bool) -> Sequence:
         """The engine's record of a validated request (detokenized per step when streamed)."""
@@ -241,12 +247,17 @@ class LLMEngine:
         """Stop a request wherever it is; its blocks are freed now and a final output with
         ``finish_reason=ABORT`` comes out of the next :meth:`step`. False if unknown."""
         seq = self._seqs.get(request_id)
-        if seq is None or not self.scheduler.abort(seq):
+        if seq is None:
             return False
-        seq.finish_time = time.time()
+        aborted = [s for s in (seq.group.seqs if seq.group is not None else [seq]) if self.scheduler.abort(s)]
+        if not aborted:
+            return False
+        now = time.time()
         self.kv_mgr.forget(request_id)
-        self.finish_text(seq)
-        self._pending.append(self.make_output(seq))
+        for s in aborted:
+            s.finish_time = now
+            self.finish_text(s)
+            self._pending.append(self.make_output(s))
         del self._seqs[request_id]
         self._counters.requests_finished_total += 1
         return True
@@ -300,17 +311,61 @@ class LLMEngine:
             return None
         scheduled = sched.scheduled
         sampling: list[Sequence] = []
+        forks: list[ScheduledSeq] = []
         for s in scheduled:
             seq = s.seq
             if s.samples:
                 sampling.append(seq)
+                if seq.params.n > 1 and seq.group is None:
+                    forks.append(s)
             if not seq.prompt_counted:
                 seq.prompt_counted = True
                 counters.prompt_tokens_total += len(seq.prompt_token_ids)
+            prompt_left = len(seq.prompt_token_ids) - seq.num_computed_tokens
+            if prompt_left > 0:
+                counters.prefill_tokens_total += min(prompt_left, s.num_new_tokens)
         logits = self.runner.execute(scheduled)
         collector, self.runner.last_collector = self.runner.last_collector, None
+        if forks:
+            logits, sampling = self._fork(forks, logits, sampling)
         pending = self.sampler.launch(logits, sampling) if sampling else None
         return _Flight(scheduled, sampling, pending, collector)
+
+    def _fork(self, forks: list[ScheduledSeq], logits: torch.Tensor, sampling: list[Sequence]
+              ) -> tuple[torch.Tensor, list[Sequence]]:
+        """Split each request in ``forks`` (prompt just prefilled, ``params.n > 1``) into its
+        choices: the children share the prompt's full KV blocks, get a copy of the partial
+        last one, and sample their first token from the parent's logits row."""
+        fork_at = {id(s.seq): s for s in forks}
+        rows: list[int] = []
+        out: list[Sequence] = []
+        copies: list[tuple[int, int]] = []
+        for row, seq in enumerate(sampling):
+            rows.append(row)
+            out.append(seq)
+            s = fork_at.get(id(seq))
+            if s is None:
+                continue
+            computed = seq.num_computed_tokens + s.num_new_tokens  # what the step leaves computed
+            seeds = seq.params.seed
+            group = seq.group = SequenceGroup([seq])
+            for i in range(1, seq.params.n):
+                params = seq.params if seeds is None else dataclasses.replace(seq.params, seed=seeds + i)
+                child = seq.fork(i, params)
+                copy = self.block_manager.fork(seq, child, computed)
+                if copy is not None:
+                    copies.append(copy)
+                if child.stream or params.stop:
+                    child.detokenizer = IncrementalDetokenizer(self.tokenizer, child.prompt_token_ids)
+                child.group = group
+                group.seqs.append(child)
+                self.scheduler.running.append(child)
+                rows.append(row)
+                out.append(child)
+            group.unreported = len(group.seqs)
+        self.runner.copy_blocks(copies)
+        index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+        return logits.index_select(0, index), out
 
     def _collect(self, flight: _Flight) -> list[tuple[Sequence, int | None, bool]]:
         """Wait for a step's tokens, append them and end the sequences that stop on a token
@@ -372,8 +427,9 @@ class LLMEngine:
         seq.finish_time = now
         self.scheduler.finish(seq, reason)
         self.kv_mgr.forget(seq.request_id)
-        self._seqs.pop(seq.request_id, None)
-        self._counters.requests_finished_total += 1
+        if seq.group is None or seq.group.all_finished():
+            self._seqs.pop(seq.request_id, None)
+            self._counters.requests_finished_total += 1
 
     # Per-token output processing, public for engines whose sequences live outside the
     # scheduler (engine/distributed.py): apply a sampled token, finalize text, snapshot.
@@ -420,10 +476,16 @@ class LLMEngine:
 
     def make_output(self, seq: Sequence) -> RequestOutput:
         """A :class:`RequestOutput` snapshot of ``seq`` with the deltas since the last one."""
-        finished = seq.status is SequenceStatus.FINISHED
+        done = finished = seq.status is SequenceStatus.FINISHED
+        group = seq.group
+        if done and group is not None:  # the request ends with the last choice's last output
+            if not seq.final_reported:
+                seq.final_reported = True
+                group.unreported -= 1
+            finished = group.unreported == 0
         text = seq.text
         stops = seq.params.stop
-        if stops and not finished:
+        if stops and not done:
             held = stop_holdback(text, stops)
             if held:
                 text = text[:len(text) - held]
@@ -435,7 +497,7 @@ class LLMEngine:
         seq.emitted_text_len = len(text)
         lps = seq.logprobs
         ttft = seq.first_token_time - seq.arrival_time if seq.first_token_time is not None else None
-        latency = seq.finish_time - seq.arrival_time if finished and seq.finish_time is not None else None
+        latency = seq.finish_time - seq.arrival_time if done and seq.finish_time is not None else None
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
@@ -446,10 +508,11 @@ class LLMEngine:
             delta_token_ids=delta_ids,
             delta_text=delta_text,
             finished=finished,
-            finish_reason=seq.finish_reason if finished else None,
+            finish_reason=seq.finish_reason if done else None,
             logprobs=ListView(lps, 0, len(lps)) if lps is not None else None,
             time_to_first_token=ttft,
             latency=latency,
+            index=seq.choice_index,
         )
 
     # Old private names (kept for callers written against them).
@@ -466,7 +529,8 @@ class LLMEngine:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, or :class:`Request`) and return the
-        final outputs in prompt order. Requests beyond the queue bound wait their turn."""
+        final outputs in prompt order (a request with ``params.n > 1`` gives its ``n``
+        choices in a row, by ``index``). Requests beyond the queue bound wait their turn."""
         if isinstance(prompts, (str, Request)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -481,6 +545,7 @@ class LLMEngine:
         ids = [self.add_request(p, sp, stream=False, bounded=False) for p, sp in zip(prompts, params_list, strict=True)]
         wanted = set(ids)
         final: dict[str, RequestOutput] = {}
+        choices: dict[str, dict[int, RequestOutput]] = {i: {} for i in ids}
         bar = None
         if use_tqdm:
             from tqdm import tqdm
@@ -488,7 +553,11 @@ class LLMEngine:
             bar = tqdm(total=len(ids), desc="generate")
         while len(final) < len(ids):
             for out in self.step():
-                if out.finished and out.request_id in wanted:
+                if out.request_id not in wanted:
+                    continue
+                if out.finish_reason is not None or out.finished:
+                    choices[out.request_id][out.index] = out
+                if out.finished:
                     final[out.request_id] = out
                     if bar is not None:
                         bar.update(1)
@@ -499,7 +568,7 @@ class LLMEngine:
             # string seen after it was launched): nothing in it to emit.
             flight, self._inflight = self._inflight, None
             self._collect(flight)
-        return [final[i] for i in ids]
+        return [out for i in ids for _, out in sorted(choices[i].items())]
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> EngineStats:
@@ -520,6 +589,7 @@ class LLMEngine:
             generation_tokens_total=c.generation_tokens_total,
             requests_finished_total=c.requests_finished_total,
             prefix_cache_hits_total=self.block_manager.prefix_cache_hits * self.block_manager.block_size,
+            prefill_tokens_total=c.prefill_tokens_total,
             kv_blocks_evicted_total=self.block_manager.blocks_dropped,
             kv_compression_ratio=ratio,
             kv_bytes_saved=saved,

@@ -170,6 +170,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.group is None and seq.params.n > 1 and len(self.running) + seq.params.n > self.max_num_seqs:
+                break  # its choices will need a sequence slot each once forked
             cached = self.bm.match_prefix(seq)
             remaining = seq.num_tokens - len(cached) * self.bm.block_size
             n = self._chunk(remaining, budget)

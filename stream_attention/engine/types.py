@@ -37,6 +37,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # return the top-N logprobs of each sampled token
     include_stop_str_in_output: bool = False
+    # Choices per request: the prompt is prefilled once and its KV blocks are shared by
+    # the n continuations; with a seed, choice i draws like a request seeded ``seed + i``.
+    n: int = 1
 
     def validate(self) -> SamplingParams:
         checks = [
@@ -49,6 +52,7 @@ class SamplingParams:
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20),
+            ("n", 1 <= self.n <= 128),
         ]
         for name, ok in checks:
             if not ok:
@@ -121,6 +125,10 @@ class RequestOutput:
     When streaming, each yielded object carries the *new* tokens and text since the
     previous one in ``delta_token_ids`` / ``delta_text``, and the totals so far in
     ``token_ids`` / ``text``. ``finished`` is True on the last one.
+
+    A request with ``params.n > 1`` streams its choices interleaved: each output is about
+    choice ``index``; ``finish_reason`` is set on that choice's last output, and
+    ``finished`` only on the request's very last output (every choice done).
     """
 
     request_id: str
@@ -135,6 +143,7 @@ class RequestOutput:
     # wall-clock seconds: arrival -> first token, arrival -> finish
     time_to_first_token: float | None = None
     latency: float | None = None
+    index: int = 0  # which of the request's ``params.n`` choices this output is about
 
     @property
     def usage(self) -> dict[str, int]:
@@ -158,6 +167,9 @@ class EngineStats:
     generation_tokens_total: int = 0
     requests_finished_total: int = 0
     prefix_cache_hits_total: int = 0
+    # prompt tokens the model computed (prefix-cache hits and forked choices excluded,
+    # recomputation after preemption included)
+    prefill_tokens_total: int = 0
     # KV compression (zeros when the cache is uncompressed)
     kv_compression_ratio: float = 1.0
     kv_bytes_saved: int = 0

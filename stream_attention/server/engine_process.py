@@ -271,6 +271,8 @@ class EngineProcess(AsyncEngine):
     def _prepare(self, request: Any, params: SamplingParams | None) -> Request:
         req = self.make_request(request, params)
         req.params.validate()  # the rest (lengths, ids, KV capacity) in the child: refused before any output
+        if req.params.n > 1:  # outputs cross the pipe per request, not per choice
+            raise ValueError(f"n={req.params.n}: parallel sampling is not supported with --engine-process")
         return req
 
     def _send(self, msg: tuple[Any, ...]) -> None:

@@ -8,7 +8,7 @@ included (``data: {...}`` chunks, then ``data: [DONE]``; with
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -100,11 +100,28 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-async def _run(request: Request, gen: GenerationStream) -> RequestOutput:
+async def _run(request: Request, gen: GenerationStream) -> list[RequestOutput]:
+    """Every choice's last output, by index (one for ``n == 1``)."""
+
+    async def choices() -> list[RequestOutput]:
+        last: dict[int, RequestOutput] = {}
+        async for out in gen:
+            last[out.index] = out
+        return [last[i] for i in sorted(last)]
+
     try:
-        return await watch_disconnect(request, gen.collect())
+        return await watch_disconnect(request, choices())
     finally:
         await gen.close()
+
+
+def usage_of(choices: Iterable[RequestOutput]) -> dict[str, int]:
+    """Usage of a request: its prompt once, the completion tokens of every choice."""
+    prompt = completion = 0
+    for out in choices:
+        prompt = len(out.prompt_token_ids)
+        completion += len(out.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 # --------------------------------------------------------------------------------------
@@ -137,40 +154,43 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         return {"id": cid, "object": "text_completion", "created": created, "model": state.model_name}
 
     if not body.stream:
-        out = await _run(request, gen)
-        choice: dict[str, Any] = {
-            "index": 0,
-            "text": echo + out.text,
-            "logprobs": None,
-            "finish_reason": _finish_reason(out),
-        }
-        if params.logprobs is not None:
-            choice["logprobs"] = completion_logprobs(state, new_logprobs(out, 0), len(echo))
-        return JSONResponse({**base(), "choices": [choice], "usage": out.usage})
+        outs = await _run(request, gen)
+        choices = []
+        for out in outs:
+            choice: dict[str, Any] = {
+                "index": out.index,
+                "text": echo + out.text,
+                "logprobs": None,
+                "finish_reason": _finish_reason(out),
+            }
+            if params.logprobs is not None:
+                choice["logprobs"] = completion_logprobs(state, new_logprobs(out, 0), len(echo))
+            choices.append(choice)
+        return JSONResponse({**base(), "choices": choices, "usage": usage_of(outs)})
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
-    text_len = len(echo)
+    text_len = [len(echo)] * params.n
 
     def completion_choice(out: RequestOutput, lps: Any) -> dict[str, Any]:
-        nonlocal text_len
         choice: dict[str, Any] = {
-            "index": 0,
+            "index": out.index,
             "text": out.delta_text,
             "logprobs": None,
-            "finish_reason": _finish_reason(out) if out.finished else None,
+            "finish_reason": _finish_reason(out),
         }
         if params.logprobs is not None:
-            choice["logprobs"] = completion_logprobs(state, lps, text_len)
-        text_len += len(out.delta_text)
+            choice["logprobs"] = completion_logprobs(state, lps, text_len[out.index])
+        text_len[out.index] += len(out.delta_text)
         return choice
 
-    opening = (
-        {**base(), "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]} if echo else None
-    )
+    openings = [
+        {**base(), "choices": [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}]}
+        for i in range(params.n if echo else 0)
+    ]
     fast = None
-    if params.logprobs is None and not continuous:
+    if params.logprobs is None and not continuous and params.n == 1:
         # Mid-stream chunks from a template (same bytes as event() of the dict above).
         head = f'data: {json_head(base())},"choices":[{{"index":0,"text":'
         tail = f',"logprobs":null,"finish_reason":null}}]{_USAGE_NULL if include_usage else ""}}}\n\n'
@@ -178,7 +198,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         def fast(out: RequestOutput) -> bytes:
             return (head + json_str(out.delta_text) + tail).encode()
 
-    chunks = guarded_stream(gen, _openai_chunks(gen, base, opening, completion_choice, include_usage, continuous, fast))
+    chunks = guarded_stream(gen, _openai_chunks(gen, base, openings, completion_choice, include_usage, continuous, fast))
     return EventStreamResponse(chunks)
 
 
@@ -204,36 +224,41 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
 
     if not body.stream:
-        out = await _run(request, gen)
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": out.text},
-            "logprobs": chat_logprobs(state, new_logprobs(out, 0)) if params.logprobs is not None else None,
-            "finish_reason": _finish_reason(out),
-        }
-        return JSONResponse({**base(), "object": "chat.completion", "choices": [choice], "usage": out.usage})
+        outs = await _run(request, gen)
+        choices = [
+            {
+                "index": out.index,
+                "message": {"role": "assistant", "content": out.text},
+                "logprobs": chat_logprobs(state, new_logprobs(out, 0)) if params.logprobs is not None else None,
+                "finish_reason": _finish_reason(out),
+            }
+            for out in outs
+        ]
+        return JSONResponse({**base(), "object": "chat.completion", "choices": choices, "usage": usage_of(outs)})
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
     def chat_choice(out: RequestOutput, lps: Any) -> dict[str, Any]:
         return {
-            "index": 0,
+            "index": out.index,
             "delta": {"content": out.delta_text} if out.delta_text else {},
             "logprobs": chat_logprobs(state, lps) if params.logprobs is not None else None,
-            "finish_reason": _finish_reason(out) if out.finished else None,
+            "finish_reason": _finish_reason(out),
         }
 
-    opening = {
-        **base(),
-        "choices": [
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        ],
-    }
-    if include_usage:
-        opening["usage"] = None
+    openings = [
+        {
+            **base(),
+            "choices": [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            ],
+            **({"usage": None} if include_usage else {}),
+        }
+        for i in range(params.n)
+    ]
     fast = None
-    if params.logprobs is None and not continuous:
+    if params.logprobs is None and not continuous and params.n == 1:
         head = f'data: {json_head(base())},"choices":[{{"index":0,"delta":'
         tail = f',"logprobs":null,"finish_reason":null}}]{_USAGE_NULL if include_usage else ""}}}\n\n'
         empty = (head + "{}" + tail).encode()
@@ -243,7 +268,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 return empty
             return (head + '{"content":' + json_str(out.delta_text) + "}" + tail).encode()
 
-    chunks = guarded_stream(gen, _openai_chunks(gen, base, opening, chat_choice, include_usage, continuous, fast))
+    chunks = guarded_stream(gen, _openai_chunks(gen, base, openings, chat_choice, include_usage, continuous, fast))
     return EventStreamResponse(chunks)
 
 
@@ -265,49 +290,53 @@ async def models(request: Request) -> JSONResponse:
 async def _openai_chunks(
     gen: Any,
     base: Callable[[], dict[str, Any]],
-    opening: dict[str, Any] | None,
+    openings: list[dict[str, Any]],
     make_choice: Callable[[RequestOutput, Any], dict[str, Any]],
     include_usage: bool,
     continuous: bool,
     fast: Callable[[RequestOutput], bytes] | None = None,
 ) -> AsyncIterator[bytes]:
-    """The SSE frame both OpenAI streaming routes share: an optional opening chunk, one
-    chunk per non-empty output, the usage chunk when asked for, ``[DONE]``; failures after
-    the 200 went out become error events (:func:`.errors.guarded_stream`).
+    """The SSE frame both OpenAI streaming routes share: optional opening chunks (one per
+    choice), one chunk per non-empty output (choices interleaved, each chunk naming its
+    ``index``), the usage chunk when asked for, ``[DONE]``; failures after the 200 went
+    out become error events (:func:`.errors.guarded_stream`).
 
-    ``fast`` writes a mid-stream chunk (not the last, no logprobs) from a template.
+    ``fast`` writes a mid-stream chunk (not a choice's last, no logprobs) from a template.
     Outputs that arrived together go out in one write, still one chunk each."""
-    seen = 0
+    seen: dict[int, int] = {}
+    lasts: dict[int, RequestOutput] = {}
     last: RequestOutput | None = None
     ended = False
-    # The opening chunk shares the first output's write.
-    opened: list[bytes] = [event(opening)] if opening is not None else []
+    # The opening chunks share the first output's write.
+    opened: list[bytes] = [event(opening) for opening in openings]
     async for outs in gen.batches():
         parts, opened = opened, []
         for out in outs:
-            last = out
-            lps = new_logprobs(out, seen)
-            seen += len(out.delta_token_ids)
-            if not out.delta_text and not out.delta_token_ids and not out.finished:
+            last = lasts[out.index] = out
+            done = seen.get(out.index, 0)
+            lps = new_logprobs(out, done)
+            seen[out.index] = done + len(out.delta_token_ids)
+            choice_done = out.finish_reason is not None
+            if not out.delta_text and not out.delta_token_ids and not choice_done:
                 continue
-            if fast is not None and not out.finished:
+            if fast is not None and not choice_done:
                 parts.append(fast(out))
                 continue
             chunk = {**base(), "choices": [make_choice(out, lps)]}
             if include_usage:
-                chunk["usage"] = out.usage if continuous else None
+                chunk["usage"] = usage_of(lasts.values()) if continuous else None
             parts.append(event(chunk))
         if last is not None and last.finished:
             # The end of the stream shares the last chunk's write.
             if include_usage:
-                parts.append(event({**base(), "choices": [], "usage": last.usage}))
+                parts.append(event({**base(), "choices": [], "usage": usage_of(lasts.values())}))
             parts.append(DONE)
             ended = True
         if parts:
             yield parts[0] if len(parts) == 1 else b"".join(parts)
     if opened:
-        yield opened[0]
+        yield b"".join(opened)
     if not ended:
         if include_usage and last is not None:
-            yield event({**base(), "choices": [], "usage": last.usage})
+            yield event({**base(), "choices": [], "usage": usage_of(lasts.values())})
         yield DONE

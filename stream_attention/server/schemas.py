@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..engine.types import SamplingParams
 
@@ -141,12 +141,17 @@ class StreamOptions(Strict):
 
 class _OpenAICommon(_Sampling):
     model: str | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    n: int = Field(1, ge=1, le=128, description="choices per request; they share the prompt's prefill")
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+
+    def sampling_params(self, **kwargs: Any) -> SamplingParams:
+        params = super().sampling_params(**kwargs)
+        params.n = self.n
+        return params.validate()
 
     @field_validator("logit_bias")
     @classmethod
@@ -163,8 +168,16 @@ class CompletionRequest(_OpenAICommon):
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
-    best_of: int | None = Field(None, ge=1, le=1)
+    best_of: int | None = Field(None, ge=1, description="refused unless equal to n (no server-side ranking)")
     suffix: str | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if value is not None and value != n:
+            raise ValueError(f"best_of={value} is not supported (ask for n={value} choices instead)")
+        return value
 
     @field_validator("suffix")
     @classmethod
