@@ -30,6 +30,7 @@ from .types import (
     Request,
     RequestOutput,
     SamplingParams,
+    StructuredOutputsParams,
     TokenLogprob,
 )
 
@@ -45,5 +46,6 @@ __all__ = [
     "Request",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
     "TokenLogprob",
 ]

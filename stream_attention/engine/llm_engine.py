@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Sequence as SequenceABC
 from typing import Any
@@ -24,6 +25,7 @@ from .model_runner import ModelRunner
 from .sampler import PendingSample, Sampler
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence, SequenceGroup, SequenceStatus
+from .structured_output import GrammarCompiler
 from .tokenizer import (
     IncrementalDetokenizer,
     decode_output,
@@ -40,6 +42,7 @@ from .types import (
     Request,
     RequestOutput,
     SamplingParams,
+    StructuredOutputsParams,
 )
 
 log = logging.getLogger("stream_attention.engine")
@@ -149,6 +152,8 @@ class LLMEngine:
         # Pipelined steps (see step()): worth it where the model runs asynchronously.
         self.pipeline = bool(config.extra.get("pipeline_steps", self.device.type == "cuda"))
         self._inflight: _Flight | None = None
+        self._grammar_compiler: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
         log.info("engine ready: %s on %s in %.1f s", name, self.device, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ properties
@@ -159,6 +164,21 @@ class LLMEngine:
     @property
     def dtype(self) -> torch.dtype:
         return self.runner.dtype
+
+    # ------------------------------------------------------------------ structured output
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The structured-output compiler for this model's tokenizer (made on first use)."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                self._grammar_compiler = GrammarCompiler(self.tokenizer, self.runner.geometry.vocab_size)
+            return self._grammar_compiler
+
+    def compile_grammar(self, spec: StructuredOutputsParams) -> Any:
+        """Compile ``spec`` now (thread-safe, cached): callers run this off the step loop
+        before queueing, so that adding the request finds it compiled. ``ValueError`` if
+        the spec cannot be compiled."""
+        return self.grammar_compiler.compile(spec)
 
     # ------------------------------------------------------------------ requests
     def make_request(self, prompt: PromptLike, params: SamplingParams | None = None,
@@ -218,6 +238,8 @@ class LLMEngine:
         )
         if stream or seq.params.stop:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
+        if seq.params.structured_outputs is not None:
+            seq.grammar = self.grammar_compiler.matcher(seq.params.structured_outputs)
         return seq
 
     def add_request(self, prompt: PromptLike, params: SamplingParams | None = None, *,
@@ -357,6 +379,8 @@ class LLMEngine:
                     copies.append(copy)
                 if child.stream or params.stop:
                     child.detokenizer = IncrementalDetokenizer(self.tokenizer, child.prompt_token_ids)
+                if seq.grammar is not None:
+                    child.grammar = seq.grammar.fork()
                 child.group = group
                 group.seqs.append(child)
                 self.scheduler.running.append(child)
@@ -396,10 +420,12 @@ class LLMEngine:
                 seq.logprobs.append(lp)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            if token in seq.stop_ids or len(tokens) >= seq.token_limit or len(tokens) >= max_len:
+            grammar_done = seq.grammar is not None and self._advance_grammar(seq, token)
+            if token in seq.stop_ids or len(tokens) >= seq.token_limit or len(tokens) >= max_len or grammar_done:
                 # The last token: with text, a stop string in it takes precedence.
                 reason = self.process_token(seq, token) if seq.detokenizer is not None else (
-                    FinishReason.STOP if token in seq.stop_ids else FinishReason.LENGTH)
+                    FinishReason.STOP if token in seq.stop_ids or grammar_done else FinishReason.LENGTH)
+                reason = reason or FinishReason.STOP  # the grammar is complete (ignore_eos)
                 self._end_sequence(seq, reason, now)
                 done.append((seq, None, True))
             elif seq.detokenizer is not None:
@@ -408,6 +434,14 @@ class LLMEngine:
                 done.append((seq, None, False))
         self._counters.generation_tokens_total += appended
         return done
+
+    @staticmethod
+    def _advance_grammar(seq: Sequence, token: int) -> bool:
+        """Feed ``token`` to the sequence's matcher; True once the grammar has terminated."""
+        if not seq.grammar.accept_token(token):  # the mask forbade it: nothing valid was left
+            log.error("%s: token %d is outside the grammar; ending the sequence", seq.request_id, token)
+            return True
+        return seq.grammar.is_terminated()
 
     def _emit(self, done: list[tuple[Sequence, int | None, bool]], outputs: list[RequestOutput]) -> None:
         """The text side of a collected step: detokenize, stop strings, output snapshots."""

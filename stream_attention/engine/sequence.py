@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -96,6 +97,8 @@ class Sequence:
     choice_index: int = field(default=0, init=False)
     group: SequenceGroup | None = field(default=None, init=False, repr=False)
     final_reported: bool = field(default=False, init=False, repr=False)
+    # Structured output: the xgrammar GrammarMatcher this sequence's tokens advance (or None).
+    grammar: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -7,13 +7,58 @@ tests, offline scripts). They carry no HTTP or scheduling concerns.
 from __future__ import annotations
 
 import enum
+import json as _json
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class FinishReason(str, enum.Enum):  # noqa: UP042 - str() must stay as in 3.10-style enums for callers
     STOP = "stop"  # a stop string or stop token id (EOS included) was produced
     LENGTH = "length"  # max_tokens reached, or the context length
     ABORT = "abort"  # aborted by the caller (client disconnect, abort())
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a grammar (vLLM's name). Exactly one of:
+
+    - ``json``: a JSON schema (a dict, or its JSON text); the output is an instance of it;
+    - ``json_object``: any JSON object;
+    - ``regex``: the output matches this regular expression (whole);
+    - ``grammar``: an EBNF grammar (llama.cpp GBNF syntax) with a ``root`` rule.
+
+    Plain data, so a request carrying it can cross process boundaries; the engine compiles
+    it (once per distinct spec, see :meth:`key`).
+    """
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def key(self) -> tuple[str, str]:
+        """``(kind, canonical text)``: equal specs give equal keys (the compile cache's key)."""
+        given = [k for k, v in (("json", self.json), ("regex", self.regex), ("grammar", self.grammar),
+                                ("json_object", self.json_object or None)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs needs exactly one of json, json_object, regex, grammar; got {given}")
+        kind = given[0]
+        if kind == "json":
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = _json.loads(schema)
+                except ValueError as exc:
+                    raise ValueError(f"json schema is not valid JSON: {exc}") from exc
+            if not isinstance(schema, dict):
+                raise ValueError(f"json schema must be a JSON object, got {type(schema).__name__}")
+            return kind, _json.dumps(schema, separators=(",", ":"))
+        if kind == "json_object":
+            return kind, ""
+        text = self.regex if kind == "regex" else self.grammar
+        if not text:
+            raise ValueError(f"{kind} is empty")
+        return kind, text
 
 
 @dataclass
@@ -40,6 +85,7 @@ class SamplingParams:
     # Choices per request: the prompt is prefilled once and its KV blocks are shared by
     # the n continuations; with a seed, choice i draws like a request seeded ``seed + i``.
     n: int = 1
+    structured_outputs: StructuredOutputsParams | None = None
 
     def validate(self) -> SamplingParams:
         checks = [
@@ -57,6 +103,8 @@ class SamplingParams:
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
+        if self.structured_outputs is not None:
+            self.structured_outputs.key()
         return self
 
 

@@ -129,6 +129,15 @@ async def abort(engine: Any, request_id: str) -> None:
         await result
 
 
+def compile_grammar(engine: Any, spec: Any) -> Any:
+    """Compile a structured-output spec with the engine's compiler (blocking: call from a
+    worker thread). ``ValueError`` when it does not compile or the engine cannot constrain."""
+    fn = getattr(engine, "compile_grammar", None)
+    if not callable(fn):
+        raise ValueError("this engine does not support structured output")
+    return fn(spec)
+
+
 def is_alive(engine: Any) -> bool:
     """False once the engine's background loop has stopped (it can serve nothing more)."""
     running = getattr(engine, "is_running", None)

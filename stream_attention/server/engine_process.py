@@ -195,6 +195,7 @@ class EngineProcess(AsyncEngine):
                  start_timeout: float = 1800.0, cpus: set[int] | None = None) -> None:
         super().__init__(engine=_NoEngine())  # type: ignore[arg-type]
         self.engine = None
+        self._grammars: Any = None
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
         self._conn = parent
@@ -305,6 +306,15 @@ class EngineProcess(AsyncEngine):
                 self._progress.pop(req.request_id, None)
             raise EngineDeadError(f"engine process unreachable: {exc}") from exc
         return stream
+
+    def compile_grammar(self, spec: Any) -> Any:
+        """Check and time ``spec`` here with a compiler for the tokenizer; the engine process
+        compiles its own copy when the request arrives."""
+        if self._grammars is None:
+            from ..engine.structured_output import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.tokenizer, len(self.tokenizer))
+        return self._grammars.compile(spec)
 
     def abort(self, request_id: str) -> None:
         with contextlib.suppress(OSError, ValueError):  # the process is gone: nothing to abort

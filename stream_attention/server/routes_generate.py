@@ -13,6 +13,7 @@ from .errors import APIError, guarded_stream
 from .schemas import GenerateRequest
 from .sse import EventStreamResponse, event, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
+from .structured_output import constrain
 
 router = APIRouter(tags=["generate"])
 
@@ -66,6 +67,9 @@ async def prepare(state: ServerState, body: GenerateRequest) -> tuple[list[int],
             max_tokens=max_tokens, temperature=body.effective_temperature(), logprobs=body.logprobs
         )
     )
+    constraint = body.structured_outputs()
+    if constraint is not None:
+        await constrain(state, params, *constraint)
     return ids, params
 
 

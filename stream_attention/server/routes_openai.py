@@ -21,6 +21,7 @@ from .routes_generate import build_params, get_state, new_logprobs
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from .sse import DONE, EventStreamResponse, event, json_head, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
+from .structured_output import constrain
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -145,6 +146,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     params = build_params(
         lambda: body.sampling_params(max_tokens=max_tokens, temperature=temperature, logprobs=body.logprobs)
     )
+    spec = body.response_format.structured_outputs() if body.response_format is not None else None
+    if spec is not None:
+        await constrain(state, params, spec, "response_format")
     gen = await state.open(request, ids, params, prompt_text)
     created = int(time.time())
     cid = f"cmpl-{gen.request_id}"
@@ -216,6 +220,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     params = build_params(
         lambda: body.sampling_params(max_tokens=max_tokens, temperature=temperature, logprobs=body.logprobs_n())
     )
+    spec = body.response_format.structured_outputs() if body.response_format is not None else None
+    if spec is not None:
+        await constrain(state, params, spec, "response_format")
     gen = await state.open(request, ids, params, prompt)
     created = int(time.time())
     cid = f"chatcmpl-{gen.request_id}"

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ..engine.types import SamplingParams
+from ..engine.types import SamplingParams, StructuredOutputsParams
 
 
 class Strict(BaseModel):
@@ -98,6 +98,27 @@ class GenerateRequest(_Sampling):
     details: bool = Field(True, description="include per-token ids/logprobs in the response")
     return_full_text: bool = Field(False, description="prepend the prompt to generated_text")
     add_special_tokens: bool = Field(True, description="let the tokenizer add BOS etc. to a text prompt")
+    # Structured output (at most one): the generated text is constrained to match it.
+    json_schema: dict[str, Any] | None = Field(None, description="a JSON schema the output is an instance of")
+    regex: str | None = Field(None, min_length=1, description="a regular expression the whole output matches")
+    grammar: str | None = Field(None, min_length=1, description="an EBNF grammar (GBNF syntax, a root rule)")
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> GenerateRequest:
+        given = [k for k in ("json_schema", "regex", "grammar") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of json_schema, regex and grammar (got {', '.join(given)})")
+        return self
+
+    def structured_outputs(self) -> tuple[StructuredOutputsParams, str] | None:
+        """The constraint and the field that named it, or None."""
+        if self.json_schema is not None:
+            return StructuredOutputsParams(json=self.json_schema), "json_schema"
+        if self.regex is not None:
+            return StructuredOutputsParams(regex=self.regex), "regex"
+        if self.grammar is not None:
+            return StructuredOutputsParams(grammar=self.grammar), "grammar"
+        return None
 
     @model_validator(mode="before")
     @classmethod
@@ -170,6 +191,7 @@ class CompletionRequest(_OpenAICommon):
     logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1, description="refused unless equal to n (no server-side ranking)")
     suffix: str | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("best_of")
     @classmethod
@@ -230,9 +252,33 @@ class ChatMessage(BaseModel):
         return "".join(out)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["text"]
+class JsonSchemaFormat(Strict):
+    """OpenAI's ``response_format.json_schema``: the output is an instance of ``schema``."""
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("type json_schema needs json_schema.schema")
+        return self
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.type == "json_schema":
+            return StructuredOutputsParams(json=self.json_schema.schema_)
+        return None
 
 
 class ChatCompletionRequest(_OpenAICommon):
