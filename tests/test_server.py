@@ -520,7 +520,7 @@ MALFORMED: list[tuple[str, str, Any, int, str | None]] = [
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
         400,
-        "tools",
+        "tools.0.function",
     ),
     (
         "POST",

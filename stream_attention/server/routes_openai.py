@@ -22,6 +22,7 @@ from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from .sse import DONE, EventStreamResponse, event, json_head, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
 from .structured_output import constrain
+from .tool_calls import ToolPlan, call_id, content_prefix
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -94,9 +95,13 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Chat messages as the tokenizer's chat template takes them."""
     out = []
     for m in messages:
-        msg = {"role": m.role, "content": m.text()}
+        msg: dict[str, Any] = {"role": m.role, "content": m.text()}
         if m.name:
             msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = m.tool_calls
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
     return out
 
@@ -210,7 +215,11 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = get_state(request)
     check_model(state, body.model)
-    prompt = state.chat_prompt(template_messages(body.messages), add_generation_prompt=body.add_generation_prompt)
+    plan = ToolPlan.of(body)
+    prompt = state.chat_prompt(
+        template_messages(body.messages), add_generation_prompt=body.add_generation_prompt,
+        tools=plan.template_tools() if plan.mode != "none" else None,
+    )
     # The template already spells out BOS and friends; letting the tokenizer add them
     # again would double them.
     ids = await state.encode(prompt, add_special_tokens=False)
@@ -221,14 +230,38 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         lambda: body.sampling_params(max_tokens=max_tokens, temperature=temperature, logprobs=body.logprobs_n())
     )
     spec = body.response_format.structured_outputs() if body.response_format is not None else None
+    if spec is not None and plan.constrained:
+        raise APIError(400, "response_format cannot be combined with tool_choice required or a named function",
+                       param="response_format", code="invalid_value")
     if spec is not None:
         await constrain(state, params, spec, "response_format")
+    if plan.constrained:
+        await constrain(state, params, plan.structured_outputs(), "tools")
     gen = await state.open(request, ids, params, prompt)
     created = int(time.time())
     cid = f"chatcmpl-{gen.request_id}"
 
     def base() -> dict[str, Any]:
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
+
+    if plan.mode != "none":
+        if not body.stream:
+            outs = await _run(request, gen)
+            choices = []
+            for out in outs:
+                content, calls = plan.parse(out.text)
+                message: dict[str, Any] = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = calls
+                choices.append({
+                    "index": out.index,
+                    "message": message,
+                    "logprobs": chat_logprobs(state, new_logprobs(out, 0)) if params.logprobs is not None else None,
+                    "finish_reason": _tool_finish_reason(out, calls),
+                })
+            return JSONResponse({**base(), "object": "chat.completion", "choices": choices, "usage": usage_of(outs)})
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStreamResponse(guarded_stream(gen, _tool_chunks(gen, base, plan, params.n, include_usage)))
 
     if not body.stream:
         outs = await _run(request, gen)
@@ -277,6 +310,93 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 
     chunks = guarded_stream(gen, _openai_chunks(gen, base, openings, chat_choice, include_usage, continuous, fast))
     return EventStreamResponse(chunks)
+
+
+def _tool_finish_reason(out: RequestOutput, calls: list[dict[str, Any]]) -> str | None:
+    reason = _finish_reason(out)
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+async def _tool_chunks(
+    gen: Any, base: Callable[[], dict[str, Any]], plan: ToolPlan, n: int, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """The chat stream of a request with tools, chunked as OpenAI sends tool calls: per
+    call a first delta with its ``id``, ``type`` and ``function.name`` (``arguments: ""``),
+    then deltas with fragments of ``function.arguments``.
+
+    A named function's arguments stream as they are generated. ``required`` output is a
+    JSON array that becomes calls when complete; ``auto`` text streams as content while it
+    cannot be (the start of) a tool call, and what was held back is parsed at the end."""
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        body = {**base(), "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if include_usage:
+            body["usage"] = None
+        return event(body)
+
+    def call_deltas(index: int, calls: list[dict[str, Any]]) -> list[bytes]:
+        parts = []
+        for k, call in enumerate(calls):
+            fn = call["function"]
+            head = {"index": k, "id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": ""}}
+            parts.append(chunk(index, {"tool_calls": [head]}))
+            parts.append(chunk(index, {"tool_calls": [{"index": k, "function": {"arguments": fn["arguments"]}}]}))
+        return parts
+
+    texts = [""] * n
+    sent = [0] * n  # characters of each choice's text already sent (as content or arguments)
+    lasts: dict[int, RequestOutput] = {}
+    named_ids = [call_id() for _ in range(n)]
+    opening = [chunk(i, {"role": "assistant", "content": None if plan.constrained else ""}) for i in range(n)]
+    if plan.mode == "named":
+        opening += [chunk(i, {"tool_calls": [{"index": 0, "id": named_ids[i], "type": "function",
+                                               "function": {"name": plan.name, "arguments": ""}}]})
+                    for i in range(n)]
+    parts: list[bytes] = opening
+    finished = False
+    async for outs in gen.batches():
+        for out in outs:
+            i = out.index
+            lasts[i] = out
+            texts[i] += out.delta_text
+            text = texts[i]
+            if plan.mode == "named":
+                if len(text) > sent[i]:
+                    args = {"tool_calls": [{"index": 0, "function": {"arguments": text[sent[i]:]}}]}
+                    parts.append(chunk(i, args))
+                    sent[i] = len(text)
+            elif plan.mode == "auto":
+                safe = content_prefix(text)
+                if safe > sent[i]:
+                    parts.append(chunk(i, {"content": text[sent[i]:safe]}))
+                    sent[i] = safe
+            if out.finish_reason is None:
+                continue
+            # The choice is done: what was held back becomes calls or content.
+            content, calls = plan.parse(text)
+            if plan.mode == "named":
+                calls = [{**calls[0], "id": named_ids[i]}] if calls else []
+            elif calls:
+                parts += call_deltas(i, calls)
+                rest = (content or "")[sent[i]:] if plan.mode == "auto" else ""
+                if rest.strip():
+                    parts.append(chunk(i, {"content": rest}))
+            elif len(text) > sent[i]:
+                parts.append(chunk(i, {"content": text[sent[i]:]}))
+            parts.append(chunk(i, {}, _tool_finish_reason(out, calls)))
+            finished = finished or out.finished
+        if finished:
+            if include_usage:
+                parts.append(event({**base(), "choices": [], "usage": usage_of(lasts.values())}))
+            parts.append(DONE)
+        if parts:
+            yield b"".join(parts)
+            parts = []
+        if finished:
+            return
+    if include_usage and lasts:
+        yield event({**base(), "choices": [], "usage": usage_of(lasts.values())})
+    yield DONE
 
 
 @router.get("/models")

@@ -238,6 +238,9 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # An assistant turn that called tools, and a tool's answer: passed to the chat template.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -281,6 +284,31 @@ class ResponseFormat(Strict):
         return None
 
 
+class FunctionDefinition(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    """``{"type": "function", "function": {"name", "description", "parameters"}}``."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class _FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    """``{"type": "function", "function": {"name": ...}}``: call exactly this function."""
+
+    type: Literal["function"]
+    function: _FunctionName
+
+
 class ChatCompletionRequest(_OpenAICommon):
     """``POST /v1/chat/completions``; the prompt is the tokenizer's chat template."""
 
@@ -290,23 +318,27 @@ class ChatCompletionRequest(_OpenAICommon):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
 
     @field_validator("tools")
     @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if value:
-            raise ValueError("tool calling is not supported")
+    def _unique_tool_names(cls, value: list[Tool] | None) -> list[Tool] | None:
+        names = [t.function.name for t in value or []]
+        if len(set(names)) != len(names):
+            raise ValueError("function names must be unique")
         return value
 
     @field_validator("tool_choice")
     @classmethod
-    def _no_tool_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if value not in (None, "none", "auto"):
-            raise ValueError("tool calling is not supported")
+    def _tool_choice_names_a_tool(cls, value: Any, info: ValidationInfo) -> Any:
+        names = [t.function.name for t in info.data.get("tools") or []]
+        if value == "required" and not names:
+            raise ValueError("'required' needs tools")
+        if isinstance(value, NamedToolChoice) and value.function.name not in names:
+            raise ValueError(f"names function {value.function.name!r}, which is not in tools")
         return value
 
     @field_validator("messages")

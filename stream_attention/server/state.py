@@ -101,12 +101,16 @@ class ServerState:
 
         return await asyncio.to_thread(run) if len(text) > _INLINE_TOKENIZE_CHARS else run()
 
-    def chat_prompt(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The chat template's text for ``messages`` (and ``tools``, for templates that render them)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as exc:  # the template itself rejects the conversation (roles, order)
             raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from exc
