@@ -64,6 +64,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192  # per-step token budget: decode tokens + prefill chunks
     max_waiting: int = 1024  # bound of the waiting queue; beyond it add_request raises QueueFullError
+    # fcfs: arrival order; priority: by (Request.priority, arrival), lowest priority preempted first
+    scheduling_policy: str = "fcfs"
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     attention_backend: str = "auto"  # auto | triton | sdpa (torch over gathered pages)
@@ -90,6 +92,7 @@ class EngineConfig:
             ("max_num_seqs", self.max_num_seqs >= 1),
             ("max_num_batched_tokens", self.max_num_batched_tokens >= 1),
             ("max_waiting", self.max_waiting >= 0),
+            ("scheduling_policy", self.scheduling_policy in ("fcfs", "priority")),
             ("attention_backend", self.attention_backend in ("auto", "triton", "sdpa")),
             ("max_model_len", self.max_model_len is None or self.max_model_len >= 1),
             ("cuda_graph_max_batch", self.cuda_graph_max_batch >= 1),

@@ -142,6 +142,7 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_waiting=config.max_waiting,
             enable_chunked_prefill=config.enable_chunked_prefill,
+            policy=config.scheduling_policy,
         )
         self.sampler = Sampler(self.device, config.seed)
         self.eos_token_ids = eos_token_ids(tok, hf_model)
@@ -235,6 +236,7 @@ class LLMEngine:
             stream=stream,
             eos_token_ids=self.eos_token_ids,
             max_model_len=self.max_model_len,
+            priority=req.priority,
         )
         if stream or seq.params.stop:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)

@@ -9,6 +9,11 @@ Each step the scheduler fills a token budget (``max_num_batched_tokens``) in thi
 2. waiting sequences, oldest first, while budget, sequence slots and blocks last
    (prefix-cache hits are claimed first, so only the uncached part costs budget).
 
+With ``policy="priority"`` (vLLM's ``--scheduling-policy priority``) "oldest" reads "first by
+``(priority, arrival)``": the waiting queue is kept in that order (lower priority values first),
+running sequences are visited in it, and preemption victims are taken from its end, i.e. the
+lowest priority (highest value), newest first.
+
 Progress is guaranteed: requests whose prompt plus ``max_tokens`` cannot fit the whole
 pool are refused at admission, so the oldest running sequence can always get every
 block it needs by preempting the others. Nothing is admitted in a step that preempted.
@@ -65,7 +70,11 @@ class Scheduler:
         max_waiting: int,
         enable_chunked_prefill: bool = True,
         admission_reserve_blocks: int | None = None,
+        policy: str = "fcfs",
     ) -> None:
+        if policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy={policy!r}: expected fcfs or priority")
+        self.policy = policy
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -86,7 +95,23 @@ class Scheduler:
         if len(self.waiting) >= self.max_waiting:
             raise QueueFullError(f"waiting queue is full ({self.max_waiting} requests)")
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        if self.policy == "priority":
+            self._insert_waiting(seq)
+        else:
+            self.waiting.append(seq)
+
+    @staticmethod
+    def _rank(seq: Sequence) -> tuple[int, float]:
+        return seq.priority, seq.arrival_time
+
+    def _insert_waiting(self, seq: Sequence) -> None:
+        """Put ``seq`` in the waiting queue after everything that ranks before or with it."""
+        rank = self._rank(seq)
+        waiting = self.waiting
+        i = len(waiting)
+        while i and self._rank(waiting[i - 1]) > rank:  # arrivals mostly rank last: a short walk
+            i -= 1
+        waiting.insert(i, seq)
 
     def abort(self, seq: Sequence) -> bool:
         """Drop ``seq`` wherever it is and free its blocks. False if it was not queued."""
@@ -119,7 +144,10 @@ class Scheduler:
         self.bm.free(seq)
         seq.reset_for_recompute()
         seq.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        if self.policy == "priority":
+            self._insert_waiting(seq)
+        else:
+            self.waiting.appendleft(seq)
         self.num_preemptions += 1
         out.preempted.append(seq)
 
@@ -136,6 +164,8 @@ class Scheduler:
         chunked = self.enable_chunked_prefill
         running = self.running
         scheduled = out.scheduled
+        if self.policy == "priority":
+            running.sort(key=self._rank)  # nearly sorted already: linear for timsort
 
         # Running sequences: a decode step is one token each, and a new block only when
         # the table is full, so the common case is a few attribute reads per sequence.

@@ -62,6 +62,7 @@ class Sequence:
     stream: bool = True  # streaming callers need text per step; batch callers only at the end
     eos_token_ids: frozenset[int] = frozenset()
     max_model_len: int | None = None
+    priority: int = 0  # lower = earlier, under the scheduler's priority policy
 
     token_ids: list[int] = field(init=False)
     status: SequenceStatus = field(default=SequenceStatus.WAITING, init=False)
@@ -117,7 +118,7 @@ class Sequence:
         child = Sequence(
             request_id=self.request_id, prompt_token_ids=self.prompt_token_ids, params=params,
             arrival_time=self.arrival_time, prompt=self.prompt, stream=self.stream,
-            eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
+            eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len, priority=self.priority,
         )
         child.token_ids = list(self.token_ids)
         child.choice_index = index

@@ -117,6 +117,8 @@ class Request:
     params: SamplingParams
     prompt: str | None = None
     arrival_time: float = 0.0
+    # Scheduling priority under ``scheduling_policy="priority"``: lower runs earlier (vLLM's convention).
+    priority: int = 0
 
 
 @dataclass

@@ -38,6 +38,7 @@ def engine_config(settings: ServerSettings) -> Any:
         "max_num_seqs": settings.max_num_seqs,
         "max_num_batched_tokens": settings.max_num_batched_tokens,
         "max_waiting": settings.max_queue,
+        "scheduling_policy": settings.scheduling_policy,
         "enable_prefix_caching": settings.enable_prefix_caching,
         "attention_backend": settings.attention_backend,
         "use_cuda_graphs": settings.use_cuda_graphs,

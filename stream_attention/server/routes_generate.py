@@ -117,7 +117,7 @@ async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
     """Generate to completion; text, token ids, finish reason, usage and timings."""
     state = get_state(request)
     ids, params = await prepare(state, body)
-    gen = await state.open(request, ids, params, body.prompt)
+    gen = await state.open(request, ids, params, body.prompt, priority=body.priority)
     try:
         out = await watch_disconnect(request, gen.collect())
     finally:
@@ -140,7 +140,7 @@ async def generate_stream(body: GenerateRequest, request: Request) -> EventStrea
     """
     state = get_state(request)
     ids, params = await prepare(state, body)
-    gen = await state.open(request, ids, params, body.prompt)
+    gen = await state.open(request, ids, params, body.prompt, priority=body.priority)
     special = set(getattr(state.tokenizer, "all_special_ids", []) or [])
 
     async def events() -> AsyncIterator[bytes]:

@@ -154,7 +154,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     spec = body.response_format.structured_outputs() if body.response_format is not None else None
     if spec is not None:
         await constrain(state, params, spec, "response_format")
-    gen = await state.open(request, ids, params, prompt_text)
+    gen = await state.open(request, ids, params, prompt_text, priority=body.priority)
     created = int(time.time())
     cid = f"cmpl-{gen.request_id}"
     echo = (prompt_text if prompt_text is not None else state.tokenizer.decode(ids)) if body.echo else ""
@@ -237,7 +237,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         await constrain(state, params, spec, "response_format")
     if plan.constrained:
         await constrain(state, params, plan.structured_outputs(), "tools")
-    gen = await state.open(request, ids, params, prompt)
+    gen = await state.open(request, ids, params, prompt, priority=body.priority)
     created = int(time.time())
     cid = f"chatcmpl-{gen.request_id}"
 

@@ -98,6 +98,7 @@ class GenerateRequest(_Sampling):
     details: bool = Field(True, description="include per-token ids/logprobs in the response")
     return_full_text: bool = Field(False, description="prepend the prompt to generated_text")
     add_special_tokens: bool = Field(True, description="let the tokenizer add BOS etc. to a text prompt")
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="lower runs earlier (--scheduling-policy priority)")
     # Structured output (at most one): the generated text is constrained to match it.
     json_schema: dict[str, Any] | None = Field(None, description="a JSON schema the output is an instance of")
     regex: str | None = Field(None, min_length=1, description="a regular expression the whole output matches")
@@ -168,6 +169,7 @@ class _OpenAICommon(_Sampling):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="lower runs earlier (--scheduling-policy priority)")
 
     def sampling_params(self, **kwargs: Any) -> SamplingParams:
         params = super().sampling_params(**kwargs)

@@ -89,6 +89,9 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16, description="context length (default: the model's)")
     max_num_seqs: int = Field(256, ge=1, le=4096, description="sequences decoded together")
     max_num_batched_tokens: int = Field(8192, ge=1, description="tokens per engine step (decode + prefill chunks)")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs", description="fcfs: arrival order; priority: by the requests' priority (lower first), then arrival"
+    )
     max_queue: int = Field(256, ge=0, le=1_000_000, description="requests waiting beyond the running ones; 429 past it")
     max_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")

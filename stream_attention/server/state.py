@@ -168,7 +168,8 @@ class ServerState:
         return rid or suffix
 
     async def open(
-        self, http_request: HTTPRequest, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
+        self, http_request: HTTPRequest, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
+        *, priority: int = 0,
     ) -> GenerationStream:
         """Submit a request and wait, watching for disconnect, until the engine has answered.
 
@@ -176,12 +177,16 @@ class ServerState:
         full, prompt too long) still get their own HTTP status on streaming routes.
         """
         engine = self.require_engine()
+        if priority and self.settings.scheduling_policy != "priority":
+            raise APIError(400, "priority needs the server's --scheduling-policy priority", param="priority",
+                           code="invalid_value")
         request = Request(
             request_id=self.new_engine_id(http_request),
             prompt_token_ids=prompt_ids,
             params=params,
             prompt=prompt,
             arrival_time=time.time(),
+            priority=priority,
         )
         gen = GenerationStream(self, engine, request)
         try:
