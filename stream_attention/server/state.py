@@ -109,8 +109,9 @@ class ServerState:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
         try:
+            extra = {"tools": tools} if tools else {}
             return self.tokenizer.apply_chat_template(
-                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
             )
         except Exception as exc:  # the template itself rejects the conversation (roles, order)
             raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from exc
