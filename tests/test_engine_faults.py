@@ -229,3 +229,31 @@ def test_killed_engine_process_gives_503_then_ready_again_without_leaks(tmp_path
     finally:
         srv.stop()
         asyncio.run(client.shutdown(drain=False, timeout=0))
+
+
+@pytest.mark.slow
+def test_parallel_choices_cross_the_process_pipe(tmp_path: Path) -> None:
+    """n > 1 through the engine process (the default on CUDA): each choice's tokens and text
+    arrive under its own index and add up to that choice's totals; greedy choices agree."""
+    from stream_attention.engine.process_engine import EngineProcess
+
+    engine = EngineProcess(_config(tmp_path))
+
+    async def main() -> dict[int, Any]:
+        await engine.start()
+        got: dict[int, list[Any]] = {}
+        last: dict[int, Any] = {}
+        async for out in engine.stream("def f(x):", SamplingParams(n=3, max_tokens=6, ignore_eos=True)):
+            got.setdefault(out.index, []).append(out)
+            last[out.index] = out
+        await engine.shutdown()
+        return {i: (outs, last[i]) for i, outs in got.items()}
+
+    per_choice = asyncio.run(main())
+    assert sorted(per_choice) == [0, 1, 2]
+    for outs, final in per_choice.values():
+        assert [t for o in outs for t in o.delta_token_ids] == list(final.token_ids)
+        assert "".join(o.delta_text for o in outs) == final.text
+        assert len(final.token_ids) == 6 and final.finish_reason is not None
+    texts = {final.text for _, final in per_choice.values()}
+    assert len(texts) == 1  # greedy: every choice is the same continuation

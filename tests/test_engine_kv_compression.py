@@ -187,9 +187,9 @@ def test_server_flags_build_an_engine_that_generates(flags: list[str]) -> None:
 
     out = asyncio.run(run())
     assert len(out.token_ids) == 8 and out.finished
-    cfg = engine.engine.config
+    cfg = engine.client.engine.config
     if "int8" in flags:
-        assert engine.engine.kv_mgr.quantized and cfg.kv_cache_dtype == "int8"
+        assert engine.client.engine.kv_mgr.quantized and cfg.kv_cache_dtype == "int8"
     else:
         assert cfg.kv_compression == "streaming" and cfg.kv_budget_tokens == 256
 

@@ -525,7 +525,8 @@ MALFORMED: list[tuple[str, str, Any, int, str | None]] = [
     ("POST", "/generate", {"inputs": "x", "parameters": {"max_new_tokens": 2, "bogus": 1}}, 400, "bogus"),
     ("POST", "/generate_stream", {"prompt": "x", "temperature": 1000}, 400, "temperature"),
     ("POST", "/generate_stream", {"prompt_token_ids": LONG_IDS}, 400, "prompt"),
-    ("POST", "/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+    ("POST", "/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("POST", "/v1/completions", {"prompt": "x", "n": 2, "best_of": 3}, 400, "best_of"),
     ("POST", "/v1/completions", {"prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
     ("POST", "/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
     ("POST", "/v1/completions", {"prompt": "x", "foo": 1}, 400, "foo"),
@@ -546,7 +547,7 @@ MALFORMED: list[tuple[str, str, Any, int, str | None]] = [
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
         400,
-        "tools",
+        "tools.0.function",
     ),
     (
         "POST",

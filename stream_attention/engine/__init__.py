@@ -31,6 +31,7 @@ from .types import (
     Request,
     RequestOutput,
     SamplingParams,
+    StructuredOutputsParams,
     TokenLogprob,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "StepFailedError",
+    "StructuredOutputsParams",
     "TokenLogprob",
     "build_engine_client",
 ]

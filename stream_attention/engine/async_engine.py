@@ -339,6 +339,11 @@ class AsyncEngine(StreamFrontend):
         self._wake.set()
         return stream
 
+    def compile_grammar(self, spec: Any) -> Any:
+        """Compile a :class:`~.types.StructuredOutputsParams` (blocking, thread-safe, cached):
+        call it from a worker thread before submitting, so the engine's loop never compiles."""
+        return self.engine.compile_grammar(spec)
+
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread; a no-op if it already finished."""
         with self._lock:

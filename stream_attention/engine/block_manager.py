@@ -171,6 +171,32 @@ class BlockManager:
                 # An identical block computed concurrently may already be registered; keep it.
                 self._hash_to_block.setdefault(h, block.block_id)
 
+    def fork(self, parent: Sequence, child: Sequence, num_computed: int) -> tuple[int, int] | None:
+        """Give ``child`` the KV of ``parent``'s first ``num_computed`` tokens (parallel sampling).
+
+        Full blocks are shared (one more reference each; they are never written again).
+        The partial last block, which both will keep appending to, is copied into a fresh
+        block: the returned ``(source, destination)`` pair is for the caller to copy on the
+        device. When no block is free the child keeps only the full blocks and recomputes
+        the few tokens of the partial one on its next step (returns None).
+        """
+        bs = self.block_size
+        full = num_computed // bs
+        shared = parent.block_table[:full]
+        for bid in shared:
+            self.blocks[bid].ref_count += 1
+        child.block_table = list(shared)
+        child.block_hashes = list(parent.block_hashes[:full])
+        copy = None
+        if num_computed % bs and self._free:
+            dst = self._pop_free()
+            child.block_table.append(dst)
+            copy = (parent.block_table[full], dst)
+            child.num_computed_tokens = num_computed
+        else:
+            child.num_computed_tokens = full * bs
+        return copy
+
     def free(self, seq: Sequence) -> None:
         """Release all of ``seq``'s blocks. Safe to call twice."""
         # Tail blocks go to the free list first so that they are reused first: a shared

@@ -63,6 +63,11 @@ class EngineClient(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
+    def compile_grammar(self, spec: Any) -> Any:
+        """Compile a structured-output spec (blocking, cached; call it off the event loop
+        before submitting): raises ``ValueError`` when it does not compile."""
+        ...
+
     def stats(self) -> EngineStats: ...
 
     def memory_report(self) -> dict[str, Any] | None:

@@ -113,6 +113,10 @@ class EngineConfig:
         256, "requests waiting beyond the running ones; past it add_request raises QueueFullError (HTTP 429)",
         ge=0, le=1_000_000,
     )
+    scheduling_policy: str = setting(
+        "fcfs", "fcfs: arrival order; priority: by (request priority, arrival), lowest priority preempted first",
+        choices=("fcfs", "priority"),
+    )
     enable_prefix_caching: bool = setting(True, "reuse KV blocks of shared prompt prefixes")
     enable_chunked_prefill: bool = setting(True, "split long prompts over several steps")
     prefill_wait_steps: int | None = setting(

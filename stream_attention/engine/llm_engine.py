@@ -9,9 +9,11 @@ snapshots with token and text deltas. It is single-threaded by design; the
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
@@ -23,7 +25,8 @@ from .config import EngineConfig, parse_dtype
 from .model_runner import ModelRunner
 from .sampler import PendingSample, Sampler
 from .scheduler import ScheduledSeq, Scheduler
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence, SequenceGroup, SequenceStatus
+from .structured_output import GrammarCompiler
 from .tokenizer import (
     IncrementalDetokenizer,
     decode_output,
@@ -40,6 +43,7 @@ from .types import (
     Request,
     RequestOutput,
     SamplingParams,
+    StructuredOutputsParams,
 )
 
 log = logging.getLogger("stream_attention.engine")
@@ -139,6 +143,8 @@ class LLMEngine:
         # Pipelined steps (see step()): worth it where the model runs asynchronously.
         self.pipeline = config.pipeline_steps if config.pipeline_steps is not None else self.device.type == "cuda"
         self._inflight: _Flight | None = None
+        self._grammar_compiler: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
         log.info("engine ready: %s on %s in %.1f s", name, self.device, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ properties
@@ -149,6 +155,21 @@ class LLMEngine:
     @property
     def dtype(self) -> torch.dtype:
         return self.runner.dtype
+
+    # ------------------------------------------------------------------ structured output
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The structured-output compiler for this model's tokenizer (made on first use)."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                self._grammar_compiler = GrammarCompiler(self.tokenizer, self.runner.geometry.vocab_size)
+            return self._grammar_compiler
+
+    def compile_grammar(self, spec: StructuredOutputsParams) -> Any:
+        """Compile ``spec`` now (thread-safe, cached): callers run this off the step loop
+        before queueing, so that adding the request finds it compiled. ``ValueError`` if
+        the spec cannot be compiled."""
+        return self.grammar_compiler.compile(spec)
 
     # ------------------------------------------------------------------ requests
     def make_request(self, prompt: PromptLike, params: SamplingParams | None = None,
@@ -188,6 +209,11 @@ class LLMEngine:
             raise PromptTooLongError(f"prompt + max_tokens = {total} tokens exceeds the KV cache ({capacity} tokens)")
         if not self.config.enable_chunked_prefill and total > self.config.max_num_batched_tokens:
             raise PromptTooLongError(f"{total} tokens exceed max_num_batched_tokens without chunked prefill")
+        if req.params.n > 1:
+            if req.params.n > self.config.max_num_seqs:
+                raise ValueError(f"n={req.params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+            if self.kv_mgr.policy is not None:
+                raise ValueError(f"n={req.params.n}: parallel sampling is not supported with KV eviction")
 
     def _new_sequence(self, req: Request, stream: bool) -> Sequence:
         """The engine's record of a validated request (detokenized per step when streamed)."""
@@ -200,9 +226,12 @@ class LLMEngine:
             stream=stream,
             eos_token_ids=self.eos_token_ids,
             max_model_len=self.max_model_len,
+            priority=req.priority,
         )
         if stream or seq.params.stop:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
+        if seq.params.structured_outputs is not None:
+            seq.grammar = self.grammar_compiler.matcher(seq.params.structured_outputs)
         return seq
 
     def add_request(self, prompt: PromptLike, params: SamplingParams | None = None, *,
@@ -232,11 +261,16 @@ class LLMEngine:
         """Stop a request wherever it is; its blocks are freed now and a final output with
         ``finish_reason=ABORT`` comes out of the next :meth:`step`. False if unknown."""
         seq = self._seqs.get(request_id)
-        if seq is None or not self.scheduler.abort(seq):
+        if seq is None:
             return False
-        seq.finish_time = time.time()
-        self.finish_text(seq)
-        self._pending.append(self.make_output(seq))
+        aborted = [s for s in (seq.group.seqs if seq.group is not None else [seq]) if self.scheduler.abort(s)]
+        if not aborted:
+            return False
+        now = time.time()
+        for s in aborted:
+            s.finish_time = now
+            self.finish_text(s)
+            self._pending.append(self.make_output(s))
         del self._seqs[request_id]
         self._counters.requests_finished_total += 1
         return True
@@ -316,16 +350,62 @@ class LLMEngine:
             return None
         scheduled = sched.scheduled
         sampling: list[Sequence] = []
+        forks: list[ScheduledSeq] = []
         for s in scheduled:
             seq = s.seq
             if s.samples:
                 sampling.append(seq)
+                if seq.params.n > 1 and seq.group is None:
+                    forks.append(s)
             if not seq.prompt_counted:
                 seq.prompt_counted = True
                 counters.prompt_tokens_total += len(seq.prompt_token_ids)
+            prompt_left = len(seq.prompt_token_ids) - seq.num_computed_tokens
+            if prompt_left > 0:
+                counters.prefill_tokens_total += min(prompt_left, s.num_new_tokens)
         logits, collector = self.runner.execute(scheduled)
+        if forks:
+            logits, sampling = self._fork(forks, logits, sampling)
         pending = self.sampler.launch(logits, sampling) if sampling else None
         return _Flight(scheduled, sampling, pending, collector)
+
+    def _fork(self, forks: list[ScheduledSeq], logits: torch.Tensor, sampling: list[Sequence]
+              ) -> tuple[torch.Tensor, list[Sequence]]:
+        """Split each request in ``forks`` (prompt just prefilled, ``params.n > 1``) into its
+        choices: the children share the prompt's full KV blocks, get a copy of the partial
+        last one, and sample their first token from the parent's logits row."""
+        fork_at = {id(s.seq): s for s in forks}
+        rows: list[int] = []
+        out: list[Sequence] = []
+        copies: list[tuple[int, int]] = []
+        for row, seq in enumerate(sampling):
+            rows.append(row)
+            out.append(seq)
+            s = fork_at.get(id(seq))
+            if s is None:
+                continue
+            computed = seq.num_computed_tokens + s.num_new_tokens  # what the step leaves computed
+            seeds = seq.params.seed
+            group = seq.group = SequenceGroup([seq])
+            for i in range(1, seq.params.n):
+                params = seq.params if seeds is None else dataclasses.replace(seq.params, seed=seeds + i)
+                child = seq.fork(i, params)
+                copy = self.block_manager.fork(seq, child, computed)
+                if copy is not None:
+                    copies.append(copy)
+                if child.stream or params.stop:
+                    child.detokenizer = IncrementalDetokenizer(self.tokenizer, child.prompt_token_ids)
+                if seq.grammar is not None:
+                    child.grammar = seq.grammar.fork()
+                child.group = group
+                group.seqs.append(child)
+                self.scheduler.running.append(child)
+                rows.append(row)
+                out.append(child)
+            group.unreported = len(group.seqs)
+        self.runner.copy_blocks(copies)
+        index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+        return logits.index_select(0, index), out
 
     def _collect(self, flight: _Flight) -> list[tuple[Sequence, int | None, bool]]:
         """Wait for a step's tokens, append them and end the sequences that stop on a token
@@ -350,10 +430,12 @@ class LLMEngine:
                 seq.logprobs.append(lp)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            if token in seq.stop_ids or len(tokens) >= seq.token_limit or len(tokens) >= max_len:
+            grammar_done = seq.grammar is not None and self._advance_grammar(seq, token)
+            if token in seq.stop_ids or len(tokens) >= seq.token_limit or len(tokens) >= max_len or grammar_done:
                 # The last token: with text, a stop string in it takes precedence.
                 reason = self.process_token(seq, token) if seq.detokenizer is not None else (
-                    FinishReason.STOP if token in seq.stop_ids else FinishReason.LENGTH)
+                    FinishReason.STOP if token in seq.stop_ids or grammar_done else FinishReason.LENGTH)
+                reason = reason or FinishReason.STOP  # the grammar is complete (ignore_eos)
                 self._end_sequence(seq, reason, now)
                 done.append((seq, None, True))
             elif seq.detokenizer is not None:
@@ -362,6 +444,14 @@ class LLMEngine:
                 done.append((seq, None, False))
         self._counters.generation_tokens_total += appended
         return done
+
+    @staticmethod
+    def _advance_grammar(seq: Sequence, token: int) -> bool:
+        """Feed ``token`` to the sequence's matcher; True once the grammar has terminated."""
+        if not seq.grammar.accept_token(token):  # the mask forbade it: nothing valid was left
+            log.error("%s: token %d is outside the grammar; ending the sequence", seq.request_id, token)
+            return True
+        return seq.grammar.is_terminated()
 
     def _emit(self, done: list[tuple[Sequence, int | None, bool]], outputs: list[RequestOutput]) -> None:
         """The text side of a collected step: detokenize, stop strings, output snapshots."""
@@ -380,8 +470,9 @@ class LLMEngine:
         """Retire ``seq`` from scheduling (its blocks are freed now); its text is finished later."""
         seq.finish_time = now
         self.scheduler.finish(seq, reason)
-        self._seqs.pop(seq.request_id, None)
-        self._counters.requests_finished_total += 1
+        if seq.group is None or seq.group.all_finished():
+            self._seqs.pop(seq.request_id, None)
+            self._counters.requests_finished_total += 1
 
     # Per-token output processing, public for engines whose sequences live outside the
     # scheduler (engine/distributed.py): apply a sampled token, finalize text, snapshot.
@@ -428,10 +519,16 @@ class LLMEngine:
 
     def make_output(self, seq: Sequence) -> RequestOutput:
         """A :class:`RequestOutput` snapshot of ``seq`` with the deltas since the last one."""
-        finished = seq.status is SequenceStatus.FINISHED
+        done = finished = seq.status is SequenceStatus.FINISHED
+        group = seq.group
+        if done and group is not None:  # the request ends with the last choice's last output
+            if not seq.final_reported:
+                seq.final_reported = True
+                group.unreported -= 1
+            finished = group.unreported == 0
         text = seq.text
         stops = seq.params.stop
-        if stops and not finished:
+        if stops and not done:
             held = stop_holdback(text, stops)
             if held:
                 text = text[:len(text) - held]
@@ -443,7 +540,7 @@ class LLMEngine:
         seq.emitted_text_len = len(text)
         lps = seq.logprobs
         ttft = seq.first_token_time - seq.arrival_time if seq.first_token_time is not None else None
-        latency = seq.finish_time - seq.arrival_time if finished and seq.finish_time is not None else None
+        latency = seq.finish_time - seq.arrival_time if done and seq.finish_time is not None else None
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
@@ -454,10 +551,11 @@ class LLMEngine:
             delta_token_ids=delta_ids,
             delta_text=delta_text,
             finished=finished,
-            finish_reason=seq.finish_reason if finished else None,
+            finish_reason=seq.finish_reason if done else None,
             logprobs=ListView(lps, 0, len(lps)) if lps is not None else None,
             time_to_first_token=ttft,
             latency=latency,
+            index=seq.choice_index,
         )
 
     # ------------------------------------------------------------------ batch API
@@ -469,7 +567,8 @@ class LLMEngine:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, or :class:`Request`) and return the
-        final outputs in prompt order. Requests beyond the queue bound wait their turn."""
+        final outputs in prompt order (a request with ``params.n > 1`` gives its ``n``
+        choices in a row, by ``index``). Requests beyond the queue bound wait their turn."""
         if isinstance(prompts, (str, Request)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -484,6 +583,7 @@ class LLMEngine:
         ids = [self.add_request(p, sp, stream=False, bounded=False) for p, sp in zip(prompts, params_list, strict=True)]
         wanted = set(ids)
         final: dict[str, RequestOutput] = {}
+        choices: dict[str, dict[int, RequestOutput]] = {i: {} for i in ids}
         bar = None
         if use_tqdm:
             from tqdm import tqdm
@@ -491,7 +591,11 @@ class LLMEngine:
             bar = tqdm(total=len(ids), desc="generate")
         while len(final) < len(ids):
             for out in self.step():
-                if out.finished and out.request_id in wanted:
+                if out.request_id not in wanted:
+                    continue
+                if out.finish_reason is not None or out.finished:
+                    choices[out.request_id][out.index] = out
+                if out.finished:
                     final[out.request_id] = out
                     if bar is not None:
                         bar.update(1)
@@ -502,7 +606,7 @@ class LLMEngine:
             # string seen after it was launched): nothing in it to emit.
             flight, self._inflight = self._inflight, None
             self._collect(flight)
-        return [final[i] for i in ids]
+        return [out for i in ids for _, out in sorted(choices[i].items())]
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> EngineStats:
@@ -524,6 +628,7 @@ class LLMEngine:
             requests_finished_total=c.requests_finished_total,
             prefix_cache_queries_total=self.block_manager.prefix_cache_query_tokens,
             prefix_cache_hits_total=self.block_manager.prefix_cache_hit_tokens,
+            prefill_tokens_total=c.prefill_tokens_total,
             kv_blocks_evicted_total=self.block_manager.blocks_dropped,
             kv_compression_ratio=ratio,
             kv_bytes_saved=saved,

@@ -270,6 +270,23 @@ class ModelRunner:
         return out.logits[0]
 
     @torch.inference_mode()
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks ``source -> destination`` in every layer (a forked sequence's
+        private copy of a shared partial block); queued on the device like a step."""
+        if not pairs:
+            return
+        src = torch.tensor([p[0] for p in pairs], dtype=torch.long).to(self.device, non_blocking=True)
+        dst = torch.tensor([p[1] for p in pairs], dtype=torch.long).to(self.device, non_blocking=True)
+        if self.k_cache is not None:
+            for cache in (self.k_cache, self.v_cache):
+                cache[:, dst] = cache[:, src]
+            return
+        for pages in self.kv_caches:  # quantized: codes and their scales, per layer
+            for p in pages:
+                p.data[dst] = p.data[src]
+                p.scales[dst] = p.scales[src]
+
+    @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, BlockScoreCollector | None]:
         """Run one step; returns logits ``[num_sampling_seqs, vocab]`` in schedule order, and
         the block scores the step collected for KV eviction (None unless the policy scores

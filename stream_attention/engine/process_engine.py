@@ -83,10 +83,11 @@ def _wire(out: RequestOutput) -> tuple[Any, ...]:
         n = len(out.delta_token_ids)
         new_lps = lps[len(lps) - n :] if n else []
     reason = out.finish_reason.value if out.finish_reason is not None else None
+    head = (out.request_id, out.index, out.delta_token_ids, out.delta_text, out.finished, reason, new_lps,
+            out.time_to_first_token)  # fmt: skip
     if out.finished:
-        return (out.request_id, out.delta_token_ids, out.delta_text, True, reason, new_lps,
-                out.time_to_first_token, out.latency, out.text, out.token_ids)  # fmt: skip
-    return (out.request_id, out.delta_token_ids, out.delta_text, False, reason, new_lps, out.time_to_first_token)
+        return (*head, out.latency, out.text, out.token_ids)
+    return head
 
 
 def _memory_report() -> dict[str, Any]:
@@ -189,6 +190,7 @@ class EngineProcess(StreamFrontend):
     def __init__(self, config: Any = None, *, build: Callable[[], Any] | None = None,
                  start_timeout: float = 1800.0, cpus: set[int] | None = None) -> None:
         super().__init__()
+        self._grammars: Any = None
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
         self._conn = parent
@@ -218,7 +220,9 @@ class EngineProcess(StreamFrontend):
         self._sent_adds = 0
         self._acked_adds = 0
         # Per request: prompt ids, token ids, logprobs and text so far (outputs carry totals).
-        self._progress: dict[str, tuple[list[int], list[int], list[Any] | None, list[str]]] = {}
+        # Per request: its prompt ids, and per choice index the token ids, logprobs and text
+        # so far (outputs cross the pipe as deltas; totals only on the last).
+        self._progress: dict[str, tuple[list[int], bool, dict[int, tuple[list[int], list[Any] | None, list[str]]]]] = {}
 
     @property
     def pid(self) -> int | None:
@@ -280,9 +284,7 @@ class EngineProcess(StreamFrontend):
         self._ensure_started()
         with self._lock:
             stream = self._new_stream(req, self.stats().waiting, self.config.max_waiting)
-            self._progress[req.request_id] = (
-                req.prompt_token_ids, [], [] if req.params.logprobs is not None else None, [""]
-            )
+            self._progress[req.request_id] = (req.prompt_token_ids, req.params.logprobs is not None, {})
             self._sent_adds += 1
         try:
             self._send(("add", req))
@@ -292,6 +294,15 @@ class EngineProcess(StreamFrontend):
                 self._progress.pop(req.request_id, None)
             raise EngineDeadError(f"engine process unreachable: {exc}") from exc
         return stream
+
+    def compile_grammar(self, spec: Any) -> Any:
+        """Check and time ``spec`` here with a compiler for the tokenizer; the engine process
+        compiles its own copy when the request arrives."""
+        if self._grammars is None:
+            from .structured_output import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.tokenizer, len(self.tokenizer))
+        return self._grammars.compile(spec)
 
     def abort(self, request_id: str) -> None:
         with contextlib.suppress(OSError, ValueError):  # the process is gone: nothing to abort
@@ -320,17 +331,21 @@ class EngineProcess(StreamFrontend):
 
     # ------------------------------------------------------------------ receiver
     def _output(self, wire: tuple[Any, ...]) -> RequestOutput | None:
-        rid, delta_ids, delta_text, finished, reason = wire[:5]
+        rid, index, delta_ids, delta_text, finished, reason, new_lps, ttft = wire[:8]
         with self._lock:
             progress = self._progress.pop(rid, None) if finished else self._progress.get(rid)
         if progress is None:
             return None
-        prompt_ids, ids, lps, text_parts = progress
+        prompt_ids, want_lps, choices = progress
+        choice = choices.get(index)
+        if choice is None:
+            choice = choices[index] = ([], [] if want_lps else None, [""])
+        ids, lps, text_parts = choice
         ids.extend(delta_ids)
-        if lps is not None and wire[5]:
-            lps.extend(wire[5])
+        if lps is not None and new_lps:
+            lps.extend(new_lps)
         if finished:
-            text, token_ids, latency = wire[8], list(wire[9]), wire[7]
+            latency, text, token_ids = wire[8], wire[9], list(wire[10])
         else:  # a view of the totals (they only grow): no copy per streamed token
             text_parts[0] += delta_text
             text, token_ids, latency = text_parts[0], ListView(ids, 0, len(ids)), None
@@ -338,8 +353,8 @@ class EngineProcess(StreamFrontend):
             request_id=rid, prompt_token_ids=prompt_ids, token_ids=token_ids,
             text=text if text is not None else "", delta_token_ids=list(delta_ids), delta_text=delta_text,
             finished=finished, finish_reason=FinishReason(reason) if reason is not None else None,
-            logprobs=ListView(lps, 0, len(lps)) if lps is not None else None, time_to_first_token=wire[6],
-            latency=latency,
+            logprobs=ListView(lps, 0, len(lps)) if lps is not None else None, time_to_first_token=ttft,
+            latency=latency, index=index,
         )  # fmt: skip
 
     def _fail(self, rids: list[str], exc: BaseException) -> None:

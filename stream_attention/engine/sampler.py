@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .sequence import Sequence
+from .structured_output import TokenMasker
 from .types import SamplingParams, TokenLogprob
 
 
@@ -159,6 +160,7 @@ class Sampler:
         self.device = device
         self._shared = torch.Generator(device=device)
         self._shared.manual_seed(seed)
+        self._masker: TokenMasker | None = None  # structured output, made on first use
 
     def generator_for(self, seq: Sequence) -> torch.Generator | None:
         """The request's own generator when it has a seed (created on first use)."""
@@ -178,6 +180,11 @@ class Sampler:
         """Queue the sampling of ``logits`` on the device without waiting for it (nothing
         here reads a device value back); :meth:`PendingSample.wait` returns the tokens."""
         n = len(seqs)
+        constrained = [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None]
+        if constrained:  # grammar masks first: nothing after them may pick a forbidden token
+            if self._masker is None:
+                self._masker = TokenMasker(logits.shape[-1], self.device)
+            self._masker.apply(logits, constrained)
         if all(s.plain_greedy for s in seqs):
             # Plain greedy batch: argmax is exact in the logits' own dtype.
             return PendingSample(torch.argmax(logits, dim=-1), n)

@@ -13,6 +13,11 @@ Each step the scheduler fills a token budget (``max_num_batched_tokens``) in thi
    milliseconds apart, and one prefill step for several of them costs far less than one
    mixed step each (mixed steps run eagerly; decode-only steps replay CUDA graphs).
 
+With ``policy="priority"`` (vLLM's ``--scheduling-policy priority``) "oldest" reads "first by
+``(priority, arrival)``": the waiting queue is kept in that order (lower priority values first),
+running sequences are visited in it, and preemption victims are taken from its end, i.e. the
+lowest priority (highest value), newest first.
+
 Progress is guaranteed: requests whose prompt plus ``max_tokens`` cannot fit the whole
 pool are refused at admission, so the oldest running sequence can always get every
 block it needs by preempting the others. Nothing is admitted in a step that preempted.
@@ -81,7 +86,11 @@ class Scheduler:
         admission_reserve_blocks: int | None = None,
         kv_policy: KVCompressionManager | None = None,
         prefill_wait_steps: int = 0,
+        policy: str = "fcfs",
     ) -> None:
+        if policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy={policy!r}: expected fcfs or priority")
+        self.policy = policy
         self.bm = block_manager
         self.kv_policy = kv_policy
         self.max_num_seqs = max_num_seqs
@@ -113,6 +122,7 @@ class Scheduler:
             enable_chunked_prefill=config.enable_chunked_prefill,
             kv_policy=kv_policy,
             prefill_wait_steps=config.resolved_prefill_wait_steps(),
+            policy=config.scheduling_policy,
         )
 
     def _release(self, seq: Sequence) -> None:
@@ -127,7 +137,23 @@ class Scheduler:
         if len(self.waiting) >= self.max_waiting:
             raise QueueFullError(f"waiting queue is full ({self.max_waiting} requests)")
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        if self.policy == "priority":
+            self._insert_waiting(seq)
+        else:
+            self.waiting.append(seq)
+
+    @staticmethod
+    def _rank(seq: Sequence) -> tuple[int, float]:
+        return seq.priority, seq.arrival_time
+
+    def _insert_waiting(self, seq: Sequence) -> None:
+        """Put ``seq`` in the waiting queue after everything that ranks before or with it."""
+        rank = self._rank(seq)
+        waiting = self.waiting
+        i = len(waiting)
+        while i and self._rank(waiting[i - 1]) > rank:  # arrivals mostly rank last: a short walk
+            i -= 1
+        waiting.insert(i, seq)
 
     def abort(self, seq: Sequence) -> bool:
         """Drop ``seq`` wherever it is and free its blocks. False if it was not queued."""
@@ -160,7 +186,10 @@ class Scheduler:
         self._release(seq)  # recomputed from scratch later: its scores are stale
         seq.reset_for_recompute()
         seq.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        if self.policy == "priority":
+            self._insert_waiting(seq)
+        else:
+            self.waiting.appendleft(seq)
         self.num_preemptions += 1
         out.preempted.append(seq)
 
@@ -177,6 +206,8 @@ class Scheduler:
         chunked = self.enable_chunked_prefill
         running = self.running
         scheduled = out.scheduled
+        if self.policy == "priority":
+            running.sort(key=self._rank)  # nearly sorted already: linear for timsort
 
         # Running sequences: a decode step is one token each, and a new block only when
         # the table is full, so the common case is a few attribute reads per sequence.
@@ -211,6 +242,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.group is None and seq.params.n > 1 and len(self.running) + seq.params.n > self.max_num_seqs:
+                break  # its choices will need a sequence slot each once forked
             cached = self.bm.match_prefix(seq)
             remaining = seq.num_tokens - len(cached) * self.bm.block_size
             n = self._chunk(remaining, budget)

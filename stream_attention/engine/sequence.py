@@ -5,10 +5,27 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .types import FinishReason, SamplingParams, TokenLogprob
+
+
+class SequenceGroup:
+    """The choices of one request with ``params.n > 1``, forked from one prefilled sequence.
+
+    ``unreported`` counts the choices whose last output has not been made yet: the output
+    that brings it to zero is the request's final one (``RequestOutput.finished``)."""
+
+    __slots__ = ("seqs", "unreported")
+
+    def __init__(self, seqs: list[Sequence]) -> None:
+        self.seqs = seqs
+        self.unreported = len(seqs)
+
+    def all_finished(self) -> bool:
+        return all(s.status is SequenceStatus.FINISHED for s in self.seqs)
 
 
 class SequenceStatus(enum.Enum):
@@ -45,6 +62,7 @@ class Sequence:
     stream: bool = True  # streaming callers need text per step; batch callers only at the end
     eos_token_ids: frozenset[int] = frozenset()
     max_model_len: int | None = None
+    priority: int = 0  # lower = earlier, under the scheduler's priority policy
 
     token_ids: list[int] = field(init=False)
     status: SequenceStatus = field(default=SequenceStatus.WAITING, init=False)
@@ -75,6 +93,13 @@ class Sequence:
     token_limit: int = field(default=0, init=False, repr=False)
     # and whether the sampler may take this row's argmax and nothing else.
     plain_greedy: bool = field(default=True, init=False, repr=False)
+    # Parallel sampling (``params.n > 1``): which choice this is, and its group once the
+    # prompt has been prefilled and forked (None before, and for n == 1).
+    choice_index: int = field(default=0, init=False)
+    group: SequenceGroup | None = field(default=None, init=False, repr=False)
+    final_reported: bool = field(default=False, init=False, repr=False)
+    # Structured output: the xgrammar GrammarMatcher this sequence's tokens advance (or None).
+    grammar: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -86,6 +111,22 @@ class Sequence:
         self.token_limit = len(self.prompt_token_ids) + p.max_tokens
         self.plain_greedy = (p.temperature == 0.0 and p.logprobs is None and p.repetition_penalty == 1.0
                              and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)
+
+    def fork(self, index: int, params: SamplingParams) -> Sequence:
+        """Choice ``index`` of this request: the same prompt and progress (the caller shares
+        or copies the KV blocks), its own ``params`` (its seed), no sampled tokens yet."""
+        child = Sequence(
+            request_id=self.request_id, prompt_token_ids=self.prompt_token_ids, params=params,
+            arrival_time=self.arrival_time, prompt=self.prompt, stream=self.stream,
+            eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len, priority=self.priority,
+        )
+        child.token_ids = list(self.token_ids)
+        child.choice_index = index
+        child.status = self.status
+        child.num_cached_prompt_tokens = self.num_cached_prompt_tokens
+        child.prefix_cacheable = self.prefix_cacheable
+        child.prompt_counted = self.prompt_counted
+        return child
 
     @property
     def num_prompt_tokens(self) -> int:

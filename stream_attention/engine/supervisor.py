@@ -139,6 +139,9 @@ class SupervisedEngine:
     def abort(self, request_id: str) -> None:
         self._client.abort(request_id)
 
+    def compile_grammar(self, spec: Any) -> Any:
+        return self._client.compile_grammar(spec)
+
     def stats(self) -> EngineStats:
         return replace(self._client.stats(), engine_restarts_total=self.restarts)
 

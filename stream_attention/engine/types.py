@@ -7,13 +7,58 @@ tests, offline scripts). They carry no HTTP or scheduling concerns.
 from __future__ import annotations
 
 import enum
+import json as _json
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class FinishReason(str, enum.Enum):  # noqa: UP042 - str() must stay as in 3.10-style enums for callers
     STOP = "stop"  # a stop string or stop token id (EOS included) was produced
     LENGTH = "length"  # max_tokens reached, or the context length
     ABORT = "abort"  # aborted by the caller (client disconnect, abort())
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a grammar (vLLM's name). Exactly one of:
+
+    - ``json``: a JSON schema (a dict, or its JSON text); the output is an instance of it;
+    - ``json_object``: any JSON object;
+    - ``regex``: the output matches this regular expression (whole);
+    - ``grammar``: an EBNF grammar (llama.cpp GBNF syntax) with a ``root`` rule.
+
+    Plain data, so a request carrying it can cross process boundaries; the engine compiles
+    it (once per distinct spec, see :meth:`key`).
+    """
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def key(self) -> tuple[str, str]:
+        """``(kind, canonical text)``: equal specs give equal keys (the compile cache's key)."""
+        given = [k for k, v in (("json", self.json), ("regex", self.regex), ("grammar", self.grammar),
+                                ("json_object", self.json_object or None)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs needs exactly one of json, json_object, regex, grammar; got {given}")
+        kind = given[0]
+        if kind == "json":
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = _json.loads(schema)
+                except ValueError as exc:
+                    raise ValueError(f"json schema is not valid JSON: {exc}") from exc
+            if not isinstance(schema, dict):
+                raise ValueError(f"json schema must be a JSON object, got {type(schema).__name__}")
+            return kind, _json.dumps(schema, separators=(",", ":"))
+        if kind == "json_object":
+            return kind, ""
+        text = self.regex if kind == "regex" else self.grammar
+        if not text:
+            raise ValueError(f"{kind} is empty")
+        return kind, text
 
 
 @dataclass
@@ -37,6 +82,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # return the top-N logprobs of each sampled token
     include_stop_str_in_output: bool = False
+    # Choices per request: the prompt is prefilled once and its KV blocks are shared by
+    # the n continuations; with a seed, choice i draws like a request seeded ``seed + i``.
+    n: int = 1
+    structured_outputs: StructuredOutputsParams | None = None
 
     def validate(self) -> SamplingParams:
         checks = [
@@ -49,10 +98,13 @@ class SamplingParams:
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20),
+            ("n", 1 <= self.n <= 128),
         ]
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
+        if self.structured_outputs is not None:
+            self.structured_outputs.key()
         return self
 
 
@@ -65,6 +117,8 @@ class Request:
     params: SamplingParams
     prompt: str | None = None
     arrival_time: float = 0.0
+    # Scheduling priority under ``scheduling_policy="priority"``: lower runs earlier (vLLM's convention).
+    priority: int = 0
 
 
 @dataclass
@@ -121,6 +175,10 @@ class RequestOutput:
     When streaming, each yielded object carries the *new* tokens and text since the
     previous one in ``delta_token_ids`` / ``delta_text``, and the totals so far in
     ``token_ids`` / ``text``. ``finished`` is True on the last one.
+
+    A request with ``params.n > 1`` streams its choices interleaved: each output is about
+    choice ``index``; ``finish_reason`` is set on that choice's last output, and
+    ``finished`` only on the request's very last output (every choice done).
     """
 
     request_id: str
@@ -135,6 +193,7 @@ class RequestOutput:
     # wall-clock seconds: arrival -> first token, arrival -> finish
     time_to_first_token: float | None = None
     latency: float | None = None
+    index: int = 0  # which of the request's ``params.n`` choices this output is about
 
     @property
     def usage(self) -> dict[str, int]:
@@ -161,6 +220,9 @@ class EngineStats:
     # looked up, and served from the cache.
     prefix_cache_queries_total: int = 0
     prefix_cache_hits_total: int = 0
+    # prompt tokens the model computed (prefix-cache hits and forked choices excluded,
+    # recomputation after preemption included)
+    prefill_tokens_total: int = 0
     # KV compression (zeros when the cache is uncompressed)
     kv_compression_ratio: float = 1.0
     kv_bytes_saved: int = 0

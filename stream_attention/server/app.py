@@ -36,6 +36,7 @@ from .openapi import document_errors_as_sent
 from .routes_admin import router as admin_router
 from .routes_generate import router as generate_router
 from .routes_openai import router as openai_router
+from .routes_tokenize import router as tokenize_router
 from .settings import ServerSettings
 from .state import ClientGone, ServerState, request_id_var
 
@@ -276,11 +277,11 @@ def create_app(
         # Nobody reads this; 499 (nginx's "client closed request") keeps it apart in metrics.
         return Response(status_code=499)
 
-    for router in (generate_router, openai_router, admin_router):
+    for router in (generate_router, openai_router, tokenize_router, admin_router):
         app.include_router(router)
     # Metric labels use the route template, never the raw path, so a scan of random
     # URLs cannot blow up the series count.
-    routes = {getattr(r, "path", None) for rt in (app, generate_router, openai_router, admin_router) for r in rt.routes}
+    routes = {getattr(r, "path", None) for rt in (app, generate_router, openai_router, tokenize_router, admin_router) for r in rt.routes}
     routes.discard(None)
     app.add_middleware(ServerMiddleware, state=state, routes=routes)
     origins = settings.cors_origins()

@@ -61,6 +61,12 @@ async def abort(engine: EngineClient, request_id: str) -> None:
     engine.abort(request_id)
 
 
+def compile_grammar(engine: EngineClient, spec: Any) -> Any:
+    """Compile a structured-output spec with the engine's compiler (blocking: call from a
+    worker thread). ``ValueError`` when it does not compile."""
+    return engine.compile_grammar(spec)
+
+
 def is_alive(engine: EngineClient) -> bool:
     """False once the engine can serve nothing more (not while it restarts)."""
     return engine.failure is None

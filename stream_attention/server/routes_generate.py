@@ -15,6 +15,7 @@ from .openapi import ERROR_RESPONSES, EVENT_STREAM
 from .schemas import GenerateRequest
 from .sse import EventStreamResponse, event, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
+from .structured_output import constrain
 
 router = APIRouter(tags=["generate"], route_class=JSONBodyRoute, responses=ERROR_RESPONSES)
 
@@ -67,6 +68,9 @@ async def prepare(state: ServerState, body: GenerateRequest) -> tuple[list[int],
             max_tokens=max_tokens, temperature=body.effective_temperature(), logprobs=body.logprobs
         )
     )
+    constraint = body.structured_outputs()
+    if constraint is not None:
+        await constrain(state, params, *constraint)
     return ids, params
 
 
@@ -114,7 +118,7 @@ async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
     """Generate to completion; text, token ids, finish reason, usage and timings."""
     state = get_state(request)
     ids, params = await prepare(state, body)
-    gen = await state.open(request, ids, params, body.prompt)
+    gen = await state.open(request, ids, params, body.prompt, priority=body.priority)
     try:
         out = await watch_disconnect(request, gen.collect())
     finally:
@@ -137,7 +141,7 @@ async def generate_stream(body: GenerateRequest, request: Request) -> EventStrea
     """
     state = get_state(request)
     ids, params = await prepare(state, body)
-    gen = await state.open(request, ids, params, body.prompt)
+    gen = await state.open(request, ids, params, body.prompt, priority=body.priority)
     special = set(getattr(state.tokenizer, "all_special_ids", []) or [])
 
     async def events() -> AsyncIterator[bytes]:

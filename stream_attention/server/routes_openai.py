@@ -8,7 +8,7 @@ included (``data: {...}`` chunks, then ``data: [DONE]``; with
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -20,9 +20,11 @@ from .errors import APIError, guarded_stream
 from .limits import JSONBodyRoute
 from .openapi import ERROR_RESPONSES, STREAM_OR_JSON
 from .routes_generate import build_params, get_state, new_logprobs
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from .sse import DONE, EventStreamResponse, event, json_head, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
+from .structured_output import constrain
+from .tool_calls import ToolPlan, call_id, content_prefix
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONBodyRoute, responses=ERROR_RESPONSES)
 
@@ -30,7 +32,7 @@ OPENAI_DEFAULT_TEMPERATURE = 1.0
 _USAGE_NULL = ',"usage":null'
 
 
-def _check_model(state: ServerState, model: str | None) -> None:
+def check_model(state: ServerState, model: str | None) -> None:
     state.require_engine()
     if model and model != state.model_name:
         raise APIError(
@@ -91,11 +93,43 @@ def chat_logprobs(state: ServerState, lps: list[TokenLogprob]) -> dict[str, Any]
     }
 
 
-async def _run(request: Request, gen: GenerationStream) -> RequestOutput:
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Chat messages as the tokenizer's chat template takes them."""
+    out = []
+    for m in messages:
+        msg: dict[str, Any] = {"role": m.role, "content": m.text()}
+        if m.name:
+            msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = m.tool_calls
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    return out
+
+
+async def _run(request: Request, gen: GenerationStream) -> list[RequestOutput]:
+    """Every choice's last output, by index (one for ``n == 1``)."""
+
+    async def choices() -> list[RequestOutput]:
+        last: dict[int, RequestOutput] = {}
+        async for out in gen:
+            last[out.index] = out
+        return [last[i] for i in sorted(last)]
+
     try:
-        return await watch_disconnect(request, gen.collect())
+        return await watch_disconnect(request, choices())
     finally:
         await gen.close()
+
+
+def usage_of(choices: Iterable[RequestOutput]) -> dict[str, int]:
+    """Usage of a request: its prompt once, the completion tokens of every choice."""
+    prompt = completion = 0
+    for out in choices:
+        prompt = len(out.prompt_token_ids)
+        completion += len(out.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 # --------------------------------------------------------------------------------------
@@ -104,7 +138,7 @@ async def _run(request: Request, gen: GenerationStream) -> RequestOutput:
 @router.post("/completions", responses=STREAM_OR_JSON)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state = get_state(request)
-    _check_model(state, body.model)
+    check_model(state, body.model)
     if isinstance(body.prompt, str):
         ids = await state.encode(body.prompt)
         if not ids:
@@ -119,7 +153,10 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     params = build_params(
         lambda: body.sampling_params(max_tokens=max_tokens, temperature=temperature, logprobs=body.logprobs)
     )
-    gen = await state.open(request, ids, params, prompt_text)
+    spec = body.response_format.structured_outputs() if body.response_format is not None else None
+    if spec is not None:
+        await constrain(state, params, spec, "response_format")
+    gen = await state.open(request, ids, params, prompt_text, priority=body.priority)
     created = int(time.time())
     cid = f"cmpl-{gen.request_id}"
     echo = (prompt_text if prompt_text is not None else state.tokenizer.decode(ids)) if body.echo else ""
@@ -128,40 +165,43 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         return {"id": cid, "object": "text_completion", "created": created, "model": state.model_name}
 
     if not body.stream:
-        out = await _run(request, gen)
-        choice: dict[str, Any] = {
-            "index": 0,
-            "text": echo + out.text,
-            "logprobs": None,
-            "finish_reason": _finish_reason(out),
-        }
-        if params.logprobs is not None:
-            choice["logprobs"] = completion_logprobs(state, new_logprobs(out, 0), len(echo))
-        return JSONResponse({**base(), "choices": [choice], "usage": out.usage})
+        outs = await _run(request, gen)
+        choices = []
+        for out in outs:
+            choice: dict[str, Any] = {
+                "index": out.index,
+                "text": echo + out.text,
+                "logprobs": None,
+                "finish_reason": _finish_reason(out),
+            }
+            if params.logprobs is not None:
+                choice["logprobs"] = completion_logprobs(state, new_logprobs(out, 0), len(echo))
+            choices.append(choice)
+        return JSONResponse({**base(), "choices": choices, "usage": usage_of(outs)})
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
-    text_len = len(echo)
+    text_len = [len(echo)] * params.n
 
     def completion_choice(out: RequestOutput, lps: Any) -> dict[str, Any]:
-        nonlocal text_len
         choice: dict[str, Any] = {
-            "index": 0,
+            "index": out.index,
             "text": out.delta_text,
             "logprobs": None,
-            "finish_reason": _finish_reason(out) if out.finished else None,
+            "finish_reason": _finish_reason(out),
         }
         if params.logprobs is not None:
-            choice["logprobs"] = completion_logprobs(state, lps, text_len)
-        text_len += len(out.delta_text)
+            choice["logprobs"] = completion_logprobs(state, lps, text_len[out.index])
+        text_len[out.index] += len(out.delta_text)
         return choice
 
-    opening = (
-        {**base(), "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]} if echo else None
-    )
+    openings = [
+        {**base(), "choices": [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}]}
+        for i in range(params.n if echo else 0)
+    ]
     fast = None
-    if params.logprobs is None and not continuous:
+    if params.logprobs is None and not continuous and params.n == 1:
         # Mid-stream chunks from a template (same bytes as event() of the dict above).
         head = f'data: {json_head(base())},"choices":[{{"index":0,"text":'
         tail = f',"logprobs":null,"finish_reason":null}}]{_USAGE_NULL if include_usage else ""}}}\n\n'
@@ -169,21 +209,19 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         def fast(out: RequestOutput) -> bytes:
             return (head + json_str(out.delta_text) + tail).encode()
 
-    chunks = guarded_stream(gen, _openai_chunks(gen, base, opening, completion_choice, include_usage, continuous, fast))
+    chunks = guarded_stream(gen, _openai_chunks(gen, base, openings, completion_choice, include_usage, continuous, fast))
     return EventStreamResponse(chunks)
 
 
 @router.post("/chat/completions", responses=STREAM_OR_JSON)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = get_state(request)
-    _check_model(state, body.model)
-    messages = []
-    for m in body.messages:
-        msg = {"role": m.role, "content": m.text()}
-        if m.name:
-            msg["name"] = m.name
-        messages.append(msg)
-    prompt = state.chat_prompt(messages, add_generation_prompt=body.add_generation_prompt)
+    check_model(state, body.model)
+    plan = ToolPlan.of(body)
+    prompt = state.chat_prompt(
+        template_messages(body.messages), add_generation_prompt=body.add_generation_prompt,
+        tools=plan.template_tools() if plan.mode != "none" else None,
+    )
     # The template already spells out BOS and friends; letting the tokenizer add them
     # again would double them.
     ids = await state.encode(prompt, add_special_tokens=False)
@@ -193,44 +231,76 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     params = build_params(
         lambda: body.sampling_params(max_tokens=max_tokens, temperature=temperature, logprobs=body.logprobs_n())
     )
-    gen = await state.open(request, ids, params, prompt)
+    spec = body.response_format.structured_outputs() if body.response_format is not None else None
+    if spec is not None and plan.constrained:
+        raise APIError(400, "response_format cannot be combined with tool_choice required or a named function",
+                       param="response_format", code="invalid_value")
+    if spec is not None:
+        await constrain(state, params, spec, "response_format")
+    if plan.constrained:
+        await constrain(state, params, plan.structured_outputs(), "tools")
+    gen = await state.open(request, ids, params, prompt, priority=body.priority)
     created = int(time.time())
     cid = f"chatcmpl-{gen.request_id}"
 
     def base() -> dict[str, Any]:
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
 
+    if plan.mode != "none":
+        if not body.stream:
+            outs = await _run(request, gen)
+            choices = []
+            for out in outs:
+                content, calls = plan.parse(out.text)
+                message: dict[str, Any] = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = calls
+                choices.append({
+                    "index": out.index,
+                    "message": message,
+                    "logprobs": chat_logprobs(state, new_logprobs(out, 0)) if params.logprobs is not None else None,
+                    "finish_reason": _tool_finish_reason(out, calls),
+                })
+            return JSONResponse({**base(), "object": "chat.completion", "choices": choices, "usage": usage_of(outs)})
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStreamResponse(guarded_stream(gen, _tool_chunks(gen, base, plan, params.n, include_usage)))
+
     if not body.stream:
-        out = await _run(request, gen)
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": out.text},
-            "logprobs": chat_logprobs(state, new_logprobs(out, 0)) if params.logprobs is not None else None,
-            "finish_reason": _finish_reason(out),
-        }
-        return JSONResponse({**base(), "object": "chat.completion", "choices": [choice], "usage": out.usage})
+        outs = await _run(request, gen)
+        choices = [
+            {
+                "index": out.index,
+                "message": {"role": "assistant", "content": out.text},
+                "logprobs": chat_logprobs(state, new_logprobs(out, 0)) if params.logprobs is not None else None,
+                "finish_reason": _finish_reason(out),
+            }
+            for out in outs
+        ]
+        return JSONResponse({**base(), "object": "chat.completion", "choices": choices, "usage": usage_of(outs)})
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
     def chat_choice(out: RequestOutput, lps: Any) -> dict[str, Any]:
         return {
-            "index": 0,
+            "index": out.index,
             "delta": {"content": out.delta_text} if out.delta_text else {},
             "logprobs": chat_logprobs(state, lps) if params.logprobs is not None else None,
-            "finish_reason": _finish_reason(out) if out.finished else None,
+            "finish_reason": _finish_reason(out),
         }
 
-    opening = {
-        **base(),
-        "choices": [
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        ],
-    }
-    if include_usage:
-        opening["usage"] = None
+    openings = [
+        {
+            **base(),
+            "choices": [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            ],
+            **({"usage": None} if include_usage else {}),
+        }
+        for i in range(params.n)
+    ]
     fast = None
-    if params.logprobs is None and not continuous:
+    if params.logprobs is None and not continuous and params.n == 1:
         head = f'data: {json_head(base())},"choices":[{{"index":0,"delta":'
         tail = f',"logprobs":null,"finish_reason":null}}]{_USAGE_NULL if include_usage else ""}}}\n\n'
         empty = (head + "{}" + tail).encode()
@@ -240,8 +310,95 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 return empty
             return (head + '{"content":' + json_str(out.delta_text) + "}" + tail).encode()
 
-    chunks = guarded_stream(gen, _openai_chunks(gen, base, opening, chat_choice, include_usage, continuous, fast))
+    chunks = guarded_stream(gen, _openai_chunks(gen, base, openings, chat_choice, include_usage, continuous, fast))
     return EventStreamResponse(chunks)
+
+
+def _tool_finish_reason(out: RequestOutput, calls: list[dict[str, Any]]) -> str | None:
+    reason = _finish_reason(out)
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+async def _tool_chunks(
+    gen: Any, base: Callable[[], dict[str, Any]], plan: ToolPlan, n: int, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """The chat stream of a request with tools, chunked as OpenAI sends tool calls: per
+    call a first delta with its ``id``, ``type`` and ``function.name`` (``arguments: ""``),
+    then deltas with fragments of ``function.arguments``.
+
+    A named function's arguments stream as they are generated. ``required`` output is a
+    JSON array that becomes calls when complete; ``auto`` text streams as content while it
+    cannot be (the start of) a tool call, and what was held back is parsed at the end."""
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        body = {**base(), "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if include_usage:
+            body["usage"] = None
+        return event(body)
+
+    def call_deltas(index: int, calls: list[dict[str, Any]]) -> list[bytes]:
+        parts = []
+        for k, call in enumerate(calls):
+            fn = call["function"]
+            head = {"index": k, "id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": ""}}
+            parts.append(chunk(index, {"tool_calls": [head]}))
+            parts.append(chunk(index, {"tool_calls": [{"index": k, "function": {"arguments": fn["arguments"]}}]}))
+        return parts
+
+    texts = [""] * n
+    sent = [0] * n  # characters of each choice's text already sent (as content or arguments)
+    lasts: dict[int, RequestOutput] = {}
+    named_ids = [call_id() for _ in range(n)]
+    opening = [chunk(i, {"role": "assistant", "content": None if plan.constrained else ""}) for i in range(n)]
+    if plan.mode == "named":
+        opening += [chunk(i, {"tool_calls": [{"index": 0, "id": named_ids[i], "type": "function",
+                                               "function": {"name": plan.name, "arguments": ""}}]})
+                    for i in range(n)]
+    parts: list[bytes] = opening
+    finished = False
+    async for outs in gen.batches():
+        for out in outs:
+            i = out.index
+            lasts[i] = out
+            texts[i] += out.delta_text
+            text = texts[i]
+            if plan.mode == "named":
+                if len(text) > sent[i]:
+                    args = {"tool_calls": [{"index": 0, "function": {"arguments": text[sent[i]:]}}]}
+                    parts.append(chunk(i, args))
+                    sent[i] = len(text)
+            elif plan.mode == "auto":
+                safe = content_prefix(text)
+                if safe > sent[i]:
+                    parts.append(chunk(i, {"content": text[sent[i]:safe]}))
+                    sent[i] = safe
+            if out.finish_reason is None:
+                continue
+            # The choice is done: what was held back becomes calls or content.
+            content, calls = plan.parse(text)
+            if plan.mode == "named":
+                calls = [{**calls[0], "id": named_ids[i]}] if calls else []
+            elif calls:
+                parts += call_deltas(i, calls)
+                rest = (content or "")[sent[i]:] if plan.mode == "auto" else ""
+                if rest.strip():
+                    parts.append(chunk(i, {"content": rest}))
+            elif len(text) > sent[i]:
+                parts.append(chunk(i, {"content": text[sent[i]:]}))
+            parts.append(chunk(i, {}, _tool_finish_reason(out, calls)))
+            finished = finished or out.finished
+        if finished:
+            if include_usage:
+                parts.append(event({**base(), "choices": [], "usage": usage_of(lasts.values())}))
+            parts.append(DONE)
+        if parts:
+            yield b"".join(parts)
+            parts = []
+        if finished:
+            return
+    if include_usage and lasts:
+        yield event({**base(), "choices": [], "usage": usage_of(lasts.values())})
+    yield DONE
 
 
 @router.get("/models")
@@ -262,49 +419,53 @@ async def models(request: Request) -> JSONResponse:
 async def _openai_chunks(
     gen: Any,
     base: Callable[[], dict[str, Any]],
-    opening: dict[str, Any] | None,
+    openings: list[dict[str, Any]],
     make_choice: Callable[[RequestOutput, Any], dict[str, Any]],
     include_usage: bool,
     continuous: bool,
     fast: Callable[[RequestOutput], bytes] | None = None,
 ) -> AsyncIterator[bytes]:
-    """The SSE frame both OpenAI streaming routes share: an optional opening chunk, one
-    chunk per non-empty output, the usage chunk when asked for, ``[DONE]``; failures after
-    the 200 went out become error events (:func:`.errors.guarded_stream`).
+    """The SSE frame both OpenAI streaming routes share: optional opening chunks (one per
+    choice), one chunk per non-empty output (choices interleaved, each chunk naming its
+    ``index``), the usage chunk when asked for, ``[DONE]``; failures after the 200 went
+    out become error events (:func:`.errors.guarded_stream`).
 
-    ``fast`` writes a mid-stream chunk (not the last, no logprobs) from a template.
+    ``fast`` writes a mid-stream chunk (not a choice's last, no logprobs) from a template.
     Outputs that arrived together go out in one write, still one chunk each."""
-    seen = 0
+    seen: dict[int, int] = {}
+    lasts: dict[int, RequestOutput] = {}
     last: RequestOutput | None = None
     ended = False
-    # The opening chunk shares the first output's write.
-    opened: list[bytes] = [event(opening)] if opening is not None else []
+    # The opening chunks share the first output's write.
+    opened: list[bytes] = [event(opening) for opening in openings]
     async for outs in gen.batches():
         parts, opened = opened, []
         for out in outs:
-            last = out
-            lps = new_logprobs(out, seen)
-            seen += len(out.delta_token_ids)
-            if not out.delta_text and not out.delta_token_ids and not out.finished:
+            last = lasts[out.index] = out
+            done = seen.get(out.index, 0)
+            lps = new_logprobs(out, done)
+            seen[out.index] = done + len(out.delta_token_ids)
+            choice_done = out.finish_reason is not None
+            if not out.delta_text and not out.delta_token_ids and not choice_done:
                 continue
-            if fast is not None and not out.finished:
+            if fast is not None and not choice_done:
                 parts.append(fast(out))
                 continue
             chunk = {**base(), "choices": [make_choice(out, lps)]}
             if include_usage:
-                chunk["usage"] = out.usage if continuous else None
+                chunk["usage"] = usage_of(lasts.values()) if continuous else None
             parts.append(event(chunk))
         if last is not None and last.finished:
             # The end of the stream shares the last chunk's write.
             if include_usage:
-                parts.append(event({**base(), "choices": [], "usage": last.usage}))
+                parts.append(event({**base(), "choices": [], "usage": usage_of(lasts.values())}))
             parts.append(DONE)
             ended = True
         if parts:
             yield parts[0] if len(parts) == 1 else b"".join(parts)
     if opened:
-        yield opened[0]
+        yield b"".join(opened)
     if not ended:
         if include_usage and last is not None:
-            yield event({**base(), "choices": [], "usage": last.usage})
+            yield event({**base(), "choices": [], "usage": usage_of(lasts.values())})
         yield DONE

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ..engine.types import SamplingParams
+from ..engine.types import SamplingParams, StructuredOutputsParams
 from .limits import check_logit_bias, current_limits
 
 
@@ -105,6 +105,28 @@ class GenerateRequest(_Sampling):
     details: bool = Field(True, description="include per-token ids/logprobs in the response")
     return_full_text: bool = Field(False, description="prepend the prompt to generated_text")
     add_special_tokens: bool = Field(True, description="let the tokenizer add BOS etc. to a text prompt")
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="lower runs earlier (--scheduling-policy priority)")
+    # Structured output (at most one): the generated text is constrained to match it.
+    json_schema: dict[str, Any] | None = Field(None, description="a JSON schema the output is an instance of")
+    regex: str | None = Field(None, min_length=1, description="a regular expression the whole output matches")
+    grammar: str | None = Field(None, min_length=1, description="an EBNF grammar (GBNF syntax, a root rule)")
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> GenerateRequest:
+        given = [k for k in ("json_schema", "regex", "grammar") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of json_schema, regex and grammar (got {', '.join(given)})")
+        return self
+
+    def structured_outputs(self) -> tuple[StructuredOutputsParams, str] | None:
+        """The constraint and the field that named it, or None."""
+        if self.json_schema is not None:
+            return StructuredOutputsParams(json=self.json_schema), "json_schema"
+        if self.regex is not None:
+            return StructuredOutputsParams(regex=self.regex), "regex"
+        if self.grammar is not None:
+            return StructuredOutputsParams(grammar=self.grammar), "grammar"
+        return None
 
     @model_validator(mode="before")
     @classmethod
@@ -148,12 +170,18 @@ class StreamOptions(Strict):
 
 class _OpenAICommon(_Sampling):
     model: str | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    n: int = Field(1, ge=1, le=128, description="choices per request; they share the prompt's prefill")
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="lower runs earlier (--scheduling-policy priority)")
+
+    def sampling_params(self, **kwargs: Any) -> SamplingParams:
+        params = super().sampling_params(**kwargs)
+        params.n = self.n
+        return params.validate()
 
     @field_validator("logit_bias")
     @classmethod
@@ -171,8 +199,17 @@ class CompletionRequest(_OpenAICommon):
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
-    best_of: int | None = Field(None, ge=1, le=1)
+    best_of: int | None = Field(None, ge=1, description="refused unless equal to n (no server-side ranking)")
     suffix: str | None = None
+    response_format: ResponseFormat | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if value is not None and value != n:
+            raise ValueError(f"best_of={value} is not supported (ask for n={value} choices instead)")
+        return value
 
     @field_validator("suffix")
     @classmethod
@@ -211,6 +248,9 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # An assistant turn that called tools, and a tool's answer: passed to the chat template.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -225,9 +265,58 @@ class ChatMessage(BaseModel):
         return "".join(out)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["text"]
+class JsonSchemaFormat(Strict):
+    """OpenAI's ``response_format.json_schema``: the output is an instance of ``schema``."""
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("type json_schema needs json_schema.schema")
+        return self
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.type == "json_schema":
+            return StructuredOutputsParams(json=self.json_schema.schema_)
+        return None
+
+
+class FunctionDefinition(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    """``{"type": "function", "function": {"name", "description", "parameters"}}``."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class _FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    """``{"type": "function", "function": {"name": ...}}``: call exactly this function."""
+
+    type: Literal["function"]
+    function: _FunctionName
 
 
 class ChatCompletionRequest(_OpenAICommon):
@@ -239,23 +328,27 @@ class ChatCompletionRequest(_OpenAICommon):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
 
     @field_validator("tools")
     @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if value:
-            raise ValueError("tool calling is not supported")
+    def _unique_tool_names(cls, value: list[Tool] | None) -> list[Tool] | None:
+        names = [t.function.name for t in value or []]
+        if len(set(names)) != len(names):
+            raise ValueError("function names must be unique")
         return value
 
     @field_validator("tool_choice")
     @classmethod
-    def _no_tool_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if value not in (None, "none", "auto"):
-            raise ValueError("tool calling is not supported")
+    def _tool_choice_names_a_tool(cls, value: Any, info: ValidationInfo) -> Any:
+        names = [t.function.name for t in info.data.get("tools") or []]
+        if value == "required" and not names:
+            raise ValueError("'required' needs tools")
+        if isinstance(value, NamedToolChoice) and value.function.name not in names:
+            raise ValueError(f"names function {value.function.name!r}, which is not in tools")
         return value
 
     @field_validator("messages")
@@ -315,3 +408,42 @@ class GenerationBenchmarkRequest(Strict):
     prompt_tokens: int = Field(64, ge=1, le=8192)
     max_tokens: int = Field(32, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
+
+
+# ---------------------------------------------------------------------------------------
+# /tokenize and /detokenize (vLLM's shapes)
+
+
+class TokenizeRequest(Strict):
+    """``POST /tokenize``: give ``prompt`` (text) or ``messages`` (rendered through the chat
+    template, as the chat route does). ``add_special_tokens`` defaults as in vLLM: on for a
+    prompt, off for messages (the template spells out its special tokens itself)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        for m in self.messages or []:
+            m.text()  # raises for non-text parts
+        return self
+
+
+class DetokenizeRequest(Strict):
+    """``POST /detokenize``: token ids back to text."""
+
+    model: str | None = None
+    tokens: list[int]
+
+    @field_validator("tokens")
+    @classmethod
+    def _ids_non_negative(cls, value: list[int]) -> list[int]:
+        if value and min(value) < 0:
+            raise ValueError("token ids must be >= 0")
+        return value

@@ -97,6 +97,9 @@ class ServerSettings(EngineSettings):
     # --- limits ----------------------------------------------------------------
     max_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
+    grammar_compile_timeout: float = Field(
+        10.0, gt=0.0, description="seconds a structured-output constraint may take to compile (400 past it)"
+    )
 
     # --- HTTP --------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address")

@@ -103,12 +103,17 @@ class ServerState:
 
         return await asyncio.to_thread(run) if len(text) > _INLINE_TOKENIZE_CHARS else run()
 
-    def chat_prompt(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The chat template's text for ``messages`` (and ``tools``, for templates that render them)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
         try:
+            extra = {"tools": tools} if tools else {}
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
             )
         except Exception as exc:  # the template itself rejects the conversation (roles, order)
             raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from exc
@@ -166,7 +171,8 @@ class ServerState:
         return rid or suffix
 
     async def open(
-        self, http_request: HTTPRequest, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
+        self, http_request: HTTPRequest, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
+        *, priority: int = 0,
     ) -> GenerationStream:
         """Submit a request and wait, watching for disconnect, until the engine has answered.
 
@@ -174,12 +180,16 @@ class ServerState:
         full, prompt too long) still get their own HTTP status on streaming routes.
         """
         engine = self.require_engine()
+        if priority and self.settings.scheduling_policy != "priority":
+            raise APIError(400, "priority needs the server's --scheduling-policy priority", param="priority",
+                           code="invalid_value")
         request = Request(
             request_id=self.new_engine_id(http_request),
             prompt_token_ids=prompt_ids,
             params=params,
             prompt=prompt,
             arrival_time=time.time(),
+            priority=priority,
         )
         if self.settings.log_prompts:  # opt-in: prompts are the users' data
             shown = prompt if prompt is not None else prompt_ids

@@ -1,0 +1,174 @@
+"""What structured output costs a decode step: batch 64, every request constrained or none.
+
+    python benchmarks/bench_structured.py --out structured.json            # GPU
+    python benchmarks/bench_structured.py --out structured.json --quick    # CPU smoke run
+
+Model: the embedded default model (``LLMEngine()``), or ``--model PATH`` for any local HF
+causal LM (the mask cost grows with the vocabulary: it is one bitmask row per constrained
+sequence per step, filled on the host by xgrammar and applied on the device).
+
+Workload: ``--batch`` requests (64) with the same 32-token prompt, ``--gen`` tokens each
+(EOS ignored), added at once. Run twice: unconstrained, then every request constrained by
+a JSON schema that keeps a small model generating (an array of objects with integer,
+enum, bounded string and nested array fields). The grammar is compiled before the runs, as
+the server does before queueing (``compile_s``). Reported per run:
+
+- ``step_ms``: median wall time of ``LLMEngine.step()`` over the steps where the whole
+  batch was decoding (prefill and finishing steps left out); with the engine's pipelined
+  steps on CUDA this is the step period;
+- ``mask_ms``: median host+launch time of the grammar mask per step (bitmask fill of
+  every constrained row, copy, ``apply_token_bitmask_inplace``);
+- ``tokens_per_s`` over those steps; ``valid_json``: how many constrained outputs parse
+  (finished ones must all be valid; cut-off ones are prefixes).
+
+``overhead_pct`` = constrained / unconstrained step time - 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from stream_attention.engine import LLMEngine, SamplingParams, StructuredOutputsParams  # noqa: E402
+from stream_attention.engine.structured_output import TokenMasker  # noqa: E402
+
+SCHEMA = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer", "minimum": 0, "maximum": 100000},
+            "kind": {"enum": ["file", "directory", "link"]},
+            "name": {"type": "string", "maxLength": 24},
+            "sizes": {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": 8},
+        },
+        "required": ["id", "kind", "name", "sizes"],
+        "additionalProperties": False,
+    },
+    "minItems": 64,
+}
+PROMPT = "import json\n\n# the directory listing as JSON\nlisting = "
+
+
+class _MaskTimer:
+    """Wraps ``TokenMasker.apply`` to time it (device work included on CUDA)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._orig = TokenMasker.apply
+
+    def __enter__(self) -> _MaskTimer:
+        orig, times = self._orig, self.times
+
+        def timed(masker: TokenMasker, logits: torch.Tensor, matchers: list[tuple[int, Any]]) -> None:
+            t0 = time.perf_counter()
+            orig(masker, logits, matchers)
+            if logits.is_cuda:
+                torch.cuda.synchronize(logits.device)
+            times.append(time.perf_counter() - t0)
+
+        TokenMasker.apply = timed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        TokenMasker.apply = self._orig
+
+
+def run(engine: LLMEngine, batch: int, gen: int, constrained: bool) -> dict[str, Any]:
+    spec = StructuredOutputsParams(json=SCHEMA) if constrained else None
+    params = SamplingParams(max_tokens=gen, temperature=0.8, top_p=0.95, seed=0, ignore_eos=True,
+                            structured_outputs=spec)
+    ids = [engine.add_request(PROMPT, params, stream=False, bounded=False) for _ in range(batch)]
+    steady: list[float] = []
+    finals = {}
+    with _MaskTimer() as masks:
+        while engine.has_unfinished_requests():
+            full = engine.stats().running == batch and all(
+                s.num_computed_tokens >= s.num_prompt_tokens for s in engine.scheduler.running)
+            t0 = time.perf_counter()
+            outs = engine.step()
+            dt = time.perf_counter() - t0
+            if full:
+                steady.append(dt)
+            for out in outs:
+                if out.finished:
+                    finals[out.request_id] = out
+    texts = [finals[i].text for i in ids]
+    result: dict[str, Any] = {
+        "constrained": constrained,
+        "steady_steps": len(steady),
+        "step_ms": statistics.median(steady) * 1e3 if steady else None,
+        "step_ms_mean": statistics.fmean(steady) * 1e3 if steady else None,
+        "tokens_per_s": batch / statistics.median(steady) if steady else None,
+        "mask_ms": statistics.median(masks.times) * 1e3 if masks.times else None,
+        "mean_output_tokens": statistics.fmean(len(finals[i].token_ids) for i in ids),
+    }
+    if constrained:
+        stopped = [finals[i] for i in ids if finals[i].finish_reason.value == "stop"]
+        result["finished_by_grammar"] = len(stopped)
+        result["valid_json"] = sum(_parses(o.text) for o in stopped)
+        result["sample"] = texts[0][:200]
+    return result
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON report path")
+    ap.add_argument("--model", default=None, help="local HF model path (default: the embedded default model)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--gen", type=int, default=128, help="tokens per request")
+    ap.add_argument("--quick", action="store_true", help="small run (CPU smoke test): batch 8, 12 tokens")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    args = ap.parse_args(argv)
+    batch, gen = (8, 12) if args.quick else (args.batch, args.gen)
+    engine = LLMEngine(args.model, device=args.device, max_num_seqs=max(batch, 8),
+                       use_cuda_graphs=not args.quick)
+    t0 = time.perf_counter()
+    engine.compile_grammar(StructuredOutputsParams(json=SCHEMA))  # as the server does, before queueing
+    compile_s = time.perf_counter() - t0
+    run(engine, min(batch, 4), 4, True)  # warm-up: kernels, graphs, the masker's buffers
+    runs = [run(engine, batch, gen, False), run(engine, batch, gen, True)]
+    base, con = runs[0]["step_ms"], runs[1]["step_ms"]
+    report = {
+        "benchmark": "structured_output_decode_step",
+        "device": str(engine.device),
+        "gpu": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None,
+        "model": engine.model_name,
+        "vocab_size": engine.runner.geometry.vocab_size,
+        "batch": batch,
+        "gen_tokens": gen,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "compile_s": compile_s,
+        "runs": runs,
+        "overhead_pct": (con / base - 1) * 100 if base and con else None,
+    }
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "runs"}))
+    for r in runs:
+        print(json.dumps({k: v for k, v in r.items() if k != "sample"}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
