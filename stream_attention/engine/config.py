@@ -17,8 +17,8 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-# Quantized page formats (``kv_compression.QuantizedPages``): never parsed as torch dtypes.
-_QUANTIZED_KV = ("int8", "int4")
+# Compressed page formats (``engine/kv_compression.py``): never parsed as torch dtypes.
+_QUANTIZED_KV = ("fp8", "fp8_e4m3", "int8", "int4")
 
 
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -53,7 +53,8 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None
     cpu_kv_cache_bytes: int = 512 * 1024 * 1024
     num_kv_blocks: int | None = None
-    kv_cache_dtype: str = "auto"  # auto = the model dtype; fp16/bf16/fp32 store pages in that type; int8/int4 quantize
+    # auto = the model dtype; fp16/bf16/fp32 store pages in that type; fp8 (fp8_e4m3) / int8 / int4 compress them
+    kv_cache_dtype: str = "auto"
     # KV compression (``engine/kv_compression.py``): none | streaming | heavy-hitter | hybrid (aliases accepted).
     kv_compression: str = "none"
     kv_compression_ratio: float | None = None  # eviction budget = ceil(tokens / ratio) (unless kv_budget_tokens)
@@ -101,7 +102,7 @@ class EngineConfig:
 
     @property
     def kv_cache_quantized(self) -> bool:
-        """Whether ``kv_cache_dtype`` names a quantized page format (int8 / int4)."""
+        """Whether ``kv_cache_dtype`` names a compressed page format (fp8 / int8 / int4)."""
         return str(self.kv_cache_dtype).strip().lower() in _QUANTIZED_KV
 
     def kv_compression_config(self):

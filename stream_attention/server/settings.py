@@ -25,6 +25,7 @@ _DTYPE_ALIASES = {
     "half": "fp16",
     "float32": "fp32",
     "float": "fp32",
+    "fp8_e4m3": "fp8",  # vLLM's name for the same e4m3 KV pages
 }
 
 
@@ -63,8 +64,8 @@ class ServerSettings(BaseSettings):
     )
 
     # --- KV cache ----------------------------------------------------------------
-    kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp32", "int8", "int4"] = Field(
-        "auto", description="storage format of KV pages (auto = the model dtype)"
+    kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp32", "fp8", "fp8_e4m3", "int8", "int4"] = Field(
+        "auto", description="storage format of KV pages (auto = the model dtype; fp8 = e4m3, alias fp8_e4m3)"
     )
     kv_compression: str = Field(
         "none",
