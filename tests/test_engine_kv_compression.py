@@ -208,7 +208,8 @@ def test_streaming_eviction_keeps_blocks_within_budget_and_frees_them() -> None:
     assert e.kv_mgr.blocks_evicted == e.block_manager.blocks_dropped
 
 
-@pytest.mark.parametrize("policy,dtype", [("heavy-hitter", "auto"), ("hybrid", "int8"), ("hybrid", "fp8")])
+@pytest.mark.parametrize("policy,dtype", [("heavy-hitter", "auto"), ("snapkv", "auto"), ("hybrid", "int8"),
+                                          ("hybrid", "fp8")])
 def test_scored_eviction_with_quantized_pages(policy: str, dtype: str) -> None:
     e, _ = _run_with_eviction(kv_compression=policy, kv_cache_dtype=dtype, kv_score_interval=4)
     assert e.kv_mgr.quantized == (policy == "hybrid")

@@ -55,7 +55,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     # auto = the model dtype; fp16/bf16/fp32 store pages in that type; fp8 (fp8_e4m3) / int8 / int4 compress them
     kv_cache_dtype: str = "auto"
-    # KV compression (``engine/kv_compression.py``): none | streaming | heavy-hitter | hybrid (aliases accepted).
+    # KV compression (``engine/kv_compression.py``): none | streaming | heavy-hitter | snapkv | hybrid (aliases accepted).
     kv_compression: str = "none"
     kv_compression_ratio: float | None = None  # eviction budget = ceil(tokens / ratio) (unless kv_budget_tokens)
     kv_budget_tokens: int | None = None  # eviction budget in cache slots per sequence

@@ -25,7 +25,10 @@ Two independent mechanisms, combinable (``policy="hybrid"``):
   received, measured by :func:`~stream_attention.kernels.kv_quant.paged_token_attention_mass`
   on scoring steps (every prefill step, for the last ``observation_window`` queries of
   each sequence as SnapKV does, and every ``score_interval``-th decode step), averaged
-  over the steps that observed the block.
+  over the steps that observed the block. ``snapkv`` (Li et al. 2024) scores a prompt
+  once, when its last chunk is computed: the last ``observation_window`` queries' mass
+  per key and KV head, pooled along the keys (:func:`pool_token_scores`), summed per
+  block over heads and layers; the prompt is compressed then, not chunk by chunk.
 
 :class:`KVCompressionManager` owns the policy state and the statistics; the engine calls
 it at a handful of points (listed in ``docs/TEAM-NOTES.md``): allocation and sizing,
@@ -77,6 +80,8 @@ __all__ = [
     "EvictionPolicy",
     "StreamingLLMPolicy",
     "HeavyHitterPolicy",
+    "SnapKVPolicy",
+    "pool_token_scores",
     "allocate_quantized_caches",
     "block_bytes",
     "write_kv",
@@ -94,10 +99,11 @@ _POOL_ALIGN = 256
 # The CUDA caching allocator rounds a large request up to 2 MiB and counts the rounding as
 # allocated when it is under 1 MiB: a pool sized to the byte would read as over budget.
 _CUDA_ALLOC_GRANULE = 2 * 2**20
-KV_COMPRESSION_POLICIES = ("none", "streaming", "heavy-hitter", "hybrid")
+KV_COMPRESSION_POLICIES = ("none", "streaming", "heavy-hitter", "snapkv", "hybrid")
 # Names users (and the server's flag help) reach for, mapped onto the policies above.
 POLICY_ALIASES = {"off": "none", "streamingllm": "streaming", "sink-window": "streaming", "importance": "heavy-hitter",
-                  "h2o": "heavy-hitter", "snapkv": "heavy-hitter", "heavy_hitter": "heavy-hitter"}
+                  "h2o": "heavy-hitter", "heavy_hitter": "heavy-hitter", "snap-kv": "snapkv"}
+POOLINGS = ("max", "avg")
 
 
 # --------------------------------------------------------------------------------------
@@ -113,7 +119,9 @@ class KVCompressionConfig:
     ``ceil(tokens / ratio)`` when ``ratio`` is given (so it grows with the sequence), and
     never less than the sinks plus the window plus one block. ``hybrid`` evicts like
     ``heavy-hitter`` and stores pages in ``int4`` unless ``kv_cache_dtype`` names a
-    quantized type.
+    compressed format. ``snapkv`` scores a prompt once, with its last
+    ``observation_window`` queries, scores pooled over ``pool_kernel`` neighbouring keys
+    (``pooling`` ``max`` or ``avg``), and evicts once the prompt is complete.
     """
 
     kv_cache_dtype: str = "auto"
@@ -124,6 +132,8 @@ class KVCompressionConfig:
     window_tokens: int = 256
     observation_window: int = 32
     score_interval: int = 8
+    pool_kernel: int = 7
+    pooling: str = "max"
 
     def __post_init__(self) -> None:
         policy = str(self.policy).strip().lower()
@@ -142,6 +152,8 @@ class KVCompressionConfig:
             ("window_tokens", self.window_tokens >= 0),
             ("observation_window", self.observation_window >= 1),
             ("score_interval", self.score_interval >= 1),
+            ("pool_kernel", self.pool_kernel >= 1 and self.pool_kernel % 2 == 1),
+            ("pooling", self.pooling in POOLINGS),
         ]
         for name, ok in checks:
             if not ok:
@@ -165,11 +177,11 @@ class KVCompressionConfig:
 
     @property
     def evicts(self) -> bool:
-        return self.policy in ("streaming", "heavy-hitter", "hybrid")
+        return self.policy in ("streaming", "heavy-hitter", "snapkv", "hybrid")
 
     @property
     def scores(self) -> bool:
-        return self.policy in ("heavy-hitter", "hybrid")
+        return self.policy in ("heavy-hitter", "snapkv", "hybrid")
 
 
 # --------------------------------------------------------------------------------------
@@ -395,17 +407,42 @@ def compressed_attention_step(
 # --------------------------------------------------------------------------------------
 
 
+def pool_token_scores(mass: torch.Tensor, kernel: int, pooling: str = "max") -> torch.Tensor:
+    """SnapKV's clustering step: each key's score ``mass [..., T]`` replaced by the max
+    (or mean) over the ``kernel`` keys centred on it (stride 1, same length; the mean
+    counts positions past either end as zeros, as ``avg_pool1d`` with padding does).
+
+    A key next to a strongly attended one is kept with it: the information a model
+    retrieves spans a few tokens (an identifier, a number), of which attention singles
+    out one or two.
+    """
+    if kernel <= 1:
+        return mass
+    flat = mass.reshape(-1, 1, mass.shape[-1])
+    if pooling == "max":
+        out = torch.nn.functional.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    else:
+        out = torch.nn.functional.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+    return out.view(mass.shape)
+
+
 class BlockScoreCollector:
     """Attention mass per block of each sequence of one step, summed over layers.
 
     Only the last ``observation_window`` queries of each sequence contribute (SnapKV's
-    observation window; a decode step has one query per sequence anyway).
+    observation window; a decode step has one query per sequence anyway). With
+    ``pool_kernel`` (SnapKV) each KV head's per-key mass is pooled along the keys
+    (:func:`pool_token_scores`) before a block sums its keys' scores.
     """
 
-    def __init__(self, request_ids: list[str], block_size: int, observation_window: int = 32) -> None:
+    def __init__(self, request_ids: list[str], block_size: int, observation_window: int = 32, *,
+                 pool_kernel: int | None = None, pooling: str = "max", observed: set[str] | None = None) -> None:
         self.request_ids = request_ids
+        self.observed = observed  # the sequences whose scores count (None: all)
         self.block_size = block_size
         self.observation_window = observation_window
+        self.pool_kernel = pool_kernel
+        self.pooling = pooling
         self.mass: torch.Tensor | None = None  # [B, max_blocks], fp32, on the device
         self.seq_lens: torch.Tensor | None = None
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -445,6 +482,8 @@ class BlockScoreCollector:
             mass = paged_token_attention_mass_ref(q_obs, k_pages, tables, ctx.seq_lens, cu_obs,
                                                   softmax_scale=softmax_scale).float()
             mass = torch.nn.functional.pad(mass, (0, max_kv - mass.shape[-1]))
+        if self.pool_kernel:
+            mass = pool_token_scores(mass, self.pool_kernel, self.pooling)
         per_block = mass.sum(1).view(mass.shape[0], -1, self.block_size).sum(-1)
         self.mass = per_block if self.mass is None else self.mass + per_block
         self.seq_lens = ctx.seq_lens
@@ -455,7 +494,8 @@ class BlockScoreCollector:
             return {}
         host = self.mass.double().cpu().numpy()
         lens = self.seq_lens.cpu().tolist()
-        return {rid: host[i, :math.ceil(lens[i] / self.block_size)] for i, rid in enumerate(self.request_ids)}
+        return {rid: host[i, :math.ceil(lens[i] / self.block_size)] for i, rid in enumerate(self.request_ids)
+                if self.observed is None or rid in self.observed}
 
 
 @dataclass
@@ -545,6 +585,14 @@ class HeavyHitterPolicy(EvictionPolicy):
         return sorted(candidates, key=lambda i: scores[i])
 
 
+class SnapKVPolicy(HeavyHitterPolicy):
+    """SnapKV (Li et al. 2024) at block granularity: once a prompt is complete, drop the
+    blocks whose keys the prompt's last queries attended least, scores pooled along the
+    keys; blocks written later (never scored) go oldest first."""
+
+    name = "snapkv"
+
+
 # --------------------------------------------------------------------------------------
 # Manager
 # --------------------------------------------------------------------------------------
@@ -568,6 +616,8 @@ class KVCompressionManager:
                       budget_tokens=config.budget_tokens, ratio=config.ratio)
         if config.policy == "streaming":
             self.policy: EvictionPolicy | None = StreamingLLMPolicy(**kwargs)
+        elif config.policy == "snapkv":
+            self.policy = SnapKVPolicy(**kwargs)
         elif config.scores:
             self.policy = HeavyHitterPolicy(**kwargs)
         else:
@@ -625,12 +675,21 @@ class KVCompressionManager:
         """A collector when this step should measure block scores (it then runs eagerly).
 
         ``scheduled`` are the step's ``ScheduledSeq`` (``.seq.request_id``,
-        ``.num_new_tokens``). Prefill steps always score (SnapKV); decode-only steps every
-        ``score_interval``-th time.
+        ``.num_new_tokens``, ``.samples``). Heavy-hitter: prefill steps always score,
+        decode-only steps every ``score_interval``-th time. SnapKV: the steps that complete
+        a prompt (its last chunk holds the observation window).
         """
         if self.policy is None or not self.config.scores:
             return None
         scheduled = list(scheduled)
+        if self.config.policy == "snapkv":
+            completing = {s.seq.request_id for s in scheduled if s.samples and (
+                s.num_new_tokens > 1 or s.seq.num_computed_tokens < s.seq.num_prompt_tokens)}
+            if not completing:
+                return None
+            return BlockScoreCollector([s.seq.request_id for s in scheduled], self.block_size,
+                                       self.config.observation_window, pool_kernel=self.config.pool_kernel,
+                                       pooling=self.config.pooling, observed=completing)
         prefill = any(s.num_new_tokens > 1 for s in scheduled)
         if not prefill:
             self._decode_steps += 1
@@ -646,8 +705,11 @@ class KVCompressionManager:
 
         Call after the scheduler committed the step (``num_computed_tokens`` advanced).
         """
+        snapkv = self.config.policy == "snapkv"
         if collector is not None:
             for rid, mass in collector.per_sequence().items():
+                if snapkv:  # one observation per prompt (a recomputed one replaces it)
+                    self._scores.pop(rid, None)
                 st = self._scores.setdefault(rid, _BlockScores(np.zeros(0), np.zeros(0)))
                 n = len(mass)
                 st.resize(n)
@@ -657,6 +719,8 @@ class KVCompressionManager:
             return 0
         freed = 0
         for seq in running:
+            if snapkv and seq.num_computed_tokens < seq.num_prompt_tokens:
+                continue  # SnapKV compresses a prompt once it is complete
             slots = seq.num_kv_slots
             st = self._scores.get(seq.request_id)
             scores = st.mean(math.ceil(slots / self.block_size)) if st is not None else None

@@ -69,7 +69,7 @@ class ServerSettings(BaseSettings):
     )
     kv_compression: str = Field(
         "none",
-        description="KV eviction policy: none, streaming (sinks + recent window), heavy-hitter (H2O/SnapKV), hybrid",
+        description="KV eviction policy: none, streaming (sinks + recent window), heavy-hitter (H2O), snapkv, hybrid",
     )
     kv_compression_ratio: float | None = Field(
         None, ge=1.0, le=64.0, description="eviction target: keep 1/ratio of each sequence's tokens"
