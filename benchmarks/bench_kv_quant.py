@@ -11,6 +11,8 @@
     * ``int8`` / ``int4`` (per-token scales): ``kv_quant``'s fp16-code kernel at
       ``kv_quant.decode_launch`` (the engine's schedule), with kv_quant's split policy, and ``int8@engine-splits``
       / ``int4@engine-splits`` with the split count the engine gives quantized pages.
+    * ``fp8``: e4m3 pages with per-head scales (``kernels/kv_fp8.py``, the engine's
+      ``--kv-cache-dtype fp8``) at the split count the engine gives compressed pages.
     * ``int8-generic``: the dequantizing kernel (``STREAM_ATTENTION_KV_FAST=0``), i.e. before.
     * ``int8-deferred-sums``: row sums kept per key column until the end
       (``STREAM_ATTENTION_KV_DEFER_SUMS=1``: two cross-warp reductions fewer per tile, more
@@ -22,7 +24,10 @@
     read (scales included), ``speedup_vs_bf16`` = bf16 ms / row ms, and the max error
     against float64 attention over the dequantized pages (first sequences).
 (b) Capacity: concurrent 4k-token sequences whose KV cache fits 8 GiB for a 1B-shaped Llama
-    (16 layers, 8 KV heads, head_dim 64), per page format; pools really allocated.
+    (16 layers, 8 KV heads, head_dim 64), per page format; pools really allocated, the
+    engine's formats through the engine's own sizing and allocation (``KVPoolLayout``: one
+    buffer, scratch block and scales counted), KIVI (per-channel keys, not an engine
+    format) as one buffer of its bytes; ``fits_budget`` compares ``memory_allocated``.
 
 The summary (``summary`` in the JSON, printed last) lists per case the bf16 time, int8 and
 int4 times and ratios, and the best int8 launch. Budget: ~2 minutes on an H100, compiles
@@ -45,6 +50,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stream_attention.core.distributed_utils import patched_environ  # noqa: E402
+from stream_attention.engine.kv_compression import KVPoolLayout  # noqa: E402
+from stream_attention.kernels import kv_fp8  # noqa: E402
 from stream_attention.kernels import kv_quant as kq  # noqa: E402
 from stream_attention.kernels import paged_attention as pa  # noqa: E402
 from stream_attention.kernels import paged_decode_tma as pdt  # noqa: E402
@@ -107,6 +114,24 @@ class Case:
         self.engine_quant_splits = pa.choose_num_splits(batch, HKV, ctx, dev, tma=False)
         self._pages: dict = {}
 
+    def fp8_pages(self):
+        if "fp8" not in self._pages:
+            slots = torch.arange(self.n_blocks * PAGE, device=self.dev)
+            kp = kv_fp8.Fp8Pages.empty(self.n_blocks, PAGE, HKV, D, device=self.dev)
+            vp = kv_fp8.Fp8Pages.empty(self.n_blocks, PAGE, HKV, D, device=self.dev)
+            kv_fp8.write_tokens_fp8(self.k.view(-1, HKV, D), slots, kp)
+            kv_fp8.write_tokens_fp8(self.v.view(-1, HKV, D), slots, vp)
+            self._pages["fp8"] = (kp, vp)
+        return self._pages["fp8"]
+
+    def fp8_error(self, out: torch.Tensor, n_ref: int = 2) -> float:
+        """Max |out - float64 attention over the dequantized e4m3 pages| on the first sequences."""
+        if "fp8-ref" not in self._pages:
+            kp, vp = self.fp8_pages()
+            self._pages["fp8-ref"] = kv_fp8.paged_attention_fp8_ref(
+                self.q[:n_ref], kp, vp, self.table[:n_ref], self.seq_lens[:n_ref], dtype=torch.float64)[0]
+        return float((out[:n_ref].double() - self._pages["fp8-ref"]).abs().max())
+
     def pages(self, bits: int, per_channel: bool = False):
         if bits == 16:
             return self.k, self.v
@@ -160,6 +185,24 @@ def _time_kq(case: Case, name: str, bits: int, *, per_channel: bool = False, lau
     if check:
         row["max_abs_err_vs_fp64_on_dequantized"] = case.kernel_error(out, bits, per_channel)
     return row
+
+
+def _time_fp8(case: Case, launch=None, splits: int | None = None) -> dict:
+    """e4m3 pages through ``kv_fp8.paged_attention_fp8`` (the engine's call for fp8 caches)."""
+    kp, vp = case.fp8_pages()
+    splits = splits or case.engine_quant_splits
+    launch = tuple(launch or kv_fp8.DEFAULT_LAUNCH["decode"])
+
+    def fn():
+        return kv_fp8.paged_attention_fp8(case.q, kp, vp, case.table, case.seq_lens, case.cu, max_q_len=1,
+                                          softmax_scale=case.scale, num_splits=splits, launch=launch)
+
+    out = fn()
+    _sync(case.dev)
+    ms = _bench(fn)
+    read = HKV * D * 2 * case.batch * case.avg_ctx  # one byte per K and V element
+    return {"format": "fp8", "bits": 8, "kernel": "kv_fp8.py", "launch": list(launch), "num_splits": splits,
+            "ms": ms, "tb_per_s": read / (ms * 1e-3) / 1e12, "max_abs_err_vs_fp64_on_dequantized": case.fp8_error(out)}
 
 
 def _time_engine(case: Case, launch=None, splits: int | None = None) -> dict:
@@ -252,6 +295,9 @@ def decode_case(batch: int, ctx: int, deadline: float, *, sweep: bool, extra: bo
     rows.append(_time_kq(case, "int4", 4))
     if case.engine_quant_splits != case.kq_splits:
         rows.append(_time_kq(case, "int4@engine-splits", 4, splits=case.engine_quant_splits))
+    rows.append(_time_fp8(case))
+    if case.kq_splits != case.engine_quant_splits:
+        rows.append({**_time_fp8(case, splits=case.kq_splits), "format": "fp8@kv_quant-splits"})
     rows.append(_time_kq(case, "int8-generic", 8, env={"STREAM_ATTENTION_KV_FAST": "0"}))
     if not over():
         rows.append(_time_kq(case, "int8-deferred-sums", 8, env={"STREAM_ATTENTION_KV_DEFER_SUMS": "1"}))
@@ -291,6 +337,8 @@ def decode_case(batch: int, ctx: int, deadline: float, *, sweep: bool, extra: bo
         "int4_ms": by["int4"]["ms"], "int4_speedup": by["int4"]["speedup_vs_bf16"],
         "int4_best_launch": best4["launch"], "int4_best_speedup": best4["speedup_vs_bf16"],
         "int8_generic_speedup": by["int8-generic"]["speedup_vs_bf16"],
+        "fp8_ms": by["fp8"]["ms"], "fp8_speedup": by["fp8"]["speedup_vs_bf16"],
+        "fp8_best_speedup": max(r["speedup_vs_bf16"] for r in rows if r["format"].startswith("fp8")),
         "bf16_best_launch": best_bf16["launch"], "bf16_best_ms": best_bf16["ms"],
         "int8_best_speedup_vs_best_bf16": best8["speedup_vs_best_bf16"],
     }
@@ -306,17 +354,21 @@ def capacity(budget_gib: float, seq_tokens: int) -> dict:
     budget = int(budget_gib * 2**30)
     blocks_per_seq = math.ceil(seq_tokens / PAGE)
     rows = []
-    for name, bits, per_channel in [("bf16", 16, False), ("int8", 8, False), ("int4", 4, False),
-                                    ("int8-kivi", 8, True), ("int4-kivi", 4, True)]:
-        per_block = kq.kv_bytes_per_token(hkv, d, bits, block_size=PAGE, key_per_channel=per_channel) * PAGE * layers
-        n_blocks = int(budget // per_block)
+    for name, fmt, bits, per_channel in [("bf16", None, 16, False), ("fp8", "fp8", 8, False),
+                                         ("int8", "int8", 8, False), ("int4", "int4", 4, False),
+                                         ("int8-kivi", None, 8, True), ("int4-kivi", None, 4, True)]:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated(dev)
-        if bits == 16:
-            pools = [torch.empty(n_blocks, PAGE, hkv, d, dtype=torch.bfloat16, device=dev) for _ in range(2 * layers)]
+        if not per_channel:  # the engine's sizing and allocation: usable blocks + the scratch block
+            layout = KVPoolLayout(layers, PAGE, hkv, d, fmt, torch.bfloat16)
+            n_blocks = layout.blocks_for_budget(budget, dev)
+            pools = layout.allocate(n_blocks + 1, dev)
+            per_block = layout.pool_bytes(2) - layout.pool_bytes(1)
         else:
-            pools = [kq.QuantizedPages.empty(n_blocks, PAGE, hkv, d, bits, per_channel=pc, device=dev)
-                     for _ in range(layers) for pc in (per_channel, False)]
+            per_block = kq.kv_bytes_per_token(hkv, d, bits, block_size=PAGE, key_per_channel=True) * PAGE * layers
+            granule = 2 * 2**20  # the caching allocator's rounding of large requests
+            n_blocks = int((budget // granule * granule) // per_block)
+            pools = torch.empty(int(n_blocks * per_block), dtype=torch.uint8, device=dev)
         torch.cuda.synchronize()
         used = torch.cuda.memory_allocated(dev) - before
         del pools
@@ -330,7 +382,7 @@ def capacity(budget_gib: float, seq_tokens: int) -> dict:
     for row in rows:
         row["vs_bf16"] = row["concurrent_sequences"] / base if base else None
     return {"model": "Llama-1B shape: 16 layers, 8 KV heads, head_dim 64", "budget_gib": budget_gib,
-            "sequence_tokens": seq_tokens, "page_size": PAGE, "rows": rows}
+            "budget_bytes": budget, "sequence_tokens": seq_tokens, "page_size": PAGE, "rows": rows}
 
 
 def _launch_str(launch) -> str:
@@ -357,15 +409,15 @@ def _print(res: dict) -> None:
         for r in cap["rows"]:
             print(f"{r['format']:<12} {r['bytes_per_token_all_layers']:>8.0f} B/token  "
                   f"{r['concurrent_sequences']:>5} seqs  ({r['vs_bf16']:.2f}x)  "
-                  f"allocated {r['allocated_bytes'] / 2**30:.2f} GiB")
-    print("\nsummary: int8 / int4 (fp16-code kernel) vs the bf16 paged kernel, same context")
+                  f"allocated {r['allocated_bytes'] / 2**30:.3f} GiB  fits_budget: {r['fits_budget']}")
+    print("\nsummary: fp8 / int8 / int4 (fp16-code kernel) vs the bf16 paged kernel, same context")
     print(f"{'batch':>6}{'ctx':>6}{'bf16 ms':>10}{'TB/s':>6}{'int8 ms':>10}{'x':>6}{'x@eng':>6}{'best x':>7}"
-          f"{'best launch':>16}{'int4 x':>8}{'generic x':>10}")
+          f"{'best launch':>16}{'int4 x':>8}{'generic x':>10}{'fp8 ms':>10}{'fp8 x':>7}")
     for s in res["summary"]:
         print(f"{s['batch']:>6}{s['context']:>6}{s['bf16_ms']:>10.4f}{s['bf16_tb_per_s']:>6.2f}{s['int8_ms']:>10.4f}"
               f"{s['int8_speedup']:>6.2f}{s['int8_engine_splits_speedup']:>6.2f}{s['int8_best_speedup']:>7.2f}"
               f"{_launch_str(s['int8_best_launch']):>16}{s['int4_speedup']:>8.2f}"
-              f"{s['int8_generic_speedup']:>10.2f}")
+              f"{s['int8_generic_speedup']:>10.2f}{s['fp8_ms']:>10.4f}{s['fp8_speedup']:>7.2f}")
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..kernels.kv_quant import QuantizedPages
 from ..kernels.paged_attention import paged_attention, paged_attention_torch, write_kv_pages
 
 if TYPE_CHECKING:
@@ -37,7 +36,8 @@ class AttentionContext:
     """Per-step metadata shared by all layers of one forward pass.
 
     ``kv_caches[layer] = (k_pages, v_pages)``, each ``[num_blocks, block_size, Hkv, D]`` (float
-    tensors, or :class:`~stream_attention.kernels.kv_quant.QuantizedPages` of that geometry).
+    tensors, or :class:`~stream_attention.kernels.kv_quant.QuantizedPages` /
+    :class:`~stream_attention.kernels.kv_fp8.Fp8Pages` of that geometry).
     ``slot_mapping`` (int64 ``[T]``) is where each new token's K/V goes; ``seq_lens`` (int32
     ``[B]``) counts each sequence's keys including this step's tokens; ``cu_seqlens_q``
     (int32 ``[B+1]``) delimits the packed queries.
@@ -104,7 +104,7 @@ def paged_attention_forward(
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
     k_pages, v_pages = ctx.kv_caches[module.layer_idx]
-    if isinstance(k_pages, QuantizedPages) or ctx.kv_scores is not None:
+    if not isinstance(k_pages, torch.Tensor) or ctx.kv_scores is not None:  # compressed pages, or scoring
         from .kv_compression import compressed_attention_step
 
         out = compressed_attention_step(q, k, v, k_pages, v_pages, ctx, scale, collector=ctx.kv_scores,

@@ -18,8 +18,8 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-# Quantized page formats (``kv_compression.QuantizedPages``): never parsed as torch dtypes.
-_QUANTIZED_KV = ("int8", "int4")
+# Compressed page formats (``engine/kv_compression.py``): never parsed as torch dtypes.
+_QUANTIZED_KV = ("fp8", "fp8_e4m3", "int8", "int4")
 
 
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -35,7 +35,10 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
 # Short names of the float dtypes (what the server's flags offer); ``parse_dtype`` also
 # takes the long ones.
 DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")
-DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+DTYPE_ALIASES = {
+    "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32",
+    "fp8_e4m3": "fp8",  # vLLM's name for the same e4m3 KV pages
+}
 
 
 def canonical_dtype_name(value: str) -> str:
@@ -94,11 +97,12 @@ class EngineConfig:
     cpu_kv_cache_bytes: int = setting(512 * 1024 * 1024, "bytes of KV pool on CPU", gt=0)
     num_kv_blocks: int | None = setting(None, "KV blocks in the pool (unset: size from memory)", ge=1)
     kv_cache_dtype: str = setting(
-        "auto", "storage format of KV pages (auto = the model dtype; int8/int4 quantize)",
-        choices=(*DTYPE_NAMES, "int8", "int4"),
+        "auto", "storage format of KV pages (auto = the model dtype; fp8 = e4m3 pages, alias fp8_e4m3; int8/int4 "
+        "quantize)",
+        choices=(*DTYPE_NAMES, "fp8", "fp8_e4m3", "int8", "int4"),
     )
     kv_compression: str = setting(
-        "none", "KV eviction policy: none, streaming (sinks + recent window), heavy-hitter (H2O/SnapKV), hybrid"
+        "none", "KV eviction policy: none, streaming (sinks + recent window), heavy-hitter (H2O), snapkv, hybrid"
     )
     kv_compression_ratio: float | None = setting(
         None, "eviction target: keep 1/ratio of each sequence's tokens (unless kv_budget_tokens)", ge=1.0, le=64.0
@@ -167,7 +171,7 @@ class EngineConfig:
 
     @property
     def kv_cache_quantized(self) -> bool:
-        """Whether ``kv_cache_dtype`` names a quantized page format (int8 / int4)."""
+        """Whether ``kv_cache_dtype`` names a compressed page format (fp8 / int8 / int4)."""
         return str(self.kv_cache_dtype).strip().lower() in _QUANTIZED_KV
 
     def kv_compression_config(self):

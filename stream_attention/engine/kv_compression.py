@@ -1,17 +1,22 @@
-"""Compressed KV cache for the engine: quantized pages, block eviction, and their numbers.
+"""Compressed KV cache for the engine: compressed pages, block eviction, and their numbers.
 
 Two independent mechanisms, combinable (``policy="hybrid"``):
 
-* **Quantized pages** (``kv_cache_dtype`` ``int8`` / ``int4``): every layer's K and V pools are
-  :class:`~stream_attention.kernels.kv_quant.QuantizedPages` (uint8 codes + fp16 scale/zero
-  per token and KV head). New tokens are quantized as they are written
-  (:func:`write_kv`); attention reads the codes and dequantizes in registers
-  (:func:`compressed_attention_step`), so a page never exists in 16-bit form. Scales are
-  per token for keys too: a decode step writes one token at a time (inside CUDA graphs),
-  while KIVI's per-channel key scales need a page's tokens before quantizing it; the
-  kernels support per-channel pages for block writes, and ``benchmarks/kv_quality.py``
-  reports both. A block costs :func:`block_bytes`, so the same memory budget holds about
-  1.9x (int8) / 3.6x (int4) more blocks at head_dim 128.
+* **Compressed pages** (``kv_cache_dtype`` ``fp8`` / ``int8`` / ``int4``). ``fp8``
+  (alias ``fp8_e4m3``, as vLLM's ``--kv-cache-dtype fp8``) stores e4m3 values in the
+  bf16 page layout at half the bytes, with one power-of-two scale per layer and KV head
+  calibrated from the first prompt (:mod:`stream_attention.kernels.kv_fp8` says why).
+  ``int8``/``int4`` pools are :class:`~stream_attention.kernels.kv_quant.QuantizedPages`
+  (uint8 codes + fp16 scale/zero per token and KV head). New tokens are quantized as they
+  are written (:func:`write_kv`); attention reads the stored values and converts them in
+  registers (:func:`compressed_attention_step`), so a page never exists in 16-bit form.
+  int8/int4 scales are per token for keys too: a decode step writes one token at a time
+  (inside CUDA graphs), while KIVI's per-channel key scales need a page's tokens before
+  quantizing it; the kernels support per-channel pages for block writes, and
+  ``benchmarks/kv_quality.py`` reports both. A block costs :func:`block_bytes`, so the
+  same memory budget holds 2x (fp8), about 1.9x (int8) / 3.6x (int4) more blocks at head_dim
+  128. Every format's pool is one allocation (:class:`KVPoolLayout`), sized so that the
+  bytes allocated, scratch block and scales included, never exceed the budget.
 * **Eviction** (``streaming`` = StreamingLLM sinks + recent window; ``heavy-hitter`` =
   H2O/SnapKV scores): once a sequence holds more cache slots than its budget, whole
   full blocks outside the sinks and the recent window are released back to the pool
@@ -20,7 +25,10 @@ Two independent mechanisms, combinable (``policy="hybrid"``):
   received, measured by :func:`~stream_attention.kernels.kv_quant.paged_token_attention_mass`
   on scoring steps (every prefill step, for the last ``observation_window`` queries of
   each sequence as SnapKV does, and every ``score_interval``-th decode step), averaged
-  over the steps that observed the block.
+  over the steps that observed the block. ``snapkv`` (Li et al. 2024) scores a prompt
+  once, when its last chunk is computed: the last ``observation_window`` queries' mass
+  per key and KV head, pooled along the keys (:func:`pool_token_scores`), summed per
+  block over heads and layers; the prompt is compressed then, not chunk by chunk.
 
 :class:`KVCompressionManager` owns the policy state and the statistics; the engine calls
 it at a handful of points (listed in ``docs/TEAM-NOTES.md``): allocation and sizing,
@@ -37,6 +45,16 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ..kernels.kv_fp8 import DEFAULT_LAUNCH as FP8_LAUNCH
+from ..kernels.kv_fp8 import (
+    Fp8Pages,
+    dequantize_fp8_pages,
+    paged_attention_fp8,
+    paged_attention_fp8_ref,
+    paged_token_attention_mass_fp8,
+    write_tokens_fp8,
+    write_tokens_fp8_ref,
+)
 from ..kernels.kv_quant import (
     DEFAULT_LAUNCH,
     QuantizedPages,
@@ -56,10 +74,14 @@ __all__ = [
     "KV_COMPRESSION_POLICIES",
     "KVCompressionConfig",
     "KVCompressionManager",
+    "KVPoolLayout",
+    "PAGE_FORMATS",
     "BlockScoreCollector",
     "EvictionPolicy",
     "StreamingLLMPolicy",
     "HeavyHitterPolicy",
+    "SnapKVPolicy",
+    "pool_token_scores",
     "allocate_quantized_caches",
     "block_bytes",
     "write_kv",
@@ -67,11 +89,21 @@ __all__ = [
 ]
 
 QUANTIZED_BITS = {"int8": 8, "int4": 4}
-KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "int8", "int4")
-KV_COMPRESSION_POLICIES = ("none", "streaming", "heavy-hitter", "hybrid")
+# Compressed page formats: e4m3 pages (vLLM's ``--kv-cache-dtype fp8``) and int8/int4 codes.
+PAGE_FORMATS = ("fp8", "int8", "int4")
+KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", *PAGE_FORMATS,
+                   *KV_CACHE_DTYPE_ALIASES)
+# Pool tensors start at multiples of this many bytes (coalesced loads; fp16/fp32 views of bytes).
+_POOL_ALIGN = 256
+# The CUDA caching allocator rounds a large request up to 2 MiB and counts the rounding as
+# allocated when it is under 1 MiB: a pool sized to the byte would read as over budget.
+_CUDA_ALLOC_GRANULE = 2 * 2**20
+KV_COMPRESSION_POLICIES = ("none", "streaming", "heavy-hitter", "snapkv", "hybrid")
 # Names users (and the server's flag help) reach for, mapped onto the policies above.
 POLICY_ALIASES = {"off": "none", "streamingllm": "streaming", "sink-window": "streaming", "importance": "heavy-hitter",
-                  "h2o": "heavy-hitter", "snapkv": "heavy-hitter", "heavy_hitter": "heavy-hitter"}
+                  "h2o": "heavy-hitter", "heavy_hitter": "heavy-hitter", "snap-kv": "snapkv"}
+POOLINGS = ("max", "avg")
 
 
 # --------------------------------------------------------------------------------------
@@ -87,7 +119,9 @@ class KVCompressionConfig:
     ``ceil(tokens / ratio)`` when ``ratio`` is given (so it grows with the sequence), and
     never less than the sinks plus the window plus one block. ``hybrid`` evicts like
     ``heavy-hitter`` and stores pages in ``int4`` unless ``kv_cache_dtype`` names a
-    quantized type.
+    compressed format. ``snapkv`` scores a prompt once, with its last
+    ``observation_window`` queries, scores pooled over ``pool_kernel`` neighbouring keys
+    (``pooling`` ``max`` or ``avg``), and evicts once the prompt is complete.
     """
 
     kv_cache_dtype: str = "auto"
@@ -98,11 +132,14 @@ class KVCompressionConfig:
     window_tokens: int = 256
     observation_window: int = 32
     score_interval: int = 8
+    pool_kernel: int = 7
+    pooling: str = "max"
 
     def __post_init__(self) -> None:
         policy = str(self.policy).strip().lower()
         self.policy = POLICY_ALIASES.get(policy, policy)
-        self.kv_cache_dtype = str(self.kv_cache_dtype).strip().lower()
+        kv_dtype = str(self.kv_cache_dtype).strip().lower()
+        self.kv_cache_dtype = KV_CACHE_DTYPE_ALIASES.get(kv_dtype, kv_dtype)
 
     def validate(self) -> KVCompressionConfig:
         """Raise ``ValueError`` naming the first bad field; returns ``self``."""
@@ -115,6 +152,8 @@ class KVCompressionConfig:
             ("window_tokens", self.window_tokens >= 0),
             ("observation_window", self.observation_window >= 1),
             ("score_interval", self.score_interval >= 1),
+            ("pool_kernel", self.pool_kernel >= 1 and self.pool_kernel % 2 == 1),
+            ("pooling", self.pooling in POOLINGS),
         ]
         for name, ok in checks:
             if not ok:
@@ -124,20 +163,25 @@ class KVCompressionConfig:
         return self
 
     @property
+    def page_format(self) -> str | None:
+        """``fp8``, ``int8`` or ``int4``; None for float pages (hybrid defaults to int4)."""
+        if self.kv_cache_dtype in PAGE_FORMATS:
+            return self.kv_cache_dtype
+        return "int4" if self.policy == "hybrid" else None
+
+    @property
     def bits(self) -> int | None:
-        """Page bit width, or None for float pages."""
-        bits = QUANTIZED_BITS.get(self.kv_cache_dtype)
-        if bits is None and self.policy == "hybrid":
-            return 4
-        return bits
+        """Bits per stored K/V element of a compressed format (fp8: 8), or None for float pages."""
+        fmt = self.page_format
+        return None if fmt is None else QUANTIZED_BITS.get(fmt, 8)
 
     @property
     def evicts(self) -> bool:
-        return self.policy in ("streaming", "heavy-hitter", "hybrid")
+        return self.policy in ("streaming", "heavy-hitter", "snapkv", "hybrid")
 
     @property
     def scores(self) -> bool:
-        return self.policy in ("heavy-hitter", "hybrid")
+        return self.policy in ("heavy-hitter", "snapkv", "hybrid")
 
 
 # --------------------------------------------------------------------------------------
@@ -145,37 +189,123 @@ class KVCompressionConfig:
 # --------------------------------------------------------------------------------------
 
 
-def block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, bits: int,
-                float_dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes one block takes over all layers (K and V, scales included)."""
+def block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, bits: int | None,
+                float_dtype: torch.dtype = torch.bfloat16, *, page_format: str | None = None) -> int:
+    """Bytes one block takes over all layers (K and V, per-token scales included).
+
+    ``page_format`` ``fp8`` stores one byte per element (its per-head scales are not per
+    block: :meth:`KVPoolLayout.pool_bytes` counts them); otherwise ``bits`` 8/4 are int8/int4
+    codes with fp16 (scale, zero) per token, and 16/None float pages of ``float_dtype``.
+    """
+    if page_format == "fp8":
+        return 2 * num_layers * block_size * num_kv_heads * head_dim
     if bits == 16 or bits is None:
         elem = torch.empty((), dtype=float_dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
     return int(num_layers * block_size * kv_bytes_per_token(num_kv_heads, head_dim, bits, block_size=block_size))
 
 
+def _align(n: int) -> int:
+    return -(-n // _POOL_ALIGN) * _POOL_ALIGN
+
+
+@dataclass(frozen=True)
+class KVPoolLayout:
+    """Shapes of one engine's KV pool; every tensor of it lives in one byte buffer.
+
+    One allocation (rather than one per layer and per K/V, data and scales) makes the
+    pool's size what it is on paper: the CUDA caching allocator rounds each large request
+    up to 2 MiB, which over the 4 x layers tensors of a quantized pool overshot an 8 GiB
+    budget by 30 MB. :meth:`blocks_for_budget` then sizes the pool, scratch block and
+    scales included, so that the bytes allocated never exceed the budget.
+    """
+
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    page_format: str | None  # fp8 | int8 | int4 | None (float pages)
+    float_dtype: torch.dtype = torch.bfloat16
+
+    def _parts(self, num_blocks: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of one layer's tensors: K's then V's."""
+        page = (num_blocks, self.block_size, self.num_kv_heads)
+        fmt = self.page_format
+        if fmt is None:
+            one = [((*page, self.head_dim), self.float_dtype)]
+        elif fmt == "fp8":
+            one = [((*page, self.head_dim), torch.float8_e4m3fn), ((self.num_kv_heads,), torch.float32)]
+        else:
+            bits = QUANTIZED_BITS[fmt]
+            one = [((*page, self.head_dim * bits // 8), torch.uint8), ((*page, 2), torch.float16)]
+        return one + one
+
+    def pool_bytes(self, num_blocks: int) -> int:
+        """Bytes of the buffer holding ``num_blocks`` blocks (count the scratch block in)."""
+        per_layer = sum(_align(math.prod(shape) * dt.itemsize)
+                        for shape, dt in self._parts(num_blocks))
+        return self.num_layers * per_layer
+
+    def blocks_for_budget(self, budget: int, device: torch.device | str) -> int:
+        """Most usable blocks such that the pool with one scratch block more fits ``budget``
+        bytes as the device's allocator counts them; 0 when not even one fits."""
+        granule = _CUDA_ALLOC_GRANULE if torch.device(device).type == "cuda" else 1
+
+        def fits(n: int) -> bool:
+            return -(-self.pool_bytes(n + 1) // granule) * granule <= budget
+
+        n = max(0, budget // (self.pool_bytes(2) - self.pool_bytes(1)))
+        while n > 0 and not fits(n):  # a few steps: alignment and the granule cost < 2 MiB of blocks
+            n -= 1
+        return int(n)
+
+    def allocate(self, num_blocks: int, device: torch.device | str) -> list[tuple[Any, Any]]:
+        """Per-layer ``(k_pages, v_pages)``: float tensors, :class:`Fp8Pages` or
+        :class:`QuantizedPages` of ``num_blocks`` blocks (zeroed), views of one buffer."""
+        buffer = torch.zeros(self.pool_bytes(num_blocks), dtype=torch.uint8, device=device)
+        offset = 0
+        layers = []
+        for _ in range(self.num_layers):
+            views = []
+            for shape, dt in self._parts(num_blocks):
+                size = math.prod(shape) * dt.itemsize
+                views.append(buffer[offset:offset + size].view(dt).view(shape))
+                offset += _align(size)
+            half = len(views) // 2
+            layers.append((self._pages(views[:half]), self._pages(views[half:])))
+        return layers
+
+    def _pages(self, views: list[torch.Tensor]) -> Any:
+        if self.page_format is None:
+            return views[0]
+        if self.page_format == "fp8":
+            return Fp8Pages(views[0], views[1])
+        return QuantizedPages(views[0], views[1], QUANTIZED_BITS[self.page_format], self.head_dim)
+
+
 def allocate_quantized_caches(
     num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, bits: int,
     device: torch.device | str,
 ) -> list[tuple[QuantizedPages, QuantizedPages]]:
-    """Per-layer ``(k_pages, v_pages)`` pools of ``num_blocks`` blocks (include the scratch block)."""
-    return [
-        (QuantizedPages.empty(num_blocks, block_size, num_kv_heads, head_dim, bits, device=device),
-         QuantizedPages.empty(num_blocks, block_size, num_kv_heads, head_dim, bits, device=device))
-        for _ in range(num_layers)
-    ]
+    """Per-layer int8/int4 ``(k_pages, v_pages)`` pools of ``num_blocks`` blocks (include the scratch block)."""
+    fmt = {8: "int8", 4: "int4"}[bits]
+    return KVPoolLayout(num_layers, block_size, num_kv_heads, head_dim, fmt).allocate(num_blocks, device)
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_pages: QuantizedPages | torch.Tensor,
-             v_pages: QuantizedPages | torch.Tensor, slot_mapping: torch.Tensor, *,
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_pages: Any, v_pages: Any, slot_mapping: torch.Tensor, *,
              use_triton: bool | None = None) -> None:
     """Store new ``k, v [T, Hkv, D]`` at ``slot_mapping [T]``: quantized for
-    :class:`QuantizedPages`, copied for float pages. No host sync (CUDA-graph safe).
+    :class:`QuantizedPages` / :class:`Fp8Pages`, copied for float pages. No host sync
+    (CUDA-graph safe; fp8 pages calibrate their scales on their first write, eagerly).
     ``use_triton=None`` uses the Triton kernel wherever it can run; False forces the
     torch reference (the engine's torch backend)."""
     if use_triton is None:
         use_triton = triton_runs_on(k.device)
-    if not isinstance(k_pages, QuantizedPages):
+    if isinstance(k_pages, Fp8Pages):
+        write = write_tokens_fp8 if use_triton else write_tokens_fp8_ref
+        write(k, slot_mapping, k_pages)
+        write(v, slot_mapping, v_pages)
+    elif not isinstance(k_pages, QuantizedPages):
         hkv, d = k_pages.shape[2], k_pages.shape[3]
         k_pages.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(k_pages.dtype))
         v_pages.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(v_pages.dtype))
@@ -236,8 +366,20 @@ def compressed_attention_step(
             cu_seqlens_k=ctx.cu_seqlens_q, max_seqlen_q=ctx.max_q_len, max_seqlen_k=ctx.max_q_len, store_lse=False,
         )
         return out
-    fast = triton_ok and (isinstance(k_pages, QuantizedPages) or k_pages.dtype == q.dtype)
-    if fast:
+    fast = triton_ok and (isinstance(k_pages, (QuantizedPages, Fp8Pages)) or k_pages.dtype == q.dtype)
+    if isinstance(k_pages, Fp8Pages):
+        if fast:
+            launch = FP8_LAUNCH["decode" if ctx.max_q_len <= 1 else "prefill"]
+            res = paged_attention_fp8(q, k_pages, v_pages, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q,
+                                      max_q_len=ctx.max_q_len, softmax_scale=softmax_scale,
+                                      num_splits=ctx.num_splits if ctx.max_q_len <= 1 else 1,
+                                      return_lse=want_lse, launch=launch)
+            out, lse = res if want_lse else (res, None)
+        else:
+            out32, lse = paged_attention_fp8_ref(q, k_pages, v_pages, ctx.block_tables, ctx.seq_lens,
+                                                 ctx.cu_seqlens_q, softmax_scale=softmax_scale)
+            out = out32.to(q.dtype)
+    elif fast:
         if ctx.max_q_len <= 1:
             quantized = isinstance(k_pages, QuantizedPages)
             bits, kv_heads = (k_pages.bits, k_pages.num_heads) if quantized else (16, k_pages.shape[2])
@@ -265,17 +407,42 @@ def compressed_attention_step(
 # --------------------------------------------------------------------------------------
 
 
+def pool_token_scores(mass: torch.Tensor, kernel: int, pooling: str = "max") -> torch.Tensor:
+    """SnapKV's clustering step: each key's score ``mass [..., T]`` replaced by the max
+    (or mean) over the ``kernel`` keys centred on it (stride 1, same length; the mean
+    counts positions past either end as zeros, as ``avg_pool1d`` with padding does).
+
+    A key next to a strongly attended one is kept with it: the information a model
+    retrieves spans a few tokens (an identifier, a number), of which attention singles
+    out one or two.
+    """
+    if kernel <= 1:
+        return mass
+    flat = mass.reshape(-1, 1, mass.shape[-1])
+    if pooling == "max":
+        out = torch.nn.functional.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    else:
+        out = torch.nn.functional.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+    return out.view(mass.shape)
+
+
 class BlockScoreCollector:
     """Attention mass per block of each sequence of one step, summed over layers.
 
     Only the last ``observation_window`` queries of each sequence contribute (SnapKV's
-    observation window; a decode step has one query per sequence anyway).
+    observation window; a decode step has one query per sequence anyway). With
+    ``pool_kernel`` (SnapKV) each KV head's per-key mass is pooled along the keys
+    (:func:`pool_token_scores`) before a block sums its keys' scores.
     """
 
-    def __init__(self, request_ids: list[str], block_size: int, observation_window: int = 32) -> None:
+    def __init__(self, request_ids: list[str], block_size: int, observation_window: int = 32, *,
+                 pool_kernel: int | None = None, pooling: str = "max", observed: set[str] | None = None) -> None:
         self.request_ids = request_ids
+        self.observed = observed  # the sequences whose scores count (None: all)
         self.block_size = block_size
         self.observation_window = observation_window
+        self.pool_kernel = pool_kernel
+        self.pooling = pooling
         self.mass: torch.Tensor | None = None  # [B, max_blocks], fp32, on the device
         self.seq_lens: torch.Tensor | None = None
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -303,12 +470,20 @@ class BlockScoreCollector:
         if use_triton is None:
             use_triton = triton_runs_on(q.device)
         if use_triton:
-            mass = paged_token_attention_mass(q_obs, k_pages, ctx.block_tables, ctx.seq_lens, lse_obs, cu_obs,
-                                              softmax_scale=softmax_scale, max_kv_len=max_kv)
+            token_mass = paged_token_attention_mass_fp8 if isinstance(k_pages, Fp8Pages) else \
+                paged_token_attention_mass
+            mass = token_mass(q_obs, k_pages, ctx.block_tables, ctx.seq_lens, lse_obs, cu_obs,
+                              softmax_scale=softmax_scale, max_kv_len=max_kv)
         else:
-            mass = paged_token_attention_mass_ref(q_obs, k_pages, ctx.block_tables, ctx.seq_lens, cu_obs,
+            tables = ctx.block_tables
+            if isinstance(k_pages, Fp8Pages):  # the reference reads float pages: the step's blocks, dequantized
+                k_pages = dequantize_fp8_pages(k_pages, tables.flatten(), q.dtype)
+                tables = torch.arange(tables.numel(), dtype=torch.int32, device=q.device).view(tables.shape)
+            mass = paged_token_attention_mass_ref(q_obs, k_pages, tables, ctx.seq_lens, cu_obs,
                                                   softmax_scale=softmax_scale).float()
             mass = torch.nn.functional.pad(mass, (0, max_kv - mass.shape[-1]))
+        if self.pool_kernel:
+            mass = pool_token_scores(mass, self.pool_kernel, self.pooling)
         per_block = mass.sum(1).view(mass.shape[0], -1, self.block_size).sum(-1)
         self.mass = per_block if self.mass is None else self.mass + per_block
         self.seq_lens = ctx.seq_lens
@@ -319,7 +494,8 @@ class BlockScoreCollector:
             return {}
         host = self.mass.double().cpu().numpy()
         lens = self.seq_lens.cpu().tolist()
-        return {rid: host[i, :math.ceil(lens[i] / self.block_size)] for i, rid in enumerate(self.request_ids)}
+        return {rid: host[i, :math.ceil(lens[i] / self.block_size)] for i, rid in enumerate(self.request_ids)
+                if self.observed is None or rid in self.observed}
 
 
 @dataclass
@@ -409,6 +585,14 @@ class HeavyHitterPolicy(EvictionPolicy):
         return sorted(candidates, key=lambda i: scores[i])
 
 
+class SnapKVPolicy(HeavyHitterPolicy):
+    """SnapKV (Li et al. 2024) at block granularity: once a prompt is complete, drop the
+    blocks whose keys the prompt's last queries attended least, scores pooled along the
+    keys; blocks written later (never scored) go oldest first."""
+
+    name = "snapkv"
+
+
 # --------------------------------------------------------------------------------------
 # Manager
 # --------------------------------------------------------------------------------------
@@ -426,10 +610,14 @@ class KVCompressionManager:
         self.block_size = block_size
         self.float_dtype = float_dtype
         self.bits = config.bits
+        self.page_format = config.page_format
+        self.layout = KVPoolLayout(num_layers, block_size, num_kv_heads, head_dim, self.page_format, float_dtype)
         kwargs = dict(block_size=block_size, sink_tokens=config.sink_tokens, window_tokens=config.window_tokens,
                       budget_tokens=config.budget_tokens, ratio=config.ratio)
         if config.policy == "streaming":
             self.policy: EvictionPolicy | None = StreamingLLMPolicy(**kwargs)
+        elif config.policy == "snapkv":
+            self.policy = SnapKVPolicy(**kwargs)
         elif config.scores:
             self.policy = HeavyHitterPolicy(**kwargs)
         else:
@@ -443,35 +631,65 @@ class KVCompressionManager:
     # ------------------------------------------------------------ sizing
     @property
     def quantized(self) -> bool:
-        return self.bits is not None
+        """Whether pages are stored compressed (fp8 / int8 / int4)."""
+        return self.page_format is not None
+
+    @property
+    def format_name(self) -> str:
+        """``fp8``, ``int8``, ``int4``, or the float pages' dtype (``bfloat16``, ...)."""
+        return self.page_format or str(self.float_dtype).removeprefix("torch.")
 
     def block_bytes(self) -> int:
         """Bytes per block over all layers in this cache's page format."""
         return block_bytes(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.bits or 16,
-                           self.float_dtype)
+                           self.float_dtype, page_format=self.page_format)
 
     def dense_bytes_per_token(self) -> int:
         """What one token costs in an uncompressed cache of ``float_dtype`` (all layers)."""
         return block_bytes(self.num_layers, 1, self.num_kv_heads, self.head_dim, 16, self.float_dtype)
 
-    def allocate(self, num_blocks: int, device: torch.device | str) -> list[tuple[QuantizedPages, QuantizedPages]]:
-        """Quantized per-layer pools (``num_blocks`` including any scratch block)."""
-        if not self.quantized:
-            raise RuntimeError("float pages are allocated by the model runner")
-        return allocate_quantized_caches(self.num_layers, num_blocks, self.block_size, self.num_kv_heads,
-                                         self.head_dim, self.bits, device)
+    def pool_bytes(self, num_blocks: int) -> int:
+        """Bytes :meth:`allocate` takes for ``num_blocks`` blocks (scratch included if counted in)."""
+        return self.layout.pool_bytes(num_blocks)
+
+    def blocks_for_budget(self, budget: int, device: torch.device | str) -> int:
+        """Usable blocks whose pool, plus the scratch block, fits ``budget`` allocated bytes."""
+        return self.layout.blocks_for_budget(budget, device)
+
+    def allocate(self, num_blocks: int, device: torch.device | str) -> list[tuple[Any, Any]]:
+        """Per-layer ``(k_pages, v_pages)`` pools of ``num_blocks`` blocks (including any
+        scratch block) in this cache's format, all in one allocation."""
+        return self.layout.allocate(num_blocks, device)
+
+    @staticmethod
+    def reset_calibration(kv_caches: Iterable[tuple[Any, Any]]) -> None:
+        """Make fp8 pages calibrate their scales again on their next write (call after
+        warm-up steps wrote dummy tokens); other formats have nothing to reset."""
+        for k_pages, v_pages in kv_caches:
+            for pages in (k_pages, v_pages):
+                if isinstance(pages, Fp8Pages):
+                    pages.reset_scales()
 
     # ------------------------------------------------------------ scoring
     def start_step(self, scheduled: Iterable[Any]) -> BlockScoreCollector | None:
         """A collector when this step should measure block scores (it then runs eagerly).
 
         ``scheduled`` are the step's ``ScheduledSeq`` (``.seq.request_id``,
-        ``.num_new_tokens``). Prefill steps always score (SnapKV); decode-only steps every
-        ``score_interval``-th time.
+        ``.num_new_tokens``, ``.samples``). Heavy-hitter: prefill steps always score,
+        decode-only steps every ``score_interval``-th time. SnapKV: the steps that complete
+        a prompt (its last chunk holds the observation window).
         """
         if self.policy is None or not self.config.scores:
             return None
         scheduled = list(scheduled)
+        if self.config.policy == "snapkv":
+            completing = {s.seq.request_id for s in scheduled if s.samples and (
+                s.num_new_tokens > 1 or s.seq.num_computed_tokens < s.seq.num_prompt_tokens)}
+            if not completing:
+                return None
+            return BlockScoreCollector([s.seq.request_id for s in scheduled], self.block_size,
+                                       self.config.observation_window, pool_kernel=self.config.pool_kernel,
+                                       pooling=self.config.pooling, observed=completing)
         prefill = any(s.num_new_tokens > 1 for s in scheduled)
         if not prefill:
             self._decode_steps += 1
@@ -487,8 +705,11 @@ class KVCompressionManager:
 
         Call after the scheduler committed the step (``num_computed_tokens`` advanced).
         """
+        snapkv = self.config.policy == "snapkv"
         if collector is not None:
             for rid, mass in collector.per_sequence().items():
+                if snapkv:  # one observation per prompt (a recomputed one replaces it)
+                    self._scores.pop(rid, None)
                 st = self._scores.setdefault(rid, _BlockScores(np.zeros(0), np.zeros(0)))
                 n = len(mass)
                 st.resize(n)
@@ -498,6 +719,8 @@ class KVCompressionManager:
             return 0
         freed = 0
         for seq in running:
+            if snapkv and seq.num_computed_tokens < seq.num_prompt_tokens:
+                continue  # SnapKV compresses a prompt once it is complete
             slots = seq.num_kv_slots
             st = self._scores.get(seq.request_id)
             scores = st.mean(math.ceil(slots / self.block_size)) if st is not None else None
@@ -524,7 +747,7 @@ class KVCompressionManager:
         dense = tokens * self.dense_bytes_per_token()
         stored = block_manager.num_used_blocks * self.block_bytes()
         return {
-            "kv_cache_format": f"int{self.bits}" if self.quantized else str(self.float_dtype).removeprefix("torch."),
+            "kv_cache_format": self.format_name,
             "kv_compression_policy": self.config.policy,
             "kv_compression_ratio": dense / stored if stored else 1.0,
             "kv_bytes_saved": max(dense - stored, 0),

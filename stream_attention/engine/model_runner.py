@@ -26,7 +26,7 @@ from ..kernels.paged_attention import choose_num_splits
 from . import attention as attn_hook
 from . import fused_llama
 from .config import EngineConfig, parse_dtype
-from .kv_compression import BlockScoreCollector, KVCompressionManager
+from .kv_compression import BlockScoreCollector, KVCompressionManager, QuantizedPages
 from .scheduler import ScheduledSeq
 
 log = logging.getLogger("stream_attention.engine")
@@ -111,17 +111,9 @@ class ModelRunner:
         self.fused = fused_llama.build(model, use_triton=self.backend == "triton", enabled=config.fused_layers)
 
         self.num_blocks = self._size_cache()
-        # One extra page per layer is a scratch target for the padding rows of a graph.
-        self.k_cache: torch.Tensor | None = None
-        self.v_cache: torch.Tensor | None = None
-        if self.kv_mgr.quantized:
-            # Quantized pools only: the pages never exist in 16-bit form.
-            self.kv_caches = self.kv_mgr.allocate(self.num_blocks + 1, device)
-        else:
-            shape = (g.num_layers, self.num_blocks + 1, self.block_size, g.num_kv_heads, g.head_dim)
-            self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
-            self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
-            self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(g.num_layers)]
+        # One extra page per layer is a scratch target for the padding rows of a graph. The
+        # pool is one allocation in the cache's format (compressed pages never exist in 16 bits).
+        self.kv_caches = self.kv_mgr.allocate(self.num_blocks + 1, device)
         self.scratch_slot = self.num_blocks * self.block_size
         log.info(
             "KV cache: %d blocks x %d tokens (%.2f GiB, %s, compression %s), attention backend %s",
@@ -141,6 +133,8 @@ class ModelRunner:
                 log.warning("CUDA graph capture failed (%s); decode runs eagerly", exc)
                 self.graphs.clear()
                 self._graph_sizes = []
+        # Warm-up and capture wrote dummy tokens: fp8 scales calibrate on the first real prompt.
+        self.kv_mgr.reset_calibration(self.kv_caches)
 
     # ----------------------------------------------------------------- sizing
     @property
@@ -150,11 +144,12 @@ class ModelRunner:
 
     @property
     def kv_cache_format(self) -> str:
-        return f"int{self.kv_mgr.bits}" if self.kv_mgr.quantized else str(self.kv_dtype).removeprefix("torch.")
+        return self.kv_mgr.format_name
 
     @property
     def kv_cache_bytes(self) -> int:
-        return self.block_bytes * self.num_blocks
+        """Bytes of the allocated pool (scratch block and scales included)."""
+        return self.kv_mgr.pool_bytes(self.num_blocks + 1)
 
     def _size_cache(self) -> int:
         cfg = self.config
@@ -166,7 +161,7 @@ class ModelRunner:
             budget = cfg.cpu_kv_cache_bytes
         else:
             budget = self._profile_free_memory()
-        blocks = int(budget // self.block_bytes)
+        blocks = self.kv_mgr.blocks_for_budget(budget, self.device)
         if blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache (budget {budget} bytes, block {self.block_bytes})")
         return blocks
@@ -178,23 +173,12 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
         tokens = min(self.config.max_num_batched_tokens, self.max_model_len * self.config.max_num_seqs)
-        g = self.geometry
         n_seqs = max(1, min(self.config.max_num_seqs, -(-tokens // self.max_model_len)))
         per = -(-tokens // n_seqs)
         lens = [per] * (n_seqs - 1) + [tokens - per * (n_seqs - 1)]
         blocks = sum(-(-n // self.block_size) for n in lens)
-        if self.kv_mgr.quantized:
-            tmp_caches = self.kv_mgr.allocate(blocks + 1, self.device)
-            tmp_bytes = (blocks + 1) * self.block_bytes
-            self.kv_caches = tmp_caches
-        else:
-            tmp_shape = (g.num_layers, blocks + 1, self.block_size, g.num_kv_heads, g.head_dim)
-            tmp_k = torch.empty(tmp_shape, dtype=self.kv_dtype, device=self.device)
-            tmp_v = torch.empty_like(tmp_k)
-            tmp_bytes = 2 * tmp_k.numel() * tmp_k.element_size()
-            tmp_caches = [(tmp_k[i], tmp_v[i]) for i in range(g.num_layers)]
-            del tmp_k, tmp_v
-            self.kv_caches = tmp_caches
+        self.kv_caches = tmp_caches = self.kv_mgr.allocate(blocks + 1, self.device)
+        tmp_bytes = self.kv_mgr.pool_bytes(blocks + 1)
         tables, nxt = [], 0
         for n in lens:
             nb = -(-n // self.block_size)
@@ -277,14 +261,14 @@ class ModelRunner:
             return
         src = torch.tensor([p[0] for p in pairs], dtype=torch.long).to(self.device, non_blocking=True)
         dst = torch.tensor([p[1] for p in pairs], dtype=torch.long).to(self.device, non_blocking=True)
-        if self.k_cache is not None:
-            for cache in (self.k_cache, self.v_cache):
-                cache[:, dst] = cache[:, src]
-            return
-        for pages in self.kv_caches:  # quantized: codes and their scales, per layer
+        for pages in self.kv_caches:
             for p in pages:
-                p.data[dst] = p.data[src]
-                p.scales[dst] = p.scales[src]
+                if isinstance(p, torch.Tensor):  # 16/32-bit pages
+                    p[dst] = p[src]
+                    continue
+                p.data[dst] = p.data[src]  # fp8 pages keep one scale per head: nothing else per block
+                if isinstance(p, QuantizedPages):  # int8/int4 codes carry their scales per block
+                    p.scales[dst] = p.scales[src]
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, BlockScoreCollector | None]:

@@ -14,9 +14,16 @@ built by ``--cache module:factory`` or a ``DynamicCache``), so KV-cache compress
 and chunked-prefill variants show up in the score; ``--model-hook module:function``
 may wrap or modify the loaded model (e.g. star attention) before scoring.
 
+``--kv-compression POLICY --ratio R`` evaluates a compressed KV cache instead
+(:mod:`stream_attention.models.needle`): needle retrieval accuracy (a value assigned near
+the top of a held-out file, asked for at the end of the context) and the perplexity of
+held-out continuations, each with the full cache and with the context's cache compressed
+by the engine's policy (``streaming``, ``heavy-hitter``, ``snapkv``, ``hybrid``).
+
 Examples::
 
     stream-attention-eval --out heldout.json                       # the default model
+    stream-attention-eval --kv-compression snapkv --ratio 4        # needle accuracy + perplexity
     stream-attention-eval --model path/to/hf_dir --attn stream_attention --backend triton
     stream-attention-eval --max-bytes 20000 --anchors none         # a quick slice
 """
@@ -380,6 +387,35 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def evaluate_kv_compression(args: argparse.Namespace) -> dict[str, Any]:
+    """Needle accuracy and continuation perplexity, full cache vs ``--kv-compression`` at ``--ratio``."""
+    from . import needle
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    # Eager attention: the harness reads the observation window's attention weights.
+    model, tok, info = load_model(args.model, device, dtype, "eager")
+    tok.model_max_length = 1 << 30  # whole documents are tokenized, then cut
+    docs = [d.text for d in load_documents(args.text)]
+    ctx = args.needle_context or int(getattr(model.config, "max_position_embeddings", 2048)) - 64
+    settings = needle.NeedleSettings(window_tokens=args.kv_window_tokens)
+    configs = [("none", 1.0), (args.kv_compression, args.ratio)]
+    cases = needle.make_needle_cases(tok, docs, args.needles, ctx, depth=args.needle_depth, seed=args.seed)
+    result: dict[str, Any] = {"model": info, "device": str(device), "context_tokens": ctx,
+                              "needle_depth": args.needle_depth, "settings": vars(settings)}
+    result["needle"] = needle.run_needles(model, tok, cases, configs, settings)
+    windows, span = [], args.ppl_context + args.ppl_tokens
+    for d in docs:
+        ids = tok.encode(d, add_special_tokens=False)
+        if len(ids) >= span:
+            windows.append(([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids[:span - 1])
+        if len(windows) == args.ppl_windows:
+            break
+    result["perplexity"] = {f"{p}@{r:g}": needle.continuation_nll(model, windows, args.ppl_context, p, r, settings)
+                            for p, r in configs}
+    return result
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Held-out perplexity / bits per byte vs xz and zstd.")
     ap.add_argument("--model", default="default", help="'default', a Hugging Face model dir, or 'none' (anchors only)")
@@ -401,14 +437,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--samples", type=int, default=0, help="also generate greedy/sampled continuations of N tokens")
     ap.add_argument("--anchors", default="all", choices=["all", "none"])
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here too")
-    return ap.parse_args(argv)
+    kv = ap.add_argument_group("KV-cache compression (needle retrieval + continuation perplexity)")
+    kv.add_argument("--kv-compression", default=None, choices=["streaming", "heavy-hitter", "snapkv", "hybrid", "none"],
+                    help="evaluate this eviction policy against the full cache instead of held-out perplexity")
+    kv.add_argument("--ratio", type=float, default=4.0, help="compression ratio of the context's cache")
+    kv.add_argument("--needles", type=int, default=12, help="needle cases (numbers, identifiers, strings in turn)")
+    kv.add_argument("--needle-context", type=int, default=0, help="context tokens (default: max positions - 64)")
+    kv.add_argument("--needle-depth", type=float, default=0.1, help="where the needle goes, as a share of the context")
+    kv.add_argument("--kv-window-tokens", type=int, default=32, help="recent tokens eviction never drops")
+    kv.add_argument("--ppl-windows", type=int, default=4, help="held-out windows for the continuation perplexity")
+    kv.add_argument("--ppl-context", type=int, default=1024, help="compressed context before the scored tokens")
+    kv.add_argument("--ppl-tokens", type=int, default=256, help="scored continuation tokens per window")
+    kv.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.ratio < 1.0:
+        ap.error(f"--ratio must be >= 1, got {args.ratio}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point ``stream-attention-eval``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    result = evaluate(args)
+    result = evaluate_kv_compression(args) if args.kv_compression else evaluate(args)
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
