@@ -1,4 +1,5 @@
-"""The engine's own forward pass for Llama-family models (Llama, Mistral, Qwen2).
+"""The engine's own forward pass for Llama-family models (Llama, Mistral, Qwen2; sliding
+windows included).
 
 transformers' eager decoder layer launches ~35 kernels per layer at decode time, most of
 them element-wise ops on a few hundred kilobytes (RMSNorm's six, RoPE's ten, SiLU and the
@@ -32,6 +33,7 @@ from torch import nn
 
 from ..kernels import layer_ops
 from . import attention as attn_hook
+from .attention_spec import LayerAttention, layer_attention
 
 log = logging.getLogger("stream_attention.engine")
 
@@ -89,11 +91,12 @@ def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
 
 
 class _Layer:
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, spec: LayerAttention) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.attn = attn  # the hook reads ``layer_idx``
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
+        self.spec = spec  # sliding window (Mistral, Qwen2's windowed layers) and soft-cap
         self.qkv_w, self.qkv_b = _fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
         self.q_size = attn.q_proj.out_features
         self.kv_size = attn.k_proj.out_features
@@ -121,7 +124,9 @@ class FusedLlamaForward:
         base = model.model
         self.embed = base.embed_tokens
         self.rotary_emb = base.rotary_emb
-        self.layers = [_Layer(layer) for layer in base.layers[: model.config.num_hidden_layers]]
+        specs = layer_attention(model.config)
+        self.layers = [_Layer(layer, spec) for layer, spec in
+                       zip(base.layers[: model.config.num_hidden_layers], specs, strict=True)]
         self.norm_w, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
         self.lm_head = model.lm_head
         if use_triton:
@@ -168,7 +173,8 @@ class FusedLlamaForward:
             # The hook takes transformers' [1, heads, tokens, dim] views.
             out, _ = attn_hook.paged_attention_forward(
                 layer.attn, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None,
-                scaling=layer.scaling, kv_written=written,
+                scaling=layer.scaling, sliding_window=layer.spec.sliding_window, softcap=layer.spec.softcap,
+                kv_written=written,
             )
             h = linear(out.reshape(tokens, nq), layer.o_w, layer.o_b)
             x = self._add_rms_norm(h, residual, layer.norm2_w, layer.norm2_eps)
