@@ -34,7 +34,8 @@ FAMILIES = {
     "mistral": ("MistralConfig", dict(sliding_window=WINDOW), "sdpa", True),
     # max_window_layers=1: layer 0 full, layer 1 windowed.
     "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1), "sdpa", True),
-    "qwen3": ("Qwen3Config", {}, "sdpa", False),
+    # Per-head q/k norms in the fused forward; layer 1 windowed.
+    "qwen3": ("Qwen3Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1), "sdpa", True),
     # Alternating local/global layers, soft-capped logits (attention and final), scale from query_pre_attn_scalar.
     "gemma2": ("Gemma2Config", dict(sliding_window=WINDOW, attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
                                     query_pre_attn_scalar=1), "eager", False),

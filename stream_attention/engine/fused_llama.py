@@ -1,5 +1,5 @@
-"""The engine's own forward pass for Llama-family models (Llama, Mistral, Qwen2; sliding
-windows included).
+"""The engine's own forward pass for Llama-family models (Llama, Mistral, Qwen2, Qwen3;
+sliding windows and Qwen3's per-head q/k norms included).
 
 transformers' eager decoder layer launches ~35 kernels per layer at decode time, most of
 them element-wise ops on a few hundred kilobytes (RMSNorm's six, RoPE's ten, SiLU and the
@@ -37,7 +37,7 @@ from .attention_spec import LayerAttention, layer_attention
 
 log = logging.getLogger("stream_attention.engine")
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -61,8 +61,11 @@ def unsupported_reason(model: Any) -> str | None:
         linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         if any(type(m) is not nn.Linear for m in linears):
             return "a projection is not a plain nn.Linear (quantized or adapted weights)"
-        if any(getattr(attn, n, None) is not None for n in ("q_norm", "k_norm")):
-            return "per-head q/k norms"
+        head_norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
+        if any(m is not None for m in head_norms) and not all(
+                m is not None and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None
+                and tuple(m.weight.shape) == (attn.head_dim,) for m in head_norms):
+            return "q/k norms that are not per-head Llama-style RMSNorms"
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if not hasattr(norm, "variance_epsilon") or getattr(norm, "weight", None) is None:
                 return f"{type(norm).__name__} is not a Llama-style RMSNorm"
@@ -106,6 +109,10 @@ class _Layer:
         self.norm1_w, self.norm1_eps = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.norm2_w, self.norm2_eps = layer.post_attention_layernorm.weight, \
             layer.post_attention_layernorm.variance_epsilon
+        # Qwen3: RMSNorm over each head of q and k, before RoPE.
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.q_norm = (q_norm.weight, q_norm.variance_epsilon) if q_norm is not None else None
+        self.k_norm = (k_norm.weight, k_norm.variance_epsilon) if k_norm is not None else None
 
 
 class FusedLlamaForward:
@@ -161,6 +168,9 @@ class FusedLlamaForward:
             q = qkv[:, :nq].view(tokens, nq // d, d)
             k = qkv[:, nq:nq + nkv].view(tokens, nkv // d, d)
             v = qkv[:, nq + nkv:].view(tokens, nkv // d, d)
+            if layer.q_norm is not None:
+                q = self._rms_norm(q.reshape(-1, d), *layer.q_norm).view(tokens, nq // d, d)
+                k = self._rms_norm(k.reshape(-1, d), *layer.k_norm).view(tokens, nkv // d, d)
             k_pages, v_pages = ctx.kv_caches[layer.attn.layer_idx]
             if isinstance(k_pages, torch.Tensor) and ctx.kv_scores is None:
                 # Plain pages: the RoPE kernel also stores k and v into them.
