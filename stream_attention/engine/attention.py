@@ -34,7 +34,7 @@ import torch
 
 from ..kernels.kv_quant import QuantizedPages
 from ..kernels.paged_attention import paged_attention, paged_attention_torch, write_kv_pages
-from .attention_spec import LayerAttention
+from .attention_spec import LayerAttention, layer_attention
 
 if TYPE_CHECKING:
     from .kv_compression import BlockScoreCollector
@@ -162,7 +162,23 @@ def paged_attention_forward(
 
 def _eager_attention(module, query, key, value, attention_mask, *, dropout, scaling, softcap, **kwargs):
     """Outside engine steps: transformers' SDPA attention, or for soft-capped layers (SDPA
-    has no soft-cap) the eager attention of the layer's own modeling module."""
+    has no soft-cap) the eager attention of the layer's own modeling module.
+
+    transformers builds no masks for this attention name, so the causal mask, with the
+    layer's sliding window from its config, is built here (bottom-right aligned, as a
+    cache-continued ``generate`` without padding needs).
+    """
+    if attention_mask is None and (softcap is not None or query.shape[-2] > 1):
+        layers = layer_attention(module.config)
+        window = layers[module.layer_idx].sliding_window if module.layer_idx < len(layers) else None
+        if softcap is not None or window is not None:
+            q_len, k_len = query.shape[-2], key.shape[-2]
+            pos = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+            cols = torch.arange(k_len, device=query.device)[None, :]
+            keep = ((cols <= pos) & (cols > pos - (window if window is not None else k_len + 1)))[None, None]
+            # SDPA takes a boolean keep-mask; the eager functions add the mask to the scores.
+            attention_mask = keep if softcap is None else torch.zeros(
+                keep.shape, dtype=query.dtype, device=query.device).masked_fill(~keep, float("-inf"))
     if softcap is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
