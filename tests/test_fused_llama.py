@@ -37,6 +37,7 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON),
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
     "qwen2": lambda: Qwen2Config(**COMMON, use_sliding_window=False),  # q/k/v biases
+    "qwen3": lambda: Qwen3Config(**COMMON, use_sliding_window=False),  # per-head q/k RMSNorms
 }
 
 
@@ -84,6 +85,7 @@ def test_unsupported_models_say_why():
     gemma, _ = _model(GemmaConfig(**COMMON))
     assert "activation" in unsupported_reason(gemma) or "model type" in unsupported_reason(gemma)
     qwen3, _ = _model(Qwen3Config(**COMMON))
-    assert unsupported_reason(qwen3) is not None
+    qwen3.model.layers[1].self_attn.k_norm = torch.nn.LayerNorm(16)  # not an RMSNorm
+    assert "q/k norms" in unsupported_reason(qwen3)
     with pytest.raises(ValueError, match="cannot use the fused forward"):
         FusedLlamaForward(qwen3, use_triton=False)

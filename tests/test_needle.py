@@ -1,4 +1,4 @@
-"""The needle harness (stream_attention.models.needle) on a model that retrieves by construction.
+"""The needle harness (stream_attention.engine.needle) on a model that retrieves by construction.
 
 ``InductionModel`` is one attention layer over a transformers ``DynamicCache``: the key of
 position j is the token before it (one-hot), its value the token at j; a query matches the
@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stream_attention.models import needle as nd
+from stream_attention.engine import needle as nd
 
 VOCAB = 512
 NONE = VOCAB  # "no token there" channel

@@ -9,6 +9,14 @@ What it needs besides the tensors (slot mapping, block tables, lengths) is the s
 model code never sees any of it, and builds no attention mask because the name is not
 one transformers knows how to build masks for.
 
+Per-layer attention variants (sliding window, logit soft-cap) come from the context's
+``layers``, read from the config by :mod:`.attention_spec` the way transformers builds
+its masks: some modeling code does not pass ``sliding_window`` to the attention function
+(Qwen2-MoE) although its masks are windowed, so the keyword arguments are only the
+fallback for contexts without ``layers``. ``scaling`` carries Gemma's
+``query_pre_attn_scalar``. :mod:`.attention_spec` refuses at load time the variants the
+kernels lack.
+
 Outside an engine step (no context installed) the function behaves as transformers'
 SDPA attention, so a model lent to the engine still works with ``model.generate``.
 """
@@ -16,6 +24,7 @@ SDPA attention, so a model lent to the engine still works with ``model.generate`
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..kernels.paged_attention import paged_attention, paged_attention_torch, write_kv_pages
+from .attention_spec import LayerAttention, layer_attention
 
 if TYPE_CHECKING:
     from .kv_compression import BlockScoreCollector
@@ -59,6 +69,8 @@ class AttentionContext:
     cu_seqlens_q_cpu: list[int] | None = None
     # Set on KV-compression scoring steps: every layer adds its block attention mass.
     kv_scores: BlockScoreCollector | None = None
+    # Each layer's sliding window and soft-cap (by ``layer_idx``).
+    layers: list[LayerAttention] | None = None
 
 
 _local = threading.local()
@@ -87,18 +99,28 @@ def paged_attention_forward(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention callable: ``[1, H, T, D]`` in, ``[1, T, Hq, D]`` out."""
+    """transformers attention callable: ``[1, H, T, D]`` in, ``[1, T, Hq, D]`` out.
+
+    ``sliding_window``: each query sees that many keys, itself included (None: all
+    earlier keys); ``softcap``: logit soft-capping before the softmax. Inside engine steps
+    the context's ``layers`` override both (see the module doc).
+    """
     ctx = current_context()
     if ctx is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
-        raise NotImplementedError("the paged attention kernel has no logit soft-capping or sliding window")
+        return _eager_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                softcap=softcap, **kwargs)
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks (s_aux) are not implemented by the paged kernels")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if ctx.layers is not None:
+        spec = ctx.layers[module.layer_idx]
+        sliding_window, softcap = spec.sliding_window, spec.softcap
+    window_left = sliding_window - 1 if sliding_window else None
+    softcap = softcap or None
     # HF hands over [batch=1, heads, tokens, dim] views of [1, tokens, heads, dim] data.
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
@@ -108,30 +130,66 @@ def paged_attention_forward(
         from .kv_compression import compressed_attention_step
 
         out = compressed_attention_step(q, k, v, k_pages, v_pages, ctx, scale, collector=ctx.kv_scores,
-                                        layer_idx=module.layer_idx)
+                                        layer_idx=module.layer_idx, window_left=window_left, softcap=softcap)
         return out.unsqueeze(0), None
     if not kwargs.get("kv_written", False):  # the engine's fused forward stores them in its RoPE kernel
         write_kv_pages(k, v, k_pages, v_pages, ctx.slot_mapping)
     if ctx.backend == "triton":
-        if ctx.fresh_prefill:
+        # The dense varlen kernel has windows but no soft-cap: capped fresh prefills read
+        # the just-written pages instead.
+        if ctx.fresh_prefill and softcap is None:
             from ..kernels.attention_fwd import attention_forward
 
             out, _ = attention_forward(
                 q, k, v, causal=True, softmax_scale=scale, cu_seqlens_q=ctx.cu_seqlens_q,
                 cu_seqlens_k=ctx.cu_seqlens_q, max_seqlen_q=ctx.max_q_len, max_seqlen_k=ctx.max_q_len,
-                store_lse=False,
+                store_lse=False, window=None if window_left is None else (window_left, 0),
             )
         else:
             out = paged_attention(
                 q, k_pages, v_pages, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q,
                 max_q_len=ctx.max_q_len, softmax_scale=scale, num_splits=ctx.num_splits,
+                window_left=window_left, softcap=softcap,
             )
     else:
         out = paged_attention_torch(
             q, k_pages, v_pages, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q, softmax_scale=scale,
             seq_lens_cpu=ctx.seq_lens_cpu, cu_seqlens_q_cpu=ctx.cu_seqlens_q_cpu,
+            window_left=window_left, softcap=softcap,
         )
     return out.unsqueeze(0), None
+
+
+def _eager_attention(module, query, key, value, attention_mask, *, dropout, scaling, softcap, **kwargs):
+    """Outside engine steps: transformers' SDPA attention, or for soft-capped layers (SDPA
+    has no soft-cap) the eager attention of the layer's own modeling module.
+
+    transformers builds no masks for this attention name, so the causal mask, with the
+    layer's sliding window from its config, is built here (bottom-right aligned, as a
+    cache-continued ``generate`` without padding needs).
+    """
+    if attention_mask is None and (softcap is not None or query.shape[-2] > 1):
+        layers = layer_attention(module.config)
+        window = layers[module.layer_idx].sliding_window if module.layer_idx < len(layers) else None
+        if softcap is not None or window is not None:
+            q_len, k_len = query.shape[-2], key.shape[-2]
+            pos = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+            cols = torch.arange(k_len, device=query.device)[None, :]
+            keep = ((cols <= pos) & (cols > pos - (window if window is not None else k_len + 1)))[None, None]
+            # SDPA takes a boolean keep-mask; the eager functions add the mask to the scores.
+            attention_mask = keep if softcap is None else torch.zeros(
+                keep.shape, dtype=query.dtype, device=query.device).masked_fill(~keep, float("-inf"))
+    if softcap is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(f"{type(module).__name__}: soft-capped attention outside engine steps needs the "
+                                  "model's eager_attention_forward")
+    return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, softcap=softcap,
+                 **kwargs)
 
 
 def register() -> str:

@@ -1,4 +1,5 @@
-"""The engine's own forward pass for Llama-family models (Llama, Mistral, Qwen2).
+"""The engine's own forward pass for Llama-family models (Llama, Mistral, Qwen2, Qwen3;
+sliding windows and Qwen3's per-head q/k norms included).
 
 transformers' eager decoder layer launches ~35 kernels per layer at decode time, most of
 them element-wise ops on a few hundred kilobytes (RMSNorm's six, RoPE's ten, SiLU and the
@@ -32,10 +33,11 @@ from torch import nn
 
 from ..kernels import layer_ops
 from . import attention as attn_hook
+from .attention_spec import LayerAttention, layer_attention
 
 log = logging.getLogger("stream_attention.engine")
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -59,8 +61,11 @@ def unsupported_reason(model: Any) -> str | None:
         linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         if any(type(m) is not nn.Linear for m in linears):
             return "a projection is not a plain nn.Linear (quantized or adapted weights)"
-        if any(getattr(attn, n, None) is not None for n in ("q_norm", "k_norm")):
-            return "per-head q/k norms"
+        head_norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
+        if any(m is not None for m in head_norms) and not all(
+                m is not None and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None
+                and tuple(m.weight.shape) == (attn.head_dim,) for m in head_norms):
+            return "q/k norms that are not per-head Llama-style RMSNorms"
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if not hasattr(norm, "variance_epsilon") or getattr(norm, "weight", None) is None:
                 return f"{type(norm).__name__} is not a Llama-style RMSNorm"
@@ -89,11 +94,12 @@ def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
 
 
 class _Layer:
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, spec: LayerAttention) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.attn = attn  # the hook reads ``layer_idx``
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
+        self.spec = spec  # sliding window (Mistral, Qwen2's windowed layers) and soft-cap
         self.qkv_w, self.qkv_b = _fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
         self.q_size = attn.q_proj.out_features
         self.kv_size = attn.k_proj.out_features
@@ -103,6 +109,10 @@ class _Layer:
         self.norm1_w, self.norm1_eps = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.norm2_w, self.norm2_eps = layer.post_attention_layernorm.weight, \
             layer.post_attention_layernorm.variance_epsilon
+        # Qwen3: RMSNorm over each head of q and k, before RoPE.
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.q_norm = (q_norm.weight, q_norm.variance_epsilon) if q_norm is not None else None
+        self.k_norm = (k_norm.weight, k_norm.variance_epsilon) if k_norm is not None else None
 
 
 class FusedLlamaForward:
@@ -121,7 +131,9 @@ class FusedLlamaForward:
         base = model.model
         self.embed = base.embed_tokens
         self.rotary_emb = base.rotary_emb
-        self.layers = [_Layer(layer) for layer in base.layers[: model.config.num_hidden_layers]]
+        specs = layer_attention(model.config)
+        self.layers = [_Layer(layer, spec) for layer, spec in
+                       zip(base.layers[: model.config.num_hidden_layers], specs, strict=True)]
         self.norm_w, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
         self.lm_head = model.lm_head
         if use_triton:
@@ -156,6 +168,9 @@ class FusedLlamaForward:
             q = qkv[:, :nq].view(tokens, nq // d, d)
             k = qkv[:, nq:nq + nkv].view(tokens, nkv // d, d)
             v = qkv[:, nq + nkv:].view(tokens, nkv // d, d)
+            if layer.q_norm is not None:
+                q = self._rms_norm(q.reshape(-1, d), *layer.q_norm).view(tokens, nq // d, d)
+                k = self._rms_norm(k.reshape(-1, d), *layer.k_norm).view(tokens, nkv // d, d)
             k_pages, v_pages = ctx.kv_caches[layer.attn.layer_idx]
             if isinstance(k_pages, torch.Tensor) and ctx.kv_scores is None:
                 # Plain pages: the RoPE kernel also stores k and v into them.
@@ -168,7 +183,8 @@ class FusedLlamaForward:
             # The hook takes transformers' [1, heads, tokens, dim] views.
             out, _ = attn_hook.paged_attention_forward(
                 layer.attn, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None,
-                scaling=layer.scaling, kv_written=written,
+                scaling=layer.scaling, sliding_window=layer.spec.sliding_window, softcap=layer.spec.softcap,
+                kv_written=written,
             )
             h = linear(out.reshape(tokens, nq), layer.o_w, layer.o_b)
             x = self._add_rms_norm(h, residual, layer.norm2_w, layer.norm2_eps)

@@ -341,6 +341,8 @@ def compressed_attention_step(
     *,
     collector: BlockScoreCollector | None = None,
     layer_idx: int = 0,
+    window_left: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """One layer's attention step: write ``k, v`` into the pages, then attend over them.
 
@@ -348,12 +350,14 @@ def compressed_attention_step(
     engine's attention context. Quantized pages are always handled here. Float pages only
     need this on scoring steps (``collector`` given): the attention then also returns its
     log-sum-exps, and the block attention mass of each sequence's last queries is
-    accumulated into the collector.
+    accumulated into the collector. ``window_left`` / ``softcap``: the layer's sliding
+    window and logit soft-cap (:mod:`~stream_attention.kernels.score_mods`; scoring steps
+    do not take them, the runner refuses eviction for such models).
     """
     triton_ok = ctx.backend == "triton" and triton_runs_on(q.device)
     write_kv(k, v, k_pages, v_pages, ctx.slot_mapping, use_triton=triton_ok)
     want_lse = collector is not None
-    if triton_ok and ctx.fresh_prefill and not want_lse:
+    if triton_ok and ctx.fresh_prefill and not want_lse and softcap is None:
         # Nothing cached yet: the step's own keys and values are all there is to attend
         # to, in 16 bits, so the dense varlen kernel runs on them (what the float-page
         # path does) instead of reading back the codes just written: exact where the
@@ -364,6 +368,7 @@ def compressed_attention_step(
         out, _ = attention_forward(
             q, k, v, causal=True, softmax_scale=softmax_scale, cu_seqlens_q=ctx.cu_seqlens_q,
             cu_seqlens_k=ctx.cu_seqlens_q, max_seqlen_q=ctx.max_q_len, max_seqlen_k=ctx.max_q_len, store_lse=False,
+            window=None if window_left is None else (window_left, 0),
         )
         return out
     fast = triton_ok and (isinstance(k_pages, (QuantizedPages, Fp8Pages)) or k_pages.dtype == q.dtype)
@@ -391,11 +396,13 @@ def compressed_attention_step(
             q, k_pages, v_pages, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q, max_q_len=ctx.max_q_len,
             softmax_scale=softmax_scale, num_splits=ctx.num_splits, return_lse=want_lse,
             launch=dict(zip(("BLOCK_N", "num_warps", "num_stages"), launch, strict=True)),
+            window_left=window_left, softcap=softcap,
         )
         out, lse = res if want_lse else (res, None)
     else:
         out32, lse = paged_attention_ref(q, k_pages, v_pages, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q,
-                                         softmax_scale=softmax_scale, dtype=torch.float32)
+                                         softmax_scale=softmax_scale, dtype=torch.float32, window_left=window_left,
+                                         softcap=softcap)
         out = out32.to(q.dtype)
     if collector is not None:
         collector.add(layer_idx, q, k_pages, ctx, lse, softmax_scale, use_triton=fast)

@@ -25,6 +25,7 @@ from ..core.backend import resolve_backend
 from ..kernels.paged_attention import choose_num_splits
 from . import attention as attn_hook
 from . import fused_llama
+from .attention_spec import layer_attention, unsupported_attention
 from .config import EngineConfig, parse_dtype
 from .kv_compression import BlockScoreCollector, KVCompressionManager, QuantizedPages
 from .scheduler import ScheduledSeq
@@ -60,18 +61,10 @@ class ModelGeometry:
 
 
 def _check_supported(model: Any) -> None:
-    """Refuse models whose attention needs what the paged kernel does not do."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if getattr(cfg, "attn_logit_softcapping", None):
-        raise ValueError(f"{type(model).__name__}: attention logit soft-capping is not supported by the paged kernel")
-    window = getattr(cfg, "sliding_window", None)
-    layer_types = getattr(cfg, "layer_types", None) or []
-    uses_window = getattr(cfg, "use_sliding_window", True) and (
-        "sliding_attention" in layer_types or (window and not layer_types)
-    )
-    if window and uses_window:
-        raise ValueError(f"{type(model).__name__}: sliding-window attention ({window}) is not supported by the "
-                         "paged kernel")
+    """Refuse models whose attention needs what the paged kernels do not do, by name."""
+    reason = unsupported_attention(model)
+    if reason is not None:
+        raise ValueError(f"{type(model).__name__}: {reason} is not supported by the engine's attention kernels")
 
 
 class _DecodeGraph:
@@ -100,6 +93,15 @@ class ModelRunner:
             config.kv_compression_config(), num_layers=g.num_layers, num_kv_heads=g.num_kv_heads,
             head_dim=g.head_dim, block_size=config.block_size, float_dtype=self.kv_dtype,
         )
+        self.layer_attention = layer_attention(model.config)
+        variants = {("sliding window", s.sliding_window is not None) for s in self.layer_attention}
+        variants |= {("logit soft-capping", s.softcap is not None) for s in self.layer_attention}
+        named = sorted(name for name, used in variants if used)
+        if named and self.kv_mgr.config.policy != "none":
+            # Eviction compacts the pages (kernel slots stop being positions) and scores
+            # without windows or caps.
+            raise ValueError(f"kv_compression={self.kv_mgr.config.policy!r} cannot be combined with this model's "
+                             f"{' and '.join(named)}; use kv_compression='none'")
         self.block_size = config.block_size
         limit = g.max_position_embeddings or 2048
         self.max_model_len = min(config.max_model_len or limit, limit)
@@ -300,6 +302,7 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
             cu_seqlens_q_cpu=cu,
             kv_scores=collector,
+            layers=self.layer_attention,
         )
         input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
         positions = torch.from_numpy(pos).to(dev, non_blocking=True)
@@ -356,6 +359,7 @@ class ModelRunner:
                 cu_seqlens_q=self._cu_decode[:b + 1], max_q_len=1, max_kv_len=self.max_model_len,
                 backend=self.backend,
                 num_splits=self._decode_splits(b, self.max_model_len),
+                layers=self.layer_attention,
             )
             with torch.inference_mode(), attn_hook.attention_context(ctx):
                 self._forward(ids, pos, 0)  # warm-up: compiles kernels outside the capture

@@ -66,6 +66,7 @@ from ..utils.quantization import (
 )
 from .attention_fwd import dot_precision_for
 from .runtime import autotune_enabled, interpreter_enabled
+from .score_mods import soft_cap, softcap_arg, window_left_arg
 
 __all__ = [
     "PAGE_BITS",
@@ -424,10 +425,10 @@ def _attend_tiles(
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     ks0, ks1, ks2, ks3, vs0, vs1, vs2,  vs3,
-    kv_head, row_tok, lo, hi, ctx, diag, qk_scale,
+    kv_head, row_tok, lo, hi, col_lo, ctx, diag, qk_scale, window_left, cap_log2,
     PART: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     KV_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, BLOCK_P)
@@ -435,17 +436,20 @@ def _attend_tiles(
     for start in range(lo, hi, BLOCK_N):
         start = tl.multiple_of(start, BLOCK_N)
         cols = start + offs_n
-        col_ok = cols < ctx
+        col_ok = (cols < ctx) & (cols >= col_lo)  # keys left of every row's window are not read
         page, row = _tile_pages(bt_ptr, start, cols, col_ok, BLOCK_SIZE, K_PER_CHANNEL, MASKED)
         qk = _tile_scores(
             q_a, q_b, q_sum, K, KS, page, row, col_ok, kv_head,
             stride_kb, stride_kt, stride_kh, stride_kd, ks0, ks1, ks2, ks3,
             PART, BLOCK_P, KV_BITS, K_PER_CHANNEL, MASKED, DOT_PRECISION,
         ) * qk_scale
+        if SOFTCAP:
+            qk = soft_cap(qk, cap_log2)
         if MASKED:
             visible = col_ok[None, :]
             if CAUSAL:
-                visible = visible & (cols[None, :] <= row_tok[:, None] + diag)
+                rel = cols[None, :] - (row_tok[:, None] + diag)
+                visible = visible & (rel <= 0) & (rel >= -window_left)
             qk = tl.where(visible, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # Rows that have seen nothing keep m = -inf; shift by 0 so exp2 gives 0, not NaN.
@@ -487,9 +491,12 @@ def _attend_tiles(
 
 
 @triton.jit
-def _key_range(ctx, q_len, tok0, toks, pid_s, num_splits, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_range(ctx, q_len, tok0, toks, pid_s, num_splits, window_left, CAUSAL: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     """Keys ``[lo, hi)`` a tile of query tokens ``[tok0, tok0 + toks)`` reads in split
-    ``pid_s``, and ``full_hi``: ``[lo, full_hi)`` is visible to every row and needs no mask.
+    ``pid_s``, cut at ``full_lo <= full_hi``: ``[full_lo, full_hi)`` is visible to every row
+    and needs no mask; ``[lo, full_lo)`` is the left edge of a sliding window (keys before
+    every row's window are never read) and ``[full_hi, hi)`` the causal edge.
 
     The split is computed here from the sequence's own length (not on the host) so that a
     CUDA graph captured once replays for any context length.
@@ -497,17 +504,23 @@ def _key_range(ctx, q_len, tok0, toks, pid_s, num_splits, CAUSAL: tl.constexpr, 
     diag = ctx - q_len
     hi = ctx
     full = ctx
+    lo_any = 0
+    lo_full = 0
     if CAUSAL:
         last_tok = tl.minimum(tok0 + toks, q_len) - 1
         hi = tl.minimum(hi, last_tok + diag + 1)
         full = tok0 + diag + 1
+        lo_any = tl.maximum(tok0 + diag - window_left, 0)
+        lo_full = tl.maximum(last_tok + diag - window_left, 0)
     hi = tl.maximum(hi, 0)
-    tiles_per_split = tl.cdiv(tl.cdiv(hi, BLOCK_N), num_splits)
-    lo = tl.minimum(pid_s * tiles_per_split * BLOCK_N, hi)
+    lo = tl.minimum(lo_any // BLOCK_N * BLOCK_N, hi)
+    tiles_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)
+    lo = tl.minimum(lo + pid_s * tiles_per_split * BLOCK_N, hi)
     hi = tl.minimum(lo + tiles_per_split * BLOCK_N, hi)
     full = tl.minimum(tl.maximum(full, lo), hi)
     full_hi = lo + (full - lo) // BLOCK_N * BLOCK_N
-    return lo, hi, full_hi
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(lo_full, BLOCK_N) * BLOCK_N, lo), full_hi)
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
@@ -544,9 +557,10 @@ def _paged_attn_kernel(
     stride_lh, stride_lt,
     num_kv_heads, group_size, num_splits, qk_scale,
     tune_bucket,  # autotune key only
+    window_left, cap_log2,
     PART: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, KV_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, CAUSAL: tl.constexpr,
-    SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -567,7 +581,9 @@ def _paged_attn_kernel(
     row_head = kv_head * group_size + offs_r % group_size
     row_ok = (offs_r < toks * group_size) & (row_tok < q_len)
     diag = ctx - q_len
-    lo, hi, full_hi = _key_range(ctx, q_len, tok0, toks, pid_s, num_splits, CAUSAL, BLOCK_N)
+    col_lo = tok0 + diag - window_left
+    lo, full_lo, full_hi, hi = _key_range(ctx, q_len, tok0, toks, pid_s, num_splits, window_left, CAUSAL,
+                                          BLOCK_N)
 
     q_a, q_b, q_sum = _load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh, stride_qd,
                                        PART, BLOCK_P, KV_BITS)
@@ -581,15 +597,22 @@ def _paged_attn_kernel(
         acc_a, acc_b, l_i, m_i, q_a, q_b, q_sum, K, V, KS, VS, bt_ptr,
         stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
         ks0, ks1, ks2, ks3, vs0, vs1, vs2, vs3,
-        kv_head, row_tok, lo, full_hi, ctx, diag, qk_scale,
-        PART, BLOCK_P, BLOCK_N, BLOCK_SIZE, KV_BITS, K_PER_CHANNEL, False, CAUSAL, DOT_PRECISION,
+        kv_head, row_tok, lo, full_lo, col_lo, ctx, diag, qk_scale, window_left, cap_log2,
+        PART, BLOCK_P, BLOCK_N, BLOCK_SIZE, KV_BITS, K_PER_CHANNEL, True, CAUSAL, SOFTCAP, DOT_PRECISION,
     )
     acc_a, acc_b, l_i, m_i = _attend_tiles(
         acc_a, acc_b, l_i, m_i, q_a, q_b, q_sum, K, V, KS, VS, bt_ptr,
         stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
         ks0, ks1, ks2, ks3, vs0, vs1, vs2, vs3,
-        kv_head, row_tok, full_hi, hi, ctx, diag, qk_scale,
-        PART, BLOCK_P, BLOCK_N, BLOCK_SIZE, KV_BITS, K_PER_CHANNEL, True, CAUSAL, DOT_PRECISION,
+        kv_head, row_tok, full_lo, full_hi, col_lo, ctx, diag, qk_scale, window_left, cap_log2,
+        PART, BLOCK_P, BLOCK_N, BLOCK_SIZE, KV_BITS, K_PER_CHANNEL, False, CAUSAL, SOFTCAP, DOT_PRECISION,
+    )
+    acc_a, acc_b, l_i, m_i = _attend_tiles(
+        acc_a, acc_b, l_i, m_i, q_a, q_b, q_sum, K, V, KS, VS, bt_ptr,
+        stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
+        ks0, ks1, ks2, ks3, vs0, vs1, vs2, vs3,
+        kv_head, row_tok, full_hi, hi, col_lo, ctx, diag, qk_scale, window_left, cap_log2,
+        PART, BLOCK_P, BLOCK_N, BLOCK_SIZE, KV_BITS, K_PER_CHANNEL, True, CAUSAL, SOFTCAP, DOT_PRECISION,
     )
 
     offs_p = tl.arange(0, BLOCK_P)
@@ -773,10 +796,10 @@ def _attend_tiles_f16(
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     ks0, ks1, ks2, vs0, vs1, vs2,
-    kv_head, row_tok, lo, hi, ctx, diag,
+    kv_head, row_tok, lo, hi, col_lo, ctx, diag, window_left, cap_log2,
     PART: tl.constexpr, UNITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     KV_BITS: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_ASM: tl.constexpr,
-    DEFER_SUMS: tl.constexpr,
+    DEFER_SUMS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     V_MULT: tl.constexpr = 1.0 if KV_BITS == 8 else 16.0
     offs_n = tl.arange(0, BLOCK_N)
@@ -785,7 +808,7 @@ def _attend_tiles_f16(
     for start in range(lo, hi, BLOCK_N):
         start = tl.multiple_of(start, BLOCK_N)
         cols = start + offs_n
-        col_ok = cols < ctx
+        col_ok = (cols < ctx) & (cols >= col_lo)  # keys left of every row's window are not read
         page, row = _tile_pages(bt_ptr, start, cols, col_ok, BLOCK_SIZE, False, MASKED)
         # Scores: K bytes [PART, N] -> exact fp16 code tiles.
         k_ptrs = K + kv_head * stride_kh + (page * stride_kb + row * stride_kt)[None, :] + offs_p[:, None]
@@ -802,18 +825,27 @@ def _attend_tiles_f16(
             qk = tl.dot(q_b, k_hi, qk)
         s_k, z_k = _scale_zero(ksz)
         qk = qk * s_k[None, :] + q_sum[:, None] * z_k[None, :]  # q . (s c + z) = s (q . c) + z sum(q)
+        if SOFTCAP:  # the cap needs the scaled scores themselves
+            qk = soft_cap(qk * row_scale[:, None], cap_log2)
         if MASKED:
             visible = col_ok[None, :]
             if CAUSAL:
-                visible = visible & (cols[None, :] <= row_tok[:, None] + diag)
+                rel = cols[None, :] - (row_tok[:, None] + diag)
+                visible = visible & (rel <= 0) & (rel >= -window_left)
             qk = tl.where(visible, qk, float("-inf"))
-        # row_scale > 0 (softmax scale over q16's power of two): max commutes with it, and
-        # the product folds into the exponent's FMA.
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * row_scale)
+        if SOFTCAP:  # noqa: SIM108 -- capped scores are already scaled
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+        else:
+            # row_scale > 0 (softmax scale over q16's power of two): max commutes with it, and
+            # the product folds into the exponent's FMA.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * row_scale)
         m_shift = m_new
         if MASKED:  # rows that have seen nothing keep m = -inf: shift by 0 so exp2 gives 0, not NaN
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk * row_scale[:, None] - m_shift[:, None])
+        if SOFTCAP:  # noqa: SIM108
+            p = tl.math.exp2(qk - m_shift[:, None])
+        else:
+            p = tl.math.exp2(qk * row_scale[:, None] - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         if DEFER_SUMS:  # noqa: SIM108 -- [M, N] partial sums: no cross-warp reduction (barriers) per tile
             l_i = l_i * alpha[:, None] + p
@@ -879,9 +911,11 @@ def _paged_attn_f16_kernel(
     stride_lh, stride_lt,
     num_kv_heads, group_size, num_splits, qk_scale,
     tune_bucket,  # autotune key only
+    window_left, cap_log2,
     PART: tl.constexpr, UNITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, KV_BITS: tl.constexpr, CAUSAL: tl.constexpr,
     SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, USE_ASM: tl.constexpr, DEFER_SUMS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """:func:`_paged_attn_kernel` for int8/int4 pages with per-token scales and 16-bit queries.
 
@@ -908,7 +942,9 @@ def _paged_attn_f16_kernel(
     row_head = kv_head * group_size + offs_r % group_size
     row_ok = (offs_r < toks * group_size) & (row_tok < q_len)
     diag = ctx - q_len
-    lo, hi, full_hi = _key_range(ctx, q_len, tok0, toks, pid_s, num_splits, CAUSAL, BLOCK_N)
+    col_lo = tok0 + diag - window_left
+    lo, full_lo, full_hi, hi = _key_range(ctx, q_len, tok0, toks, pid_s, num_splits, window_left, CAUSAL,
+                                          BLOCK_N)
 
     # q16 = q * 2^e per row with max |q16| in [2^14, 2^15): exact for bf16 and fp16 inputs.
     q_a, q_b, _ = _load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh, stride_qd,
@@ -947,14 +983,20 @@ def _paged_attn_f16_kernel(
     a0, a1, a2, a3, l_i, m_i, corr = _attend_tiles_f16(
         a0, a1, a2, a3, l_i, m_i, corr, q16_a, q16_b, q_sum, row_scale,
         K, V, KS, VS, bt_ptr, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        ks0, ks1, ks2, vs0, vs1, vs2, kv_head, row_tok, lo, full_hi, ctx, diag,
-        PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, False, CAUSAL, USE_ASM, DEFER_SUMS,
+        ks0, ks1, ks2, vs0, vs1, vs2, kv_head, row_tok, lo, full_lo, col_lo, ctx, diag, window_left, cap_log2,
+        PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, True, CAUSAL, USE_ASM, DEFER_SUMS, SOFTCAP,
     )
     a0, a1, a2, a3, l_i, m_i, corr = _attend_tiles_f16(
         a0, a1, a2, a3, l_i, m_i, corr, q16_a, q16_b, q_sum, row_scale,
         K, V, KS, VS, bt_ptr, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        ks0, ks1, ks2, vs0, vs1, vs2, kv_head, row_tok, full_hi, hi, ctx, diag,
-        PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, True, CAUSAL, USE_ASM, DEFER_SUMS,
+        ks0, ks1, ks2, vs0, vs1, vs2, kv_head, row_tok, full_lo, full_hi, col_lo, ctx, diag, window_left, cap_log2,
+        PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, False, CAUSAL, USE_ASM, DEFER_SUMS, SOFTCAP,
+    )
+    a0, a1, a2, a3, l_i, m_i, corr = _attend_tiles_f16(
+        a0, a1, a2, a3, l_i, m_i, corr, q16_a, q16_b, q_sum, row_scale,
+        K, V, KS, VS, bt_ptr, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        ks0, ks1, ks2, vs0, vs1, vs2, kv_head, row_tok, full_hi, hi, col_lo, ctx, diag, window_left, cap_log2,
+        PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, True, CAUSAL, USE_ASM, DEFER_SUMS, SOFTCAP,
     )
 
     if DEFER_SUMS:
@@ -1265,6 +1307,8 @@ def paged_attention_quantized(
     return_lse: bool = False,
     out: torch.Tensor | None = None,
     launch: dict[str, int] | None = None,
+    window_left: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of new query tokens over a paged KV cache stored as int8/int4 (or float) pages.
 
@@ -1285,7 +1329,11 @@ def paged_attention_quantized(
     ``return_lse``). ``launch`` (``{"BLOCK_N", "num_warps", "num_stages"}``) skips the
     GPU autotuner with a fixed schedule (so does ``STREAM_ATTENTION_AUTOTUNE=0``, with
     :data:`DEFAULT_LAUNCH`); per-channel pages ignore its ``BLOCK_N`` (a tile is a page).
+    ``window_left`` (causal only) and ``softcap`` as in :mod:`.score_mods`.
     """
+    if window_left is not None and window_left >= 0 and not causal:
+        raise ValueError("window_left needs causal=True (a window is measured back from the causal diagonal)")
+    has_cap, cap_log2 = softcap_arg(softcap)
     bits, per_channel, block_size, hkv, head_dim = _page_format(k_pages, v_pages)
     if q.dim() != 3 or q.shape[-1] != head_dim:
         raise ValueError(f"q must be [tokens, Hq, {head_dim}], got {tuple(q.shape)}")
@@ -1352,7 +1400,7 @@ def paged_attention_quantized(
     lse_arg = lse if lse is not None else out
     lse_strides = lse.stride() if lse is not None else (0, 0)
     tail = (block_tables.stride(0), *mid_strides, *lse_strides,
-            hkv, group, num_splits, softmax_scale * _LOG2E, min(max_q_len, 16))
+            hkv, group, num_splits, softmax_scale * _LOG2E, min(max_q_len, 16), window_left_arg(window_left), cap_log2)
     grid = (q_tiles, batch * hkv, num_splits)
     if fast is not None:
         kf, vf, ksf, vsf = fast
@@ -1368,7 +1416,7 @@ def paged_attention_quantized(
                 launch = {**launch, "maxnreg": cap}
         meta = dict(PART=part, UNITS=part // 2, BLOCK_M=block_m, BLOCK_SIZE=block_size, KV_BITS=bits,
                     CAUSAL=causal, SPLIT=use_split, STORE_LSE=return_lse, USE_ASM=not interp and _asm_enabled(),
-                    DEFER_SUMS=defer_row_sums(math.prod(grid), max_q_len, device))
+                    DEFER_SUMS=defer_row_sums(math.prod(grid), max_q_len, device), SOFTCAP=has_cap)
         _launch(_paged_attn_f16_kernel, _paged_attn_f16_tuned, grid, args, meta, launch, device, max_q_len)
     else:
         k_data, k_scales, ksd, kss = _page_args(k_pages)
@@ -1377,7 +1425,7 @@ def paged_attention_quantized(
                 *q.stride(), *out.stride(), *ksd, *vsd, *kss, *vss, *tail)
         meta = dict(PART=part, BLOCK_P=block_p, BLOCK_M=block_m, BLOCK_SIZE=block_size, KV_BITS=bits,
                     K_PER_CHANNEL=per_channel, CAUSAL=causal, SPLIT=use_split, STORE_LSE=return_lse,
-                    DOT_PRECISION=dot_precision_for(q.dtype))
+                    SOFTCAP=has_cap, DOT_PRECISION=dot_precision_for(q.dtype))
         if per_channel:  # a tile is a page: only the schedule is chosen
             _launch(_paged_attn_kernel, _paged_attn_tuned_page, grid, args, meta, launch, device, max_q_len,
                     block_n=block_size)
@@ -1621,8 +1669,11 @@ def paged_attention_ref(
     softmax_scale: float | None = None,
     causal: bool = True,
     dtype: torch.dtype = torch.float64,
+    window_left: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the dequantized pages in ``dtype`` (default float64): ``(out, lse)``."""
+    """Attention over the dequantized pages in ``dtype`` (default float64): ``(out, lse)``,
+    with an optional causal sliding window and logit soft-cap (:mod:`.score_mods`)."""
     decode = cu_seqlens_q is None
     batch = q.shape[0] if decode else cu_seqlens_q.numel() - 1
     cu = list(range(batch + 1)) if decode else cu_seqlens_q.tolist()
@@ -1641,9 +1692,15 @@ def paged_attention_ref(
         v = v.repeat_interleave(group, dim=1)
         qb = q[cu[b]:cu[b + 1]].to(dtype)
         s = torch.einsum("qhd,khd->hqk", qb, k) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
         if causal:
             rows = torch.arange(n_q, device=q.device)[:, None] + (ctx - n_q)
-            s = s.masked_fill(torch.arange(ctx, device=q.device)[None, :] > rows, float("-inf"))
+            cols = torch.arange(ctx, device=q.device)[None, :]
+            hidden = cols > rows
+            if window_left is not None and window_left >= 0:
+                hidden = hidden | (cols < rows - window_left)
+            s = s.masked_fill(hidden, float("-inf"))
         row_lse = torch.logsumexp(s, dim=-1)  # [h, q]
         p = torch.exp(s - torch.where(torch.isinf(row_lse), 0.0, row_lse)[..., None])
         p = torch.nan_to_num(p)

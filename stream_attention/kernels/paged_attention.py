@@ -39,6 +39,7 @@ import triton.language as tl
 from .attention_fwd import dot_precision_for
 from .paged_decode_tma import paged_decode_tma, tma_decode_enabled, tma_decode_supported
 from .runtime import interpreter_enabled
+from .score_mods import soft_cap, softcap_arg, window_left_arg
 from .split_combine import combine_splits, partial_buffers
 
 _LOG2E = 1.0 / math.log(2.0)
@@ -49,18 +50,19 @@ _MIN_DOT_ROWS = 16
 def _paged_tiles(
     acc, l_i, m_i, q, K, V, bt_row,
     stride_ks, stride_vs, k_head_off, v_head_off, stride_kb, stride_vb, stride_kd, stride_vd,
-    offs_n, offs_d, tok, lo, hi, kv_len, diag, qk_scale,
+    offs_n, offs_d, tok, lo, hi, col_lo, kv_len, diag, qk_scale, window_left, cap_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         # Each column finds its page through the block table; consecutive columns share
-        # a page, so these loads hit the same few cache lines.
+        # a page, so these loads hit the same few cache lines. Edge tiles load only
+        # [col_lo, hi): keys left of every row's window are not read at all.
         if MASKED:
-            col_ok = cols < hi
+            col_ok = (cols < hi) & (cols >= col_lo)
             page = tl.load(bt_row + cols // PAGE_SIZE, mask=col_ok, other=0).to(tl.int64)
         else:
             page = tl.load(bt_row + cols // PAGE_SIZE).to(tl.int64)
@@ -75,8 +77,11 @@ def _paged_tiles(
             kT = tl.load(k_ptrs)
         # Pages may be stored in a different float type than the queries (kv_cache_dtype).
         qk = tl.dot(q, kT.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
+        if SOFTCAP:
+            qk = soft_cap(qk, cap_log2)
         if MASKED:
-            visible = (cols[None, :] <= tok[:, None] + diag) & (cols[None, :] < kv_len)
+            rel = cols[None, :] - (tok[:, None] + diag)
+            visible = (rel <= 0) & (rel >= -window_left) & (cols[None, :] < kv_len)
             qk = tl.where(visible, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # A row that has seen nothing keeps m = -inf; shifting by 0 keeps exp2 at 0, not NaN.
@@ -110,9 +115,10 @@ def _paged_attn_kernel(
     stride_bt,
     stride_ps, stride_pt, stride_ph, stride_pd,
     stride_ls, stride_lt, stride_lh,
-    num_kv_heads, group_size, num_splits, qk_scale,
+    num_kv_heads, group_size, num_splits, qk_scale, window_left, cap_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -141,15 +147,21 @@ def _paged_attn_kernel(
     q_ptrs = Q + row_t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    # Keys [0, full_hi) are visible to every row of this block; [full_hi, hi) need the mask.
-    hi = tl.minimum(kv_len, diag + m0 + BLOCK_Q)
-    hi = tl.maximum(hi, 0)
+    # The block's keys [lo, hi) split into a left-window edge [lo, full_lo) that needs the
+    # mask, [full_lo, full_hi) visible to every row, and the causal edge [full_hi, hi).
+    # Keys before lo (outside every row's window) are never read.
+    last_tok = tl.minimum(m0 + BLOCK_Q, q_len) - 1
+    hi = tl.maximum(tl.minimum(kv_len, diag + m0 + BLOCK_Q), 0)
+    col_lo = tl.maximum(diag + m0 - window_left, 0)
+    lo = col_lo // BLOCK_N * BLOCK_N
     full_hi = tl.minimum(tl.maximum(diag + m0 + 1, 0) // BLOCK_N * BLOCK_N, hi)
-    n_tiles = tl.cdiv(hi, BLOCK_N)
+    full_lo = tl.minimum(tl.cdiv(tl.maximum(diag + last_tok - window_left, 0), BLOCK_N) * BLOCK_N, full_hi)
+    n_tiles = tl.cdiv(hi - lo, BLOCK_N)
     tiles_per_split = tl.cdiv(n_tiles, num_splits)
-    lo_s = tl.minimum(pid_s * tiles_per_split * BLOCK_N, hi)
+    lo_s = tl.minimum(lo + pid_s * tiles_per_split * BLOCK_N, hi)
     hi_s = tl.minimum(lo_s + tiles_per_split * BLOCK_N, hi)
-    mid = tl.minimum(tl.maximum(full_hi, lo_s), hi_s)
+    full_lo_s = tl.minimum(tl.maximum(full_lo, lo_s), hi_s)
+    full_hi_s = tl.minimum(tl.maximum(full_hi, lo_s), hi_s)
 
     bt_row = block_tables + b.to(tl.int64) * stride_bt
     k_head_off = kvh.to(tl.int64) * stride_kh
@@ -160,13 +172,18 @@ def _paged_attn_kernel(
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _paged_tiles(
         acc, l_i, m_i, q, K, V, bt_row, stride_ks, stride_vs, k_head_off, v_head_off,
-        stride_kb, stride_vb, stride_kd, stride_vd, offs_n, offs_d, tok, lo_s, mid, kv_len, diag, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, DOT_PRECISION,
+        stride_kb, stride_vb, stride_kd, stride_vd, offs_n, offs_d, tok, lo_s, full_lo_s, col_lo, kv_len, diag, qk_scale,
+        window_left, cap_log2, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, SOFTCAP, DOT_PRECISION,
     )
     acc, l_i, m_i = _paged_tiles(
         acc, l_i, m_i, q, K, V, bt_row, stride_ks, stride_vs, k_head_off, v_head_off,
-        stride_kb, stride_vb, stride_kd, stride_vd, offs_n, offs_d, tok, mid, hi_s, kv_len, diag, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, DOT_PRECISION,
+        stride_kb, stride_vb, stride_kd, stride_vd, offs_n, offs_d, tok, full_lo_s, full_hi_s, col_lo, kv_len, diag, qk_scale,
+        window_left, cap_log2, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, SOFTCAP, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _paged_tiles(
+        acc, l_i, m_i, q, K, V, bt_row, stride_ks, stride_vs, k_head_off, v_head_off,
+        stride_kb, stride_vb, stride_kd, stride_vd, offs_n, offs_d, tok, full_hi_s, hi_s, col_lo, kv_len, diag, qk_scale,
+        window_left, cap_log2, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, SOFTCAP, DOT_PRECISION,
     )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -249,6 +266,8 @@ def paged_attention(
     num_splits: int = 1,
     out: torch.Tensor | None = None,
     launch: tuple[int, ...] | None = None,
+    window_left: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of packed queries over paged keys/values.
 
@@ -262,13 +281,19 @@ def paged_attention(
     ``(BLOCK_N, num_warps, num_stages[, maxnreg])`` (any power-of-two ``BLOCK_N``: each key
     column looks its page up, so tiles may span or split pages; ``maxnreg`` caps registers
     per thread so more programs fit on an SM).
+    ``window_left`` (sliding window: query ``i`` sees keys ``i + off - window_left ..
+    i + off``; ``None`` for none) and ``softcap`` (``softcap * tanh(s / softcap)`` on the
+    scaled scores) are defined in :mod:`.score_mods`; keys left of every row's window are
+    never read.
     Decode calls (``max_q_len <= 1``) without a ``launch`` go to the TMA kernel
     (:mod:`.paged_decode_tma`) where :func:`.paged_decode_tma.tma_decode_supported` allows.
     Returns ``out [total_q, Hq, D]`` in ``q``'s dtype.
     """
+    has_cap, cap_log2 = softcap_arg(softcap)
     if launch is None and tma_decode_supported(q, k_pages, v_pages, max_q_len):
         return paged_decode_tma(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q,
-                                softmax_scale=softmax_scale, num_splits=num_splits, out=out)
+                                softmax_scale=softmax_scale, num_splits=num_splits, out=out,
+                                window_left=window_left, softcap=softcap)
     total_q, hq, head_dim = q.shape
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
     batch = block_tables.shape[0]
@@ -287,11 +312,11 @@ def paged_attention(
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *out.stride(),
         block_tables.stride(0),
         *part_out_strides, *part_lse_strides,
-        hkv, group, num_splits, softmax_scale * _LOG2E,
+        hkv, group, num_splits, softmax_scale * _LOG2E, window_left_arg(window_left), cap_log2,
     )
     meta = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_Q=block_q, GROUP_PAD=group_pad,
-        SPLIT=split, DOT_PRECISION=dot_precision_for(q.dtype),
+        SPLIT=split, SOFTCAP=has_cap, DOT_PRECISION=dot_precision_for(q.dtype),
     )
     grid = (triton.cdiv(max_q_len, block_q), batch * hkv, num_splits)
     block_n, warps, stages, *cap = launch or DEFAULT_LAUNCH["decode" if max_q_len <= 1 else "prefill"]
@@ -329,10 +354,13 @@ def paged_attention_torch(
     softmax_scale: float,
     seq_lens_cpu: list[int] | None = None,
     cu_seqlens_q_cpu: list[int] | None = None,
+    window_left: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The same math as :func:`paged_attention` in plain PyTorch, for CPUs without Triton:
-    gather the pages, then one batched GQA softmax for decode steps, or SDPA per sequence
-    with a bottom-right causal mask when some sequence has several queries.
+    gather the pages, then one batched GQA softmax for decode steps, or per sequence
+    (SDPA with a bottom-right causal mask unless soft-capped) when some sequence has
+    several queries.
 
     The ``*_cpu`` lists spare the device-to-host copies when the caller already has them.
     """
@@ -344,6 +372,8 @@ def paged_attention_torch(
     batch = len(lens)
     if batch == 0 or total_q == 0:
         return q.new_zeros((total_q, hq, d))
+    left = window_left_arg(window_left)
+    softcap = softcap or None
     max_len = max(lens)
     n_pages = max(1, -(-max_len // page_size))
     if total_q == batch:  # one query per sequence: decode
@@ -352,7 +382,11 @@ def paged_attention_torch(
         v = v_pages[pages].reshape(batch, n_pages * page_size, hkv, d).to(q.dtype)
         qg = q.view(batch, hkv, group, d)
         scores = torch.einsum("bhgd,blhd->bhgl", qg.float(), k.float()) * softmax_scale
-        keep = torch.arange(n_pages * page_size, device=q.device)[None, :] < seq_lens.to(q.device)[:, None].long()
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        key = torch.arange(n_pages * page_size, device=q.device)[None, :]
+        last = seq_lens.to(q.device)[:, None].long() - 1
+        keep = (key <= last) & (key >= last - left)
         scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
         out = torch.einsum("bhgl,blhd->bhgd", probs, v.float())
@@ -370,8 +404,16 @@ def paged_attention_torch(
         k = k_pages[pages].reshape(-1, hkv, d)[:kv_len].to(q.dtype).transpose(0, 1)
         v = v_pages[pages].reshape(-1, hkv, d)[:kv_len].to(q.dtype).transpose(0, 1)
         rows = torch.arange(q_len, device=q.device)[:, None] + (kv_len - q_len)
-        mask = torch.arange(kv_len, device=q.device)[None, :] <= rows
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q[q0:q1].transpose(0, 1), k, v, attn_mask=mask, scale=softmax_scale, enable_gqa=group > 1)
+        cols = torch.arange(kv_len, device=q.device)[None, :]
+        mask = (cols <= rows) & (cols >= rows - left)
+        qb = q[q0:q1].transpose(0, 1)
+        if softcap is None:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qb, k, v, attn_mask=mask, scale=softmax_scale, enable_gqa=group > 1)
+        else:
+            kg, vg = k.repeat_interleave(group, 0).float(), v.repeat_interleave(group, 0).float()
+            scores = qb.float() @ kg.transpose(1, 2) * softmax_scale
+            scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~mask, float("-inf"))
+            o = (torch.softmax(scores, dim=-1) @ vg).to(q.dtype)
         out[q0:q1] = o.transpose(0, 1)
     return out

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .. import envs
 from .runtime import interpreter_enabled
+from .score_mods import soft_cap, softcap_arg, window_left_arg
 from .split_combine import combine_splits, partial_buffers
 
 try:  # host-side descriptors: triton >= 3.3
@@ -43,9 +44,9 @@ def _paged_decode_tma_kernel(
     stride_bt,
     stride_ps, stride_pt, stride_ph, stride_pd,
     stride_ls, stride_lt, stride_lh,
-    num_kv_heads, group_size, num_splits, qk_scale,
+    num_kv_heads, group_size, num_splits, qk_scale, window_left, cap_log2,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    SOFTCAP: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -66,22 +67,27 @@ def _paged_decode_tma_kernel(
     q = tl.load(Q + row_t * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None], other=0.0)
 
-    n_pages = tl.cdiv(kv_len, PAGE_SIZE)
-    per_split = tl.cdiv(n_pages, num_splits)
-    lo = pid_s * per_split
-    hi = tl.minimum(lo + per_split, n_pages)
+    # The query (at kv_len - 1) sees keys [first, kv_len): pages before first's are never read.
+    first = tl.maximum(kv_len - 1 - window_left, 0)
+    page0 = first // PAGE_SIZE
+    per_split = tl.cdiv(tl.cdiv(kv_len, PAGE_SIZE) - page0, num_splits)
+    lo = page0 + pid_s * per_split
+    hi = tl.minimum(lo + per_split, tl.cdiv(kv_len, PAGE_SIZE))
     bt_row = block_tables + b.to(tl.int64) * stride_bt
     col = kvh * HEAD_DIM
 
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-    # Every page of [lo, hi) holds at least one key, so m is finite after the first one.
+    # Every page of [lo, hi) holds at least one visible key, so m is finite after the first one.
     for i in tl.range(lo, hi, num_stages=NUM_STAGES):
         page = tl.load(bt_row + i)
         k = desc_k.load([page * PAGE_SIZE, col])
         qk = tl.dot(q, k.T) * qk_scale
-        qk = tl.where((i * PAGE_SIZE + offs_p)[None, :] < kv_len, qk, float("-inf"))
+        if SOFTCAP:
+            qk = soft_cap(qk, cap_log2)
+        key = i * PAGE_SIZE + offs_p
+        qk = tl.where(((key < kv_len) & (key >= first))[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -154,12 +160,16 @@ def paged_decode_tma(
     num_splits: int = 1,
     out: torch.Tensor | None = None,
     launch: tuple[int, int] | None = None,
+    window_left: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Decode attention over paged K/V with one TMA copy per page (see the module doc).
 
-    Arguments as :func:`.paged_attention.paged_attention` with ``max_q_len = 1``; the
-    caller checked :func:`tma_decode_supported`. ``launch``: ``(num_warps, num_stages)``.
+    Arguments as :func:`.paged_attention.paged_attention` with ``max_q_len = 1`` (sliding
+    window and soft-cap included: pages left of the window are not read); the caller
+    checked :func:`tma_decode_supported`. ``launch``: ``(num_warps, num_stages)``.
     """
+    has_cap, cap_log2 = softcap_arg(softcap)
     total_q, hq, d = q.shape
     num_blocks, page_size, hkv, _ = k_pages.shape
     batch = block_tables.shape[0]
@@ -182,8 +192,8 @@ def paged_decode_tma(
             q, *descs, out, part_out, part_lse, block_tables, seq_lens, cu_seqlens_q,
             *q.stride(), *out.stride(), block_tables.stride(0),
             *part_out_strides, *part_lse_strides,
-            hkv, group, num_splits, softmax_scale * _LOG2E,
-            HEAD_DIM=d, PAGE_SIZE=page_size, ROWS=rows, SPLIT=split, NUM_STAGES=stages,
+            hkv, group, num_splits, softmax_scale * _LOG2E, window_left_arg(window_left), cap_log2,
+            HEAD_DIM=d, PAGE_SIZE=page_size, ROWS=rows, SPLIT=split, SOFTCAP=has_cap, NUM_STAGES=stages,
             num_warps=warps, num_stages=stages,
         )
     if split:

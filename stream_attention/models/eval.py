@@ -15,7 +15,7 @@ and chunked-prefill variants show up in the score; ``--model-hook module:functio
 may wrap or modify the loaded model (e.g. star attention) before scoring.
 
 ``--kv-compression POLICY --ratio R`` evaluates a compressed KV cache instead
-(:mod:`stream_attention.models.needle`): needle retrieval accuracy (a value assigned near
+(:mod:`stream_attention.engine.needle`, through ``stream-attention-eval``): needle retrieval accuracy (a value assigned near
 the top of a held-out file, asked for at the end of the context) and the perplexity of
 held-out continuations, each with the full cache and with the context's cache compressed
 by the engine's policy (``streaming``, ``heavy-hitter``, ``snapkv``, ``hybrid``).
@@ -387,35 +387,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def evaluate_kv_compression(args: argparse.Namespace) -> dict[str, Any]:
-    """Needle accuracy and continuation perplexity, full cache vs ``--kv-compression`` at ``--ratio``."""
-    from . import needle
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    # Eager attention: the harness reads the observation window's attention weights.
-    model, tok, info = load_model(args.model, device, dtype, "eager")
-    tok.model_max_length = 1 << 30  # whole documents are tokenized, then cut
-    docs = [d.text for d in load_documents(args.text)]
-    ctx = args.needle_context or int(getattr(model.config, "max_position_embeddings", 2048)) - 64
-    settings = needle.NeedleSettings(window_tokens=args.kv_window_tokens)
-    configs = [("none", 1.0), (args.kv_compression, args.ratio)]
-    cases = needle.make_needle_cases(tok, docs, args.needles, ctx, depth=args.needle_depth, seed=args.seed)
-    result: dict[str, Any] = {"model": info, "device": str(device), "context_tokens": ctx,
-                              "needle_depth": args.needle_depth, "settings": vars(settings)}
-    result["needle"] = needle.run_needles(model, tok, cases, configs, settings)
-    windows, span = [], args.ppl_context + args.ppl_tokens
-    for d in docs:
-        ids = tok.encode(d, add_special_tokens=False)
-        if len(ids) >= span:
-            windows.append(([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids[:span - 1])
-        if len(windows) == args.ppl_windows:
-            break
-    result["perplexity"] = {f"{p}@{r:g}": needle.continuation_nll(model, windows, args.ppl_context, p, r, settings)
-                            for p, r in configs}
-    return result
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Held-out perplexity / bits per byte vs xz and zstd.")
     ap.add_argument("--model", default="default", help="'default', a Hugging Face model dir, or 'none' (anchors only)")
@@ -456,14 +427,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point ``stream-attention-eval``."""
+    """Held-out perplexity only; ``stream-attention-eval`` (``cli/eval.py``) adds ``--kv-compression``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    result = evaluate_kv_compression(args) if args.kv_compression else evaluate(args)
+    if args.kv_compression:
+        raise SystemExit("--kv-compression needs the engine's policies: run stream-attention-eval")
+    write_result(evaluate(args), args.out)
+
+
+def write_result(result: dict[str, Any], out: Path | None) -> None:
+    """Print ``result`` as JSON, and write it to ``out`` when given."""
     text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
     print(text)
 
 

@@ -32,14 +32,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..engine.kv_compression import (
+from ..utils.quantization import dequantize_codes, quantize_along
+from .kv_compression import (
     EvictionPolicy,
     HeavyHitterPolicy,
     SnapKVPolicy,
     StreamingLLMPolicy,
     pool_token_scores,
 )
-from ..utils.quantization import dequantize_codes, quantize_along
 
 __all__ = ["NeedleCase", "NeedleSettings", "make_needle_cases", "run_needles", "continuation_nll", "POLICIES"]
 
