@@ -101,6 +101,32 @@ def reference_attention(
     return out, lse
 
 
+def star_visibility(total: int, context: int, world: int, anchor: int, block: int) -> torch.Tensor:
+    """Bool ``[total, total]``: which keys each token sees under star attention, written
+    from its definition (Acharya et al. 2024) for a sequence whose first ``context`` tokens
+    are split contiguously over ``world`` ranks and the rest is the replicated query.
+
+    Context token ``i`` in a block ``[s, e)`` of its rank's shard sees keys ``s..i``, plus the
+    sequence's first ``anchor`` tokens (capped at rank 0's shard) unless its block is the
+    sequence's first. Query and generated tokens see every earlier key (phase 2 is exact).
+    """
+    visible = torch.zeros(total, total, dtype=torch.bool)
+    bounds = [(r * context // world, (r + 1) * context // world) for r in range(world)]
+    anchor = min(anchor, bounds[0][1] - bounds[0][0])
+    for lo, hi in bounds:
+        for s in range(lo, hi, block):
+            for i in range(s, min(s + block, hi)):
+                for j in range(s, i + 1):
+                    visible[i, j] = True
+                if s > 0:
+                    for j in range(anchor):
+                        visible[i, j] = True
+    for i in range(context, total):
+        for j in range(i + 1):
+            visible[i, j] = True
+    return visible
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Norm-wise relative error of ``a`` against reference ``b``."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
