@@ -107,8 +107,8 @@ def star_visibility(total: int, context: int, world: int, anchor: int, block: in
     are split contiguously over ``world`` ranks and the rest is the replicated query.
 
     Context token ``i`` in a block ``[s, e)`` of its rank's shard sees keys ``s..i``, plus the
-    sequence's first ``anchor`` tokens (capped at rank 0's shard) unless its block is the
-    sequence's first. Query and generated tokens see every earlier key (phase 2 is exact).
+    sequence's first ``anchor`` tokens (capped at rank 0's shard) that precede the block
+    (none for the sequence's first block; each key once where the anchor covers a block). Query and generated tokens see every earlier key (phase 2 is exact).
     """
     visible = torch.zeros(total, total, dtype=torch.bool)
     bounds = [(r * context // world, (r + 1) * context // world) for r in range(world)]
@@ -118,9 +118,8 @@ def star_visibility(total: int, context: int, world: int, anchor: int, block: in
             for i in range(s, min(s + block, hi)):
                 for j in range(s, i + 1):
                     visible[i, j] = True
-                if s > 0:
-                    for j in range(anchor):
-                        visible[i, j] = True
+                for j in range(min(anchor, s)):  # the anchor, as far as it precedes the block
+                    visible[i, j] = True
     for i in range(context, total):
         for j in range(i + 1):
             visible[i, j] = True
