@@ -307,3 +307,22 @@ def test_mixed_batch_frequencies_follow_each_rows_distribution():
                            dtype=torch.float64)
         assert (freq[ref == 0] == 0).all(), (i, s.params)
         assert (freq - ref).abs().max() < 0.05, (i, s.params, freq, ref)
+
+
+def test_presence_or_frequency_penalty_alone():
+    # Either one alone must apply (found by mutation testing: "or" read as "and" survived).
+    logits = torch.zeros(2, 4)
+    seqs = [_seq(SamplingParams(presence_penalty=0.5), prompt=[3], out=[1, 1]),
+            _seq(SamplingParams(frequency_penalty=0.25), prompt=[3], out=[2, 2, 2])]
+    assert apply_penalties(logits, seqs).tolist() == [[0.0, -0.5, 0.0, 0.0], [0.0, 0.0, -0.75, 0.0]]
+
+
+def test_penalties_skip_token_ids_outside_the_vocabulary():
+    # Ids equal to or above the logits' width (a tokenizer larger than the model's head)
+    # are not penalised, and do not fail.
+    logits = torch.ones(1, VOCAB)
+    seq = _seq(SamplingParams(repetition_penalty=2.0, presence_penalty=1.0), prompt=[VOCAB, 5], out=[VOCAB, 7])
+    got = apply_penalties(logits.clone(), [seq])[0]
+    expect = torch.ones(VOCAB)
+    expect[5], expect[7] = 0.5, 0.5 - 1.0
+    assert torch.equal(got, expect)
