@@ -9,7 +9,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install serve test test-fast lint gpu clean
+.PHONY: install serve test test-fast lint mutation gpu clean
 
 $(BIN)/stream-attention-benchmark: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +32,16 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check stream_attention tests benchmarks examples
 
+# Mutation testing (slow; not in CI): config in pyproject.toml [tool.mutmut], results and the
+# surviving mutants worth killing in docs/TESTING.md. MUTANTS="name*" runs a subset.
+MUTATION_JOBS ?= 2
+mutation: install
+	nice -n 10 $(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
+	$(BIN)/mutmut results
+
 # On the GPU machine (no network): runs the GPU tests and benchmarks, JSON under $$OUT.
 gpu:
 	bash scripts/gpu_run.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache mutants

@@ -10,7 +10,9 @@
 (b) Offline throughput of a 1B-shaped Llama with random weights (hidden 2048, 16 layers,
     32/8 heads, intermediate 8192, vocab 128256, bf16): 64 prompts of 512 random tokens,
     256 generated tokens each with EOS ignored, for this engine and for HF ``generate``
-    with a static cache, same process, same GPU.
+    with a static cache on the same GPU. Without ``--only`` both run in this process, one
+    after the other; ``scripts/gpu_run.sh`` runs them as separate processes
+    (``--only hf``, ``--only engine``), so neither inherits the other's allocations.
 (c) ``--only anatomy``: paged decode (bf16 and int8 pages) and cuDNN time vs context (1k-16k)
     at batch 16 and 64, fitted as ``ms = F + bytes / BW``: a fixed per-call cost and a
     marginal read rate; each timed as a graph replay after a zeroing L2 flush and after a

@@ -7,7 +7,8 @@ import torch
 
 from stream_attention import fused_attention
 from stream_attention.kernels.runtime import TritonUnavailableError, interpreter_enabled
-from tests.reference import reference_attention, rel_err
+from tests.attention_reference import nan_poisoned_allocations
+from tests.reference import reference_attention, rel_err, visible_keys, visible_keys_by_loop
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
@@ -70,29 +71,61 @@ def test_bhtd_layout_reads_strides_without_copies(causal, device):
 
 
 @needs_triton
-def test_every_output_element_is_written(device):
-    # Poison through a pre-filled buffer the kernel must overwrite entirely.
-    q, k, v = _qkv(1, 45, 45, 2, 2, 48, torch.float32, device)
+@pytest.mark.parametrize("tq,tk", [(45, 45), (40, 25)], ids=["square", "early-rows-see-nothing"])
+def test_every_output_element_is_written(tq, tk, device):
+    # Output and LSE buffers start as NaN; every element must be overwritten, including
+    # rows that see no key (zeros and -inf).
+    q, k, v = _qkv(1, tq, tk, 2, 2, 48, torch.float32, device)
     from stream_attention.kernels import attention_fwd
 
-    orig_empty_like = torch.empty_like
-    try:
-        torch.empty_like = lambda t, **kw: orig_empty_like(t, **kw).fill_(float("nan"))
+    with nan_poisoned_allocations():
         out, lse = attention_fwd.attention_forward(q, k, v, causal=True, softmax_scale=48**-0.5)
-    finally:
-        torch.empty_like = orig_empty_like
-    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    ref, ref_lse = reference_attention(q, k, v, causal=True)
+    assert rel_err(out, ref) <= 1e-5
+    assert torch.equal(torch.isneginf(lse.cpu()), torch.isneginf(ref_lse))
+
+
+@pytest.mark.parametrize(
+    "tq,tk,causal,window",
+    [(5, 5, True, None), (3, 7, True, None), (7, 3, True, None), (6, 6, False, (2, 1)), (4, 9, True, (3, 0)),
+     (9, 4, False, (1, -1)), (5, 8, False, (-1, 0))],
+)
+def test_reference_mask_matches_index_loop(tq, tk, causal, window):
+    # The vectorised reference mask equals the definition checked one index pair at a time.
+    assert torch.equal(visible_keys(tq, tk, causal, window), visible_keys_by_loop(tq, tk, causal, window))
+
+
+def test_reference_matches_per_row_softmax():
+    # One row at a time from the definition: GQA head h reads K/V head h // (Hq / Hkv).
+    q, k, v = _qkv(1, 5, 8, 4, 2, 16, torch.float64, torch.device("cpu"))
+    out, lse = reference_attention(q, k, v, causal=True, window=(2, 0))
+    for h in range(4):
+        for i in range(5):
+            pos = i + 3
+            keys = [j for j in range(8) if pos - 2 <= j <= pos]
+            s = torch.stack([q[0, i, h] @ k[0, j, h // 2] for j in keys]) / 4.0
+            p = torch.softmax(s, 0)
+            expect = sum(p[n] * v[0, j, h // 2] for n, j in enumerate(keys))
+            assert torch.allclose(out[0, i, h], expect, atol=1e-12)
+            assert abs(lse[0, h, i].item() - torch.logsumexp(s, 0).item()) < 1e-12
 
 
 @needs_triton
-@pytest.mark.parametrize("window", [(8, 0), (5, 7), (0, 0), (-1, 3)])
-def test_sliding_window(window, device):
-    q, k, v = _qkv(1, 40, 40, 2, 1, 32, torch.float32, device)
-    causal = window[1] == 0
+@pytest.mark.parametrize(
+    "tq,tk,window,causal",
+    [(40, 40, (8, 0), True), (40, 40, (5, 7), False), (40, 40, (0, 0), True), (40, 40, (-1, 3), False),
+     (13, 40, (6, 0), True), (13, 40, (4, 2), False), (30, 12, (3, 1), False), (30, 12, (5, 0), True)],
+)
+def test_sliding_window(tq, tk, window, causal, device):
+    # Tq != Tk rows check the bottom-right alignment of the window; Hq=4/Hkv=2 the head mapping.
+    q, k, v = _qkv(1, tq, tk, 4, 2, 32, torch.float32, device)
     out, lse = fused_attention(q, k, v, causal=causal, window=window, return_lse=True, backend="triton")
     ref, ref_lse = reference_attention(q, k, v, causal=causal, window=window)
     assert rel_err(out, ref) <= 1e-5
-    assert (lse.double() - ref_lse).abs().max() <= 1e-4
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isneginf(lse.cpu()), ~finite)
+    assert (lse.double().cpu()[finite] - ref_lse[finite]).abs().max() <= 1e-4
 
 
 @needs_triton
@@ -111,6 +144,44 @@ def test_sdpa_backend_matches_reference(causal):
     assert rel_err(out, ref) <= 1e-5
     finite = torch.isfinite(ref_lse)
     assert (lse.double()[finite] - ref_lse[finite]).abs().max() <= 1e-4
+
+
+SDPA_CASES = [
+    # tq, tk, hq, hkv, causal, window, mask kind
+    (19, 31, 4, 2, True, None, None),  # bottom-right causal through a dense mask (GQA)
+    (19, 31, 4, 4, True, None, None),  # the same through causal_lower_right (no GQA)
+    (24, 24, 2, 2, True, None, None),  # is_causal
+    (31, 19, 2, 1, True, None, None),  # Tq > Tk: early rows see nothing
+    (20, 20, 4, 2, False, (3, 2), None),
+    (13, 29, 2, 1, True, (5, 0), None),
+    (29, 13, 2, 2, False, (2, 1), None),  # windows leave early rows empty
+    (17, 17, 4, 2, False, None, "bool"),
+    (17, 23, 2, 2, True, (6, 0), "bool"),
+    (17, 23, 2, 1, False, None, "additive"),
+    (15, 15, 2, 2, True, None, "additive"),
+]
+
+
+@pytest.mark.parametrize("case", SDPA_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_sdpa_backend_masks_and_windows_match_reference(case):
+    # The SDPA fallback builds its own band and mask combination: check it like the kernel.
+    tq, tk, hq, hkv, causal, window, mask_kind = case
+    q, k, v = _qkv(2, tq, tk, hq, hkv, 32, torch.float32, torch.device("cpu"))
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, tq, tk) > 0.3
+        mask[0, 0, 3] = False  # one row that sees nothing
+    elif mask_kind == "additive":
+        mask = torch.randn(2, hq, tq, tk)
+    out, lse = fused_attention(q, k, v, causal=causal, window=window, attn_mask=mask, return_lse=True,
+                               backend="sdpa")
+    ref, ref_lse = reference_attention(q, k, v, causal=causal, window=window, mask=mask)
+    assert rel_err(out, ref) <= 1e-5
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isneginf(lse), ~finite)
+    assert (lse.double()[finite] - ref_lse[finite]).abs().max() <= 1e-4
+    assert (out[(~finite).transpose(1, 2)] == 0).all()
+    assert torch.equal(fused_attention(q, k, v, causal=causal, window=window, attn_mask=mask, backend="sdpa"), out)
 
 
 def test_triton_backend_refuses_cpu_without_interpreter(monkeypatch):

@@ -256,3 +256,44 @@ def test_prefill_wait_off_admits_every_step() -> None:
     _decode_all(sched, sched.schedule())
     sched.add(_seq("b", list(range(4)), max_tokens=4))
     assert [s.seq.request_id for s in sched.schedule().scheduled] == ["a", "b"]
+
+
+# Found by mutation testing (docs/TESTING.md): counters and the prefix-hash chain.
+
+
+def test_pool_of_one_block_is_valid_and_zero_is_refused():
+    assert BlockManager(num_blocks=1, block_size=4).num_free_blocks == 1
+    with pytest.raises(ValueError, match="num_blocks=0"):
+        BlockManager(num_blocks=0, block_size=4)
+
+
+def test_prefix_hit_keeps_the_hash_chain_for_later_hits():
+    bm = BlockManager(num_blocks=32, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_waiting=4)
+    rng = random.Random(0)
+    a = _seq("a", list(range(13)))
+    sched.add(a)
+    _run_step(sched, rng)
+    b = _seq("b", list(range(13)) + [50, 51, 52])  # 4 full blocks, the first 3 cached
+    sched.add(b)
+    _run_step(sched, rng)
+    assert b.block_hashes[:3] == a.block_hashes and len(b.block_hashes) == 4
+    assert b.num_cached_prompt_tokens == 12
+    # A third request hits b's fourth block, whose hash chains from the cached three.
+    c = _seq("c", list(b.prompt_token_ids) + [60])  # 16 cached + 1 to compute
+    sched.add(c)
+    (sc,) = [s for s in sched.schedule().scheduled if s.seq is c]
+    assert sc.num_new_tokens == 1 and c.num_cached_prompt_tokens == 16
+
+
+def test_drop_and_preemption_counters_accumulate():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=64, max_waiting=2)
+    a = _seq("a", list(range(22)))
+    sched.add(a)
+    _run_step(sched, random.Random(0))
+    bm.drop_blocks(a, [1])
+    bm.drop_blocks(a, [1, 2])
+    assert bm.blocks_dropped == 3 and a.num_dropped_tokens == 12 and a.prefix_cacheable is False
+    assert a.block_hashes == []  # a compacted table no longer maps to prompt prefixes
+    bm.check_invariants([a])

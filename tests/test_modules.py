@@ -16,10 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quickstart_example_runs_verbatim(capsys):
-    runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    ns = runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
     out = capsys.readouterr().out.split("\n")
     assert out[0] == "torch.Size([2, 1024, 4096])"
     assert out[1] == "torch.Size([2, 1024, 32, 128])"
+    # The values too: the explicit Q, K, V path is causal attention of the example's inputs
+    # (a few rows are enough for the float64 reference).
+    q, k, v, y_qkv = ns["q"], ns["k"], ns["v"], ns["y_qkv"]
+    ref, _ = reference_attention(q[:1, :64], k[:1, :64], v[:1, :64], causal=True)
+    assert rel_err(y_qkv[:1, :64], ref) < (2e-3 if q.dtype == torch.float16 else 1e-5)
 
 
 def test_config_defaults_and_validation():
@@ -103,15 +108,22 @@ def test_bad_hidden_states_shape():
         StreamAttention(StreamAttentionConfig(num_heads=2, head_dim=16, max_sequence_length=4))(torch.randn(1, 5, 32))
 
 
-def test_fused_online_attention_and_baseline_agree():
-    fused = FusedOnlineAttention(num_heads=4, head_dim=32)
-    base = FlashAttentionV3(num_heads=4, head_dim=32)
-    q, k, v = (torch.randn(2, 21, 4, 32) for _ in range(3))
-    out, lse = fused(q, k, v, causal=True, return_lse=True)
-    assert lse.shape == (2, 4, 21)
-    assert rel_err(out, base(q, k, v, causal=True)) < 1e-5
+@pytest.mark.skipif(not (torch.cuda.is_available() or interpreter_enabled()), reason="needs the Triton kernel")
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_online_attention_and_baseline_agree(causal, device):
+    # The fused module on the Triton kernel (under the interpreter on CPU), the SDPA baseline
+    # module, and the float64 reference: three independent paths to the same numbers.
+    fused = FusedOnlineAttention(num_heads=4, head_dim=32, num_kv_heads=2, backend="triton").to(device)
+    base = FlashAttentionV3(num_heads=4, head_dim=32).to(device)
+    q = torch.randn(2, 21, 4, 32, device=device)
+    k, v = (torch.randn(2, 21, 2, 32, device=device) for _ in range(2))
+    out, lse = fused(q, k, v, causal=causal, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, causal=causal)
+    assert rel_err(out, ref) < 1e-5  # fp32 against float64
+    assert (lse.double().cpu() - ref_lse.cpu()).abs().max() < 1e-4
+    assert rel_err(base(q, k.repeat_interleave(2, 2), v.repeat_interleave(2, 2), causal=causal), ref) < 1e-5
     with pytest.raises(ValueError, match="query heads"):
-        fused(torch.randn(1, 3, 5, 32), k, v)
+        fused(torch.randn(1, 3, 5, 32, device=device), k, v)
 
 
 @pytest.mark.skipif(not interpreter_enabled(), reason="exercises the interpreter")
@@ -124,8 +136,14 @@ def test_fused_online_attention_triton_backend():
 
 def test_module_benchmarks_return_metrics():
     for module in (FusedOnlineAttention(num_heads=2, head_dim=32), FlashAttentionV3(num_heads=2, head_dim=32)):
-        m = module.benchmark(seq_len=64, batch_size=1, warmup=1, iterations=2)
-        assert m["time_ms"] > 0 and m["tflops"] > 0 and m["bandwidth_gb_s"] > 0
+        m = module.benchmark(seq_len=64, batch_size=3, warmup=1, iterations=2, causal=False)
+        assert m["time_ms"] > 0 and (m["seq_len"], m["batch_size"], m["num_heads"]) == (64, 3, 2)
+        seconds = m["time_ms"] * 1e-3
+        # Rates from their definitions: 4*B*H*T*T*D FLOPs; Q, K, V read and O written once (fp32).
+        assert m["tflops"] == pytest.approx(4 * 3 * 2 * 64 * 64 * 32 / seconds / 1e12, rel=1e-9)
+        assert m["bandwidth_gb_s"] == pytest.approx(4 * 4 * 3 * 2 * 64 * 32 / seconds / 1e9, rel=1e-9)
+        causal = module.benchmark(seq_len=64, batch_size=3, warmup=0, iterations=1, causal=True)
+        assert causal["tflops"] * causal["time_ms"] == pytest.approx(m["tflops"] * m["time_ms"] / 2, rel=1e-9)
     assert FlashAttentionV3().benchmark(seq_len=32, warmup=0, iterations=1)["sdpa_backend"] == "default"
 
 

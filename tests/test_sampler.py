@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -192,3 +193,136 @@ def test_request_output_totals_are_snapshots():
     assert source == [7, 8, 9, 10, 11]
     plain = RequestOutput("r", [7], [8, 9, 0], "", [9], "", False)
     assert plain == out
+
+
+# --- Mixed batches: every row follows its own settings --------------------------------
+
+def reference_probs(logits: torch.Tensor, p: SamplingParams, prompt: list[int], out: list[int]) -> list[float]:
+    """One row's next-token distribution, written from the definitions (float64, loops).
+
+    Repetition penalty (HF) over prompt and output tokens: positive logits are divided,
+    negative ones multiplied. Presence/frequency (OpenAI) over output tokens:
+    ``logit -= frequency * count + presence``. Then temperature; top-k keeps the k most
+    likely; top-p keeps the most likely tokens while the mass strictly above a token is at
+    most top_p (renormalised after top-k); min-p keeps tokens with probability at least
+    ``min_p * max probability``.
+    """
+    x = [float(v) for v in logits]
+    if p.repetition_penalty != 1.0:
+        for t in set(prompt) | set(out):
+            x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t in set(out):
+        x[t] -= p.frequency_penalty * out.count(t) + p.presence_penalty
+    if p.temperature == 0.0:
+        best = max(range(len(x)), key=lambda t: x[t])
+        return [1.0 if t == best else 0.0 for t in range(len(x))]
+    x = [v / p.temperature for v in x]
+    order = sorted(range(len(x)), key=lambda t: -x[t])
+    kept = order[: p.top_k] if p.top_k > 0 else order
+
+    def normalised(tokens):
+        z = sum(math.exp(x[t]) for t in tokens)
+        return {t: math.exp(x[t]) / z for t in tokens}
+
+    if p.top_p < 1.0:
+        probs, above, survivors = normalised(kept), 0.0, []
+        for t in kept:
+            if above > p.top_p:
+                break
+            survivors.append(t)
+            above += probs[t]
+        kept = survivors
+    if p.min_p > 0.0:
+        probs = normalised(kept)
+        top = max(probs.values())
+        kept = [t for t in kept if probs[t] >= p.min_p * top]
+    final = normalised(kept)
+    return [final.get(t, 0.0) for t in range(len(x))]
+
+
+MIXED = [  # one row each; every setting differs from its neighbours
+    SamplingParams(temperature=1.0, top_p=0.5, seed=11),
+    SamplingParams(temperature=0.7, top_k=3, seed=12),
+    SamplingParams(temperature=1.3, min_p=0.3, seed=13),
+    SamplingParams(temperature=1.0, top_p=0.9, top_k=5, repetition_penalty=1.5, seed=14),
+    SamplingParams(temperature=0.0, frequency_penalty=0.8, presence_penalty=0.5),  # greedy after penalties
+    SamplingParams(temperature=2.0, presence_penalty=-1.0, frequency_penalty=0.4, seed=15),
+    SamplingParams(temperature=1.0, seed=16),
+]
+SMALL_VOCAB = 8
+
+
+def _mixed_seqs() -> list[Sequence]:
+    g = torch.Generator().manual_seed(5)
+    return [_seq(p, prompt=torch.randint(0, SMALL_VOCAB, (4,), generator=g).tolist(),
+                 out=torch.randint(0, SMALL_VOCAB, (5,), generator=g).tolist()) for p in MIXED]
+
+
+def test_mixed_batch_filters_each_row_by_its_own_settings():
+    g = torch.Generator().manual_seed(1)
+    seqs = _mixed_seqs()
+    for _ in range(20):
+        logits = torch.randn(len(seqs), SMALL_VOCAB, generator=g) * 2
+        sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
+        pen = apply_penalties(logits.clone(), seqs)
+        probs = torch.softmax(filter_logits(pen[sampled], [seqs[i].params for i in sampled]).double(), -1)
+        for j, i in enumerate(sampled):
+            s = seqs[i]
+            ref = torch.tensor(reference_probs(logits[i], s.params, s.prompt_token_ids, s.output_token_ids),
+                               dtype=torch.float64)
+            assert torch.equal(probs[j] > 0, ref > 0), (i, s.params)  # the same support, exactly
+            assert (probs[j] - ref).abs().max() < 1e-5  # float32 softmax against float64
+
+
+def test_mixed_batch_tokens_equal_single_row_sampling():
+    # Same seeds, same logits row: a row's token does not depend on the other rows' settings.
+    g = torch.Generator().manual_seed(2)
+    steps = [torch.randn(len(MIXED), SMALL_VOCAB, generator=g) * 2 for _ in range(30)]
+    batch_seqs, alone_seqs = _mixed_seqs(), _mixed_seqs()
+    batch_sampler, alone_sampler = Sampler(torch.device("cpu"), seed=1), Sampler(torch.device("cpu"), seed=1)
+    for logits in steps:
+        together = batch_sampler(logits, batch_seqs).token_ids
+        one_by_one = [alone_sampler(logits[i:i + 1], [s]).token_ids[0] for i, s in enumerate(alone_seqs)]
+        assert together == one_by_one
+        for i, s in enumerate(batch_seqs):
+            ref = reference_probs(logits[i], s.params, s.prompt_token_ids, s.output_token_ids)
+            assert ref[together[i]] > 0, (i, s.params)  # never a token its own filters drop
+
+
+def test_mixed_batch_frequencies_follow_each_rows_distribution():
+    # 2000 copies of each setting in one batch (shared generator): each copy's empirical
+    # distribution matches its own reference. With n=2000 a frequency's standard error is
+    # at most 0.011, so 0.05 is > 4 sigma; swapping two rows' settings moves some
+    # frequency by more than 0.2 here.
+    reps = 2000
+    unseeded = [dataclasses.replace(p, seed=None) for p in MIXED]
+    seqs = [_seq(p, prompt=s.prompt_token_ids, out=s.output_token_ids)
+            for p, s in zip(unseeded, _mixed_seqs(), strict=True) for _ in range(reps)]
+    logits_rows = torch.randn(len(MIXED), SMALL_VOCAB, generator=torch.Generator().manual_seed(3)) * 2
+    logits = logits_rows.repeat_interleave(reps, 0)
+    ids = torch.tensor(Sampler(torch.device("cpu"), seed=9)(logits, seqs).token_ids).view(len(MIXED), reps)
+    for i, s in enumerate(_mixed_seqs()):
+        freq = torch.bincount(ids[i], minlength=SMALL_VOCAB).double() / reps
+        ref = torch.tensor(reference_probs(logits_rows[i], s.params, s.prompt_token_ids, s.output_token_ids),
+                           dtype=torch.float64)
+        assert (freq[ref == 0] == 0).all(), (i, s.params)
+        assert (freq - ref).abs().max() < 0.05, (i, s.params, freq, ref)
+
+
+def test_presence_or_frequency_penalty_alone():
+    # Either one alone must apply (found by mutation testing: "or" read as "and" survived).
+    logits = torch.zeros(2, 4)
+    seqs = [_seq(SamplingParams(presence_penalty=0.5), prompt=[3], out=[1, 1]),
+            _seq(SamplingParams(frequency_penalty=0.25), prompt=[3], out=[2, 2, 2])]
+    assert apply_penalties(logits, seqs).tolist() == [[0.0, -0.5, 0.0, 0.0], [0.0, 0.0, -0.75, 0.0]]
+
+
+def test_penalties_skip_token_ids_outside_the_vocabulary():
+    # Ids equal to or above the logits' width (a tokenizer larger than the model's head)
+    # are not penalised, and do not fail.
+    logits = torch.ones(1, VOCAB)
+    seq = _seq(SamplingParams(repetition_penalty=2.0, presence_penalty=1.0), prompt=[VOCAB, 5], out=[VOCAB, 7])
+    got = apply_penalties(logits.clone(), [seq])[0]
+    expect = torch.ones(VOCAB)
+    expect[5], expect[7] = 0.5, 0.5 - 1.0
+    assert torch.equal(got, expect)

@@ -115,9 +115,12 @@ def star_attention_phase1(
     for start in range(0, t_local, block):
         stop = min(start + block, t_local)
         qb, kb, vb = q[:, start:stop], k[:, start:stop], v[:, start:stop]
-        if not (rank == 0 and start == 0) and k_anchor.shape[1] > 0:
-            kb = torch.cat([k_anchor, kb], dim=1)
-            vb = torch.cat([v_anchor, vb], dim=1)
+        # On rank 0 an anchor longer than a block overlaps the blocks it covers: prepend
+        # only the anchor keys before this block, so that no key counts twice.
+        n_anchor = min(k_anchor.shape[1], start) if rank == 0 else k_anchor.shape[1]
+        if n_anchor > 0:
+            kb = torch.cat([k_anchor[:, :n_anchor], kb], dim=1)
+            vb = torch.cat([v_anchor[:, :n_anchor], vb], dim=1)
         # Bottom-right alignment makes every anchor key visible to every block query.
         outputs.append(fused_attention(qb, kb, vb, causal=causal, softmax_scale=softmax_scale, backend=backend))
     if not outputs:
