@@ -492,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="write the JSON report here")
     args = ap.parse_args(argv)
+    from stream_attention.server.cli import raise_open_file_limit
+
+    raise_open_file_limit()  # the client holds one socket per stream too
     server = ServerProcess(args.model, args.device, args.server_arg) if args.model else None
     try:
         cfg = SoakConfig(

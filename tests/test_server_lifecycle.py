@@ -141,3 +141,20 @@ def test_shutdown_timeout_ends_overrunning_stream_cleanly(tmp_path: Path) -> Non
             proc.wait(10)
     assert proc.returncode == 0, err
     assert "Traceback" not in out + err, err
+
+
+def test_open_file_limit_is_raised_for_many_streams() -> None:
+    """A thousand streams need a thousand sockets: the server raises a low soft limit
+    (within the hard one) before it listens."""
+    resource = pytest.importorskip("resource")
+    from stream_attention.server.cli import raise_open_file_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        low = min(256, soft) if soft != resource.RLIM_INFINITY else 256
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+        got = raise_open_file_limit(4096)
+        want = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+        assert got == want == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

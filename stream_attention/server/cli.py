@@ -110,6 +110,26 @@ def _graceful_server(config: Any, on_signal: Callable[[], None]) -> Any:
     return GracefulServer(config)
 
 
+def raise_open_file_limit(wanted: int = 65536) -> int:
+    """Raise this process's soft limit on open files towards ``wanted`` (within the hard limit).
+
+    Every stream holds a socket: with the common soft limit of 1,024, a server with about a
+    thousand open streams fails to accept more and drops connections. Returns the new limit."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX: nothing to raise
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+    return soft
+
+
 def serve(settings: ServerSettings, sock: socket.socket | None = None) -> int:
     """Run the server until SIGINT/SIGTERM; in-flight requests drain for up to
     ``shutdown_timeout`` seconds.
@@ -121,6 +141,7 @@ def serve(settings: ServerSettings, sock: socket.socket | None = None) -> int:
     from .app import begin_shutdown, configure_logging, create_app
 
     configure_logging(settings.log_level)
+    raise_open_file_limit()
     if sock is None:
         sock = listen_socket(settings.host, settings.port)
     server: Any = None
