@@ -65,7 +65,8 @@ async def prepare(state: ServerState, body: GenerateRequest) -> tuple[list[int],
     max_tokens = state.resolve_max_tokens(body.max_tokens, len(ids), default=SamplingParams.max_tokens)
     params = build_params(
         lambda: body.sampling_params(
-            max_tokens=max_tokens, temperature=body.effective_temperature(), logprobs=body.logprobs
+            max_tokens=max_tokens, temperature=body.effective_temperature(), logprobs=body.logprobs,
+            defaults=state.sampling_defaults,
         )
     )
     constraint = body.structured_outputs()

@@ -151,7 +151,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     max_tokens = state.resolve_max_tokens(body.max_tokens, len(ids), default=16)
     temperature = OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
     params = build_params(
-        lambda: body.sampling_params(max_tokens=max_tokens, temperature=temperature, logprobs=body.logprobs)
+        lambda: body.sampling_params(max_tokens=max_tokens, temperature=temperature, logprobs=body.logprobs,
+                                     defaults=state.sampling_defaults)
     )
     spec = body.response_format.structured_outputs() if body.response_format is not None else None
     if spec is not None:
@@ -229,7 +230,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     max_tokens = state.resolve_max_tokens(requested, len(ids), default=None, prompt_param="messages")
     temperature = OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
     params = build_params(
-        lambda: body.sampling_params(max_tokens=max_tokens, temperature=temperature, logprobs=body.logprobs_n())
+        lambda: body.sampling_params(max_tokens=max_tokens, temperature=temperature, logprobs=body.logprobs_n(),
+                                     defaults=state.sampling_defaults)
     )
     spec = body.response_format.structured_outputs() if body.response_format is not None else None
     if spec is not None and plan.constrained:

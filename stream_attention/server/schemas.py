@@ -63,15 +63,21 @@ class _Sampling(Strict):
             raise ValueError("token ids must be >= 0")
         return value
 
-    def sampling_params(self, *, max_tokens: int, temperature: float, logprobs: int | None = None) -> SamplingParams:
-        """The engine's params; ``validate()`` re-checks ranges the schema does not know."""
+    def sampling_params(self, *, max_tokens: int, temperature: float, logprobs: int | None = None,
+                        defaults: dict[str, float] | None = None) -> SamplingParams:
+        """The engine's params; knobs the request leaves out take ``defaults`` (the model's
+        generation config), then the neutral value. ``validate()`` re-checks ranges the
+        schema does not know."""
+        d = defaults or {}
+        top_k = self.top_k if self.top_k is not None else int(d.get("top_k", 0))
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
-            top_k=max(self.top_k or 0, 0),
-            top_p=1.0 if self.top_p is None else self.top_p,
-            min_p=self.min_p or 0.0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            top_k=max(top_k, 0),
+            top_p=self.top_p if self.top_p is not None else d.get("top_p", 1.0),
+            min_p=self.min_p if self.min_p is not None else d.get("min_p", 0.0),
+            repetition_penalty=(self.repetition_penalty if self.repetition_penalty is not None
+                                else d.get("repetition_penalty", 1.0)),
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             seed=self.seed,

@@ -84,6 +84,11 @@ class ServerSettings(EngineSettings):
 
     # --- model -----------------------------------------------------------------
     served_model_name: str | None = Field(None, description="name reported by /v1/models (default: from the model)")
+    generation_config: str = Field(
+        "auto",
+        description="sampling defaults for knobs a request leaves out (repetition_penalty, top_p, top_k, min_p): "
+        "auto = the model's generation_config.json, none = neutral values, or a directory holding one",
+    )
     engine_mode: Literal["auto", "thread", "process"] = Field(
         "auto",
         description="where the engine steps: process = a process of its own (its Python never waits for the "

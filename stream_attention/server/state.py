@@ -23,6 +23,7 @@ from starlette.requests import Request as HTTPRequest
 from ..engine.types import EngineStats, PromptTooLongError, QueueFullError, Request, RequestOutput, SamplingParams
 from . import engine_bridge as bridge
 from .errors import APIError, request_error
+from .generation_defaults import load_sampling_defaults
 from .metrics import ServerMetrics
 from .settings import ServerSettings
 
@@ -55,6 +56,7 @@ class ServerState:
     in_flight: int = 0  # HTTP requests being served, for the shutdown drain
     streams: set[GenerationStream] = field(default_factory=set)  # open engine requests, for shutdown
     token_text: Any = None  # token id -> text cache for logprob entries (built on first use)
+    sampling_defaults: dict[str, float] = field(default_factory=dict)  # from the model's generation config
 
     @property
     def ready(self) -> bool:
@@ -68,6 +70,7 @@ class ServerState:
 
     def attach(self, engine: Any) -> None:
         """Adopt a loaded engine and cache what routes read on every request."""
+        self.sampling_defaults = load_sampling_defaults(self.settings.generation_config, self.settings.model)
         self.tokenizer = bridge.tokenizer(engine)
         self.max_model_len = bridge.max_model_len(engine)
         self.model_name = bridge.model_name(engine, self.settings)
