@@ -115,7 +115,7 @@ class SupervisedEngine:
     def _serving(self) -> EngineClient:
         if self._failure is not None:
             raise EngineDeadError(f"engine stopped for good: {self._failure!r}")
-        if self._restarting or not self._client.is_running and self._client.failure is not None:
+        if self._restarting or (not self._client.is_running and self._client.failure is not None):
             raise EngineDeadError("the engine is restarting; retry shortly")
         return self._client
 
