@@ -136,3 +136,23 @@ def test_scored_policies_keep_what_the_window_attends(cases) -> None:
                                            (' "a-b-1"', '"a-b-1"', True), (" foo_bar_x", "foo_bar", False)])
 def test_answer_check(text: str, value: str, ok: bool) -> None:
     assert nd.answer_correct(text, value) == ok
+
+
+def test_eval_command_reports_needles_and_perplexity_full_and_compressed(tmp_path, capsys) -> None:
+    """``stream-attention-eval --kv-compression P --ratio R`` on the embedded model: both
+    settings are scored, and the compressed one really keeps about 1/R of the context."""
+    import json
+
+    from stream_attention.cli.eval import main
+
+    out = tmp_path / "eval.json"
+    main(["--kv-compression", "snapkv", "--ratio", "4", "--needles", "2", "--needle-context", "256",
+          "--needle-depth", "0.9", "--ppl-windows", "1", "--ppl-context", "128", "--ppl-tokens", "32",
+          "--max-docs", "20", "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["needle"]) == {"none@1", "snapkv@4"} == set(result["perplexity"])
+    assert result["needle"]["none@1"]["cases"] == result["needle"]["snapkv@4"]["cases"] == 2
+    assert abs(result["needle"]["snapkv@4"]["achieved_ratio"] - 4.0) < 0.5
+    assert result["needle"]["none@1"]["achieved_ratio"] == 1.0
+    for entry in result["perplexity"].values():
+        assert entry["tokens"] == 31 and entry["perplexity"] > 1.0
