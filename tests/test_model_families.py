@@ -198,3 +198,30 @@ def test_quantized_pages_follow_windows_and_caps():
         assert a.token_ids == b.token_ids
         # fp32 math over identical dequantized values, summed in another order.
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < LOGPROB_ATOL
+
+
+def test_blocks_behind_the_window_return_to_the_pool():
+    """Mistral (every layer windowed): blocks no query can read again are freed as the
+    sequence moves on, so a sequence holds about window + one step of blocks whatever its
+    length, and the tokens stay transformers' (checked by _check_family). Gemma 2's global
+    layers read everything: nothing is freed there."""
+    from stream_attention.engine.scheduler import Scheduler
+
+    peak: dict[str, int] = {}
+    commit = Scheduler.commit
+
+    def watching(self, scheduled, collector=None):
+        commit(self, scheduled, collector)
+        for s in scheduled:
+            peak[s.seq.request_id] = max(peak.get(s.seq.request_id, 0), len(s.seq.block_table))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Scheduler, "commit", watching)
+        eng, _ = _check_family("mistral", "triton")
+        assert eng.scheduler.kv_reach == WINDOW - 1
+        assert eng.block_manager.blocks_dropped > 0
+        # block 4, reach 7, at most 16 new tokens a step: 7 + 16 slots over 4-slot blocks, +1 partial.
+        assert max(peak.values()) <= -(-(WINDOW - 1 + 16) // 4) + 1, peak
+        peak.clear()
+        eng, _ = _check_family("gemma2", "triton")
+        assert eng.scheduler.kv_reach is None and eng.block_manager.blocks_dropped == 0

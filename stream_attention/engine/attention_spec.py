@@ -66,6 +66,15 @@ def layer_attention(config: Any) -> list[LayerAttention]:
     return [LayerAttention(w, float(softcap) if softcap is not None else None) for w in windows]
 
 
+def kv_reach(layers: list[LayerAttention]) -> int | None:
+    """How far back (in positions) any layer's queries still read keys: the largest
+    ``window_left`` when every layer is windowed, None when some layer reads the whole
+    context. Keys further back than this can leave the cache."""
+    if not layers or any(layer.window_left is None for layer in layers):
+        return None
+    return max(layer.window_left for layer in layers)
+
+
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The model's self-attention modules (transformers' ``*Attention`` with a ``layer_idx``)."""
     return [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]

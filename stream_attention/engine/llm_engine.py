@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .attention_spec import kv_reach
 from .config import EngineConfig, parse_dtype
 from .model_runner import ModelRunner
 from .sampler import PendingSample, Sampler
@@ -132,7 +133,8 @@ class LLMEngine:
         self.runner = ModelRunner(hf_model, config, self.device)
         self.kv_mgr = self.runner.kv_mgr  # the page format (runner) and the eviction policy (scheduler)
         self.max_model_len = self.runner.max_model_len
-        self.scheduler = Scheduler.from_config(config, self.runner.num_blocks, kv_policy=self.kv_mgr)
+        self.scheduler = Scheduler.from_config(config, self.runner.num_blocks, kv_policy=self.kv_mgr,
+                                               kv_reach=kv_reach(self.runner.layer_attention))
         self.block_manager = self.scheduler.bm
         self.sampler = Sampler(self.device, config.seed)
         self.eos_token_ids = eos_token_ids(tok, hf_model)

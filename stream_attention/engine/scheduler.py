@@ -86,6 +86,7 @@ class Scheduler:
         admission_reserve_blocks: int | None = None,
         kv_policy: KVCompressionManager | None = None,
         prefill_wait_steps: int = 0,
+        kv_reach: int | None = None,
         policy: str = "fcfs",
     ) -> None:
         if policy not in ("fcfs", "priority"):
@@ -106,11 +107,14 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.prefill_wait_steps = prefill_wait_steps
+        # Every layer windowed (Mistral-style): keys further back than this leave the cache.
+        self.kv_reach = kv_reach
         self._held_steps = 0
 
     @classmethod
     def from_config(
-        cls, config: EngineConfig, num_blocks: int, kv_policy: KVCompressionManager | None = None
+        cls, config: EngineConfig, num_blocks: int, kv_policy: KVCompressionManager | None = None,
+        kv_reach: int | None = None,
     ) -> Scheduler:
         """A scheduler with a block manager of ``num_blocks`` blocks, sized and limited by ``config``."""
         bm = BlockManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
@@ -123,6 +127,7 @@ class Scheduler:
             kv_policy=kv_policy,
             prefill_wait_steps=config.resolved_prefill_wait_steps(),
             policy=config.scheduling_policy,
+            kv_reach=kv_reach,
         )
 
     def _release(self, seq: Sequence) -> None:
@@ -284,6 +289,22 @@ class Scheduler:
         self._held_steps += 1
         return True
 
+    def _drop_blocks_behind_the_window(self, scheduled: list[ScheduledSeq]) -> None:
+        """Free the leading blocks no query will read again when every layer is windowed:
+        the next query of a sequence sits at position ``num_computed_tokens`` and reads back
+        ``kv_reach`` positions. Dropping leading blocks shifts every remaining slot by the
+        same amount, so the kernels' window masks (slot distances) stay exact."""
+        reach = self.kv_reach
+        bs = self.bm.block_size
+        for s in scheduled:
+            seq = s.seq
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            behind = seq.num_computed_tokens - reach - seq.num_dropped_tokens
+            n = min(behind, seq.num_kv_slots) // bs
+            if n > 0:
+                self.bm.drop_blocks(seq, list(range(n)))
+
     def commit(self, scheduled: list[ScheduledSeq], collector: BlockScoreCollector | None = None) -> None:
         """Advance ``num_computed_tokens`` after the model ran a step. Sequences that
         finished while the step ran (aborted, or a stop string seen by a pipelined
@@ -303,6 +324,8 @@ class Scheduler:
                 if seq.status is not finished:
                     seq.num_computed_tokens += s.num_new_tokens
                     commit(seq)
+        if self.kv_reach is not None:
+            self._drop_blocks_behind_the_window(scheduled)
         policy = self.kv_policy
         if policy is None:
             return
