@@ -257,3 +257,37 @@ def test_parallel_choices_cross_the_process_pipe(tmp_path: Path) -> None:
         assert len(final.token_ids) == 6 and final.finish_reason is not None
     texts = {final.text for _, final in per_choice.values()}
     assert len(texts) == 1  # greedy: every choice is the same continuation
+
+
+@pytest.mark.slow
+def test_out_of_memory_over_http_is_a_503_and_nothing_leaks(tmp_path: Path) -> None:
+    """Over HTTP: an out-of-memory step ends the streams it served with a 503 error event,
+    the server stays ready (no restart), and /metrics shows no block or request left."""
+    config = _config(tmp_path)
+    client = build_engine_client(config, mode="thread", restart_backoff_s=0.1)
+    srv = LiveServer(create_app(ServerSettings(_env_file=None, max_num_seqs=4), engine=client))
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120) as http:
+            deadline = time.monotonic() + 120
+            while http.get("/ready").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            body = {"prompt": "def f(x):", "max_tokens": 400, "ignore_eos": True}
+            with http.stream("POST", "/generate_stream", json=body) as r:
+                lines: list[str] = []
+                for line in r.iter_lines():
+                    lines.append(line)
+                    if line.startswith("data: ") and not Path(config.fault_file).exists() and len(lines) < 3:
+                        Path(config.fault_file).write_text("oom")
+            error = sse_events(lines)[-1]["error"]
+            assert error["code"] == "engine_unavailable" and "out of device memory" in error["message"], error
+            assert http.get("/ready").status_code == 200
+            r = http.post("/generate", json={"prompt": "def g(y):", "max_tokens": 4, "ignore_eos": True})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+            text = http.get("/metrics").text
+            assert _metric(text, "stream_attention_kv_cache_blocks_used") == 0
+            assert _metric(text, "stream_attention_requests_running") == 0
+            assert _metric(text, "stream_attention_engine_restarts_total") == 0
+    finally:
+        srv.stop()
+        asyncio.run(client.shutdown(drain=False, timeout=0))
