@@ -31,6 +31,7 @@ def _fresh_prompt() -> str:
 
 def test_completions_n3_share_one_prefill_and_free_their_blocks(client, srv: LiveServer) -> None:
     before = wait_idle(srv.engine)
+    generated = srv.state.metrics.request_generation_tokens._value.get()
     comp = client.completions.create(
         model=srv.state.model_name, prompt=_fresh_prompt(), max_tokens=6, n=3, temperature=1.0, seed=7,
         extra_body=IGNORE_EOS,
@@ -42,6 +43,8 @@ def test_completions_n3_share_one_prefill_and_free_their_blocks(client, srv: Liv
     assert comp.usage.total_tokens == comp.usage.prompt_tokens + 18
     assert after.prefill_tokens_total - before.prefill_tokens_total == comp.usage.prompt_tokens
     assert after.kv_blocks_used == 0
+    # The request's generated-tokens metric counts every choice, as usage does.
+    assert srv.state.metrics.request_generation_tokens._value.get() - generated == 18
 
 
 def test_seeded_choices_equal_separate_requests_with_seed_plus_index(client, srv: LiveServer) -> None:

@@ -265,6 +265,7 @@ class GenerationStream:
         self.closed = False
         self.output: RequestOutput | None = None
         self.ttft: float | None = None
+        self.generated_tokens = 0  # over every choice of the request (n > 1 streams them interleaved)
         self.e2e: float | None = None
 
     def _check_queue(self) -> None:
@@ -298,6 +299,7 @@ class GenerationStream:
         now = time.perf_counter()
         m = self.state.metrics
         n = len(outs[0].delta_token_ids) if len(outs) == 1 else sum(len(o.delta_token_ids) for o in outs)
+        self.generated_tokens += n
         if n:
             if self._last_token_at is None:
                 self.ttft = now - self._start
@@ -315,7 +317,7 @@ class GenerationStream:
             reason = out.finish_reason.value if out.finish_reason is not None else "stop"
             m.finished.labels(finish_reason=reason).inc()
             m.request_prompt_tokens.inc(len(out.prompt_token_ids))
-            m.request_generation_tokens.inc(len(out.token_ids))
+            m.request_generation_tokens.inc(self.generated_tokens)
         return outs
 
     def _http_error(self, exc: Exception) -> APIError:
