@@ -97,6 +97,9 @@ def test_best_of_is_refused_and_n_is_bounded(client, srv: LiveServer) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=srv.state.model_name, prompt="x", max_tokens=2, n=2, best_of=4)
     assert "best_of" in str(err.value)
-    with pytest.raises(openai.BadRequestError) as err:  # more choices than sequence slots
-        client.completions.create(model=srv.state.model_name, prompt="x", max_tokens=2, n=100)
-    assert "n=100" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as err:  # within --max-n (64 here), beyond the 32 sequence slots
+        client.completions.create(model=srv.state.model_name, prompt="x", max_tokens=2, n=40)
+    assert "n=40" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as err:  # beyond --max-n
+        client.completions.create(model=srv.state.model_name, prompt="x", max_tokens=2, n=65)
+    assert "at most 64 choices" in str(err.value)

@@ -91,7 +91,8 @@ _SERVERS: dict[str, LiveServer] = {}
 _LOCK = threading.Lock()
 
 # Small enough that 200 streams queue (exercising the waiting path) on 2 CPU cores.
-MAIN_SETTINGS = {"max_num_seqs": 32, "max_queue": 512, "benchmark_time_budget": 20.0, "log_level": "warning"}
+MAIN_SETTINGS = {"max_num_seqs": 32, "max_queue": 512, "max_n": 64, "benchmark_time_budget": 20.0,
+                 "log_level": "warning"}
 
 
 def _settings(**overrides: Any) -> ServerSettings:

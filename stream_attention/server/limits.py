@@ -43,6 +43,7 @@ class RequestLimits:
     max_stop_string_chars: int
     max_stop_token_ids: int
     max_logit_bias: int
+    max_n: int
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> RequestLimits:

@@ -176,7 +176,7 @@ class StreamOptions(Strict):
 
 class _OpenAICommon(_Sampling):
     model: str | None = None
-    n: int = Field(1, ge=1, le=128, description="choices per request; they share the prompt's prefill")
+    n: int = Field(1, ge=1, description="choices per request (at most --max-n); they share the prompt's prefill")
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -208,6 +208,14 @@ class CompletionRequest(_OpenAICommon):
     best_of: int | None = Field(None, ge=1, description="refused unless equal to n (no server-side ranking)")
     suffix: str | None = None
     response_format: ResponseFormat | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _n_bound(cls, value: int) -> int:
+        limit = current_limits().max_n
+        if value > limit:
+            raise ValueError(f"at most {limit} choices per request")
+        return value
 
     @field_validator("best_of")
     @classmethod

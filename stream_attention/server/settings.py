@@ -136,6 +136,7 @@ class ServerSettings(EngineSettings):
     max_stop_string_chars: int = Field(256, ge=1, description="longest stop string, in characters")
     max_stop_token_ids: int = Field(64, ge=0, description="most stop_token_ids a request may give")
     max_logit_bias: int = Field(300, ge=0, description="most logit_bias entries a request may give")
+    max_n: int = Field(16, ge=1, le=128, description="most choices (n) an OpenAI request may ask for")
 
     # --- /benchmark ------------------------------------------------------------
     benchmark_enabled: bool = Field(True, description="serve POST /benchmark")
