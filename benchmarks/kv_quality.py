@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stream_attention.integration.hf import cache_layers_kv, dynamic_cache_from  # noqa: E402
 from stream_attention.utils.memory import create_kv_compressor  # noqa: E402
 
 CACHE_DTYPE = torch.bfloat16
@@ -63,22 +64,6 @@ def _cache_kwarg(model: Any) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
-def _layers_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer ``(k, v)`` ``[B, Hkv, T, D]`` from a transformers cache (4.x and 5.x layouts)."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))
-
-
-def _make_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    from transformers.cache_utils import DynamicCache
-
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(kv):
-        cache.update(k.contiguous(), v.contiguous(), i)
-    return cache
 
 
 class _QueryTap:
@@ -148,8 +133,8 @@ def evaluate(model: Any, tokens: torch.Tensor, prompt_tokens: int, ratios: list[
         # The cache as a server would hold it (bf16): ratios count against 16-bit pages, and
         # the uncompressed reference carries the same rounding.
         full_kv = [(k.to(CACHE_DTYPE).to(k.dtype), v.to(CACHE_DTYPE).to(v.dtype))
-                   for k, v in _layers_kv(out.past_key_values)]
-        ref = model(input_ids=cont, position_ids=pos_c, use_cache=True, **{kw: _make_cache(full_kv)})
+                   for k, v in cache_layers_kv(out.past_key_values)]
+        ref = model(input_ids=cont, position_ids=pos_c, use_cache=True, **{kw: dynamic_cache_from(full_kv)})
         q_cont = tap.rotated(pos_c)
         logp_full = F.log_softmax(ref.logits[0].float(), dim=-1)
         res: dict[str, dict[float, dict[str, float]]] = {}
@@ -166,7 +151,7 @@ def evaluate(model: Any, tokens: torch.Tensor, prompt_tokens: int, ratios: list[
                     kv.append((dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype)))
                     errs.append(st["attention_rel_error"])
                     ratio_got.append(st["compression_ratio"])
-                got = model(input_ids=cont, position_ids=pos_c, use_cache=True, **{kw: _make_cache(kv)})
+                got = model(input_ids=cont, position_ids=pos_c, use_cache=True, **{kw: dynamic_cache_from(kv)})
                 logp = F.log_softmax(got.logits[0].float(), dim=-1)
                 kl = (logp_full.exp() * (logp_full - logp)).sum(-1)
                 res[name][ratio] = {

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..integration.hf import cache_layers_kv, dynamic_cache_from
 from ..utils.quantization import dequantize_codes, quantize_along
 from .kv_compression import (
     EvictionPolicy,
@@ -138,22 +139,6 @@ def make_needle_cases(tokenizer: Any, documents: Sequence[str], n_cases: int, co
 # --------------------------------------------------------------------------------------
 
 
-def _layers_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer ``(k, v)`` ``[B, Hkv, T, D]`` of a transformers cache (4.x and 5.x layouts)."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))
-
-
-def _make_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    from transformers.cache_utils import DynamicCache
-
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(kv):
-        cache.update(k.contiguous(), v.contiguous(), i)
-    return cache
-
-
 def _policy(name: str, ratio: float, s: NeedleSettings) -> EvictionPolicy | None:
     kwargs = dict(block_size=s.block_size, sink_tokens=s.sink_tokens, window_tokens=s.window_tokens, ratio=ratio)
     return {"streaming": StreamingLLMPolicy, "heavy-hitter": HeavyHitterPolicy, "hybrid": HeavyHitterPolicy,
@@ -220,7 +205,7 @@ def _prefill(model: Any, ids: list[int], s: NeedleSettings):
                 output_attentions=True)
     if not out.attentions or out.attentions[0] is None:
         raise ValueError("the model returned no attention weights: load it with attn_implementation='eager'")
-    return [(k.clone(), v.clone()) for k, v in _layers_kv(out.past_key_values)], out.attentions
+    return [(k.clone(), v.clone()) for k, v in cache_layers_kv(out.past_key_values)], out.attentions
 
 
 @torch.no_grad()
@@ -257,7 +242,7 @@ def run_needles(model: Any, tokenizer: Any, cases: Sequence[NeedleCase], configs
         kv, attentions = _prefill(model, case.context_ids, s)
         for policy, ratio in configs:
             kept, achieved = compress_cache(kv, attentions, policy, ratio, s)
-            new = _greedy(model, _make_cache(kept), len(case.context_ids), case.question_ids, s.max_new_tokens)
+            new = _greedy(model, dynamic_cache_from(kept), len(case.context_ids), case.question_ids, s.max_new_tokens)
             rows[(policy, ratio)].append((case.kind, answer_correct(decode(new), case.value), achieved))
     results = {}
     for (policy, ratio), got in rows.items():
@@ -286,7 +271,7 @@ def continuation_nll(model: Any, windows: Sequence[list[int]], context_tokens: i
         # came from the full prefill, so scoring starts at the second.
         cont = torch.tensor([ids[context_tokens:]], device=dev)
         pos = torch.arange(context_tokens, len(ids), device=dev)[None]
-        out = model(input_ids=cont, position_ids=pos, past_key_values=_make_cache(kept), use_cache=True)
+        out = model(input_ids=cont, position_ids=pos, past_key_values=dynamic_cache_from(kept), use_cache=True)
         logp = F.log_softmax(out.logits[0, :-1].float(), -1)
         target = cont[0, 1:]
         nll -= float(logp.gather(-1, target[:, None]).sum())

@@ -92,6 +92,8 @@ __all__ = [
     "check_model_supported",
     "attention_stats",
     "reset_attention_stats",
+    "cache_layers_kv",
+    "dynamic_cache_from",
 ]
 
 logger = logging.getLogger(__name__)
@@ -630,6 +632,24 @@ def replace_llama_attention(model: nn.Module, cfg: StreamAttentionConfig | None 
             raise ValueError(f"cfg.head_dim={cfg.head_dim} but the model's head_dim is {head_dim}")
         backend = cfg.backend
     return enable_stream_attention(model, backend=backend)
+
+
+def cache_layers_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer ``(k, v)`` ``[B, Hkv, T, D]`` of a transformers cache (4.x and 5.x layouts)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+def dynamic_cache_from(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A transformers ``DynamicCache`` holding per-layer ``(k, v)`` ``[B, Hkv, T, D]`` (e.g. a
+    compressed copy of another cache's tensors)."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k.contiguous(), v.contiguous(), i)
+    return cache
 
 
 register()
