@@ -114,11 +114,14 @@ class StreamFrontend:
         """Stop accepting requests; with ``drain`` let running ones finish (up to
         ``timeout`` seconds), then abort whatever is left and stop the driver."""
         self._accepting = False
-        if self._thread is None:
-            await self._stop_worker()
-            if self._dead is None:
-                self._dead = EngineDeadError("the engine was shut down")
-            return
+        if self._thread is not None:
+            await self._finish_streams(drain, timeout)
+        await self._stop_worker()
+        if self._dead is None:
+            self._dead = EngineDeadError("the engine was shut down")
+
+    async def _finish_streams(self, drain: bool, timeout: float | None) -> None:
+        """Let open streams finish (with ``drain``, up to ``timeout`` s), then abort the rest."""
         if drain:
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._streams and (deadline is None or time.monotonic() < deadline):
@@ -130,9 +133,6 @@ class StreamFrontend:
             if not self._streams or not self.is_running:
                 break
             await asyncio.sleep(0.005)
-        await self._stop_worker()
-        if self._dead is None:
-            self._dead = EngineDeadError("the engine was shut down")
 
     close = shutdown
 

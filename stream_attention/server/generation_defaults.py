@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger("stream_attention.server")
 
@@ -47,8 +46,3 @@ def load_sampling_defaults(source: str, model: str | None) -> dict[str, float]:
     if defaults:
         log.info("sampling defaults from %s: %s", where, defaults)
     return defaults
-
-
-def apply_defaults(values: dict[str, Any], defaults: dict[str, float]) -> dict[str, Any]:
-    """``values`` (a request's knobs, None where not given) with ``defaults`` filled in."""
-    return {k: (defaults[k] if v is None and k in defaults else v) for k, v in values.items()}
