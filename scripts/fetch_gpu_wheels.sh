@@ -11,5 +11,5 @@ mkdir -p .whl
 python3 -m pip download "${common[@]}" "${plat[@]}" \
   fastapi starlette uvicorn pydantic pydantic-core pydantic-settings python-dotenv \
   annotated-types typing-inspection h11 sniffio opentelemetry-api importlib-metadata zipp \
-  uvloop httptools prometheus-client httpx httpcore anyio certifi idna
+  uvloop httptools prometheus-client httpx httpcore anyio certifi idna xgrammar apache-tvm-ffi
 ls -la .whl
