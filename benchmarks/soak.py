@@ -98,8 +98,18 @@ def read_metrics(text: str) -> dict[str, float]:
     return out
 
 
-async def sample(client: httpx.AsyncClient, t0: float) -> Sample:
-    m = read_metrics((await client.get("/metrics")).text)
+async def sample(client: httpx.AsyncClient, t0: float, attempts: int = 3) -> Sample:
+    """One /metrics reading. A transport error is retried on a fresh connection: under load
+    the server may close an idle keep-alive socket just as a request is sent on it."""
+    for attempt in range(attempts):
+        try:
+            text = (await client.get("/metrics")).text
+            break
+        except httpx.TransportError:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.2 * (attempt + 1))
+    m = read_metrics(text)
     rss = m.get("stream_attention_host_rss_bytes") or m.get("process_resident_memory_bytes", 0.0)
     return Sample(
         t=time.monotonic() - t0,
@@ -324,7 +334,8 @@ async def soak(cfg: SoakConfig) -> dict[str, Any]:
     out = Outcomes()
     samples: list[Sample] = []
     async with httpx.AsyncClient(base_url=cfg.url, limits=limits, timeout=timeout) as client, \
-            httpx.AsyncClient(base_url=cfg.url, timeout=30.0) as monitor:
+            httpx.AsyncClient(base_url=cfg.url, timeout=30.0,
+                              limits=httpx.Limits(max_keepalive_connections=0)) as monitor:
         models = (await monitor.get("/v1/models")).json()["data"]
         max_model_len = int(models[0].get("max_model_len") or 2048)
         work = Workload(cfg, client, out, models[0]["id"], max_model_len)
@@ -337,7 +348,10 @@ async def soak(cfg: SoakConfig) -> dict[str, Any]:
                 try:
                     await asyncio.wait_for(stop.wait(), cfg.sample_interval_s)
                 except TimeoutError:
-                    samples.append(await sample(monitor, t0))
+                    try:
+                        samples.append(await sample(monitor, t0))
+                    except httpx.TransportError as exc:
+                        out.failures[f"monitor {type(exc).__name__}"] += 1
 
         sent = 0
 
@@ -504,6 +518,12 @@ def main(argv: list[str] | None = None) -> int:
             warmup_frac=args.warmup_frac, max_rss_growth_pct=args.max_rss_growth_pct, seed=args.seed,
         )
         report = asyncio.run(soak(cfg))
+        if server is not None and server.proc.poll() is not None:
+            report["failures"][f"server exited with {server.proc.returncode}"] = 1
+    except BaseException:
+        if server is not None:
+            print("server log tail:\n" + server.tail(), file=sys.stderr)
+        raise
     finally:
         if server is not None:
             server.stop()
