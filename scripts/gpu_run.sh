@@ -73,7 +73,8 @@ for stage in $STAGES; do
     reads)   run reads 240 python3 benchmarks/bench_decode_reads.py --out "$RES/reads.json" --budget-s "${READS_BUDGET_S:-150}" ${READS_ARGS:-} ;;
     kvquant) run kvquant 150 python3 benchmarks/bench_kv_quant.py --out "$RES/kv_quant.json" ${KVQ_ARGS:-} ;;
     structured) run structured 200 python3 benchmarks/bench_structured.py --out "$RES/structured.json" ${STRUCTURED_ARGS:-} ;;
-    soak)    run soak "${SOAK_LIMIT_S:-240}" python3 benchmarks/soak.py --model default --device cuda \
+    soak)    ulimit -n 65536 2>/dev/null; echo "open-file limit: soft $(ulimit -Sn), hard $(ulimit -Hn)"
+             run soak "${SOAK_LIMIT_S:-240}" python3 benchmarks/soak.py --model default --device cuda \
                --duration-s "${SOAK_DURATION_S:-120}" --concurrency "${SOAK_CONCURRENCY:-1000}" --out "$RES/soak_gpu.json" ;;
     server)  run server 300 python3 benchmarks/bench_server.py --out "$RES/server.json" ${SERVER_ARGS:-} ;;
     engine2) run engine_alt 150 python3 benchmarks/bench_engine.py --only engine --out "$RES/engine_alt.json" \
