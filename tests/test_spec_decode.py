@@ -148,7 +148,7 @@ def _acceptance(engine: LLMEngine) -> float:
 
 @pytest.mark.parametrize("params", [
     SamplingParams(max_tokens=40, ignore_eos=True),
-    SamplingParams(max_tokens=40, repetition_penalty=1.2, frequency_penalty=0.3),
+    SamplingParams(max_tokens=40, repetition_penalty=1.2, frequency_penalty=1.0, presence_penalty=1.0),
 ], ids=["greedy", "greedy-with-penalties"])
 def test_ngram_greedy_equals_plain_greedy_and_returns_every_block(plain: LLMEngine, params: SamplingParams) -> None:
     expected = _generate(plain, params)
@@ -173,6 +173,21 @@ def test_ngram_under_preemption_and_abort_keeps_the_books(plain: LLMEngine) -> N
     spec.step()
     assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
     spec.block_manager.check_invariants([])
+
+
+def test_rejected_drafts_give_their_blocks_back_every_step() -> None:
+    spec = _engine(speculative_method="ngram", num_speculative_tokens=16, block_size=4)
+    for prompt in PROMPTS:
+        spec.add_request(prompt, SamplingParams(max_tokens=40, ignore_eos=True))
+    bm, steps = spec.block_manager, 0
+    while spec.has_unfinished_requests():
+        spec.step()
+        steps += 1
+        for seq in spec.scheduler.running:  # a table holds the computed slots and no more
+            assert len(seq.block_table) == -(-seq.num_kv_slots // bm.block_size), seq.request_id
+        bm.check_invariants(spec.scheduler.running)
+    assert steps < 40  # drafts were accepted: fewer steps than tokens
+    assert bm.num_free_blocks == bm.num_blocks
 
 
 def test_sampled_speculation_is_seeded_and_structured_output_falls_back() -> None:
