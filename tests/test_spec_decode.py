@@ -190,6 +190,17 @@ def test_rejected_drafts_give_their_blocks_back_every_step() -> None:
     assert bm.num_free_blocks == bm.num_blocks
 
 
+def test_parallel_choices_speculate_after_the_fork(plain: LLMEngine) -> None:
+    params = SamplingParams(max_tokens=30, n=3, ignore_eos=True)
+    spec = _engine(speculative_method="ngram", num_speculative_tokens=4)
+    got = [o.token_ids for o in spec.generate(PROMPTS[:2], params)]
+    assert got == [o.token_ids for o in plain.generate(PROMPTS[:2], params)]
+    assert spec.stats().spec_decode_num_drafts_total > 0
+    sampled = spec.generate(PROMPTS[0], SamplingParams(max_tokens=12, n=3, temperature=1.0, seed=2, ignore_eos=True))
+    assert [len(o.token_ids) for o in sampled] == [12, 12, 12]
+    assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
+
+
 def test_sampled_speculation_is_seeded_and_structured_output_falls_back() -> None:
     spec = _engine(speculative_method="ngram", num_speculative_tokens=4)
     params = SamplingParams(max_tokens=24, temperature=0.7, top_k=20, seed=11, ignore_eos=True)
