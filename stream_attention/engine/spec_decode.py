@@ -55,12 +55,19 @@ class NgramProposer:
         when no suffix of ``min_n`` or more tokens occurred before)."""
         tokens = np.asarray(token_ids, dtype=np.int64)
         length = len(tokens)
+        if length < 2:
+            return []
+        # Every match ends on an earlier occurrence of the last token (one pass over the
+        # context); longer suffixes are checked on those candidates only.
+        ends = np.flatnonzero(tokens[:length - 1] == tokens[-1])
         for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-            # Windows starting at 0 .. length-n-1: each is followed by at least one token.
-            windows = np.lib.stride_tricks.sliding_window_view(tokens[:length - 1], n)
-            hits = np.flatnonzero((windows == tokens[length - n:]).all(axis=1))
-            if hits.size:
-                start = int(hits[-1]) + n
+            cand = ends[ends >= n - 1]
+            for back in range(1, n):
+                if not cand.size:
+                    break
+                cand = cand[tokens[cand - back] == tokens[length - 1 - back]]
+            if cand.size:
+                start = int(cand[-1]) + 1
                 return tokens[start:start + k].tolist()
         return []
 
