@@ -150,12 +150,30 @@ class BlockManager:
             table.append(self._pop_free())
         return True
 
+    def truncate(self, seq: Sequence, num_slots: int) -> int:
+        """Free the tail blocks of ``seq`` beyond the first ``num_slots`` cache slots (the
+        rollback of rejected speculative tokens); returns how many went back to the pool.
+        Tail blocks past the computed slots are the sequence's own, never shared."""
+        keep = -(-num_slots // self.block_size)
+        table = seq.block_table
+        if len(table) <= keep:
+            return 0
+        for bid in reversed(table[keep:]):
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[bid] = None
+        seq.block_table = table[:keep]  # a new list: tables are append-only otherwise (see Sequence)
+        return len(table) - keep
+
     def commit(self, seq: Sequence) -> None:
         """Record the hashes of blocks that the last step filled with computed tokens."""
         if not self.enable_prefix_caching or not seq.prefix_cacheable:
             return
         bs = self.block_size
-        full = seq.num_computed_tokens // bs
+        # A verify step computes draft tokens the engine appends only after this commit:
+        # their blocks are hashed by the next commit, once their tokens are known.
+        full = min(seq.num_computed_tokens, len(seq.token_ids)) // bs
         if len(seq.block_hashes) >= full:  # no block filled up this step
             return
         while len(seq.block_hashes) < full:

@@ -140,6 +140,21 @@ class EngineConfig:
     pipeline_steps: bool | None = setting(
         None, "launch the next step before this one's tokens are processed (unset: on CUDA)"
     )
+    speculative_method: str = setting(
+        "none", "speculative decoding: none, ngram (prompt lookup: propose what followed the latest match of the "
+        "last tokens) or draft (a smaller model with the same vocabulary, speculative_draft_model)",
+        choices=("none", "ngram", "draft"),
+    )
+    num_speculative_tokens: int = setting(
+        4, "tokens proposed per sequence and step, verified in one target step (speculative_method != none)",
+        ge=1, le=16,
+    )
+    speculative_draft_model: str | None = setting(
+        None, "draft model for speculative_method=draft: local path or hub id of a causal LM with the target's "
+        "vocabulary"
+    )
+    prompt_lookup_min: int = setting(1, "ngram proposals: shortest suffix matched against earlier context", ge=1)
+    prompt_lookup_max: int = setting(4, "ngram proposals: longest suffix matched (tried first)", ge=1)
     seed: int = setting(0, "seed of requests that give none, so runs are repeatable")
     fault_file: str | None = setting(
         None,
@@ -165,6 +180,14 @@ class EngineConfig:
                 or ("le" in meta and not value <= meta["le"])
             ):
                 raise ValueError(f"{f.name}={value!r} is out of range")
+        if self.speculative_method == "draft" and not self.speculative_draft_model:
+            raise ValueError("speculative_method='draft' needs speculative_draft_model (a path or hub id)")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min={self.prompt_lookup_min} exceeds "
+                             f"prompt_lookup_max={self.prompt_lookup_max}")
+        if self.speculative_method != "none" and self.kv_compression_config().policy != "none":
+            raise ValueError(f"speculative_method={self.speculative_method!r} cannot be combined with "
+                             f"kv_compression={self.kv_compression!r} (eviction compacts the pages it would roll back)")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size={self.block_size!r} is out of range (a power of two)")
         return self

@@ -27,6 +27,7 @@ from .model_runner import ModelRunner
 from .sampler import PendingSample, Sampler
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence, SequenceGroup, SequenceStatus
+from .spec_decode import DraftModelProposer, NgramProposer, PendingVerify, SpeculativeDecoder, draft_block_bytes
 from .structured_output import GrammarCompiler
 from .tokenizer import (
     IncrementalDetokenizer,
@@ -94,14 +95,16 @@ def load_model(model: Any, tokenizer: Any, config: EngineConfig, device: torch.d
 class _Flight:
     """A launched step: what ran, who samples, and the sampling still on the device."""
 
-    __slots__ = ("scheduled", "sampling", "pending", "collector")
+    __slots__ = ("scheduled", "sampling", "pending", "collector", "verify")
 
-    def __init__(self, scheduled: list[ScheduledSeq], sampling: list[Sequence], pending: PendingSample | None,
-                 collector: Any) -> None:
+    def __init__(self, scheduled: list[ScheduledSeq], sampling: list[Sequence],
+                 pending: PendingSample | PendingVerify | None, collector: Any,
+                 verify: list[ScheduledSeq] | None = None) -> None:
         self.scheduled = scheduled
         self.sampling = sampling
         self.pending = pending
         self.collector = collector
+        self.verify = verify  # rows that verified a draft (their sequences end ``sampling``)
 
 
 class LLMEngine:
@@ -130,13 +133,16 @@ class LLMEngine:
         hf_model, tok, name = load_model(model, tokenizer, config, self.device)
         self.model_name = name
         self.tokenizer = tok
-        self.runner = ModelRunner(hf_model, config, self.device)
+        draft_model = self._load_draft_model(hf_model, tok, config) if config.speculative_method == "draft" else None
+        self.runner = ModelRunner(hf_model, config, self.device, extra_block_bytes=(
+            draft_block_bytes(draft_model, config.block_size) if draft_model is not None else 0))
         self.kv_mgr = self.runner.kv_mgr  # the page format (runner) and the eviction policy (scheduler)
         self.max_model_len = self.runner.max_model_len
         self.scheduler = Scheduler.from_config(config, self.runner.num_blocks, kv_policy=self.kv_mgr,
                                                kv_reach=kv_reach(self.runner.layer_attention))
         self.block_manager = self.scheduler.bm
         self.sampler = Sampler(self.device, config.seed)
+        self.spec = self._speculative_decoder(draft_model)
         self.eos_token_ids = eos_token_ids(tok, hf_model)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []
@@ -144,10 +150,54 @@ class LLMEngine:
         self._counters = EngineStats()
         # Pipelined steps (see step()): worth it where the model runs asynchronously.
         self.pipeline = config.pipeline_steps if config.pipeline_steps is not None else self.device.type == "cuda"
+        if self.spec is not None:
+            # A step's drafts are proposed from the tokens the step before it produced.
+            self.pipeline = False
         self._inflight: _Flight | None = None
         self._grammar_compiler: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         log.info("engine ready: %s on %s in %.1f s", name, self.device, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ speculative decoding
+    def _load_draft_model(self, target: Any, tokenizer: Any, config: EngineConfig) -> Any:
+        """The draft model of ``speculative_method="draft"``, on the target's device and dtype
+        setting; its vocabulary must be the target's (draft and target rows are compared
+        token id for token id)."""
+        from .model_runner import ModelGeometry
+
+        path = config.speculative_draft_model
+        draft, _, _ = load_model(path, tokenizer, config.replace(model=path, tokenizer=None), self.device)
+        target_vocab, draft_vocab = ModelGeometry.of(target).vocab_size, ModelGeometry.of(draft).vocab_size
+        if draft_vocab != target_vocab:
+            raise ValueError(f"speculative_draft_model={path!r} has a vocabulary of {draft_vocab} tokens; the target "
+                             f"model's has {target_vocab}: a draft model must share the target's tokenizer")
+        return draft
+
+    def _speculative_decoder(self, draft_model: Any) -> SpeculativeDecoder | None:
+        cfg = self.config
+        if cfg.speculative_method == "none":
+            return None
+        if cfg.speculative_method == "ngram":
+            return SpeculativeDecoder("ngram", cfg.num_speculative_tokens, self.sampler,
+                                      ngram=NgramProposer(cfg.prompt_lookup_min, cfg.prompt_lookup_max))
+        if self.scheduler.kv_reach is not None:
+            raise ValueError("speculative_method='draft' is not supported for models whose every layer is windowed")
+        runner = ModelRunner(draft_model, cfg.replace(
+            num_kv_blocks=self.runner.num_blocks, kv_cache_dtype="auto", kv_compression="none",
+            kv_compression_ratio=None, kv_budget_tokens=None, max_model_len=self.max_model_len,
+            speculative_method="none",
+        ), self.device)
+        if runner.max_model_len < self.max_model_len:
+            raise ValueError(f"speculative_draft_model's context ({runner.max_model_len} tokens) is shorter than the "
+                             f"target's max_model_len ({self.max_model_len})")
+        return SpeculativeDecoder("draft", cfg.num_speculative_tokens, self.sampler,
+                                  draft=DraftModelProposer(runner, self.sampler))
+
+    def speculates(self, params: SamplingParams) -> bool:
+        """Whether requests with ``params`` get draft tokens: not with structured output (the
+        grammar mask is per position and stateful) nor logprobs (computed per sampled row
+        by the plain sampler); those decode one token per step."""
+        return self.spec is not None and params.structured_outputs is None and params.logprobs is None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -234,6 +284,7 @@ class LLMEngine:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
         if seq.params.structured_outputs is not None:
             seq.grammar = self.grammar_compiler.matcher(seq.params.structured_outputs)
+        seq.speculative = self.speculates(seq.params)
         return seq
 
     def add_request(self, prompt: PromptLike, params: SamplingParams | None = None, *,
@@ -365,10 +416,20 @@ class LLMEngine:
             prompt_left = len(seq.prompt_token_ids) - seq.num_computed_tokens
             if prompt_left > 0:
                 counters.prefill_tokens_total += min(prompt_left, s.num_new_tokens)
+        spec = self.spec
+        if spec is not None:
+            spec.propose(scheduled)
         logits, collector = self.runner.execute(scheduled)
+        verify = [s for s in scheduled if s.draft] if spec is not None else None
+        if verify:
+            logits, pending_verify = spec.launch(logits, [s for s in scheduled if s.samples])
+            sampling = [s.seq for s in scheduled if s.samples and not s.draft]
         if forks:
             logits, sampling = self._fork(forks, logits, sampling)
         pending = self.sampler.launch(logits, sampling) if sampling else None
+        if verify:
+            pending_verify.plain = pending
+            return _Flight(scheduled, sampling + [s.seq for s in verify], pending_verify, collector, verify)
         return _Flight(scheduled, sampling, pending, collector)
 
     def _fork(self, forks: list[ScheduledSeq], logits: torch.Tensor, sampling: list[Sequence]
@@ -415,6 +476,10 @@ class LLMEngine:
         per sequence: ``(seq, token whose text is still to be processed or None, ended)``."""
         result = flight.pending.wait() if flight.pending is not None else None
         scheduler = self.scheduler
+        if flight.verify:
+            # Keep the K/V of the accepted drafts only (the scheduler rolls back the rest).
+            for s, a in zip(flight.verify, flight.pending.accepted, strict=True):
+                s.num_new_tokens = 1 + a
         scheduler.commit(flight.scheduled, flight.collector)
         if result is None:
             return []
@@ -422,28 +487,40 @@ class LLMEngine:
         max_len = self.max_model_len
         done: list[tuple[Sequence, int | None, bool]] = []
         appended = 0
-        for seq, token, lp in zip(flight.sampling, result.token_ids, result.logprobs, strict=True):
+        for seq, new, lp in zip(flight.sampling, result.token_ids, result.logprobs, strict=True):
             if seq.status is SequenceStatus.FINISHED:
                 continue  # aborted, or ended on a stop string, while this step ran
             tokens = seq.token_ids
-            tokens.append(token)
-            appended += 1
             if lp is not None and seq.logprobs is not None:
                 seq.logprobs.append(lp)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            grammar_done = seq.grammar is not None and self._advance_grammar(seq, token)
-            if token in seq.stop_ids or len(tokens) >= seq.token_limit or len(tokens) >= max_len or grammar_done:
-                # The last token: with text, a stop string in it takes precedence.
-                reason = self.process_token(seq, token) if seq.detokenizer is not None else (
-                    FinishReason.STOP if token in seq.stop_ids or grammar_done else FinishReason.LENGTH)
-                reason = reason or FinishReason.STOP  # the grammar is complete (ignore_eos)
-                self._end_sequence(seq, reason, now)
-                done.append((seq, None, True))
-            elif seq.detokenizer is not None:
-                done.append((seq, token, False))  # may still end on a stop string
-            elif seq.stream:
-                done.append((seq, None, False))
+            # One token, or a verify row's accepted drafts and the token after them: those
+            # past a stop are dropped.
+            new = (new,) if type(new) is int else new
+            last = len(new) - 1
+            for j, token in enumerate(new):
+                tokens.append(token)
+                appended += 1
+                grammar_done = seq.grammar is not None and self._advance_grammar(seq, token)
+                if token in seq.stop_ids or len(tokens) >= seq.token_limit or len(tokens) >= max_len or grammar_done:
+                    # The last token: with text, a stop string in it takes precedence.
+                    reason = self.process_token(seq, token) if seq.detokenizer is not None else (
+                        FinishReason.STOP if token in seq.stop_ids or grammar_done else FinishReason.LENGTH)
+                    reason = reason or FinishReason.STOP  # the grammar is complete (ignore_eos)
+                    self._end_sequence(seq, reason, now)
+                    done.append((seq, None, True))
+                    break
+                if j != last:
+                    # An accepted draft (never pipelined): its text now, in case it stops.
+                    if seq.detokenizer is not None and self.process_token(seq, token) is not None:
+                        self._end_sequence(seq, FinishReason.STOP, now)
+                        done.append((seq, None, True))
+                        break
+                elif seq.detokenizer is not None:
+                    done.append((seq, token, False))  # may still end on a stop string
+                elif seq.stream:
+                    done.append((seq, None, False))
         self._counters.generation_tokens_total += appended
         return done
 
@@ -634,4 +711,13 @@ class LLMEngine:
             kv_blocks_evicted_total=self.block_manager.blocks_dropped,
             kv_compression_ratio=ratio,
             kv_bytes_saved=saved,
+            **self._spec_stats(),
         )
+
+    def _spec_stats(self) -> dict[str, int]:
+        if self.spec is None:
+            return {}
+        c = self.spec.counters
+        return {"spec_decode_num_drafts_total": c.num_drafts,
+                "spec_decode_num_draft_tokens_total": c.num_draft_tokens,
+                "spec_decode_num_accepted_tokens_total": c.num_accepted_tokens}

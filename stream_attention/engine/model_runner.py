@@ -79,8 +79,12 @@ class _DecodeGraph:
 class ModelRunner:
     """Owns the model, the KV page pools and the step's forward pass."""
 
-    def __init__(self, model: Any, config: EngineConfig, device: torch.device) -> None:
+    def __init__(self, model: Any, config: EngineConfig, device: torch.device, *,
+                 extra_block_bytes: int = 0) -> None:
+        """``extra_block_bytes``: bytes another pool indexed by the same block ids needs per
+        block (a draft model's cache), taken out of the memory budget when sizing this one."""
         _check_supported(model)
+        self.extra_block_bytes = extra_block_bytes
         self.model = model
         self.config = config
         self.device = device
@@ -163,6 +167,8 @@ class ModelRunner:
             budget = cfg.cpu_kv_cache_bytes
         else:
             budget = self._profile_free_memory()
+        if self.extra_block_bytes:
+            budget = budget * self.block_bytes // (self.block_bytes + self.extra_block_bytes)
         blocks = self.kv_mgr.blocks_for_budget(budget, self.device)
         if blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache (budget {budget} bytes, block {self.block_bytes})")
@@ -220,7 +226,12 @@ class ModelRunner:
             kv0 = seq.num_kv_slots
             table = seq.block_table
             tables[i, :len(table)] = table
-            ids.extend(seq.token_ids[start:start + n])
+            draft = s.draft
+            if draft:  # a verify row: the last token, then the draft tokens proposed after it
+                ids.append(seq.token_ids[start])
+                ids.extend(draft)
+            else:
+                ids.extend(seq.token_ids[start:start + n])
             if n == 1:
                 pos_parts.append(np.array([start], dtype=np.int64))
                 slot_parts.append(np.array([table[kv0 // bs] * bs + kv0 % bs], dtype=np.int64))
@@ -231,7 +242,10 @@ class ModelRunner:
             seq_lens.append(kv0 + n)
             cu.append(cu[-1] + n)
             if s.samples:
-                logit_rows.append(cu[-1] - 1)
+                if draft:  # every position's logits: each draft token is checked against them
+                    logit_rows.extend(range(cu[-2], cu[-1]))
+                else:
+                    logit_rows.append(cu[-1] - 1)
             max_q = max(max_q, n)
             max_kv = max(max_kv, kv0 + n)
             fresh = fresh and kv0 == 0
@@ -274,7 +288,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, BlockScoreCollector | None]:
-        """Run one step; returns logits ``[num_sampling_seqs, vocab]`` in schedule order, and
+        """Run one step; returns logits ``[num_sampling_rows, vocab]`` in schedule order (one
+        row per sampling sequence, ``1 + len(draft)`` rows for one that verifies a draft), and
         the block scores the step collected for KV eviction (None unless the policy scores
         this step; the scheduler takes them in ``commit``)."""
         n = len(scheduled)
@@ -473,3 +488,4 @@ class _FakeScheduled:
         self.seq = _FakeSeq([0] * (computed + n), table, computed, computed)
         self.num_new_tokens = n
         self.samples = True
+        self.draft = None

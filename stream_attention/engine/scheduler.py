@@ -44,6 +44,11 @@ class ScheduledSeq:
     num_new_tokens: int
     # Whether this chunk reaches the end of the known tokens, so a token is sampled after it.
     samples: bool = False
+    # Speculative decoding: slots reserved beyond the one decode token for draft tokens
+    # (the scheduler's part), and the draft tokens proposed into them (the engine's part;
+    # ``num_new_tokens`` is then ``1 + len(draft)``: the step verifies them all at once).
+    num_lookahead: int = 0
+    draft: list[int] | None = None
 
     @classmethod
     def of(cls, seq: Sequence, n: int) -> ScheduledSeq:
@@ -88,6 +93,7 @@ class Scheduler:
         prefill_wait_steps: int = 0,
         kv_reach: int | None = None,
         policy: str = "fcfs",
+        num_lookahead_tokens: int = 0,
     ) -> None:
         if policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling policy={policy!r}: expected fcfs or priority")
@@ -109,6 +115,8 @@ class Scheduler:
         self.prefill_wait_steps = prefill_wait_steps
         # Every layer windowed (Mistral-style): keys further back than this leave the cache.
         self.kv_reach = kv_reach
+        # Speculative decoding: draft slots reserved per decoding sequence that may speculate.
+        self.num_lookahead_tokens = num_lookahead_tokens
         self._held_steps = 0
 
     @classmethod
@@ -128,6 +136,7 @@ class Scheduler:
             prefill_wait_steps=config.resolved_prefill_wait_steps(),
             policy=config.scheduling_policy,
             kv_reach=kv_reach,
+            num_lookahead_tokens=config.num_speculative_tokens if config.speculative_method != "none" else 0,
         )
 
     def _release(self, seq: Sequence) -> None:
@@ -224,6 +233,13 @@ class Scheduler:
             if n == 0:
                 i += 1
                 continue
+            if remaining == 1 and self.num_lookahead_tokens and seq.speculative:
+                k = self._lookahead(seq, budget)
+                if k and bm.allocate(seq, 1 + k):
+                    scheduled.append(ScheduledSeq(seq, 1 + k, True, k))
+                    budget -= 1 + k
+                    i += 1
+                    continue
             if (seq.num_computed_tokens - seq.num_dropped_tokens + n <= len(seq.block_table) * block_size
                     or bm.allocate(seq, n)):
                 scheduled.append(ScheduledSeq(seq, n, n == remaining))
@@ -267,6 +283,14 @@ class Scheduler:
             budget -= n
         return out
 
+    def _lookahead(self, seq: Sequence, budget: int) -> int:
+        """Draft slots for a decoding sequence: at most ``num_lookahead_tokens``, what the
+        step's budget leaves beside its decode token, and no more than could be kept (a
+        verify step adds up to ``1 + k`` tokens, which must stay within ``max_tokens`` and
+        the context)."""
+        limit = seq.token_limit if seq.max_model_len is None else min(seq.token_limit, seq.max_model_len)
+        return max(0, min(self.num_lookahead_tokens, budget - 1, limit - len(seq.token_ids) - 1))
+
     def _hold_admissions(self, scheduled: list[ScheduledSeq], budget: int) -> bool:
         """Whether to keep waiting requests back this step so that later arrivals share
         their prefill step: only while every scheduled row is a decode, for at most
@@ -305,6 +329,17 @@ class Scheduler:
             if n > 0:
                 self.bm.drop_blocks(seq, list(range(n)))
 
+    def _roll_back_drafts(self, scheduled: list[ScheduledSeq]) -> None:
+        """After a verify step, keep the K/V of the accepted draft tokens only: the engine
+        has set ``num_new_tokens`` to ``1 + accepted``, so the rejected drafts' slots lie
+        beyond the sequence's length (the kernels never read them; the next step
+        overwrites them), and the blocks holding nothing but such slots go back to the
+        pool."""
+        bm = self.bm
+        for s in scheduled:
+            if s.num_lookahead and s.seq.status is not SequenceStatus.FINISHED:
+                bm.truncate(s.seq, s.seq.num_kv_slots + s.num_new_tokens)
+
     def commit(self, scheduled: list[ScheduledSeq], collector: BlockScoreCollector | None = None) -> None:
         """Advance ``num_computed_tokens`` after the model ran a step. Sequences that
         finished while the step ran (aborted, or a stop string seen by a pipelined
@@ -312,6 +347,8 @@ class Scheduler:
         the step's block scores (``collector``, from ``ModelRunner.execute``) and evicts
         blocks of over-budget sequences."""
         finished = SequenceStatus.FINISHED
+        if self.num_lookahead_tokens:
+            self._roll_back_drafts(scheduled)
         if not self.bm.enable_prefix_caching:
             for s in scheduled:
                 seq = s.seq

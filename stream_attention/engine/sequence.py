@@ -100,6 +100,11 @@ class Sequence:
     final_reported: bool = field(default=False, init=False, repr=False)
     # Structured output: the xgrammar GrammarMatcher this sequence's tokens advance (or None).
     grammar: Any = field(default=None, init=False, repr=False)
+    # Speculative decoding: whether the scheduler may give this sequence draft slots (the
+    # engine decides, per request), and how many of its tokens a draft model has in its
+    # own cache (the draft proposer's state; forgotten with the cache on preemption).
+    speculative: bool = field(default=False, init=False, repr=False)
+    num_draft_computed_tokens: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -126,6 +131,7 @@ class Sequence:
         child.num_cached_prompt_tokens = self.num_cached_prompt_tokens
         child.prefix_cacheable = self.prefix_cacheable
         child.prompt_counted = self.prompt_counted
+        child.speculative = self.speculative
         return child
 
     @property
@@ -156,6 +162,7 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Forget the cache after preemption; the tokens are kept and recomputed later."""
         self.num_computed_tokens = 0
+        self.num_draft_computed_tokens = 0
         self.num_dropped_tokens = 0
         self.block_table = []
         self.block_hashes = []

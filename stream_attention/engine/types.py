@@ -227,6 +227,13 @@ class EngineStats:
     kv_compression_ratio: float = 1.0
     kv_bytes_saved: int = 0
     kv_blocks_evicted_total: int = 0
+    # Speculative decoding (vLLM's spec_decode_* counters): sequences given a draft to
+    # verify, draft tokens proposed, and of those the ones the target accepted. The
+    # acceptance rate is accepted / proposed; accepted / drafts + 1 is the mean number of
+    # tokens a verified sequence gains per step.
+    spec_decode_num_drafts_total: int = 0
+    spec_decode_num_draft_tokens_total: int = 0
+    spec_decode_num_accepted_tokens_total: int = 0
     # Set by a supervising client: how often the engine was rebuilt after dying.
     engine_restarts_total: int = 0
 

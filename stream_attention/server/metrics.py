@@ -79,6 +79,12 @@ class _EngineCollector(Collector):
              s.prefix_cache_hits_total),
             ("kv_blocks_evicted", "KV blocks freed by compression/eviction.", s.kv_blocks_evicted_total),
             ("engine_restarts", "Times the engine was rebuilt after it died.", s.engine_restarts_total),
+            ("spec_decode_num_drafts", "Speculative decoding: sequences that verified a draft in a step.",
+             s.spec_decode_num_drafts_total),
+            ("spec_decode_num_draft_tokens", "Speculative decoding: draft tokens proposed.",
+             s.spec_decode_num_draft_tokens_total),
+            ("spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens the target accepted "
+             "(acceptance rate = accepted / draft tokens).", s.spec_decode_num_accepted_tokens_total),
         ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=float(value))

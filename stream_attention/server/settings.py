@@ -37,6 +37,13 @@ LEGACY_NAMES: dict[str, tuple[str, ...]] = {
     "gpu_memory_fraction": ("kv_cache_memory_fraction",),
     "shutdown_timeout": ("drain_timeout",),
 }
+# Shorter spellings the peer servers' users type (issue 19: ``--speculative ngram
+# --draft-model PATH``), accepted the same way.
+SHORT_NAMES: dict[str, tuple[str, ...]] = {
+    "speculative_method": ("speculative",),
+    "speculative_draft_model": ("draft_model",),
+}
+ALIASES: dict[str, tuple[str, ...]] = {**LEGACY_NAMES, **SHORT_NAMES}
 
 _SETTINGS_CONFIG = SettingsConfigDict(
     env_prefix=ENV_PREFIX,
@@ -54,7 +61,7 @@ def _engine_field(f: dataclasses.Field, annotation: Any) -> tuple[Any, Any]:
     if "choices" in meta:
         choices = Literal[tuple(meta["choices"])]  # type: ignore[misc]
         annotation = choices | None if type(None) in typing.get_args(annotation) else choices
-    names = (f.name, *LEGACY_NAMES.get(f.name, ()))
+    names = (f.name, *ALIASES.get(f.name, ()))
     return annotation, Field(
         f.default,
         description=meta.get("help"),
@@ -242,7 +249,7 @@ def build_parser(prog: str = "stream-attention-serve") -> argparse.ArgumentParse
         env = ENV_PREFIX + name.upper()
         help_text = f"{info.description or ''} [env {env}; default {info.default!r}]".strip()
         # A legacy name keeps a flag of its own, so an error names the flag that was typed.
-        for dest in (name, *LEGACY_NAMES.get(name, ())):
+        for dest in (name, *ALIASES.get(name, ())):
             flag = "--" + dest.replace("_", "-")
             if dest != name:
                 help_text = f"same as --{name.replace('_', '-')}"

@@ -1,0 +1,304 @@
+"""Speculative decoding: proposers, the rejection sampler's distribution, and the engine
+producing exactly what plain decoding produces (greedy), with its KV blocks given back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream_attention.engine import EngineConfig, LLMEngine, SamplingParams
+from stream_attention.engine.spec_decode import NgramProposer, rejection_sample
+
+# ----------------------------------------------------------------------------- n-gram proposer
+
+
+def test_ngram_proposes_what_followed_the_longest_then_latest_match() -> None:
+    prop = NgramProposer(1, 3)
+    assert prop.propose([1, 2, 3, 4, 1, 2], 3) == [3, 4, 1]  # suffix [1, 2] seen at 0
+    # Suffix [1] occurs at 2 and 4: the latest occurrence wins.
+    assert NgramProposer(1, 1).propose([5, 6, 1, 7, 1, 8, 1], 2) == [8, 1]
+    # A longer match beats a more recent shorter one: [1, 2] at 0, although [2] recurs at 4.
+    assert NgramProposer(1, 2).propose([1, 2, 9, 3, 2, 8, 1, 2], 2) == [9, 3]
+    assert prop.propose([1, 2, 3, 4], 3) == []  # the last token never occurred before
+    assert NgramProposer(2, 3).propose([1, 2, 3, 1], 3) == []  # [1] recurs, but min_n is 2
+    assert prop.propose([7, 8, 7], 5) == [8, 7]  # the context ends: fewer than k
+    assert prop.propose([4], 3) == []
+
+
+def _reference_ngram(tokens: list[int], k: int, lo: int, hi: int) -> list[int]:
+    for n in range(hi, lo - 1, -1):
+        if n >= len(tokens):
+            continue
+        suffix = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == suffix:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3), max_size=40), st.integers(1, 6), st.integers(1, 4), st.integers(0, 3))
+def test_ngram_matches_a_brute_force_search(tokens: list[int], k: int, lo: int, extra: int) -> None:
+    hi = lo + extra
+    assert NgramProposer(lo, hi).propose(tokens, k) == _reference_ngram(tokens, k, lo, hi)
+
+
+# ------------------------------------------------------------------------- rejection sampler
+N_DRAWS = 20_000
+
+
+def _tv(samples: torch.Tensor, p: torch.Tensor) -> float:
+    freq = torch.bincount(samples, minlength=p.numel()).double() / samples.numel()
+    return 0.5 * (freq - p.double()).abs().sum().item()
+
+
+def _tv_bound(n: int, vocab: int) -> float:
+    # E[TV] of n draws over V categories is at most 0.5 * sqrt(V / n) (Cauchy-Schwarz on the
+    # per-category standard deviations); TV concentrates within ~1/sqrt(n) of its mean
+    # (McDiarmid), so 2.5x the mean bound is not reached by chance (the draws are seeded).
+    return 2.5 * 0.5 * (vocab / n) ** 0.5
+
+
+def _outputs(num_accepted: torch.Tensor, final: torch.Tensor, drafts: torch.Tensor) -> list[list[int]]:
+    return [d[:a].tolist() + [f] for d, a, f in zip(drafts, num_accepted.tolist(), final.tolist(), strict=True)]
+
+
+P = torch.tensor([[0.50, 0.20, 0.10, 0.10, 0.05, 0.05],
+                  [0.05, 0.05, 0.40, 0.30, 0.10, 0.10],
+                  [0.10, 0.30, 0.10, 0.10, 0.30, 0.10]])
+
+
+@pytest.mark.parametrize("one_hot", [False, True], ids=["draft-model-q", "prompt-lookup-q"])
+def test_rejection_sampling_reproduces_the_target_distribution(one_hot: bool) -> None:
+    """Every emitted position is distributed as the target's p at that position: the first
+    token always, the second whenever the first draft was accepted, the bonus after both."""
+    gen = torch.Generator().manual_seed(1234)
+    vocab, k = P.shape[1], 2
+    q = torch.tensor([[0.05, 0.05, 0.10, 0.20, 0.30, 0.30],
+                      [0.30, 0.30, 0.10, 0.10, 0.10, 0.10]])
+    if one_hot:  # prompt lookup: the same drafts every time, q one-hot at them
+        drafts = torch.tensor([[0, 3]] * N_DRAWS)
+        draft_probs = None
+    else:
+        drafts = torch.stack([torch.multinomial(q[j], N_DRAWS, replacement=True, generator=gen) for j in range(k)], 1)
+        draft_probs = q.repeat(N_DRAWS, 1)
+    target = P.repeat(N_DRAWS, 1)
+    uniforms = torch.rand(N_DRAWS, k, generator=gen)
+    noise = torch.empty(N_DRAWS, vocab).exponential_(generator=gen)
+    acc, final = rejection_sample(target, drafts.tolist(), draft_probs, uniforms, noise)
+    out = _outputs(acc, final, drafts)
+    for pos in range(k + 1):
+        tokens = torch.tensor([o[pos] for o in out if len(o) > pos])
+        assert tokens.numel() > 1000, f"position {pos}: too few samples to judge"
+        assert _tv(tokens, P[pos]) < _tv_bound(tokens.numel(), vocab), f"position {pos}"
+    # Both outcomes happen: some drafts rejected, some fully accepted.
+    assert 0 < (acc == k).sum() < N_DRAWS and (acc == 0).sum() > 0
+
+
+def test_rejection_sampling_with_a_one_hot_target_is_greedy() -> None:
+    # temperature 0: p is one-hot at the argmax; drafts are kept exactly while they equal it.
+    vocab = 5
+    argmax = [[3, 1, 4], [3, 1, 4], [2, 2, 0]]
+    target = torch.nn.functional.one_hot(torch.tensor(argmax).flatten(), vocab).float()
+    drafts = [[3, 1], [3, 2], [1, 2]]
+    acc, final = rejection_sample(target, drafts, None, torch.rand(3, 2), torch.empty(3, vocab).exponential_())
+    assert _outputs(acc, final, torch.tensor(drafts)) == [[3, 1, 4], [3, 1], [2]]
+
+
+# ---------------------------------------------------------------------------------- engine
+CODE = '''def merge(intervals):
+    intervals = sorted(intervals, key=lambda pair: pair[0])
+    merged = []
+    for start, end in intervals:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+'''
+PROMPTS = [
+    "# Original:\n" + CODE + "\n# The same function, with a docstring:\n" + CODE[:60],
+    "import os\nimport sys\nimport os\nimport sys\nimport",
+    "def fibonacci(n):",
+    "class Stack:\n    def push(self, item):\n        self.items.append(item)\n\n    def pop(self):",
+]
+
+
+def _engine(**overrides) -> LLMEngine:
+    return LLMEngine(config=EngineConfig(num_kv_blocks=128, **overrides))
+
+
+@pytest.fixture(scope="module")
+def plain() -> LLMEngine:
+    return _engine()
+
+
+def _generate(engine: LLMEngine, params: SamplingParams) -> list[list[int]]:
+    return [out.token_ids for out in engine.generate(PROMPTS, params)]
+
+
+def _acceptance(engine: LLMEngine) -> float:
+    s = engine.stats()
+    assert s.spec_decode_num_drafts_total > 0
+    return s.spec_decode_num_accepted_tokens_total / s.spec_decode_num_draft_tokens_total
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=40, ignore_eos=True),
+    SamplingParams(max_tokens=40, repetition_penalty=1.2, frequency_penalty=1.0, presence_penalty=1.0),
+], ids=["greedy", "greedy-with-penalties"])
+def test_ngram_greedy_equals_plain_greedy_and_returns_every_block(plain: LLMEngine, params: SamplingParams) -> None:
+    expected = _generate(plain, params)
+    spec = _engine(speculative_method="ngram", num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=3)
+    assert _generate(spec, params) == expected
+    assert 0.0 < _acceptance(spec) < 1.0  # drafts were both kept and rolled back
+    assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
+    spec.block_manager.check_invariants([])
+
+
+def test_ngram_under_preemption_and_abort_keeps_the_books(plain: LLMEngine) -> None:
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    expected = _generate(plain, params)
+    # 20 blocks of 16 tokens cannot hold the four sequences at once: speculation meets preemption.
+    spec = LLMEngine(config=EngineConfig(num_kv_blocks=20, speculative_method="ngram", num_speculative_tokens=6))
+    assert _generate(spec, params) == expected
+    assert spec.stats().preemptions_total > 0
+    rid = spec.add_request(PROMPTS[0], params)
+    for _ in range(4):
+        spec.step()
+    spec.abort(rid)
+    spec.step()
+    assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
+    spec.block_manager.check_invariants([])
+
+
+def test_rejected_drafts_give_their_blocks_back_every_step() -> None:
+    spec = _engine(speculative_method="ngram", num_speculative_tokens=16, block_size=4)
+    for prompt in PROMPTS:
+        spec.add_request(prompt, SamplingParams(max_tokens=40, ignore_eos=True))
+    bm, steps = spec.block_manager, 0
+    while spec.has_unfinished_requests():
+        spec.step()
+        steps += 1
+        for seq in spec.scheduler.running:  # a table holds the computed slots and no more
+            assert len(seq.block_table) == -(-seq.num_kv_slots // bm.block_size), seq.request_id
+        bm.check_invariants(spec.scheduler.running)
+    assert steps < 40  # drafts were accepted: fewer steps than tokens
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_parallel_choices_speculate_after_the_fork(plain: LLMEngine) -> None:
+    params = SamplingParams(max_tokens=30, n=3, ignore_eos=True)
+    spec = _engine(speculative_method="ngram", num_speculative_tokens=4)
+    got = [o.token_ids for o in spec.generate(PROMPTS[:2], params)]
+    assert got == [o.token_ids for o in plain.generate(PROMPTS[:2], params)]
+    assert spec.stats().spec_decode_num_drafts_total > 0
+    sampled = spec.generate(PROMPTS[0], SamplingParams(max_tokens=12, n=3, temperature=1.0, seed=2, ignore_eos=True))
+    assert [len(o.token_ids) for o in sampled] == [12, 12, 12]
+    assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
+
+
+def test_sampled_speculation_is_seeded_and_structured_output_falls_back() -> None:
+    spec = _engine(speculative_method="ngram", num_speculative_tokens=4)
+    params = SamplingParams(max_tokens=24, temperature=0.7, top_k=20, seed=11, ignore_eos=True)
+    first, again = _generate(spec, params), _generate(spec, params)
+    assert first == again and all(len(t) == 24 for t in first)
+    assert spec.speculates(params)
+    assert not spec.speculates(SamplingParams(logprobs=2))
+    from stream_attention.engine.types import StructuredOutputsParams
+
+    assert not spec.speculates(SamplingParams(structured_outputs=StructuredOutputsParams(regex="[ab]+")))
+
+
+def _tiny_draft(path, vocab: int) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def test_draft_model_greedy_equals_plain_greedy(plain: LLMEngine) -> None:
+    from stream_attention.models import default_model_dir
+
+    # The target as its own draft, with penalties only the target applies: the drafts are
+    # often but not always right.
+    params = SamplingParams(max_tokens=32, repetition_penalty=1.3)
+    spec = _engine(speculative_method="draft", speculative_draft_model=str(default_model_dir()),
+                   num_speculative_tokens=3)
+    assert _generate(spec, params) == _generate(plain, params)
+    assert 0.0 < _acceptance(spec) < 1.0
+    assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
+
+
+@pytest.mark.slow
+def test_random_draft_model_still_gives_plain_greedy_output(plain: LLMEngine, tmp_path) -> None:
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    spec = _engine(speculative_method="draft", speculative_draft_model=_tiny_draft(tmp_path, 4096),
+                   num_speculative_tokens=2)
+    assert _generate(spec, params) == _generate(plain, params)
+    # Sampled requests through a draft distribution far from the target's.
+    sampled = _generate(spec, SamplingParams(max_tokens=16, temperature=1.0, seed=5, ignore_eos=True))
+    assert all(len(t) == 16 for t in sampled)
+
+
+def test_config_validation(tmp_path) -> None:
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        EngineConfig(speculative_method="ngram", num_speculative_tokens=17).validate()
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        EngineConfig(speculative_method="ngram", num_speculative_tokens=0).validate()
+    with pytest.raises(ValueError, match="speculative_draft_model"):
+        EngineConfig(speculative_method="draft").validate()
+    with pytest.raises(ValueError, match="speculative_method"):
+        EngineConfig(speculative_method="eagle").validate()
+    with pytest.raises(ValueError, match="prompt_lookup_min"):
+        EngineConfig(speculative_method="ngram", prompt_lookup_min=5, prompt_lookup_max=2).validate()
+    with pytest.raises(ValueError, match="4000.*4096"):
+        _engine(speculative_method="draft", speculative_draft_model=_tiny_draft(tmp_path, 4000))
+
+
+# ---------------------------------------------------------------------------------- server
+def test_server_flags_and_metrics(request: pytest.FixtureRequest) -> None:
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    from stream_attention.server import create_app
+    from stream_attention.server.engine_bridge import engine_config
+    from stream_attention.server.settings import settings_from_args
+    from tests.test_server import LiveServer, shared_server, wait_idle
+
+    settings = settings_from_args(["--speculative", "ngram", "--num-speculative-tokens", "5",
+                                   "--prompt-lookup-max", "3", "--log-level", "warning"])
+    cfg = engine_config(settings)
+    assert (cfg.speculative_method, cfg.num_speculative_tokens, cfg.prompt_lookup_max) == ("ngram", 5, 3)
+    draft = settings_from_args(["--speculative", "draft", "--draft-model", "/models/small"])
+    assert (draft.speculative_method, draft.speculative_draft_model) == ("draft", "/models/small")
+    with pytest.raises(SystemExit):
+        settings_from_args(["--speculative", "medusa"])
+
+    plain = shared_server("main", request.config)  # loaded first: two models loading at once race in transformers' lazy imports
+    srv = LiveServer(create_app(settings))
+    try:
+        srv.wait_ready()
+        kw = dict(prompt=PROMPTS[0], max_tokens=24, temperature=0.0)
+        got = [openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0).completions.create(
+            model=s.state.model_name, **kw).choices[0].text for s in (srv, plain)]
+        assert got[0] == got[1]
+        wait_idle(srv.engine)
+        text = __import__("httpx").get(srv.url + "/metrics").text
+        values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                  if line.startswith("stream_attention_spec_decode")}
+        drafts = values["stream_attention_spec_decode_num_drafts_total"]
+        proposed = values["stream_attention_spec_decode_num_draft_tokens_total"]
+        accepted = values["stream_attention_spec_decode_num_accepted_tokens_total"]
+        assert drafts > 0 and 0 < accepted <= proposed <= 5 * drafts
+    finally:
+        srv.stop()
+
+
+def test_ngram_proposal_uses_numpy_input_too() -> None:
+    assert NgramProposer(1, 2).propose(np.array([3, 4, 3]), 4) == [4, 3]
