@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config, Qwen3Config
 
 from stream_attention.engine import LLMEngine, SamplingParams
 from stream_attention.engine.fused_llama import FusedLlamaForward, unsupported_reason
@@ -82,8 +82,11 @@ def test_fused_layers_can_be_switched_off():
 
 
 def test_unsupported_models_say_why():
-    gemma, _ = _model(GemmaConfig(**COMMON))
-    assert "activation" in unsupported_reason(gemma) or "model type" in unsupported_reason(gemma)
+    olmo2, _ = _model(Olmo2Config(**COMMON))  # post-norm layers: no input norm
+    assert "model type" in unsupported_reason(olmo2)
+    qwen3, _ = _model(Qwen3Config(**COMMON))
+    qwen3.model.layers[0].pre_feedforward_layernorm = qwen3.model.layers[0].input_layernorm
+    assert "pre/post feed-forward norms" in unsupported_reason(qwen3)
     qwen3, _ = _model(Qwen3Config(**COMMON))
     qwen3.model.layers[1].self_attn.k_norm = torch.nn.LayerNorm(16)  # not an RMSNorm
     assert "q/k norms" in unsupported_reason(qwen3)
