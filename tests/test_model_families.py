@@ -52,7 +52,7 @@ FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, moe_intermediate_size=32, **MOE), "sdpa", False),
 }
 # Fast by default: the families that exercise windows, soft-capping and both forwards.
-FAST = {"mistral", "gemma2", "gemma3"}
+FAST = {"mistral", "gemma2"}
 
 PROMPT_LENGTHS = (21, 5, 14)
 MAX_TOKENS = 12
