@@ -17,10 +17,12 @@ transformers model keeps working (``model.generate``) on the same storage.
 
 Gemma's differences fit the same pipeline:
 
-- RMSNorms scale by ``1 + weight``: the kernels get that sum, computed once at load
-  (a copy of a few vectors per layer). In bf16 the sum and the normalised activations
-  are each rounded once more than transformers' float product, about one bf16 ulp;
-  fp32 is identical.
+- RMSNorms scale by ``1 + weight`` and round once, after the float32 product: the norm
+  kernel runs on a float32 copy of its input with that sum kept in float32 (computed once
+  at load, a few vectors per layer), and its output is rounded to the model dtype; the
+  residual add is its own op. Three kernels where a Llama norm takes one, but the same
+  bits as transformers in bf16 (rounding the sum or the normalised activations to bf16,
+  as the Llama kernel does, changes greedy tokens at near-ties).
 - Gemma 2/3 also normalise the attention and MLP outputs before the residual add (two
   more RMSNorm kernels per layer); the MLP activation is the model's own module
   (GeLU-tanh), applied to the gate half of the fused matmul.
@@ -132,12 +134,26 @@ def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
 
 
 def _norm_params(norm: nn.Module, unit_offset: bool) -> NormParams:
-    """(weight, eps) for the Llama-convention kernels: Gemma's ``1 + weight`` is summed
-    here once (in float32, then rounded to the weight's dtype)."""
+    """(weight, eps) for the norm kernels: Gemma's ``1 + weight`` is summed here once,
+    in float32 (see :func:`_float_product_norms`)."""
     if unit_offset:
-        w = norm.weight.detach()
-        return (1.0 + w.float()).to(w.dtype), float(norm.eps)
+        return 1.0 + norm.weight.detach().float(), float(norm.eps)
     return norm.weight, float(norm.variance_epsilon)
+
+
+def _float_product_norms(rms_norm: Callable) -> tuple[Callable, Callable]:
+    """Gemma's RMSNorm rounding from a Llama-convention norm kernel: normalise and scale
+    a float32 copy (nothing is rounded in between), round the product to the input's
+    dtype; the residual add rounds to the residual's dtype as ``residual + h`` does."""
+
+    def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x.float(), weight, eps).to(x.dtype)
+
+    def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        residual.add_(x)
+        return norm(residual, weight, eps)
+
+    return norm, add_norm
 
 
 def _rotary_tables(base: nn.Module, layer_types: list[str]) -> tuple[list[str], dict[str, Callable]]:
@@ -229,6 +245,8 @@ class FusedLlamaForward:
             self._add_rms_norm = layer_ops.fused_add_rms_norm_torch
             self._rotary = layer_ops.rotary_qk_torch
             self._silu_mul = layer_ops.silu_and_mul_torch
+        if unit_offset:
+            self._rms_norm, self._add_rms_norm = _float_product_norms(self._rms_norm)
 
     def _act_mul(self, layer: _Layer, gate_up: torch.Tensor) -> torch.Tensor:
         if layer.act_fn is None:
