@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config, Qwen3Config
 
 from stream_attention.engine import LLMEngine, SamplingParams
 from stream_attention.engine.fused_llama import FusedLlamaForward, unsupported_reason
@@ -82,10 +82,37 @@ def test_fused_layers_can_be_switched_off():
 
 
 def test_unsupported_models_say_why():
-    gemma, _ = _model(GemmaConfig(**COMMON))
-    assert "activation" in unsupported_reason(gemma) or "model type" in unsupported_reason(gemma)
+    olmo2, _ = _model(Olmo2Config(**COMMON))  # post-norm layers: no input norm
+    assert "model type" in unsupported_reason(olmo2)
+    qwen3, _ = _model(Qwen3Config(**COMMON))
+    qwen3.model.layers[0].pre_feedforward_layernorm = qwen3.model.layers[0].input_layernorm
+    assert "pre/post feed-forward norms" in unsupported_reason(qwen3)
     qwen3, _ = _model(Qwen3Config(**COMMON))
     qwen3.model.layers[1].self_attn.k_norm = torch.nn.LayerNorm(16)  # not an RMSNorm
     assert "q/k norms" in unsupported_reason(qwen3)
     with pytest.raises(ValueError, match="cannot use the fused forward"):
         FusedLlamaForward(qwen3, use_triton=False)
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_gemma_norms_round_as_transformers_in_bf16(use_triton):
+    """Gemma's ``(1 + weight)`` RMSNorm rounds once, after the float product: the fused
+    forward's norm (and add+norm) must give transformers' bf16 bits exactly."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+
+    from stream_attention.engine.fused_llama import _float_product_norms, _norm_params
+    from stream_attention.kernels import layer_ops
+
+    g = torch.Generator().manual_seed(0)
+    ref = Gemma2RMSNorm(96, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(96, generator=g))
+    ref = ref.to(torch.bfloat16)
+    norm, add_norm = _float_product_norms(layer_ops.rms_norm if use_triton else layer_ops.rms_norm_torch)
+    x = (3 * torch.randn(7, 96, generator=g)).to(torch.bfloat16)
+    h = torch.randn(7, 96, generator=g).to(torch.bfloat16)
+    torch.testing.assert_close(norm(x, *_norm_params(ref, True)), ref(x), atol=0, rtol=0)
+    residual = x.clone()
+    out = add_norm(h, residual, *_norm_params(ref, True))
+    torch.testing.assert_close(residual, x + h, atol=0, rtol=0)
+    torch.testing.assert_close(out, ref(x + h), atol=0, rtol=0)

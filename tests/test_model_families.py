@@ -37,10 +37,12 @@ FAMILIES = {
     # Per-head q/k norms in the fused forward; layer 1 windowed.
     "qwen3": ("Qwen3Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1), "sdpa", True),
     # Alternating local/global layers, soft-capped logits (attention and final), scale from query_pre_attn_scalar.
-    "gemma2": ("Gemma2Config", dict(sliding_window=WINDOW, attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
-                                    query_pre_attn_scalar=1), "eager", False),
+    "gemma2": ("Gemma2Config", dict(sliding_window=WINDOW, attn_logit_softcapping=5.0, final_logit_softcapping=2.0,
+                                    query_pre_attn_scalar=1), "eager", True),
+    # Local layers rotate with their own RoPE base (10k against the global layers' 1M).
     "gemma3": ("Gemma3TextConfig", dict(sliding_window=WINDOW, sliding_window_pattern=2, query_pre_attn_scalar=1),
-               "sdpa", False),
+               "sdpa", True),
+    "gemma": ("GemmaConfig", {}, "sdpa", True),
     "phi3": ("Phi3Config", dict(sliding_window=WINDOW, pad_token_id=0), "sdpa", False),
     "olmo2": ("Olmo2Config", {}, "sdpa", False),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, sliding_window=WINDOW, **MOE), "sdpa", False),
@@ -61,12 +63,19 @@ LOGPROB_ATOL = 1e-3
 
 def _sharpen(model: torch.nn.Module) -> None:
     """Scale q and k (their projections, or the q/k norms that would undo that) so that
-    attention, not the last token's embedding, decides the next token."""
+    attention, not the last token's embedding, decides the next token; and give every
+    norm random weights (initialised to ones, or to Gemma's zeros for ``1 + weight``) so
+    that a norm applied with the wrong convention changes the tokens."""
+    gemma_norms = model.config.model_type.startswith("gemma")
+    g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight", "q_norm.weight",
-                              "k_norm.weight")):
+            if "norm" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+            if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
                 p.mul_(8.0)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(8.0 * (1.0 + p) - 1.0 if gemma_norms else 8.0 * p)
 
 
 def _build(family: str):
@@ -95,9 +104,13 @@ def _hf_greedy(ref, prompt: list[int]) -> tuple[list[int], list[float]]:
     return tokens, logprobs
 
 
-def _check_family(family: str, backend: str) -> tuple[LLMEngine, torch.nn.Module]:
+def _check_family(family: str, backend: str, on_layer_call=None) -> tuple[LLMEngine, torch.nn.Module]:
     model, ref = _build(family)
     from stream_attention.models.default import load_tokenizer
+
+    if on_layer_call is not None:
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(lambda module, args: on_layer_call(module))
 
     # 16-token steps: the 21-token prompt is prefilled in chunks beside other rows' decode.
     eng = LLMEngine(model, load_tokenizer(), num_kv_blocks=64, block_size=4, max_num_batched_tokens=16,
@@ -115,8 +128,12 @@ def _check_family(family: str, backend: str) -> tuple[LLMEngine, torch.nn.Module
 
 @pytest.mark.parametrize("family", [f if f in FAST else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
 def test_family_matches_transformers_greedy(family):
-    eng, _ = _check_family(family, "triton")
-    assert (eng.runner.fused is not None) == FAMILIES[family][3], family
+    layer_calls = []
+    eng, _ = _check_family(family, "triton", on_layer_call=layer_calls.append)
+    fused = FAMILIES[family][3]
+    assert (eng.runner.fused is not None) == fused, family
+    # The fused forward never calls transformers' decoder layers; the hooked path does.
+    assert (len(layer_calls) == 0) == fused, (family, len(layer_calls))
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])

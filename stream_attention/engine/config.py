@@ -133,7 +133,7 @@ class EngineConfig:
         "auto", "attention kernels: triton, or sdpa (torch over gathered pages)", choices=("auto", "triton", "sdpa")
     )
     fused_layers: bool = setting(
-        True, "run Llama-family models through the engine's fused forward (engine/fused_llama.py)"
+        True, "run Llama, Mistral, Qwen2/3 and Gemma 1/2/3 models through the engine's fused forward (engine/fused_llama.py)"
     )
     use_cuda_graphs: bool = setting(True, "replay CUDA graphs for decode-only steps (CUDA only)")
     cuda_graph_max_batch: int = setting(256, "largest decode batch captured in a CUDA graph", ge=1)

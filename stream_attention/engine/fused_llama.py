@@ -1,5 +1,5 @@
-"""The engine's own forward pass for Llama-family models (Llama, Mistral, Qwen2, Qwen3;
-sliding windows and Qwen3's per-head q/k norms included).
+"""The engine's own forward pass for Llama-style decoder models: Llama, Mistral, Qwen2,
+Qwen3, and Gemma 1/2/3 (text); sliding windows, soft-capping and per-head q/k norms included.
 
 transformers' eager decoder layer launches ~35 kernels per layer at decode time, most of
 them element-wise ops on a few hundred kilobytes (RMSNorm's six, RoPE's ten, SiLU and the
@@ -15,17 +15,38 @@ gate/up are fused by concatenating their weights once; the model's own ``Linear`
 weights become views into the concatenation, so no weight memory is duplicated and the
 transformers model keeps working (``model.generate``) on the same storage.
 
+Gemma's differences fit the same pipeline:
+
+- RMSNorms scale by ``1 + weight`` and round once, after the float32 product: the norm
+  kernel runs on a float32 copy of its input with that sum kept in float32 (computed once
+  at load, a few vectors per layer), and its output is rounded to the model dtype; the
+  residual add is its own op. Three kernels where a Llama norm takes one, but the same
+  bits as transformers in bf16 (rounding the sum or the normalised activations to bf16,
+  as the Llama kernel does, changes greedy tokens at near-ties).
+- Gemma 2/3 also normalise the attention and MLP outputs before the residual add (two
+  more RMSNorm kernels per layer); the MLP activation is the model's own module
+  (GeLU-tanh), applied to the gate half of the fused matmul.
+- The embedding is scaled by sqrt(hidden) (the model's own embedding module does it),
+  the softmax scale is the layer's ``scaling`` (``query_pre_attn_scalar``), attention
+  scores are soft-capped in the paged kernels (``attn_logit_softcapping``) and the
+  logits after the LM head (``final_logit_softcapping``).
+- Gemma 3's local layers rotate with their own RoPE base: cos/sin are computed once per
+  step for each distinct rotary table and each layer reads its own.
+
 Attention goes through :func:`.attention.paged_attention_forward`, the same hook the
 transformers path uses, so quantized pages, eviction scoring and the torch fallback all
 apply unchanged. Rotary cos/sin come from the model's own ``rotary_emb`` (every RoPE
-scaling variant transformers implements), once per step.
+scaling variant transformers implements).
 
-Any model this module does not recognise runs through transformers with the hook.
+Any model this module does not recognise runs through transformers with the hook; the
+reason is logged once.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,7 +58,24 @@ from .attention_spec import LayerAttention, layer_attention
 
 log = logging.getLogger("stream_attention.engine")
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+# Families whose RMSNorms scale by ``1 + weight`` (and keep their epsilon in ``eps``).
+UNIT_OFFSET_NORM_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+SILU_ACTIVATIONS = ("SiLU", "SiLUActivation")
+
+NormParams = tuple[torch.Tensor, float]
+
+
+def _norm_reason(norm: Any, unit_offset: bool, width: int | None = None) -> str | None:
+    """Why ``norm`` is not an RMSNorm of the family's convention (None when it is)."""
+    weight = getattr(norm, "weight", None)
+    eps_attr = "eps" if unit_offset else "variance_epsilon"
+    if norm is None or weight is None or not type(norm).__name__.endswith("RMSNorm") or not hasattr(norm, eps_attr):
+        style = "Gemma-style (1 + weight)" if unit_offset else "Llama-style"
+        return f"{type(norm).__name__} is not a {style} RMSNorm"
+    if width is not None and tuple(weight.shape) != (width,):
+        return f"{type(norm).__name__} of shape {tuple(weight.shape)} where ({width},) is expected"
+    return None
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -46,8 +84,7 @@ def unsupported_reason(model: Any) -> str | None:
     model_type = getattr(cfg, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"activation {cfg.hidden_act!r} (only SiLU-gated MLPs are fused)"
+    unit_offset = model_type in UNIT_OFFSET_NORM_MODEL_TYPES
     if getattr(cfg, "partial_rotary_factor", 1.0) not in (None, 1.0):
         return "partial rotary embeddings"
     base = getattr(model, "model", None)
@@ -61,17 +98,20 @@ def unsupported_reason(model: Any) -> str | None:
         linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         if any(type(m) is not nn.Linear for m in linears):
             return "a projection is not a plain nn.Linear (quantized or adapted weights)"
+        if not isinstance(getattr(mlp, "act_fn", None), nn.Module):
+            return "the MLP has no activation module (act_fn)"
         head_norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
-        if any(m is not None for m in head_norms) and not all(
-                m is not None and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None
-                and tuple(m.weight.shape) == (attn.head_dim,) for m in head_norms):
-            return "q/k norms that are not per-head Llama-style RMSNorms"
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            if not hasattr(norm, "variance_epsilon") or getattr(norm, "weight", None) is None:
-                return f"{type(norm).__name__} is not a Llama-style RMSNorm"
-    if not hasattr(base.norm, "variance_epsilon"):
-        return f"{type(base.norm).__name__} is not a Llama-style RMSNorm"
-    return None
+        if any(m is not None for m in head_norms) and any(
+                _norm_reason(m, unit_offset, attn.head_dim) for m in head_norms):
+            return "q/k norms that are not per-head RMSNorms of the family's convention"
+        sandwich = [getattr(layer, n, None) for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")]
+        if any(m is not None for m in sandwich) and not all(m is not None for m in sandwich):
+            return "a decoder layer with only one of the pre/post feed-forward norms"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm, *(m for m in sandwich if m is not None)):
+            reason = _norm_reason(norm, unit_offset)
+            if reason is not None:
+                return reason
+    return _norm_reason(base.norm, unit_offset)
 
 
 def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -93,26 +133,76 @@ def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
     return weight, bias
 
 
+def _norm_params(norm: nn.Module, unit_offset: bool) -> NormParams:
+    """(weight, eps) for the norm kernels: Gemma's ``1 + weight`` is summed here once,
+    in float32 (see :func:`_float_product_norms`)."""
+    if unit_offset:
+        return 1.0 + norm.weight.detach().float(), float(norm.eps)
+    return norm.weight, float(norm.variance_epsilon)
+
+
+def _float_product_norms(rms_norm: Callable) -> tuple[Callable, Callable]:
+    """Gemma's RMSNorm rounding from a Llama-convention norm kernel: normalise and scale
+    a float32 copy (nothing is rounded in between), round the product to the input's
+    dtype; the residual add rounds to the residual's dtype as ``residual + h`` does."""
+
+    def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x.float(), weight, eps).to(x.dtype)
+
+    def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        residual.add_(x)
+        return norm(residual, weight, eps)
+
+    return norm, add_norm
+
+
+def _rotary_tables(base: nn.Module, layer_types: list[str]) -> tuple[list[str], dict[str, Callable]]:
+    """Per layer, the key of its rotary table, and per key the function ``(x, positions)
+    -> (cos, sin)``. One table for most models; Gemma 3's local layers have their own
+    RoPE base (a ``layer_type`` argument of the rotary module, or a ``rotary_emb_local``
+    module in older transformers)."""
+    rotary = base.rotary_emb
+    local = getattr(base, "rotary_emb_local", None)
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        tables: dict[str, Callable] = {t: (lambda x, pos, t=t: rotary(x, pos, t)) for t in set(layer_types)}
+        return list(layer_types), tables
+    if local is not None:
+        keys = ["local" if t == "sliding_attention" else "global" for t in layer_types]
+        return keys, {"local": local, "global": rotary}
+    return ["global"] * len(layer_types), {"global": rotary}
+
+
 class _Layer:
-    def __init__(self, layer: nn.Module, spec: LayerAttention) -> None:
+    def __init__(self, layer: nn.Module, spec: LayerAttention, rope_key: str, unit_offset: bool) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.attn = attn  # the hook reads ``layer_idx``
         self.head_dim = attn.head_dim
-        self.scaling = attn.scaling
-        self.spec = spec  # sliding window (Mistral, Qwen2's windowed layers) and soft-cap
+        self.scaling = attn.scaling  # Gemma: query_pre_attn_scalar ** -0.5
+        self.spec = spec  # sliding window and soft-cap
+        self.rope_key = rope_key
         self.qkv_w, self.qkv_b = _fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
         self.q_size = attn.q_proj.out_features
         self.kv_size = attn.k_proj.out_features
         self.o_w, self.o_b = attn.o_proj.weight, attn.o_proj.bias
         self.gate_up_w, self.gate_up_b = _fuse_linears([mlp.gate_proj, mlp.up_proj])
+        self.inter = mlp.gate_proj.out_features
+        self.act_fn = None if type(mlp.act_fn).__name__ in SILU_ACTIVATIONS else mlp.act_fn
         self.down_w, self.down_b = mlp.down_proj.weight, mlp.down_proj.bias
-        self.norm1_w, self.norm1_eps = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
-        self.norm2_w, self.norm2_eps = layer.post_attention_layernorm.weight, \
-            layer.post_attention_layernorm.variance_epsilon
-        # Qwen3: RMSNorm over each head of q and k, before RoPE.
+        self.input_norm = _norm_params(layer.input_layernorm, unit_offset)
+        if getattr(layer, "pre_feedforward_layernorm", None) is not None:
+            # Gemma 2/3: post_attention_layernorm normalises the attention output; the MLP
+            # has its own input norm and an output norm.
+            self.attn_out_norm: NormParams | None = _norm_params(layer.post_attention_layernorm, unit_offset)
+            self.mlp_in_norm = _norm_params(layer.pre_feedforward_layernorm, unit_offset)
+            self.mlp_out_norm: NormParams | None = _norm_params(layer.post_feedforward_layernorm, unit_offset)
+        else:
+            self.attn_out_norm = None
+            self.mlp_in_norm = _norm_params(layer.post_attention_layernorm, unit_offset)
+            self.mlp_out_norm = None
+        # Qwen3, Gemma 3: RMSNorm over each head of q and k, before RoPE.
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        self.q_norm = (q_norm.weight, q_norm.variance_epsilon) if q_norm is not None else None
-        self.k_norm = (k_norm.weight, k_norm.variance_epsilon) if k_norm is not None else None
+        self.q_norm = _norm_params(q_norm, unit_offset) if q_norm is not None else None
+        self.k_norm = _norm_params(k_norm, unit_offset) if k_norm is not None else None
 
 
 class FusedLlamaForward:
@@ -128,14 +218,23 @@ class FusedLlamaForward:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"{type(model).__name__} cannot use the fused forward: {reason}")
+        cfg = model.config
+        unit_offset = cfg.model_type in UNIT_OFFSET_NORM_MODEL_TYPES
         base = model.model
         self.embed = base.embed_tokens
-        self.rotary_emb = base.rotary_emb
-        specs = layer_attention(model.config)
-        self.layers = [_Layer(layer, spec) for layer, spec in
-                       zip(base.layers[: model.config.num_hidden_layers], specs, strict=True)]
-        self.norm_w, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
+        # Gemma scales the embedding by sqrt(hidden): inside its embedding module in current
+        # transformers, in the model's forward (rounded to the dtype first) in older ones.
+        self.embed_scale = (cfg.hidden_size ** 0.5 if unit_offset and not hasattr(self.embed, "embed_scale")
+                            else None)
+        specs = layer_attention(cfg)
+        layer_types = list(getattr(cfg, "layer_types", None) or [])[: cfg.num_hidden_layers] or [
+            "full_attention" if s.sliding_window is None else "sliding_attention" for s in specs]
+        rope_keys, self.rotary = _rotary_tables(base, layer_types)
+        self.layers = [_Layer(layer, spec, key, unit_offset) for layer, spec, key in
+                       zip(base.layers[: cfg.num_hidden_layers], specs, rope_keys, strict=True)]
+        self.norm = _norm_params(base.norm, unit_offset)
         self.lm_head = model.lm_head
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None) or None
         if use_triton:
             self._rms_norm = layer_ops.rms_norm
             self._add_rms_norm = layer_ops.fused_add_rms_norm
@@ -146,6 +245,14 @@ class FusedLlamaForward:
             self._add_rms_norm = layer_ops.fused_add_rms_norm_torch
             self._rotary = layer_ops.rotary_qk_torch
             self._silu_mul = layer_ops.silu_and_mul_torch
+        if unit_offset:
+            self._rms_norm, self._add_rms_norm = _float_product_norms(self._rms_norm)
+
+    def _act_mul(self, layer: _Layer, gate_up: torch.Tensor) -> torch.Tensor:
+        if layer.act_fn is None:
+            return self._silu_mul(gate_up)
+        # The model's own activation (Gemma's GeLU-tanh), rounded as its MLP rounds.
+        return layer.act_fn(gate_up[:, :layer.inter]) * gate_up[:, layer.inter:]
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -155,14 +262,18 @@ class FusedLlamaForward:
         linear = nn.functional.linear
         tokens = input_ids.shape[0]
         residual = self.embed(input_ids)
-        cos, sin = self.rotary_emb(residual[None], positions[None])
-        cos, sin = cos[0], sin[0]
+        if self.embed_scale is not None:
+            residual = residual * torch.tensor(self.embed_scale, dtype=residual.dtype)
+        rope = {}
+        for key, table in self.rotary.items():
+            cos, sin = table(residual[None], positions[None])
+            rope[key] = (cos[0], sin[0])
         h: torch.Tensor | None = None
         for layer in self.layers:
             if h is None:
-                x = self._rms_norm(residual, layer.norm1_w, layer.norm1_eps)
+                x = self._rms_norm(residual, *layer.input_norm)
             else:
-                x = self._add_rms_norm(h, residual, layer.norm1_w, layer.norm1_eps)
+                x = self._add_rms_norm(h, residual, *layer.input_norm)
             qkv = linear(x, layer.qkv_w, layer.qkv_b)
             d, nq, nkv = layer.head_dim, layer.q_size, layer.kv_size
             q = qkv[:, :nq].view(tokens, nq // d, d)
@@ -171,6 +282,7 @@ class FusedLlamaForward:
             if layer.q_norm is not None:
                 q = self._rms_norm(q.reshape(-1, d), *layer.q_norm).view(tokens, nq // d, d)
                 k = self._rms_norm(k.reshape(-1, d), *layer.k_norm).view(tokens, nkv // d, d)
+            cos, sin = rope[layer.rope_key]
             k_pages, v_pages = ctx.kv_caches[layer.attn.layer_idx]
             if isinstance(k_pages, torch.Tensor) and ctx.kv_scores is None:
                 # Plain pages: the RoPE kernel also stores k and v into them.
@@ -187,16 +299,24 @@ class FusedLlamaForward:
                 kv_written=written,
             )
             h = linear(out.reshape(tokens, nq), layer.o_w, layer.o_b)
-            x = self._add_rms_norm(h, residual, layer.norm2_w, layer.norm2_eps)
-            h = linear(self._silu_mul(linear(x, layer.gate_up_w, layer.gate_up_b)), layer.down_w, layer.down_b)
+            if layer.attn_out_norm is not None:
+                h = self._rms_norm(h, *layer.attn_out_norm)
+            x = self._add_rms_norm(h, residual, *layer.mlp_in_norm)
+            h = linear(self._act_mul(layer, linear(x, layer.gate_up_w, layer.gate_up_b)), layer.down_w, layer.down_b)
+            if layer.mlp_out_norm is not None:
+                h = self._rms_norm(h, *layer.mlp_out_norm)
         if h is None:  # a model with no layers
             h = torch.zeros_like(residual)
         if isinstance(logits_to_keep, torch.Tensor):
             h, residual = h[logits_to_keep], residual[logits_to_keep]
         elif logits_to_keep:
             h, residual = h[-logits_to_keep:], residual[-logits_to_keep:]
-        x = self._add_rms_norm(h.contiguous(), residual.contiguous(), self.norm_w, self.norm_eps)
-        return self.lm_head(x)
+        x = self._add_rms_norm(h.contiguous(), residual.contiguous(), *self.norm)
+        logits = self.lm_head(x)
+        if self.final_softcap is not None:
+            # Gemma 2: as transformers does it, in the logits' dtype.
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
 
 def build(model: Any, *, use_triton: bool, enabled: bool = True) -> FusedLlamaForward | None:
