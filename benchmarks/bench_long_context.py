@@ -17,17 +17,24 @@ submitted at once to one ``LLMEngine`` whose KV pool has the same byte budget
 - ``hybrid4x``: ``kv_compression="hybrid"``, ``kv_compression_ratio=4``: int4 pages and
   heavy-hitter eviction down to a quarter of each sequence's tokens.
 
+Each row's engine runs at most as many sequences as its pool holds to the end
+(``max_num_seqs`` = ``fit``: whole prompt plus output for float/quantized pages; for
+``hybrid4x`` a quarter of that plus one step's chunk, the sinks and the window), as an
+operator would size it. With more (``--seqs all``), chunked prefill admits prompts the
+pool cannot finish, preempts them once it fills and admits them again, so the same long
+prefill is recomputed many times while the older sequences decode.
+
 Per row: wall time and throughput (output tokens/s, and prompt + output tokens/s, which a
 prefill-bound workload is judged by), TTFT from submission (p50, max; later requests
-wait for blocks, so this is a serving TTFT) and of the first request, the sequences that
-fit the pool without eviction (by bytes), the most that ran at once, preemptions, blocks
-evicted, and peak GPU memory (in all: weights + pool + activations).
+wait for a sequence slot, so this is a serving TTFT) and of the first request, the
+sequences that fit, the most that ran at once, preemptions, blocks evicted, and peak GPU
+memory (in all: weights + pool + activations).
 
-Rows are ``FORMAT:WORKLOAD`` pairs run in the order given (consecutive rows of one
-format share an engine). The default set is the most informative that fits ~200 s on an
-H200: every format at 32k, and 128k for bf16, int4 and hybrid4x (where capacity differs
-most); ``--rows all`` adds fp8 and int8 at 128k. A row that would not fit the remaining
-``--budget-s`` is skipped and reported as skipped.
+Rows are ``FORMAT:WORKLOAD`` pairs run in the order given, each on its own engine (the
+format's kernels compile once, in its first row's warm-up). The default set is the most
+informative that fits ~200 s on an H200: every format at 32k, and 128k for bf16, int4 and
+hybrid4x (where capacity differs most); ``--rows all`` adds fp8 and int8 at 128k. A row
+that would not fit the remaining ``--budget-s`` is skipped and reported as skipped.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_support as bs  # noqa: E402
+
+from stream_attention.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from stream_attention.engine.kv_compression import KVPoolLayout  # noqa: E402
 
 CONTEXT = 131072
 GEN_TOKENS = 64
@@ -81,26 +91,42 @@ def parse_rows(specs: list[str], names: dict[str, Any], loads: dict[str, Any]) -
 
 
 def seqs_fit(blocks: int, block_size: int, tokens_per_seq: int) -> int:
-    """Sequences of ``tokens_per_seq`` tokens that a pool of ``blocks`` holds at once (no eviction)."""
+    """Sequences of ``tokens_per_seq`` KV slots that a pool of ``blocks`` holds at once."""
     return blocks // -(-tokens_per_seq // block_size)
 
 
-def build_engine(model: Any, tok: Any, fmt: str, args: argparse.Namespace, device: torch.device) -> Any:
-    from stream_attention.engine import LLMEngine
+def kv_slots_per_seq(fmt: str, length: int, args: argparse.Namespace) -> int:
+    """KV slots one sequence of ``length`` tokens holds at its largest: all of them, or
+    under eviction its budget (a 1/ratio share, at least sinks + window) plus the step's
+    chunk written before the step's eviction."""
+    ratio = FORMATS[fmt].get("kv_compression_ratio")
+    if ratio is None:
+        return length
+    cfg = EngineConfig()
+    kept = max(-(-length // int(ratio)), cfg.kv_sink_tokens + cfg.kv_window_tokens + cfg.block_size)
+    return min(length, kept + args.step_tokens + cfg.block_size)
 
+
+def pool_blocks(fmt: str, model_cfg: Any, kv_bytes: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Blocks an engine of this page format gets from ``kv_bytes`` (what it will allocate)."""
+    engine_cfg = EngineConfig(**FORMATS[fmt])
+    layout = KVPoolLayout(model_cfg.num_hidden_layers, engine_cfg.block_size, model_cfg.num_key_value_heads,
+                          model_cfg.head_dim, engine_cfg.kv_compression_config().page_format, dtype)
+    return layout.blocks_for_budget(kv_bytes, device)
+
+
+def build_engine(model: Any, tok: Any, fmt: str, max_num_seqs: int, args: argparse.Namespace,
+                 device: torch.device) -> Any:
     return LLMEngine(
         model, tok, device=str(device), max_model_len=args.context, kv_cache_memory_bytes=args.kv_bytes,
-        max_num_seqs=args.max_num_seqs, cuda_graph_max_batch=args.max_num_seqs,
-        max_num_batched_tokens=args.step_tokens, enable_chunked_prefill=True, enable_prefix_caching=False,
-        **FORMATS[fmt],
+        max_num_seqs=max_num_seqs, cuda_graph_max_batch=max_num_seqs, max_num_batched_tokens=args.step_tokens,
+        enable_chunked_prefill=True, enable_prefix_caching=False, **FORMATS[fmt],
     )  # fmt: skip
 
 
 def warm_up(engine: Any, vocab: int, step_tokens: int) -> float:
     """One prompt longer than a step (a fresh chunk, then one over cached pages) and a few
     decode steps: the format's kernels compile here, not in a timed row."""
-    from stream_attention.engine import SamplingParams
-
     t0 = time.perf_counter()
     prompt = bs.random_prompts(1, min(step_tokens + 512, engine.max_model_len - 8), vocab, seed=999)[0]
     engine.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))
@@ -109,8 +135,6 @@ def warm_up(engine: Any, vocab: int, step_tokens: int) -> float:
 
 def run_workload(engine: Any, prompts: list[list[int]], device: torch.device) -> dict[str, Any]:
     """All ``prompts`` submitted at once; steps until every one has its ``GEN_TOKENS``."""
-    from stream_attention.engine import SamplingParams
-
     params = SamplingParams(max_tokens=GEN_TOKENS, ignore_eos=True)
     before = engine.stats()
     start_bytes = bs.reset_peak(device)
@@ -147,7 +171,7 @@ def run_workload(engine: Any, prompts: list[list[int]], device: torch.device) ->
 COLUMNS = [("format", "format", ""), ("load", "workload", ""), ("wall s", "wall_s", ".1f"),
            ("out tok/s", "output_tok_s", ".0f"), ("all tok/s", "total_tok_s", ".0f"),
            ("TTFT 1st s", "ttft_first_s", ".2f"), ("TTFT p50 s", "ttft_p50_s", ".2f"), ("TTFT max s", "ttft_max_s", ".2f"),
-           ("fit", "seqs_fit_by_bytes", "d"), ("ran", "max_running", "d"), ("preempt", "preemptions", "d"),
+           ("fit", "seqs_fit", "d"), ("ran", "max_running", "d"), ("preempt", "preemptions", "d"),
            ("evicted", "kv_blocks_evicted", "d"), ("KV tokens", "kv_tokens", "d"), ("peak GiB", "peak_gib", ".1f")]
 
 
@@ -169,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"FORMAT:WORKLOAD pairs in order, or 'all' (default: {' '.join(DEFAULT_ROWS)})")
     ap.add_argument("--kv-gib", type=float, default=8.0, help="KV pool bytes, the same for every format (GiB)")
     ap.add_argument("--step-tokens", type=int, default=None, help="max_num_batched_tokens (default 16384; quick 128)")
-    ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--seqs", choices=("fit", "all"), default="fit",
+                    help="max_num_seqs: the sequences the pool holds to the end (fit), or every prompt (all)")
     ap.add_argument("--budget-s", type=float, default=195.0, help="skip rows that would not fit in this")
     args = ap.parse_args(argv)
     device = bs.pick_device()
@@ -190,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     model = bs.build_model(cfg, device)
     tok = bs.wordlevel_tokenizer(cfg.vocab_size)
     report["model"] = {"shape": bs.TINY if args.quick else bs.LLAMA_1B, "dtype": str(next(model.parameters()).dtype),
-                       "max_position_embeddings": args.context, "rope_type_used": bs.rope_type(model),
+                       "max_position_embeddings": args.context, "rope": bs.rope_description(cfg),
+                       "rope_type_used": bs.rope_type(model),
                        "params_B": sum(p.numel() for p in model.parameters()) / 1e9}  # fmt: skip
     report["workloads"] = {k: {"prompts": n, "prompt_tokens": t, "gen_tokens": GEN_TOKENS} for k, (n, t) in
                            loads.items()}
@@ -198,39 +224,41 @@ def main(argv: list[str] | None = None) -> int:
     prompts = {load: bs.random_prompts(n, t, cfg.vocab_size, seed=i) for i, (load, (n, t)) in enumerate(loads.items())}
     rows: list[dict[str, Any]] = []
     measured: dict[str, float] = {}
-    engine, engine_fmt = None, None
+    dtype = next(model.parameters()).dtype
+    warmed: set[str] = set()
     print(bs.format_table([], COLUMNS), flush=True)
     try:
         for fmt, load in rows_todo:
+            n, length = loads[load]
             row: dict[str, Any] = {"format": fmt, "workload": load}
-            needed = estimate_s(load, fmt, measured, args.quick) + (0.0 if fmt == engine_fmt else 25.0)
+            needed = estimate_s(load, fmt, measured, args.quick) + (10.0 if fmt in warmed else 25.0)
             if not budget.allows(needed):
-                rows.append({**row, "error": f"skipped: {budget.left():.0f} s of the budget left, ~{needed:.0f} s "
-                                              "needed"})
-                print(bs.format_table([rows[-1]], COLUMNS).splitlines()[-1], flush=True)
+                row["error"] = f"skipped: {budget.left():.0f} s of the budget left, ~{needed:.0f} s needed"
+                rows.append(row)
+                print(bs.format_table([row], COLUMNS).splitlines()[-1], flush=True)
                 continue
+            engine = None
             try:
-                if fmt != engine_fmt:
-                    del engine
-                    engine, engine_fmt = None, None
-                    bs.free_device_memory(device)
-                    t0 = time.perf_counter()
-                    engine = build_engine(model, tok, fmt, args, device)
-                    engine_fmt = fmt
-                    row["engine_init_s"] = time.perf_counter() - t0
-                    row["warmup_s"] = warm_up(engine, cfg.vocab_size, args.step_tokens)
+                blocks = pool_blocks(fmt, cfg, args.kv_bytes, dtype, device)
+                fit = seqs_fit(blocks, EngineConfig().block_size, kv_slots_per_seq(fmt, length + GEN_TOKENS, args))
+                if fit < 1:
+                    raise ValueError(f"one sequence of {length + GEN_TOKENS} tokens does not fit {blocks} blocks")
+                max_seqs = min(n, fit) if args.seqs == "fit" else n
+                row.update(seqs_fit=fit, max_num_seqs=max_seqs)
+                t0 = time.perf_counter()
+                engine = build_engine(model, tok, fmt, max_seqs, args, device)
+                row["engine_init_s"] = time.perf_counter() - t0
+                row["warmup_s"] = warm_up(engine, cfg.vocab_size, args.step_tokens)
+                warmed.add(fmt)
                 stats = engine.stats()
-                block_size = engine.config.block_size
-                n, length = loads[load]
-                row.update(kv_blocks=stats.kv_blocks_total, kv_tokens=stats.kv_blocks_total * block_size,
-                           seqs_fit_by_bytes=seqs_fit(stats.kv_blocks_total, block_size, length + GEN_TOKENS))
+                row.update(kv_blocks=stats.kv_blocks_total, kv_tokens=stats.kv_blocks_total * engine.config.block_size)
                 row.update(run_workload(engine, prompts[load], device))
                 if fmt == "bf16":
                     measured[load] = row["wall_s"]
             except Exception as exc:  # noqa: BLE001 - one failed row (an OOM, a kernel) leaves the rest running
                 row.update(bs.error_row(exc))
+            finally:
                 del engine
-                engine, engine_fmt = None, None
                 bs.free_device_memory(device)
             rows.append(row)
             print(bs.format_table([row], COLUMNS).splitlines()[-1], flush=True)
@@ -240,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         bs.write_report(args.out, report)
     print()
     print(bs.format_table(rows, COLUMNS))
-    print(f"KV pool {args.kv_bytes / 2**30:g} GiB per format; fit = sequences of prompt + {GEN_TOKENS} tokens the pool holds "
-          f"without eviction; ran = most running at once; total {report['total_s']:.0f} s")
+    print(f"KV pool {args.kv_bytes / 2**30:g} GiB per format; fit = sequences the pool holds to their end "
+          f"(prompt + {GEN_TOKENS} tokens; hybrid: its eviction budget); ran = most running at once; "
+          f"total {report['total_s']:.0f} s")
     return 0
 
 

@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     model = bs.build_model(cfg, device)
     tok = bs.wordlevel_tokenizer(cfg.vocab_size)
     report["model"] = {"shape": bs.TINY if args.quick else bs.LLAMA_1B, "dtype": str(next(model.parameters()).dtype),
-                       "max_position_embeddings": args.context, "rope_scaling": cfg.rope_scaling if hasattr(
-                           cfg, "rope_scaling") else None, "rope_type_used": bs.rope_type(model),
+                       "max_position_embeddings": args.context, "rope": bs.rope_description(cfg),
+                       "rope_type_used": bs.rope_type(model),
                        "params_B": sum(p.numel() for p in model.parameters()) / 1e9}  # fmt: skip
     lengths = prompt_lengths(args.quick)
     prompts = {label: bs.random_prompts(1, n, cfg.vocab_size, seed=i)[0] for i, (label, n) in enumerate(lengths.items())}

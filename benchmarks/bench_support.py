@@ -53,18 +53,26 @@ def llama3_rope(original: int = 8192, factor: float = 32.0) -> dict[str, Any]:
 
 
 def llama_config(tiny: bool, max_position_embeddings: int, rope_scaled: bool) -> Any:
-    """The 1B shape (or :data:`TINY`), RoPE theta 500k, scaled as Llama 3 when ``rope_scaled``."""
+    """The 1B shape (or :data:`TINY`), RoPE theta 500k, scaled as Llama 3.2 when ``rope_scaled``."""
     from transformers import LlamaConfig
 
     shape = TINY if tiny else LLAMA_1B
-    extra: dict[str, Any] = {}
-    if rope_scaled:
-        # ``rope_scaling`` + ``rope_theta``: transformers 4.x and 5.x both read this spelling.
-        extra["rope_scaling"] = llama3_rope(max_position_embeddings // 4, 4.0) if tiny else llama3_rope()
-    return LlamaConfig(
+    rope = llama3_rope(max_position_embeddings // 4, 4.0) if tiny else llama3_rope()
+    extra: dict[str, Any] = {"rope_scaling": rope} if rope_scaled else {}
+    # ``rope_scaling`` + ``rope_theta`` is the spelling transformers 4.x reads and 5.x converts.
+    cfg = LlamaConfig(
         **shape, max_position_embeddings=max_position_embeddings, rope_theta=500000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=0, **extra,
     )  # fmt: skip
+    params = getattr(cfg, "rope_parameters", None)
+    if rope_scaled and isinstance(params, dict) and params.get("rope_type") != "llama3":
+        cfg.rope_parameters = {**rope, "rope_theta": 500000.0}  # a 5.x that did not convert it
+    return cfg
+
+
+def rope_description(cfg: Any) -> Any:
+    """The config's RoPE settings, however this transformers version spells them."""
+    return getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
 
 
 def build_model(cfg: Any, device: torch.device, seed: int = 0) -> Any:
