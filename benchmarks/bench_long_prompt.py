@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="JSON report to write")
     ap.add_argument("--quick", action="store_true", help="tiny model and prompts (a CPU smoke run)")
     ap.add_argument("--chunks", type=int, nargs="+", default=None,
-                    help="engine max_num_batched_tokens values (default 8192 16384 32768 131072; quick: 64 256)")
+                    help="engine max_num_batched_tokens values, in order of interest (default 8192 131072 32768 16384: "
+                    "the default, one step for the whole prompt, then between; quick: 64 2048 256)")
     ap.add_argument("--dense-backends", nargs="+", default=None, choices=("default", *SDPA_BACKENDS),
                     help="SDPA backends of the dense baseline (default: cudnn flash on CUDA, default on CPU)")
     ap.add_argument("--no-http", dest="http", action="store_false", help="skip the 128k prompt over HTTP")
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda" and not args.quick:
         print("bench_long_prompt.py needs a CUDA GPU (or --quick for a CPU smoke run)", file=sys.stderr)
         return 2
-    chunks = args.chunks or ([64, 256] if args.quick else [8192, 16384, 32768, 131072])
+    chunks = args.chunks or ([64, 2048, 256] if args.quick else [8192, 131072, 32768, 16384])
     backends = args.dense_backends or (["cudnn", "flash"] if device.type == "cuda" else ["default"])
     args.context = 2048 if args.quick else CONTEXT
     report: dict[str, Any] = {"benchmark": "long_prompt", **bs.environment(device, args)}
