@@ -133,8 +133,10 @@ def warm_up(engine: Any, vocab: int, step_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def run_workload(engine: Any, prompts: list[list[int]], device: torch.device) -> dict[str, Any]:
-    """All ``prompts`` submitted at once; steps until every one has its ``GEN_TOKENS``."""
+def run_workload(engine: Any, prompts: list[list[int]], device: torch.device, deadline: float) -> dict[str, Any]:
+    """All ``prompts`` submitted at once; steps until every one has its ``GEN_TOKENS``.
+    Past ``deadline`` (``time.perf_counter()``) it stops and raises ``TimeoutError``
+    saying how far it got (the engine is then discarded)."""
     params = SamplingParams(max_tokens=GEN_TOKENS, ignore_eos=True)
     before = engine.stats()
     start_bytes = bs.reset_peak(device)
@@ -146,7 +148,13 @@ def run_workload(engine: Any, prompts: list[list[int]], device: torch.device) ->
             if out.request_id in wanted and out.finished:
                 final[out.request_id] = out
         steps += 1
-        max_running = max(max_running, engine.stats().running)
+        stats = engine.stats()
+        max_running = max(max_running, stats.running)
+        if time.perf_counter() > deadline:
+            raise TimeoutError(
+                f"cut at the time budget after {time.perf_counter() - t0:.0f} s: {len(final)} of {len(ids)} requests "
+                f"done in {steps} steps, {max_running} running at most, "
+                f"{stats.preemptions_total - before.preemptions_total} preemptions")
     bs.sync(device)
     wall = time.perf_counter() - t0
     after = engine.stats()
@@ -231,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         for fmt, load in rows_todo:
             n, length = loads[load]
             row: dict[str, Any] = {"format": fmt, "workload": load}
-            needed = estimate_s(load, fmt, measured, args.quick) + (10.0 if fmt in warmed else 25.0)
+            start_up = 0.0 if args.quick else 10.0 if fmt in warmed else 25.0  # engine, warm-up (+ compiling)
+            needed = estimate_s(load, fmt, measured, args.quick) + start_up
             if not budget.allows(needed):
                 row["error"] = f"skipped: {budget.left():.0f} s of the budget left, ~{needed:.0f} s needed"
                 rows.append(row)
@@ -252,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                 warmed.add(fmt)
                 stats = engine.stats()
                 row.update(kv_blocks=stats.kv_blocks_total, kv_tokens=stats.kv_blocks_total * engine.config.block_size)
-                row.update(run_workload(engine, prompts[load], device))
+                # A row may overrun its estimate, not the whole budget (by more than a little).
+                row.update(run_workload(engine, prompts[load], device, budget.start + budget.seconds + 10.0))
                 if fmt == "bf16":
                     measured[load] = row["wall_s"]
             except Exception as exc:  # noqa: BLE001 - one failed row (an OOM, a kernel) leaves the rest running

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,16 +101,34 @@ def test_kv_slots_per_seq_under_eviction_is_the_budget_plus_one_chunk() -> None:
     assert long_context.kv_slots_per_seq("hybrid4x", 200, args) == 200
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "hybrid4x"])
-def test_pool_blocks_predicts_the_engines_pool(fmt: str) -> None:
-    """The fit column is computed before the engine exists: it must match the engine's pool."""
+def _tiny_engine(fmt: str) -> tuple[Any, Any]:
     cfg = bs.llama_config(True, 1024, rope_scaled=True)
     model = bs.build_model(cfg, torch.device("cpu"))
     args = type("Args", (), {"context": 1024, "kv_bytes": 1 << 20, "step_tokens": 128})()
     engine = long_context.build_engine(model, bs.wordlevel_tokenizer(cfg.vocab_size), fmt, 2, args,
                                        torch.device("cpu"))
+    return cfg, engine
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "hybrid4x"])
+def test_pool_blocks_predicts_the_engines_pool(fmt: str) -> None:
+    """The fit column is computed before the engine exists: it must match the engine's pool."""
+    cfg, engine = _tiny_engine(fmt)
     predicted = long_context.pool_blocks(fmt, cfg, 1 << 20, torch.float32, torch.device("cpu"))
     assert predicted == engine.stats().kv_blocks_total > 0
+
+
+def test_run_workload_generates_every_token_and_stops_at_its_deadline() -> None:
+    cfg, engine = _tiny_engine("bf16")
+    prompts = bs.random_prompts(3, 40, cfg.vocab_size, seed=1)
+    row = long_context.run_workload(engine, prompts, torch.device("cpu"), deadline=time.perf_counter() + 600)
+    assert row["max_running"] == 2  # max_num_seqs of _tiny_engine
+    assert row["output_tok_s"] * row["wall_s"] == pytest.approx(3 * long_context.GEN_TOKENS)
+    assert row["total_tok_s"] * row["wall_s"] == pytest.approx(3 * (40 + long_context.GEN_TOKENS))
+    assert 0 < row["ttft_first_s"] <= row["ttft_max_s"] < row["wall_s"]
+    assert row["ttft_p50_s"] <= row["ttft_max_s"]
+    with pytest.raises(TimeoutError, match=r"0 of 3 requests done in 1 steps"):
+        long_context.run_workload(engine, prompts, torch.device("cpu"), deadline=time.perf_counter() - 1)
 
 
 def test_add_ratios_divides_by_the_best_dense_time_of_the_same_prompt() -> None:
