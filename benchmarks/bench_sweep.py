@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args.random_input_len = args.random_input_len or (32 if q else 220)
     args.random_output_len = args.random_output_len or (8 if q else 200)
     args.max_model_len = args.max_model_len or (512 if q else 4096)
+    args.rates = [rate_label(r) for r in rates]  # "inf", not JSON's non-standard Infinity
     report: dict[str, Any] = {"benchmark": "request_rate_sweep", **bs.environment(device, args)}
     runs: list[dict[str, Any]] = []
     work = bs.temp_dir("bench-sweep-")
