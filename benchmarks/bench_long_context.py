@@ -21,8 +21,9 @@ Each row's engine runs at most as many sequences as its pool holds to the end
 (``max_num_seqs`` = ``fit``: whole prompt plus output for float/quantized pages; for
 ``hybrid4x`` a quarter of that plus one step's chunk, the sinks and the window), as an
 operator would size it. With more (``--seqs all``), chunked prefill admits prompts the
-pool cannot finish, preempts them once it fills and admits them again, so the same long
-prefill is recomputed many times while the older sequences decode.
+pool cannot finish (admission needs room for one chunk, not the prompt), and the newest
+is preempted once the pool fills, losing a prefill of up to 128k tokens that is then
+recomputed: that measures the scheduler, not the page format.
 
 Per row: wall time and throughput (output tokens/s, and prompt + output tokens/s, which a
 prefill-bound workload is judged by), TTFT from submission (p50, max; later requests
