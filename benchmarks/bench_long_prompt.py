@@ -20,7 +20,7 @@ HTTP request's 16 generated tokens fit the context.
 - ``http``: the same model saved to a temporary directory and served by
   ``python -m stream_attention.server --max-model-len 131072`` (its default engine mode)
   in a child process; one 128k prompt streamed through ``/generate_stream`` by the
-  library's load generator, twice (the first includes any kernel compilation), recording
+  library's load generator, twice (the first may include compilation start-up left), recording
   that it completes and its TTFT.
 
 Times: a warm-up call, then repeated calls each between ``torch.cuda.synchronize()``
@@ -158,7 +158,7 @@ def engine_rows(engine: Any, prompts: dict[str, list[int]], chunk: int, device: 
     return rows
 
 
-def http_rows(model_dir: Path, prompt_tokens: int, vocab: int, device: torch.device, args: argparse.Namespace,
+def serve_over_http(model_dir: Path, prompt_tokens: int, vocab: int, device: torch.device, args: argparse.Namespace,
               log_dir: Path) -> dict:
     """Serve one long prompt over HTTP (the server in a child process): completes? TTFT?"""
     from stream_attention.clients.loadgen import LoadConfig, run_load
@@ -172,7 +172,7 @@ def http_rows(model_dir: Path, prompt_tokens: int, vocab: int, device: torch.dev
     result["server_startup_s"] = server.startup_s
     try:
         runs = []
-        for i, name in enumerate(("cold", "warm")):
+        for i, name in enumerate(("first", "second")):  # the first may compile what start-up did not
             cfg = LoadConfig(url=server.url, endpoint="generate", num_requests=1, concurrency=1,
                              prompt_tokens=prompt_tokens, max_tokens=HTTP_GEN_TOKENS, vocab_size=vocab,
                              seed=100 + i, timeout=args.http_timeout_s)  # fmt: skip
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             del model
             bs.free_device_memory(device)
             report["http"] = bs.guarded(
-                lambda: http_rows(model_dir, lengths[list(lengths)[-1]], cfg.vocab_size, device, args, work_dir),
+                lambda: serve_over_http(model_dir, lengths[list(lengths)[-1]], cfg.vocab_size, device, args, work_dir),
                 device)  # fmt: skip
     finally:
         report.setdefault("rows", rows)
