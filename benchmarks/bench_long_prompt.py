@@ -159,8 +159,9 @@ def engine_rows(engine: Any, prompts: dict[str, list[int]], chunk: int, device: 
 
 
 def serve_over_http(model_dir: Path, prompt_tokens: int, vocab: int, device: torch.device, args: argparse.Namespace,
-              log_dir: Path) -> dict:
-    """Serve one long prompt over HTTP (the server in a child process): completes? TTFT?"""
+                    log_dir: Path, seconds_left: float) -> dict:
+    """Serve one long prompt over HTTP (the server in a child process): completes? TTFT?
+    Waiting for the server and for each request is bounded by ``seconds_left`` too."""
     from stream_attention.clients.loadgen import LoadConfig, run_load
 
     flags = ["--model", str(model_dir), "--device", device.type, "--max-model-len", str(args.context),
@@ -168,14 +169,16 @@ def serve_over_http(model_dir: Path, prompt_tokens: int, vocab: int, device: tor
     if device.type == "cuda":
         flags += ["--kv-cache-memory-bytes", str(int(args.http_kv_gib * 2**30))]
     result: dict[str, Any] = {"server_flags": flags}
-    server = bs.ServerProcess(flags, ready_timeout_s=args.server_ready_s, log_dir=log_dir)
+    ready_s = max(30.0, min(args.server_ready_s, seconds_left - 20.0))
+    server = bs.ServerProcess(flags, ready_timeout_s=ready_s, log_dir=log_dir)
     result["server_startup_s"] = server.startup_s
+    request_s = max(20.0, min(args.http_timeout_s, (seconds_left - server.startup_s) / 2))
     try:
         runs = []
         for i, name in enumerate(("first", "second")):  # the first may compile what start-up did not
             cfg = LoadConfig(url=server.url, endpoint="generate", num_requests=1, concurrency=1,
                              prompt_tokens=prompt_tokens, max_tokens=HTTP_GEN_TOKENS, vocab_size=vocab,
-                             seed=100 + i, timeout=args.http_timeout_s)  # fmt: skip
+                             seed=100 + i, timeout=request_s)  # fmt: skip
             s = asyncio.run(run_load(cfg))["summary"]
             runs.append({"run": name, "completed": s["completed"], "errors": s["errors"],
                          "ttft_s": s["ttft_s"]["p50"], "e2e_s": s["e2e_s"]["p50"], "itl_p50_s": s["itl_s"]["p50"],
@@ -220,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-http", dest="http", action="store_false", help="skip the 128k prompt over HTTP")
     ap.add_argument("--http-chunk", type=int, default=8192, help="the server's --max-num-batched-tokens")
     ap.add_argument("--http-kv-gib", type=float, default=8.0, help="the server's KV pool (CUDA)")
-    ap.add_argument("--http-timeout-s", type=float, default=120.0, help="per HTTP request")
-    ap.add_argument("--server-ready-s", type=float, default=120.0, help="wait this long for the server's /ready")
+    ap.add_argument("--http-timeout-s", type=float, default=60.0, help="per HTTP request (at most)")
+    ap.add_argument("--server-ready-s", type=float, default=90.0, help="wait at most this long for the server's /ready")
     ap.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
     ap.add_argument("--budget-s", type=float, default=225.0,
                     help="skip engine chunk sizes that would not leave time for the rest")
@@ -301,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             del model
             bs.free_device_memory(device)
             report["http"] = bs.guarded(
-                lambda: serve_over_http(model_dir, lengths[list(lengths)[-1]], cfg.vocab_size, device, args, work_dir),
+                lambda: serve_over_http(model_dir, lengths[list(lengths)[-1]], cfg.vocab_size, device, args, work_dir,
+                                        budget.left() + 15.0),
                 device)  # fmt: skip
     finally:
         report.setdefault("rows", rows)

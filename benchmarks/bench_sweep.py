@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=None, help="the server's context (default 4096; quick 512)")
     ap.add_argument("--kv-gib", type=float, default=16.0, help="the server's KV pool on CUDA (0: its default)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
-    ap.add_argument("--server-ready-s", type=float, default=150.0, help="wait this long for the server's /ready")
+    ap.add_argument("--server-ready-s", type=float, default=120.0, help="wait at most this long for the server's /ready")
     ap.add_argument("--request-timeout-s", type=float, default=120.0, help="per request (loadgen --timeout)")
     ap.add_argument("--budget-s", type=float, default=190.0, help="skip rates that would not fit in this")
     args = ap.parse_args(argv)
@@ -189,13 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda" and args.kv_gib > 0:
             flags += ["--kv-cache-memory-bytes", str(int(args.kv_gib * 2**30))]
         report["server_flags"] = flags
-        server = bs.ServerProcess(flags, ready_timeout_s=args.server_ready_s, log_dir=work_dir)
+        ready_s = max(30.0, min(args.server_ready_s, budget.left() - 40.0))
+        server = bs.ServerProcess(flags, ready_timeout_s=ready_s, log_dir=work_dir)
         report["server_startup_s"] = server.startup_s
         print(f"server ready in {server.startup_s:.1f} s at {server.url}", flush=True)
 
         # Warm-up: kernels, CUDA graphs and allocator pools before the first measured rate.
         warm = run_rate(server.url, math.inf, args, seed=10_000, num_requests=min(16, 4 * args.num_requests),
-                        work=work_dir, timeout_s=120.0)
+                        work=work_dir, timeout_s=max(30.0, min(90.0, budget.left() - 30.0)))
         report["warmup"] = {k: warm.get(k) for k in ("error", "loadgen_wall_s")} | {
             "completed": warm.get("summary", {}).get("completed")}
         for i, rate in enumerate(rates):
