@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 bs.free_device_memory(device)
             rows.append(row)
             print(bs.format_table([row], COLUMNS).splitlines()[-1], flush=True)
+            bs.write_report(args.out, {**report, "rows": rows}, final=False)
     finally:
         report["rows"] = rows
         report["total_s"] = budget.elapsed()

@@ -297,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 del engine
                 bs.free_device_memory(device)
+            bs.write_report(args.out, {**report, "rows": rows}, final=False)
         add_ratios(rows)
         report["rows"] = rows
+        bs.write_report(args.out, report, final=False)
 
         if args.http:
             del model

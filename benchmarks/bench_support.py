@@ -227,9 +227,12 @@ def environment(device: torch.device, args: Any) -> dict[str, Any]:
     return info
 
 
-def write_report(path: str | Path, report: dict[str, Any]) -> None:
+def write_report(path: str | Path, report: dict[str, Any], *, final: bool = True) -> None:
+    """Write the JSON report. Scripts also write it after each row (``final=False``,
+    silently), so a run killed from outside still leaves the rows it finished."""
     Path(path).write_text(json.dumps(report, indent=1, default=str))
-    print(f"wrote {path}", flush=True)
+    if final:
+        print(f"wrote {path}", flush=True)
 
 
 def _cell(value: Any, fmt: str) -> str:

@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             runs.append(run_rate(server.url, rate, args, seed=i + 1, num_requests=args.num_requests, work=work_dir,
                                  timeout_s=max(30.0, min(budget.left(), issue_s + 3 * args.request_timeout_s))))
+            bs.write_report(args.out, {**report, "runs": runs, "sweep": as_loadgen_sweep(runs)}, final=False)
     except Exception as exc:  # noqa: BLE001 - a server that does not start: the report says why
         report["error"] = bs.error_row(exc)
     finally:
