@@ -30,6 +30,7 @@ queries, per-channel KIVI keys, float pages, prefill on GPUs) runs the generic
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -982,7 +983,12 @@ def _asm_enabled(device: torch.device, fp8: bool) -> bool:
     ops); fp8's ``cvt.rn.f16x2.e4m3x2`` needs compute capability 8.9 (Ada, Hopper) or later."""
     if not envs.kv_asm() or device.type != "cuda":
         return False
-    return not fp8 or torch.cuda.get_device_capability(device) >= (8, 9)
+    return not fp8 or _has_e4m3_cvt(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _has_e4m3_cvt(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
 def _fast_views(q: torch.Tensor, k_pages: Pages, v_pages: Pages, bits: int, per_channel: bool, head_dim: int):
