@@ -981,9 +981,11 @@ def fast_path_enabled() -> bool:
 def _asm_enabled(device: torch.device, fp8: bool) -> bool:
     """Inline-PTX code conversion on GPUs (``STREAM_ATTENTION_KV_ASM=0``: portable integer
     ops); fp8's ``cvt.rn.f16x2.e4m3x2`` needs compute capability 8.9 (Ada, Hopper) or later."""
-    if not envs.kv_asm() or device.type != "cuda":
+    if not envs.kv_asm():
         return False
-    return not fp8 or _has_e4m3_cvt(device.index if device.index is not None else torch.cuda.current_device())
+    if not fp8 or device.type != "cuda":  # (the interpreter never asks; scripts/sass_count.py targets sm_90)
+        return True
+    return _has_e4m3_cvt(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
