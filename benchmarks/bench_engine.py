@@ -225,7 +225,8 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
     kernel_span = kernel_span or _kernel_span_read_flush
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from stream_attention.kernels import kv_quant as kq
+    from stream_attention.kernels import kv_attention as kva
+    from stream_attention.kernels import kv_pages as kvp
     from stream_attention.kernels.paged_attention import choose_num_splits, paged_attention
 
     scale = 1.0 / math.sqrt(DECODE_D)
@@ -241,25 +242,25 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
             # The engine's split count and schedule for int8 pages (ModelRunner._decode_splits).
             splits8 = choose_num_splits(batch, DECODE_HKV, ctx, data["dev"], tma=False)
             int8_launch = dict(zip(("BLOCK_N", "num_warps", "num_stages"),
-                                   kq.decode_launch(8, batch * DECODE_HKV * splits8, data["dev"]), strict=True))
+                                   kva.decode_launch(8, batch * DECODE_HKV * splits8, data["dev"]), strict=True))
 
             def paged(data=data, splits=splits):
                 return paged_attention(data["q"], data["k_pages"], data["v_pages"], data["table"], data["seq_lens"],
                                        data["cu"], max_q_len=1, softmax_scale=scale, num_splits=splits)
 
-            # The same keys/values as int8 pages (per-token scales), read by kv_quant's decode kernel.
+            # The same keys/values as int8 pages (per-token scales), read by kv_attention's decode kernel.
             n_blocks = data["k_pages"].shape[0]
             ids = torch.arange(n_blocks, device=data["dev"])
             full = torch.full((n_blocks,), DECODE_PAGE, dtype=torch.int32, device=data["dev"])
-            kq8, vq8 = (kq.QuantizedPages.empty(n_blocks, DECODE_PAGE, DECODE_HKV, DECODE_D, 8, device=data["dev"])
+            kq8, vq8 = (kvp.QuantizedPages.empty(n_blocks, DECODE_PAGE, DECODE_HKV, DECODE_D, 8, device=data["dev"])
                         for _ in range(2))
-            kq.write_blocks_to_pages(data["k_pages"], ids, full, kq8)
-            kq.write_blocks_to_pages(data["v_pages"], ids, full, vq8)
+            kvp.write_blocks_to_pages(data["k_pages"], ids, full, kq8)
+            kvp.write_blocks_to_pages(data["v_pages"], ids, full, vq8)
             # Page bytes read: codes plus one fp16 (scale, zero) pair per token and head.
             int8_bytes = data["kv_bytes"] // 2 + 2 * batch * ctx * DECODE_HKV * 4
 
             def paged_int8(data=data, kq8=kq8, vq8=vq8, splits=splits8, int8_launch=int8_launch):
-                return kq.paged_attention_quantized(data["q"], kq8, vq8, data["table"], data["seq_lens"], data["cu"],
+                return kva.paged_attention_quantized(data["q"], kq8, vq8, data["table"], data["seq_lens"], data["cu"],
                                                     max_q_len=1, softmax_scale=scale, num_splits=splits,
                                                     launch=int8_launch)
 
@@ -323,7 +324,8 @@ def decode_layout(batches=(16, 64), contexts=(4096, 8192), dev: torch.device | N
 def _layout_case(batch: int, ctx: int, dev, bench, kernel_span) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from stream_attention.kernels import kv_quant as kq
+    from stream_attention.kernels import kv_attention as kva
+    from stream_attention.kernels import kv_pages as kvp
     from stream_attention.kernels.paged_attention import choose_num_splits, paged_attention
 
     def head_major(x: torch.Tensor) -> torch.Tensor:
@@ -337,13 +339,13 @@ def _layout_case(batch: int, ctx: int, dev, bench, kernel_span) -> dict:
     ids = torch.arange(n_blocks, device=d)
     full = torch.full((n_blocks,), DECODE_PAGE, dtype=torch.int32, device=d)
 
-    def quantized(src: torch.Tensor) -> kq.QuantizedPages:
-        pages = kq.QuantizedPages.empty(n_blocks, DECODE_PAGE, DECODE_HKV, DECODE_D, 8, device=d)
-        kq.write_blocks_to_pages(src, ids, full, pages)
+    def quantized(src: torch.Tensor) -> kvp.QuantizedPages:
+        pages = kvp.QuantizedPages.empty(n_blocks, DECODE_PAGE, DECODE_HKV, DECODE_D, 8, device=d)
+        kvp.write_blocks_to_pages(src, ids, full, pages)
         return pages
 
     q8 = [quantized(data["k_pages"]), quantized(data["v_pages"])]
-    q8_hm = [kq.QuantizedPages(head_major(p.data), head_major(p.scales), 8, DECODE_D) for p in q8]
+    q8_hm = [kvp.QuantizedPages(head_major(p.data), head_major(p.scales), 8, DECODE_D) for p in q8]
     bf_hm = [head_major(data["k_pages"]), head_major(data["v_pages"])]
     # The same pages stored in table order, so a sequence's pages are consecutive.
     order = data["table"].reshape(-1).long()
@@ -351,14 +353,14 @@ def _layout_case(batch: int, ctx: int, dev, bench, kernel_span) -> dict:
     q8_seq = [quantized(bf_seq[0]), quantized(bf_seq[1])]
     contiguous = torch.arange(n_blocks, device=d, dtype=torch.int32).view(batch, -1)
     launch8 = dict(zip(("BLOCK_N", "num_warps", "num_stages"),
-                       kq.decode_launch(8, batch * DECODE_HKV * splits, d), strict=True))
+                       kva.decode_launch(8, batch * DECODE_HKV * splits, d), strict=True))
 
     def bf16(k, v, table):
         return lambda: paged_attention(data["q"], k, v, table, data["seq_lens"], data["cu"], max_q_len=1,
                                        softmax_scale=scale, num_splits=splits)
 
     def int8(k, v, table):
-        return lambda: kq.paged_attention_quantized(data["q"], k, v, table, data["seq_lens"], data["cu"],
+        return lambda: kva.paged_attention_quantized(data["q"], k, v, table, data["seq_lens"], data["cu"],
                                                     max_q_len=1, softmax_scale=scale, num_splits=splits,
                                                     launch=launch8)
 

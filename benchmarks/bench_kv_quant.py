@@ -8,18 +8,21 @@
     * ``bf16``: the engine's decode kernel (``paged_attention`` without a launch: the TMA
       kernel ``kernels/paged_decode_tma.py`` on Hopper) at its own split policy: the
       baseline of every ratio; the pointer kernel's launches are timed beside it.
-    * ``int8`` / ``int4`` (per-token scales): ``kv_quant``'s fp16-code kernel at
-      ``kv_quant.decode_launch`` (the engine's schedule), with kv_quant's split policy, and ``int8@engine-splits``
+    * ``int8`` / ``int4`` (per-token scales): ``kv_attention``'s fp16-code kernel at
+      ``kv_attention.decode_launch`` (the engine's schedule), with its split policy, and ``int8@engine-splits``
       / ``int4@engine-splits`` with the split count the engine gives quantized pages.
-    * ``fp8``: e4m3 pages with per-head scales (``kernels/kv_fp8.py``, the engine's
-      ``--kv-cache-dtype fp8``) at the split count the engine gives compressed pages.
+    * ``fp8``: e4m3 pages with per-head scales (the engine's ``--kv-cache-dtype fp8``) through
+      the same fp16-code kernel, as the engine calls it (``paged_attention_fp8`` with
+      ``kv_attention.DEFAULT_LAUNCH`` and the split count the engine gives compressed
+      pages); ``fp8@int8-schedule``: at int8's ``decode_launch`` and split policy.
     * ``int8-generic``: the dequantizing kernel (``STREAM_ATTENTION_KV_FAST=0``), i.e. before.
     * ``int8-deferred-sums``: row sums kept per key column until the end
       (``STREAM_ATTENTION_KV_DEFER_SUMS=1``: two cross-warp reductions fewer per tile, more
-      registers; the default rows defer where ``kv_quant.defer_row_sums`` says so).
+      registers; the default rows defer where ``kv_attention.defer_row_sums`` says so).
     * a launch sweep, ``(BLOCK_N, num_warps, num_stages)``, for int8 (and two for int4).
-    * ``--extra``: int8 with the portable conversions instead of inline PTX
-      (``STREAM_ATTENTION_KV_ASM=0``), KIVI per-channel keys, bf16 pages through kv_quant.
+    * ``--extra``: int8 and fp8 with the portable conversions instead of inline PTX
+      (``STREAM_ATTENTION_KV_ASM=0``), fp8 through the generic kernel, KIVI per-channel
+      keys, bf16 pages through kv_attention.
     Median time of a CUDA-graph replay (L2 zeroed before each, as do_bench does), TB/s of page bytes
     read (scales included), ``speedup_vs_bf16`` = bf16 ms / row ms, and the max error
     against float64 attention over the dequantized pages (first sequences).
@@ -51,15 +54,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stream_attention.core.distributed_utils import patched_environ  # noqa: E402
 from stream_attention.engine.kv_compression import KVPoolLayout  # noqa: E402
-from stream_attention.kernels import kv_fp8  # noqa: E402
-from stream_attention.kernels import kv_quant as kq  # noqa: E402
+from stream_attention.kernels import kv_attention as kva  # noqa: E402
+from stream_attention.kernels import kv_pages as kvp  # noqa: E402
 from stream_attention.kernels import paged_attention as pa  # noqa: E402
 from stream_attention.kernels import paged_decode_tma as pdt  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 LAUNCH_KEYS = ("BLOCK_N", "num_warps", "num_stages")
-# Alternatives to kv_quant.decode_launch (timed first, at both split policies; a schedule
-# in kv_quant.FAST_DECODE_MAXNREG gets its register cap): (BLOCK_N, num_warps,
+# Alternatives to kv_attention.decode_launch (timed first, at both split policies; a schedule
+# in kv_attention.FAST_DECODE_MAXNREG gets its register cap): (BLOCK_N, num_warps,
 # num_stages[, maxnreg]), where a 4th entry None means no register cap.
 INT8_SWEEP = [(128, 4, 2, 128), (128, 4, 3, 128), (64, 4, 3, 128), (64, 4, 4, 128), (128, 4, 3, None), (32, 4, 4),
               (128, 2, 2)]
@@ -83,7 +86,7 @@ def _sync(dev: torch.device) -> None:
 
 def _pages_read(bits: int, per_channel: bool, batch: int, ctx: int) -> int:
     """Bytes of K/V pages (with scales) one decode step reads."""
-    return int(kq.kv_bytes_per_token(HKV, D, bits, block_size=PAGE, key_per_channel=per_channel) * batch * ctx)
+    return int(kvp.kv_bytes_per_token(HKV, D, bits, block_size=PAGE, key_per_channel=per_channel) * batch * ctx)
 
 
 class Case:
@@ -108,19 +111,19 @@ class Case:
         self.cu = torch.arange(batch + 1, dtype=torch.int32, device=dev)
         self.q = torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16, generator=g)
         self.scale = 1.0 / math.sqrt(D)
-        self.kq_splits = kq.choose_num_splits(batch, HKV, ctx, dev)
+        self.kq_splits = kva.choose_num_splits(batch, HKV, ctx, dev)
         self.engine_splits = pa.choose_num_splits(batch, HKV, ctx, dev)
-        # What the engine gives kv_quant's kernel (ModelRunner._decode_splits for quantized pages).
+        # What the engine gives kv_attention's kernel (ModelRunner._decode_splits for quantized pages).
         self.engine_quant_splits = pa.choose_num_splits(batch, HKV, ctx, dev, tma=False)
         self._pages: dict = {}
 
     def fp8_pages(self):
         if "fp8" not in self._pages:
             slots = torch.arange(self.n_blocks * PAGE, device=self.dev)
-            kp = kv_fp8.Fp8Pages.empty(self.n_blocks, PAGE, HKV, D, device=self.dev)
-            vp = kv_fp8.Fp8Pages.empty(self.n_blocks, PAGE, HKV, D, device=self.dev)
-            kv_fp8.write_tokens_fp8(self.k.view(-1, HKV, D), slots, kp)
-            kv_fp8.write_tokens_fp8(self.v.view(-1, HKV, D), slots, vp)
+            kp = kvp.Fp8Pages.empty(self.n_blocks, PAGE, HKV, D, device=self.dev)
+            vp = kvp.Fp8Pages.empty(self.n_blocks, PAGE, HKV, D, device=self.dev)
+            kvp.write_tokens_fp8(self.k.view(-1, HKV, D), slots, kp)
+            kvp.write_tokens_fp8(self.v.view(-1, HKV, D), slots, vp)
             self._pages["fp8"] = (kp, vp)
         return self._pages["fp8"]
 
@@ -128,7 +131,7 @@ class Case:
         """Max |out - float64 attention over the dequantized e4m3 pages| on the first sequences."""
         if "fp8-ref" not in self._pages:
             kp, vp = self.fp8_pages()
-            self._pages["fp8-ref"] = kv_fp8.paged_attention_fp8_ref(
+            self._pages["fp8-ref"] = kva.paged_attention_fp8_ref(
                 self.q[:n_ref], kp, vp, self.table[:n_ref], self.seq_lens[:n_ref], dtype=torch.float64)[0]
         return float((out[:n_ref].double() - self._pages["fp8-ref"]).abs().max())
 
@@ -139,10 +142,10 @@ class Case:
         if key not in self._pages:
             ids = torch.arange(self.n_blocks, device=self.dev)
             full = torch.full((self.n_blocks,), PAGE, dtype=torch.int32, device=self.dev)
-            kp = kq.QuantizedPages.empty(self.n_blocks, PAGE, HKV, D, bits, per_channel=per_channel, device=self.dev)
-            vp = kq.QuantizedPages.empty(self.n_blocks, PAGE, HKV, D, bits, device=self.dev)
-            kq.write_blocks_to_pages(self.k, ids, full, kp)
-            kq.write_blocks_to_pages(self.v, ids, full, vp)
+            kp = kvp.QuantizedPages.empty(self.n_blocks, PAGE, HKV, D, bits, per_channel=per_channel, device=self.dev)
+            vp = kvp.QuantizedPages.empty(self.n_blocks, PAGE, HKV, D, bits, device=self.dev)
+            kvp.write_blocks_to_pages(self.k, ids, full, kp)
+            kvp.write_blocks_to_pages(self.v, ids, full, vp)
             self._pages[key] = (kp, vp)
         return self._pages[key]
 
@@ -151,57 +154,62 @@ class Case:
         key = ("ref", bits, per_channel)
         if key not in self._pages:
             kp, vp = self.pages(bits, per_channel)
-            self._pages[key] = kq.paged_attention_ref(self.q[:n_ref], kp, vp, self.table[:n_ref],
+            self._pages[key] = kva.paged_attention_ref(self.q[:n_ref], kp, vp, self.table[:n_ref],
                                                       self.seq_lens[:n_ref])[0]
         return float((out[:n_ref].double() - self._pages[key]).abs().max())
 
 
 def _time_kq(case: Case, name: str, bits: int, *, per_channel: bool = False, launch=None, splits=None,
-             env: dict | None = None, check: bool = True) -> dict:
-    kp, vp = case.pages(bits, per_channel)
+             env: dict | None = None, check: bool = True, fp8: bool = False) -> dict:
+    kp, vp = case.fp8_pages() if fp8 else case.pages(bits, per_channel)
     splits = splits or case.kq_splits
     # Default: the schedule the engine launches for this format and launch size.
-    launch = tuple(launch or kq.decode_launch(bits, case.batch * HKV * splits, case.dev))
+    launch = tuple(launch or kva.decode_launch(bits, case.batch * HKV * splits, case.dev))
     ld = dict(zip(LAUNCH_KEYS, launch[:3], strict=True))
     if len(launch) > 3:
         ld["maxnreg"] = launch[3]
     env = env or {}
     with patched_environ(env):
-        fast = kq._fast_views(case.q, kp, vp, bits, per_channel, D) is not None if bits != 16 else False
+        fast = kva._fast_views(case.q, kp, vp, bits, per_channel, D) is not None if bits != 16 else False
         if fast and "maxnreg" not in ld:  # the default cap paged_attention_quantized applies
-            ld["maxnreg"] = kq.FAST_DECODE_MAXNREG.get(launch[:3])
+            ld["maxnreg"] = kva.FAST_DECODE_MAXNREG.get(launch[:3])
 
         def fn():
-            return kq.paged_attention_quantized(case.q, kp, vp, case.table, case.seq_lens, case.cu, max_q_len=1,
+            return kva.paged_attention_quantized(case.q, kp, vp, case.table, case.seq_lens, case.cu, max_q_len=1,
                                                 softmax_scale=case.scale, num_splits=splits, launch=ld)
 
         out = fn()  # compiles outside the timing
         _sync(case.dev)
         ms = _bench(fn)
-    read = _pages_read(bits, per_channel, case.batch, case.avg_ctx)
+    read = HKV * D * 2 * case.batch * case.avg_ctx if fp8 else _pages_read(bits, per_channel, case.batch, case.avg_ctx)
     row = {"format": name, "bits": bits, "key_per_channel": per_channel, "kernel": "f16-codes" if fast else "generic",
            "launch": [*launch[:3], ld.get("maxnreg")], "num_splits": splits, "ms": ms, "tb_per_s": read / (ms * 1e-3) / 1e12,
            "env": env}
     if check:
-        row["max_abs_err_vs_fp64_on_dequantized"] = case.kernel_error(out, bits, per_channel)
+        err = case.fp8_error(out) if fp8 else case.kernel_error(out, bits, per_channel)
+        row["max_abs_err_vs_fp64_on_dequantized"] = err
     return row
 
 
 def _time_fp8(case: Case, launch=None, splits: int | None = None) -> dict:
-    """e4m3 pages through ``kv_fp8.paged_attention_fp8`` (the engine's call for fp8 caches)."""
+    """e4m3 pages through ``kva.paged_attention_fp8`` as the engine calls it (its launch
+    tuple gets the fp16-code kernel's register cap inside, as in the engine)."""
     kp, vp = case.fp8_pages()
     splits = splits or case.engine_quant_splits
-    launch = tuple(launch or kv_fp8.DEFAULT_LAUNCH["decode"])
+    launch = tuple(launch or kva.DEFAULT_LAUNCH["decode"])
 
     def fn():
-        return kv_fp8.paged_attention_fp8(case.q, kp, vp, case.table, case.seq_lens, case.cu, max_q_len=1,
+        return kva.paged_attention_fp8(case.q, kp, vp, case.table, case.seq_lens, case.cu, max_q_len=1,
                                           softmax_scale=case.scale, num_splits=splits, launch=launch)
 
     out = fn()
     _sync(case.dev)
     ms = _bench(fn)
     read = HKV * D * 2 * case.batch * case.avg_ctx  # one byte per K and V element
-    return {"format": "fp8", "bits": 8, "kernel": "kv_fp8.py", "launch": list(launch), "num_splits": splits,
+    fast = kva._fast_views(case.q, kp, vp, 8, False, D) is not None
+    cap = kva.FAST_DECODE_MAXNREG.get(launch[:3]) if fast else None
+    return {"format": "fp8", "bits": 8, "kernel": "f16-codes" if fast else "generic", "launch": [*launch[:3], cap],
+            "num_splits": splits,
             "ms": ms, "tb_per_s": read / (ms * 1e-3) / 1e12, "max_abs_err_vs_fp64_on_dequantized": case.fp8_error(out)}
 
 
@@ -296,8 +304,7 @@ def decode_case(batch: int, ctx: int, deadline: float, *, sweep: bool, extra: bo
     if case.engine_quant_splits != case.kq_splits:
         rows.append(_time_kq(case, "int4@engine-splits", 4, splits=case.engine_quant_splits))
     rows.append(_time_fp8(case))
-    if case.kq_splits != case.engine_quant_splits:
-        rows.append({**_time_fp8(case, splits=case.kq_splits), "format": "fp8@kv_quant-splits"})
+    rows.append(_time_kq(case, "fp8@int8-schedule", 8, fp8=True))
     rows.append(_time_kq(case, "int8-generic", 8, env={"STREAM_ATTENTION_KV_FAST": "0"}))
     if not over():
         rows.append(_time_kq(case, "int8-deferred-sums", 8, env={"STREAM_ATTENTION_KV_DEFER_SUMS": "1"}))
@@ -312,12 +319,14 @@ def decode_case(batch: int, ctx: int, deadline: float, *, sweep: bool, extra: bo
                 sw.append(_time_kq(case, f"int{bits}", bits, launch=launch))
     if extra:
         for name, bits, pc, env in (("int8-portable", 8, False, {"STREAM_ATTENTION_KV_ASM": "0"}),
-                                    ("bf16-kv_quant-kernel", 16, False, {}),
+                                    ("fp8-portable", 8, False, {"STREAM_ATTENTION_KV_ASM": "0"}),
+                                    ("fp8-generic", 8, False, {"STREAM_ATTENTION_KV_FAST": "0"}),
+                                    ("bf16-kv_attention-kernel", 16, False, {}),
                                     ("int8-kivi", 8, True, {}), ("int4-kivi", 4, True, {})):
             if over():
                 res["skipped"].append(f"{name}: time budget")
                 continue
-            rows.append(_time_kq(case, name, bits, per_channel=pc, env=env))
+            rows.append(_time_kq(case, name, bits, per_channel=pc, env=env, fp8=name.startswith("fp8")))
 
     base = rows[0]["ms"]
     best_bf16 = min([rows[0], *bf16_alt], key=lambda r: r["ms"])
@@ -365,7 +374,7 @@ def capacity(budget_gib: float, seq_tokens: int) -> dict:
             pools = layout.allocate(n_blocks + 1, dev)
             per_block = layout.pool_bytes(2) - layout.pool_bytes(1)
         else:
-            per_block = kq.kv_bytes_per_token(hkv, d, bits, block_size=PAGE, key_per_channel=True) * PAGE * layers
+            per_block = kvp.kv_bytes_per_token(hkv, d, bits, block_size=PAGE, key_per_channel=True) * PAGE * layers
             granule = 2 * 2**20  # the caching allocator's rounding of large requests
             n_blocks = int((budget // granule * granule) // per_block)
             pools = torch.empty(int(n_blocks * per_block), dtype=torch.uint8, device=dev)
@@ -393,7 +402,7 @@ def _launch_str(launch) -> str:
 
 def _print(res: dict) -> None:
     for case in res["decode"]:
-        print(f"\nbatch {case['batch']} context {case['context']} (splits: kv_quant {case['kq_num_splits']}, "
+        print(f"\nbatch {case['batch']} context {case['context']} (splits: kv_attention {case['kq_num_splits']}, "
               f"engine {case['engine_num_splits']})")
         print(f"{'format':<22}{'kernel':<20}{'launch':<16}{'spl':>4}{'ms':>10}{'TB/s':>7}{'x bf16':>8}{'err':>10}")
         for r in case["rows"] + case["sweep"]:
@@ -426,7 +435,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[16, 64])
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--no-sweep", action="store_true", help="skip the launch sweep")
-    p.add_argument("--extra", action="store_true", help="also portable conversions, KIVI, bf16 via kv_quant")
+    p.add_argument("--extra", action="store_true", help="also portable conversions, fp8 generic, KIVI, bf16 via kv_attention")
     p.add_argument("--no-capacity", action="store_true")
     p.add_argument("--grid", action="store_true", help="only the launch x splits grid (BF16_GRID, INT8_GRID)")
     p.add_argument("--budget-gib", type=float, default=8.0)
@@ -445,8 +454,8 @@ def main() -> None:
     res: dict = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "python": platform.python_version(), "shape": {"hq": HQ, "hkv": HKV, "head_dim": D, "page": PAGE},
-        "defaults": {"kv_quant": kq.DEFAULT_LAUNCH["decode"], "paged_attention": pa.DEFAULT_LAUNCH["decode"],
-                     "kv_quant_fast_maxnreg": {str(k): v for k, v in kq.FAST_DECODE_MAXNREG.items()}},
+        "defaults": {"kv_attention": kva.DEFAULT_LAUNCH["decode"], "paged_attention": pa.DEFAULT_LAUNCH["decode"],
+                     "kv_attention_fast_maxnreg": {str(k): v for k, v in kva.FAST_DECODE_MAXNREG.items()}},
         "env": {k: v for k, v in os.environ.items() if k.startswith("STREAM_ATTENTION_")},
         "decode": [], "summary": [], "notes": [],
     }

@@ -15,7 +15,7 @@ estimate for Hopper (which pipe bounds elements per clock per SM at full issue).
 
 CASEs are paged decode launches, GQA 32/8, head_dim 128, pages of 16, bf16 queries:
 ``engine-bf16`` (``kernels/paged_attention.py``), ``kq-bf16`` (bf16 pages through
-``kernels/kv_quant.py``), ``int8`` / ``int4`` (kv_quant's fp16-code kernel), with
+``kernels/kv_attention.py``), ``int8`` / ``int4`` / ``fp8`` (kv_attention's fp16-code kernel), with
 suffixes ``-generic`` (the dequantizing kernel), ``-noasm`` (portable conversions instead
 of inline PTX), ``-defer`` (deferred row sums), ``-kivi`` (per-channel keys, generic
 kernel). The launch arguments come from calling the real host wrapper on small CPU
@@ -222,7 +222,7 @@ def _decode_inputs(batch: int = 4, ctx: int = 256):
 
 def case_launch(case: str, launch: tuple[int, int, int] | None, maxnreg: int | None = -1, **extra):
     """``(jit_fn, args, kwargs, BLOCK_N)`` of a decode launch of ``case`` (``maxnreg``: a
-    register cap for kv_quant's launches, None for none, -1 for the wrapper's default)."""
+    register cap for kv_attention's launches, None for none, -1 for the wrapper's default)."""
     nb, table, seq_lens, cu, q = _decode_inputs()
     if case == "engine-bf16":
         from stream_attention.kernels import paged_attention as pa
@@ -236,16 +236,20 @@ def case_launch(case: str, launch: tuple[int, int, int] | None, maxnreg: int | N
             ["_paged_attn_kernel", (split_combine, "_combine_splits_kernel")])
         return fn, args, kwargs, kwargs["BLOCK_N"]
     from stream_attention.core.distributed_utils import patched_environ
-    from stream_attention.kernels import kv_quant as kq
+    from stream_attention.kernels import kv_attention as kq
+    from stream_attention.kernels import kv_pages, split_combine
 
     parts = case.split("-")
     if parts[0] == "kq":
         kp = torch.zeros(nb, PAGE, HKV, D, dtype=torch.bfloat16)
         vp = kp.clone()
+    elif parts[0] == "fp8":
+        kp = kv_pages.Fp8Pages.empty(nb, PAGE, HKV, D)
+        vp = kv_pages.Fp8Pages.empty(nb, PAGE, HKV, D)
     else:
         bits = {"int8": 8, "int4": 4}[parts[0]]
-        kp = kq.QuantizedPages.empty(nb, PAGE, HKV, D, bits, per_channel="kivi" in parts)
-        vp = kq.QuantizedPages.empty(nb, PAGE, HKV, D, bits)
+        kp = kv_pages.QuantizedPages.empty(nb, PAGE, HKV, D, bits, per_channel="kivi" in parts)
+        vp = kv_pages.QuantizedPages.empty(nb, PAGE, HKV, D, bits)
     lt = launch or kq.DEFAULT_LAUNCH["decode"]
     ld = dict(zip(("BLOCK_N", "num_warps", "num_stages"), lt, strict=True))
     if maxnreg != -1:
@@ -261,11 +265,11 @@ def case_launch(case: str, launch: tuple[int, int, int] | None, maxnreg: int | N
             lambda: kq.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=1, num_splits=2,
                                                  launch=ld, **extra),
             kq, ["_paged_attn_kernel", "_paged_attn_tuned_tokens", "_paged_attn_tuned_page",
-                 "_paged_attn_f16_kernel", "_paged_attn_f16_tuned", "_combine_splits_kernel"])
+                 "_paged_attn_f16_kernel", "_paged_attn_f16_tuned", (split_combine, "_combine_splits_kernel")])
     return fn, args, kwargs, kwargs["BLOCK_N"]
 
 
-CASES = ["engine-bf16", "kq-bf16", "int8", "int4", "int8-noasm", "int4-noasm", "int8-defer", "int4-defer",
+CASES = ["engine-bf16", "kq-bf16", "int8", "int4", "fp8", "int8-noasm", "fp8-noasm", "int4-noasm", "int8-defer", "int4-defer",
          "int8-generic", "int4-generic", "int8-kivi", "int4-kivi"]
 
 
@@ -326,7 +330,7 @@ def main() -> None:
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--launch", type=int, nargs=3, metavar=("BLOCK_N", "WARPS", "STAGES"), default=None)
     p.add_argument("--maxnreg", type=int, default=-1,
-                   help="register cap for kv_quant launches (0: none; default: the wrapper's own)")
+                   help="register cap for kv_attention launches (0: none; default: the wrapper's own)")
     p.add_argument("--full", action="store_true", help="keep opcode modifiers in the histogram")
     p.add_argument("--loop", type=int, default=0,
                    help="which loop (SASS order) to count; -1: the largest. Default 0: the unmasked one")

@@ -108,19 +108,19 @@ PAGED_TMA = _declare(
 )
 KV_FAST = _declare(
     PREFIX + "KV_FAST", "1",
-    "`0` sends quantized (int8/int4) paged attention to the generic kernel instead of the fp16-code one",
-    "kernels/kv_quant.py",
+    "`0` sends compressed (fp8/int8/int4) paged attention to the generic kernel instead of the fp16-code one",
+    "kernels/kv_attention.py",
 )
 KV_ASM = _declare(
     PREFIX + "KV_ASM", "1",
-    "`0` makes the quantized kernel convert codes with portable integer ops instead of inline PTX",
-    "kernels/kv_quant.py",
+    "`0` makes the compressed-page kernel convert codes with portable integer ops instead of inline PTX",
+    "kernels/kv_attention.py",
 )
 KV_DEFER_SUMS = _declare(
     PREFIX + "KV_DEFER_SUMS", "",
     "`1`/`0` forces the quantized kernel to keep (or not) its row sums per key column until the end; unset, "
     "decides per launch",
-    "kernels/kv_quant.py",
+    "kernels/kv_attention.py",
 )
 
 

@@ -12,8 +12,7 @@ import torch
 
 from stream_attention.engine import EngineConfig, LLMEngine, SamplingParams
 from stream_attention.engine.sampler import PendingSample
-from stream_attention.kernels.kv_fp8 import Fp8Pages
-from stream_attention.kernels.kv_quant import QuantizedPages, kv_bytes_per_token
+from stream_attention.kernels.kv_pages import Fp8Pages, QuantizedPages, kv_bytes_per_token
 
 PROMPTS = ["def fibonacci(n):", "import os", "class Stack:", "for i in range(10):", "def main():",
            "import numpy as np"]
@@ -126,10 +125,10 @@ def test_fresh_prefill_over_quantized_pages_attends_over_the_step_keys(reference
     """Triton backend: a prefill with nothing cached runs the varlen kernel on the step's
     16-bit keys and values (the codes are still written), so first tokens match float
     pages; the decode steps after it read the int8 codes."""
-    from stream_attention.kernels import attention_fwd, kv_quant
+    from stream_attention.kernels import attention_fwd, kv_attention
 
     calls = {"varlen": 0, "quantized": 0}
-    real_varlen, real_quantized = attention_fwd.attention_forward, kv_quant.paged_attention_quantized
+    real_varlen, real_quantized = attention_fwd.attention_forward, kv_attention.paged_attention_quantized
 
     def varlen(*args, **kwargs):
         calls["varlen"] += 1

@@ -216,7 +216,8 @@ from stream_attention.engine.block_manager import BlockManager  # noqa: E402
 from stream_attention.engine.scheduler import Scheduler  # noqa: E402
 from stream_attention.engine.sequence import Sequence  # noqa: E402
 from stream_attention.engine.types import FinishReason, SamplingParams  # noqa: E402
-from stream_attention.kernels import kv_quant as kq  # noqa: E402
+from stream_attention.kernels import kv_attention as kva  # noqa: E402
+from stream_attention.kernels import kv_pages as kvp  # noqa: E402
 
 BS = 16
 
@@ -313,7 +314,7 @@ def _step_ctx(block_tables, seq_lens, cu, slots, max_q, fresh_prefill=False):
 def test_quantized_attention_step_writes_and_attends(dtype, device):
     mgr = _manager("none", dtype=dtype)
     caches = mgr.allocate(9, device)
-    assert isinstance(caches[0][0], kq.QuantizedPages) and caches[0][0].bits == mgr.bits
+    assert isinstance(caches[0][0], kvp.QuantizedPages) and caches[0][0].bits == mgr.bits
     g = torch.Generator().manual_seed(0)
     tables = torch.tensor([[3, 7, 1], [0, 5, 8]], dtype=torch.int32, device=device)
     # A prefill step: 20 tokens of sequence 0 and 9 of sequence 1.
@@ -325,10 +326,10 @@ def test_quantized_attention_step_writes_and_attends(dtype, device):
     ctx = _step_ctx(tables, torch.tensor(lens, dtype=torch.int32, device=device), cu, slots, 20)
     kp, vp = caches[1]
     out = ekv.compressed_attention_step(q, k, v, kp, vp, ctx, 32**-0.5)
-    ref, _ = kq.paged_attention_ref(q, kp, vp, tables, ctx.seq_lens, cu)
+    ref, _ = kva.paged_attention_ref(q, kp, vp, tables, ctx.seq_lens, cu)
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
     # The pages hold the tokens to within the format's error.
-    deq = kq.dequantize_pages_ref(kp).reshape(-1, 2, 32)[slots]
+    deq = kvp.dequantize_pages_ref(kp).reshape(-1, 2, 32)[slots]
     assert (deq - k).abs().max() < (0.05 if dtype == "int8" else 0.5)
     # Marked as a fresh prefill (nothing cached before), the step attends over its own
     # unquantized keys and values instead: exact attention, the codes still written.
@@ -336,9 +337,9 @@ def test_quantized_attention_step_writes_and_attends(dtype, device):
                                           32**-0.5)
     kf, vf = (torch.zeros(9 * BS, 2, 32, device=device) for _ in range(2))
     kf[slots], vf[slots] = k, v
-    exact, _ = kq.paged_attention_ref(q, kf.view(9, BS, 2, 32), vf.view(9, BS, 2, 32), tables, ctx.seq_lens, cu)
+    exact, _ = kva.paged_attention_ref(q, kf.view(9, BS, 2, 32), vf.view(9, BS, 2, 32), tables, ctx.seq_lens, cu)
     torch.testing.assert_close(fresh.double(), exact, atol=1e-4, rtol=1e-4)
-    assert torch.equal(kq.dequantize_pages_ref(kp).reshape(-1, 2, 32)[slots], deq)
+    assert torch.equal(kvp.dequantize_pages_ref(kp).reshape(-1, 2, 32)[slots], deq)
     # A decode step with a heavy hitter planted in sequence 1's first block: the collector sees it.
     slots2 = torch.tensor([int(tables[0, 1]) * BS + 4, int(tables[1, 0]) * BS + 9], device=device)
     q2, k2, v2 = (torch.randn(2, h, 32, generator=g).to(device) for h in (4, 2, 2))
@@ -347,12 +348,12 @@ def test_quantized_attention_step_writes_and_attends(dtype, device):
     hit = q2[1].view(2, 2, 32).mean(1)  # the KV heads' mean query
     heavy = torch.zeros(29, 2, 32, device=device)
     heavy[22] = 4 * hit / hit.norm(dim=-1, keepdim=True) * 32**0.5
-    kq.write_tokens_to_pages_ref(heavy[22:23], slots[22:23], kp)
+    kvp.write_tokens_to_pages_ref(heavy[22:23], slots[22:23], kp)
     ctx2 = _step_ctx(tables, torch.tensor([21, 10], dtype=torch.int32, device=device),
                      torch.arange(3, dtype=torch.int32, device=device), slots2, 1)
     collector = ekv.BlockScoreCollector(["a", "b"], BS)
     out2 = ekv.compressed_attention_step(q2, k2, v2, kp, vp, ctx2, 32**-0.5, collector=collector)
-    ref2, _ = kq.paged_attention_ref(q2, kp, vp, tables, ctx2.seq_lens)
+    ref2, _ = kva.paged_attention_ref(q2, kp, vp, tables, ctx2.seq_lens)
     torch.testing.assert_close(out2.double(), ref2, atol=1e-4, rtol=1e-4)
     per_seq = collector.per_sequence()
     assert [len(per_seq["a"]), len(per_seq["b"])] == [2, 1]

@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
-from stream_attention.kernels import kv_fp8
+from stream_attention.kernels import kv_attention as kva
+from stream_attention.kernels import kv_pages as kvp
+from stream_attention.kernels import kv_scoring as kvs
 
 D, HKV, HQ, BS = 32, 2, 6, 16
 E4M3_MAX = 448.0
@@ -29,7 +31,7 @@ def _expected_scale(x: torch.Tensor) -> torch.Tensor:
     return torch.tensor([2.0 ** math.ceil(math.log2(a * HEADROOM / E4M3_MAX)) for a in amax.tolist()])
 
 
-def _dequant(pages: kv_fp8.Fp8Pages) -> torch.Tensor:
+def _dequant(pages: kvp.Fp8Pages) -> torch.Tensor:
     return pages.data.double() * pages.scale.double()[:, None]
 
 
@@ -37,12 +39,12 @@ def _dequant(pages: kv_fp8.Fp8Pages) -> torch.Tensor:
 def test_first_write_calibrates_power_of_two_scales_and_rounds_to_nearest(writer, device):
     g = torch.Generator().manual_seed(0)
     nb, n = 5, 40
-    pages = kv_fp8.Fp8Pages.empty(nb, BS, HKV, D, device=device)
+    pages = kvp.Fp8Pages.empty(nb, BS, HKV, D, device=device)
     x = _kv_sample((n, HKV, D), g)
     slots = torch.randperm(nb * BS, generator=g)[:n]
     slots[::7] = -1  # skipped, and not part of the calibration
     x[::7] *= 1000.0
-    write = kv_fp8.write_tokens_fp8 if writer == "triton" else kv_fp8.write_tokens_fp8_ref
+    write = kvp.write_tokens_fp8 if writer == "triton" else kvp.write_tokens_fp8_ref
     write(x.to(device), slots.to(device), pages)
     keep = slots >= 0
     scale = _expected_scale(x[keep])
@@ -63,38 +65,38 @@ def test_first_write_calibrates_power_of_two_scales_and_rounds_to_nearest(writer
 
 def test_scales_stay_fixed_and_later_outliers_saturate(device):
     g = torch.Generator().manual_seed(1)
-    pages = kv_fp8.Fp8Pages.empty(2, BS, HKV, D, device=device)
+    pages = kvp.Fp8Pages.empty(2, BS, HKV, D, device=device)
     first = _kv_sample((4, HKV, D), g)
-    kv_fp8.write_tokens_fp8(first.to(device), torch.arange(4, device=device), pages)
+    kvp.write_tokens_fp8(first.to(device), torch.arange(4, device=device), pages)
     scale = pages.scale.clone()
     huge = torch.full((1, HKV, D), 1e6)
     huge[0, 0, 0] = -1e6
-    kv_fp8.write_tokens_fp8(huge.to(device), torch.tensor([5], device=device), pages)
+    kvp.write_tokens_fp8(huge.to(device), torch.tensor([5], device=device), pages)
     assert torch.equal(pages.scale, scale)
     stored = pages.data[0, 5].float()
     assert torch.isfinite(stored).all() and stored.abs().max() == E4M3_MAX and stored[0, 0] == -E4M3_MAX
     pages.reset_scales()
     assert not pages.calibrated and (pages.scale == 0).all()
-    kv_fp8.write_tokens_fp8(huge.to(device), torch.tensor([6], device=device), pages)
+    kvp.write_tokens_fp8(huge.to(device), torch.tensor([6], device=device), pages)
     assert (pages.scale.cpu() == _expected_scale(huge).float()).all()
 
 
 def test_all_zero_first_write_gets_the_default_scale(device):
-    pages = kv_fp8.Fp8Pages.empty(1, BS, HKV, D, device=device)
-    kv_fp8.write_tokens_fp8(torch.zeros(3, HKV, D, device=device), torch.arange(3, device=device), pages)
+    pages = kvp.Fp8Pages.empty(1, BS, HKV, D, device=device)
+    kvp.write_tokens_fp8(torch.zeros(3, HKV, D, device=device), torch.arange(3, device=device), pages)
     assert (pages.scale == 1.0).all()
 
 
 def test_bad_pages_and_inputs_raise():
     with pytest.raises(ValueError, match="float8_e4m3fn"):
-        kv_fp8.Fp8Pages(torch.zeros(1, BS, HKV, D), torch.zeros(HKV))
+        kvp.Fp8Pages(torch.zeros(1, BS, HKV, D), torch.zeros(HKV))
     with pytest.raises(ValueError, match="scale"):
-        kv_fp8.Fp8Pages(torch.zeros(1, BS, HKV, D, dtype=torch.float8_e4m3fn), torch.zeros(HKV + 1))
-    pages = kv_fp8.Fp8Pages.empty(1, BS, HKV, D)
+        kvp.Fp8Pages(torch.zeros(1, BS, HKV, D, dtype=torch.float8_e4m3fn), torch.zeros(HKV + 1))
+    pages = kvp.Fp8Pages.empty(1, BS, HKV, D)
     with pytest.raises(ValueError, match="tokens"):
-        kv_fp8.write_tokens_fp8(torch.zeros(2, HKV + 1, D), torch.arange(2), pages)
+        kvp.write_tokens_fp8(torch.zeros(2, HKV + 1, D), torch.arange(2), pages)
     with pytest.raises(ValueError, match="multiple"):
-        kv_fp8.paged_attention_fp8(torch.zeros(1, 3, D), pages, pages, torch.zeros(1, 1, dtype=torch.int32),
+        kva.paged_attention_fp8(torch.zeros(1, 3, D), pages, pages, torch.zeros(1, 1, dtype=torch.int32),
                                    torch.ones(1, dtype=torch.int32))
 
 
@@ -103,16 +105,16 @@ def _paged_case(q_lens: list[int], kv_lens: list[int], dtype: torch.dtype, devic
     g = torch.Generator().manual_seed(seed)
     max_blocks = max(math.ceil(n / BS) for n in kv_lens)
     nb = len(kv_lens) * max_blocks + 1
-    k_pages = kv_fp8.Fp8Pages.empty(nb, BS, HKV, D, device=device)
-    v_pages = kv_fp8.Fp8Pages.empty(nb, BS, HKV, D, device=device)
+    k_pages = kvp.Fp8Pages.empty(nb, BS, HKV, D, device=device)
+    v_pages = kvp.Fp8Pages.empty(nb, BS, HKV, D, device=device)
     perm = torch.randperm(nb, generator=g)
     tables = perm[: len(kv_lens) * max_blocks].view(len(kv_lens), max_blocks).to(torch.int32)
     k_all = [_kv_sample((n, HKV, D), g) for n in kv_lens]
     v_all = [torch.randn(n, HKV, D, generator=g) for n in kv_lens]
     slots = torch.cat([tables[b, torch.arange(n) // BS].long() * BS + torch.arange(n) % BS
                        for b, n in enumerate(kv_lens)])
-    kv_fp8.write_tokens_fp8(torch.cat(k_all).to(device), slots.to(device), k_pages)
-    kv_fp8.write_tokens_fp8(torch.cat(v_all).to(device), slots.to(device), v_pages)
+    kvp.write_tokens_fp8(torch.cat(k_all).to(device), slots.to(device), k_pages)
+    kvp.write_tokens_fp8(torch.cat(v_all).to(device), slots.to(device), v_pages)
     q = torch.randn(sum(q_lens), HQ, D, generator=g).to(dtype)
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     return q.to(device), k_pages, v_pages, tables.to(device), torch.tensor(kv_lens, dtype=torch.int32).to(device), \
@@ -149,7 +151,7 @@ def test_decode_matches_float64_over_dequantized_pages(dtype, num_splits, device
     kv_lens = [1, 37, 70]
     q, kp, vp, tables, lens, _ = _paged_case([1, 1, 1], kv_lens, dtype, device)
     scale = D ** -0.5
-    out, lse = kv_fp8.paged_attention_fp8(q, kp, vp, tables, lens, softmax_scale=scale, num_splits=num_splits,
+    out, lse = kva.paged_attention_fp8(q, kp, vp, tables, lens, softmax_scale=scale, num_splits=num_splits,
                                           return_lse=True)
     cu = torch.arange(4, dtype=torch.int32)
     ref_out, ref_lse = _reference(q, kp, vp, tables, lens, cu, scale)
@@ -164,13 +166,13 @@ def test_prefill_chunks_match_float64_over_dequantized_pages(num_splits, device)
     q_lens, kv_lens = [9, 20, 1], [40, 20, 33]
     q, kp, vp, tables, lens, cu = _paged_case(q_lens, kv_lens, torch.float32, device, seed=3)
     scale = 0.2
-    out, lse = kv_fp8.paged_attention_fp8(q, kp, vp, tables, lens, cu, max_q_len=20, softmax_scale=scale,
+    out, lse = kva.paged_attention_fp8(q, kp, vp, tables, lens, cu, max_q_len=20, softmax_scale=scale,
                                           num_splits=num_splits, return_lse=True)
     ref_out, ref_lse = _reference(q, kp, vp, tables, lens, cu, scale)
     torch.testing.assert_close(out.double().cpu(), ref_out, **TOLS[torch.float32])
     torch.testing.assert_close(lse.double().cpu(), ref_lse, **TOLS[torch.float32])
     # The engine's torch path (no Triton) computes the same.
-    ref32, _ = kv_fp8.paged_attention_fp8_ref(q, kp, vp, tables, lens, cu, softmax_scale=scale)
+    ref32, _ = kva.paged_attention_fp8_ref(q, kp, vp, tables, lens, cu, softmax_scale=scale)
     torch.testing.assert_close(ref32.double().cpu(), ref_out, **TOLS[torch.float32])
 
 
@@ -178,9 +180,9 @@ def test_token_attention_mass_matches_definition(device):
     q_lens, kv_lens = [4, 1], [30, 50]
     q, kp, _, tables, lens, cu = _paged_case(q_lens, kv_lens, torch.float32, device, seed=5)
     scale = D ** -0.5
-    _, lse = kv_fp8.paged_attention_fp8(q, kp, kp, tables, lens, cu, max_q_len=4, softmax_scale=scale,
+    _, lse = kva.paged_attention_fp8(q, kp, kp, tables, lens, cu, max_q_len=4, softmax_scale=scale,
                                         return_lse=True)
-    mass = kv_fp8.paged_token_attention_mass_fp8(q, kp, tables, lens, lse, cu, softmax_scale=scale).cpu()
+    mass = kvs.paged_token_attention_mass_fp8(q, kp, tables, lens, lse, cu, softmax_scale=scale).cpu()
     k_all, tables_c = _dequant(kp).cpu(), tables.cpu().long()
     qd, cu_l = q.double().cpu(), cu.cpu().tolist()
     for b, n_kv in enumerate(kv_lens):
@@ -194,6 +196,28 @@ def test_token_attention_mass_matches_definition(device):
         assert (mass[b, :, n_kv:] == 0).all()
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fp16_queries_run_the_shared_fp16_code_kernel(num_splits, device, monkeypatch):
+    """fp8 pages are a page format of the int8/int4 fp16-code kernel (codes converted in
+    registers, per-head scales folded into the softmax scale and the output): decode and
+    prefill chunks (the interpreter runs both through it) against float64 attention over
+    the dequantized values, and the generic kernel (``STREAM_ATTENTION_KV_FAST=0``) agrees."""
+    q_lens, kv_lens = [1, 6, 1], [37, 40, 70]
+    q, kp, vp, tables, lens, cu = _paged_case(q_lens, kv_lens, torch.float16, device, seed=13)
+    assert kva._fast_views(q, kp, vp, 8, False, D) is not None
+    scale = D ** -0.5
+    out, lse = kva.paged_attention_quantized(q, kp, vp, tables, lens, cu, max_q_len=max(q_lens),
+                                             softmax_scale=scale, num_splits=num_splits, return_lse=True)
+    ref_out, ref_lse = _reference(q, kp, vp, tables, lens, cu, scale)
+    torch.testing.assert_close(out.double().cpu(), ref_out, **TOLS[torch.float16])
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, **TOLS[torch.float16])
+    monkeypatch.setenv("STREAM_ATTENTION_KV_FAST", "0")
+    assert kva._fast_views(q, kp, vp, 8, False, D) is None
+    generic = kva.paged_attention_quantized(q, kp, vp, tables, lens, cu, max_q_len=max(q_lens),
+                                            softmax_scale=scale, num_splits=num_splits)
+    torch.testing.assert_close(generic.double().cpu(), out.double().cpu(), **TOLS[torch.float16])
+
+
 @pytest.mark.gpu
 def test_bf16_decode_and_prefill_on_gpu():
     """bf16 queries (tl.dot in bf16 is unreliable under the interpreter): GPU only."""
@@ -201,7 +225,7 @@ def test_bf16_decode_and_prefill_on_gpu():
     q, kp, vp, tables, lens, cu = _paged_case([7, 1, 1], [300, 1000, 17], torch.bfloat16, dev, seed=7)
     scale = D ** -0.5
     ref_out, _ = _reference(q, kp, vp, tables, lens, cu, scale)
-    out = kv_fp8.paged_attention_fp8(q, kp, vp, tables, lens, cu, max_q_len=7, softmax_scale=scale, num_splits=4)
+    out = kva.paged_attention_fp8(q, kp, vp, tables, lens, cu, max_q_len=7, softmax_scale=scale, num_splits=4)
     # bf16 output and P rounding (2^-9 relative) on outputs of magnitude ~1.
     torch.testing.assert_close(out.double().cpu(), ref_out, atol=2e-2, rtol=2e-2)
 

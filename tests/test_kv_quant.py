@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from stream_attention.kernels import kv_quant as kq
+from stream_attention.kernels import kv_attention as kva
+from stream_attention.kernels import kv_pages as kvp
+from stream_attention.kernels import kv_scoring as kvs
 from stream_attention.utils import quantization as qz
 
 D, HKV, HQ, BS = 32, 2, 8, 16
@@ -16,7 +18,7 @@ D, HKV, HQ, BS = 32, 2, 8, 16
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 
-def _bound(pages: kq.QuantizedPages, ids: torch.Tensor) -> torch.Tensor:
+def _bound(pages: kvp.QuantizedPages, ids: torch.Tensor) -> torch.Tensor:
     """Per-element ``scale / 2`` of pages ``ids``, shaped like their dequantization."""
     sc = pages.scales[ids.long()].float()
     half = sc[:, None, :, 0, :] / 2 if pages.per_channel else sc[..., 0:1] / 2
@@ -56,21 +58,21 @@ def test_reference_quantization_bound_and_packing(bits):
 def test_token_writes_round_trip_within_half_scale(bits, device):
     g = torch.Generator().manual_seed(bits)
     nb = 6
-    pages = kq.QuantizedPages.empty(nb, BS, HKV, D, bits, device=device)
-    ref = kq.QuantizedPages.empty(nb, BS, HKV, D, bits, device=device)
+    pages = kvp.QuantizedPages.empty(nb, BS, HKV, D, bits, device=device)
+    ref = kvp.QuantizedPages.empty(nb, BS, HKV, D, bits, device=device)
     n = 40
     x = _kv_sample((n, HKV, D), g).to(device)
     slots = torch.randperm(nb * BS, generator=g)[:n].to(device)
     slots[::7] = -1  # padding rows are skipped
-    kq.write_tokens_to_pages(x, slots, pages)
-    kq.write_tokens_to_pages_ref(x, slots, ref)
+    kvp.write_tokens_to_pages(x, slots, pages)
+    kvp.write_tokens_to_pages_ref(x, slots, ref)
     # A code may differ by one where (x - zero) / scale lands on a rounding tie.
     diff = qz.unpack_codes(pages.data, bits).int() - qz.unpack_codes(ref.data, bits).int()
     assert diff.abs().le(1).all()
     assert torch.equal(pages.scales, ref.scales)
     keep = slots >= 0
     page, row = slots[keep] // BS, slots[keep] % BS
-    deq = kq.dequantize_pages(pages)[page, row]
+    deq = kvp.dequantize_pages(pages)[page, row]
     bound = pages.scales[page, row, :, 0:1].float() / 2
     assert ((deq - x[keep]).abs() <= bound + 4e-7 * (x[keep].abs() + 1)).all()
     untouched = torch.ones(nb * BS, dtype=torch.bool, device=device)
@@ -82,16 +84,16 @@ def test_token_writes_round_trip_within_half_scale(bits, device):
 def test_block_writes_per_channel_round_trip(bits, device):
     g = torch.Generator().manual_seed(10 + bits)
     nb = 5
-    pages = kq.QuantizedPages.empty(nb, BS, HKV, D, bits, per_channel=True, device=device)
-    ref = kq.QuantizedPages.empty(nb, BS, HKV, D, bits, per_channel=True, device=device)
+    pages = kvp.QuantizedPages.empty(nb, BS, HKV, D, bits, per_channel=True, device=device)
+    ref = kvp.QuantizedPages.empty(nb, BS, HKV, D, bits, per_channel=True, device=device)
     x = _kv_sample((4, BS, HKV, D), g).to(device)
     ids = torch.tensor([3, 0, 4, 1], device=device)
     valid = torch.tensor([BS, 7, 0, 1], dtype=torch.int32, device=device)
-    kq.write_blocks_to_pages(x, ids, valid, pages)
-    kq.write_blocks_to_pages_ref(x, ids, valid, ref)
+    kvp.write_blocks_to_pages(x, ids, valid, pages)
+    kvp.write_blocks_to_pages_ref(x, ids, valid, ref)
     assert torch.equal(pages.scales, ref.scales)
-    deq = kq.dequantize_pages(pages, ids)
-    assert torch.allclose(deq, kq.dequantize_pages_ref(ref, ids), atol=1e-6, rtol=0)
+    deq = kvp.dequantize_pages(pages, ids)
+    assert torch.allclose(deq, kvp.dequantize_pages_ref(ref, ids), atol=1e-6, rtol=0)
     rows = torch.arange(BS, device=device)[None, :] < valid[:, None]
     err = (deq - x).abs()[rows]
     assert (err <= _bound(pages, ids)[rows] + 4e-7 * (x.abs()[rows] + 1)).all()
@@ -114,13 +116,13 @@ def _cache(lens: list[int], bits: int, per_channel: bool, device, seed: int = 0,
     if bits == 16:
         kp, vp = k.to(device), v.to(device)
     else:
-        kp = kq.QuantizedPages.empty(nb, BS, HKV, d, bits, per_channel=per_channel, device=device)
-        vp = kq.QuantizedPages.empty(nb, BS, HKV, d, bits, device=device)
+        kp = kvp.QuantizedPages.empty(nb, BS, HKV, d, bits, per_channel=per_channel, device=device)
+        vp = kvp.QuantizedPages.empty(nb, BS, HKV, d, bits, device=device)
         full = torch.full((nb,), BS, dtype=torch.int32, device=device)
         ids = torch.arange(nb, device=device)
         # The writers have their own tests; the torch reference fills pages faster on CPU.
-        kq.write_blocks_to_pages_ref(k.to(device), ids, full, kp)
-        kq.write_blocks_to_pages_ref(v.to(device), ids, full, vp)
+        kvp.write_blocks_to_pages_ref(k.to(device), ids, full, kp)
+        kvp.write_blocks_to_pages_ref(v.to(device), ids, full, vp)
     return kp, vp, table.to(device), torch.tensor(lens, dtype=torch.int32, device=device), k, v
 
 
@@ -136,8 +138,8 @@ def test_default_splits_come_from_the_table_width(device):
     kp, vp, table, seq_lens, _, _ = _cache(lens, 8, False, device, seed=4)
     wide = torch.cat([table, torch.zeros(len(lens), 40, dtype=table.dtype, device=device)], dim=1)
     q = torch.randn(len(lens), HQ, D, device=device)
-    out = kq.paged_attention_quantized(q, kp, vp, wide, seq_lens)
-    ref, _ = kq.paged_attention_ref(q, kp, vp, table, seq_lens)
+    out = kva.paged_attention_quantized(q, kp, vp, wide, seq_lens)
+    ref, _ = kva.paged_attention_ref(q, kp, vp, table, seq_lens)
     torch.testing.assert_close(out.double(), ref, **TOL)
 
 
@@ -146,8 +148,8 @@ def test_paged_decode_matches_float64_on_dequantized_pages(bits, per_channel, sp
     lens = [37, 53, 5, 16]  # ragged, one exact multiple of the block size
     kp, vp, table, seq_lens, _, _ = _cache(lens, bits, per_channel, device, seed=bits + splits)
     q = torch.randn(len(lens), HQ, D, device=device)
-    out, lse = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits, return_lse=True)
-    ref, ref_lse = kq.paged_attention_ref(q, kp, vp, table, seq_lens)
+    out, lse = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits, return_lse=True)
+    ref, ref_lse = kva.paged_attention_ref(q, kp, vp, table, seq_lens)
     torch.testing.assert_close(out.double(), ref, **TOL)
     torch.testing.assert_close(lse.double(), ref_lse, **TOL)
 
@@ -159,9 +161,9 @@ def test_paged_prefill_chunks_are_causal_over_the_cache(bits, per_channel, devic
     q_lens = [6, 1, 12]  # a chunk after a cached prefix, a decode token, a whole prompt
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
     q = torch.randn(sum(q_lens), HQ, D, device=device)
-    out, lse = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=max(q_lens), num_splits=2,
+    out, lse = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=max(q_lens), num_splits=2,
                                             return_lse=True)
-    ref, ref_lse = kq.paged_attention_ref(q, kp, vp, table, seq_lens, cu)
+    ref, ref_lse = kva.paged_attention_ref(q, kp, vp, table, seq_lens, cu)
     torch.testing.assert_close(out.double(), ref, **TOL)
     torch.testing.assert_close(lse.double(), ref_lse, **TOL)
 
@@ -170,9 +172,9 @@ def test_empty_sequences_give_zeros_and_minus_inf_lse(device):
     kp, vp, table, _, _, _ = _cache([20, 3], 8, False, device)
     seq_lens = torch.tensor([0, 3], dtype=torch.int32, device=device)
     q = torch.randn(2, HQ, D, device=device)
-    out, lse = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=2, return_lse=True)
+    out, lse = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=2, return_lse=True)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isinf(lse[:, 0]).all()
-    ref, _ = kq.paged_attention_ref(q, kp, vp, table, seq_lens)
+    ref, _ = kva.paged_attention_ref(q, kp, vp, table, seq_lens)
     torch.testing.assert_close(out[1].double(), ref[1], **TOL)
 
 
@@ -182,7 +184,7 @@ def test_float_pages_agree_with_engine_paged_kernel(device):
     kp, vp, table, seq_lens, _, _ = _cache(lens, 16, False, device, seed=5)
     q = torch.randn(2, HQ, D, device=device)
     cu = torch.arange(3, dtype=torch.int32, device=device)
-    ours = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=2)
+    ours = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=2)
     theirs = paged.paged_attention(q, kp, vp, table, seq_lens, cu, max_q_len=1, softmax_scale=D**-0.5)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
@@ -195,16 +197,16 @@ def test_per_channel_keys_beat_per_token_on_outlier_channels(bits, max_rel, devi
     _, _, table, seq_lens, k, v = _cache(lens, 16, False, device, seed=7)
     k, v = k.to(device), v.to(device)
     q = torch.randn(2, HQ, D, device=device)
-    exact, _ = kq.paged_attention_ref(q, k, v, table, seq_lens)
+    exact, _ = kva.paged_attention_ref(q, k, v, table, seq_lens)
     ids = torch.arange(k.shape[0], device=device)
     full = torch.full_like(ids, BS, dtype=torch.int32)
     errors = {}
     for per_channel in (False, True):
-        kp = kq.QuantizedPages.empty(k.shape[0], BS, HKV, D, bits, per_channel=per_channel, device=device)
-        vp = kq.QuantizedPages.empty(k.shape[0], BS, HKV, D, bits, device=device)
-        kq.write_blocks_to_pages_ref(k, ids, full, kp)
-        kq.write_blocks_to_pages_ref(v, ids, full, vp)
-        out, _ = kq.paged_attention_ref(q, kp, vp, table, seq_lens)
+        kp = kvp.QuantizedPages.empty(k.shape[0], BS, HKV, D, bits, per_channel=per_channel, device=device)
+        vp = kvp.QuantizedPages.empty(k.shape[0], BS, HKV, D, bits, device=device)
+        kvp.write_blocks_to_pages_ref(k, ids, full, kp)
+        kvp.write_blocks_to_pages_ref(v, ids, full, vp)
+        out, _ = kva.paged_attention_ref(q, kp, vp, table, seq_lens)
         errors[per_channel] = float((out - exact).norm() / exact.norm())
     assert errors[True] < max_rel
     assert errors[True] < 0.5 * errors[False]
@@ -217,10 +219,10 @@ def test_token_attention_mass_matches_reference(bits, device):
     q_lens = [3, 1]
     cu = torch.tensor([0, 3, 4], dtype=torch.int32, device=device)
     q = torch.randn(sum(q_lens), HQ, D, device=device)
-    _, lse = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=3, num_splits=1,
+    _, lse = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=3, num_splits=1,
                                           return_lse=True)
-    mass = kq.paged_token_attention_mass(q, kp, table, seq_lens, lse, cu)
-    ref = kq.paged_token_attention_mass_ref(q, kp, table, seq_lens, cu)
+    mass = kvs.paged_token_attention_mass(q, kp, table, seq_lens, lse, cu)
+    ref = kvs.paged_token_attention_mass_ref(q, kp, table, seq_lens, cu)
     assert mass.shape == (2, HKV, 37)
     torch.testing.assert_close(mass.double(), ref, **TOL)
     # Every query row distributes a probability mass of one over its visible keys.
@@ -229,20 +231,20 @@ def test_token_attention_mass_matches_reference(bits, device):
 
 
 def test_bytes_per_token_and_validation():
-    assert kq.kv_bytes_per_token(8, 64, 16) == 2048
-    assert kq.kv_bytes_per_token(8, 64, 8) == 2 * 8 * 64 + 2 * 8 * 4
-    assert kq.kv_bytes_per_token(8, 64, 4) == 2 * 8 * 32 + 2 * 8 * 4
-    assert kq.kv_bytes_per_token(8, 64, 4, block_size=64, key_per_channel=True) == 2 * 8 * 32 + 8 * 4 + 8 * 64 * 4 / 64
-    p = kq.QuantizedPages.empty(4, BS, HKV, D, 4)
+    assert kvp.kv_bytes_per_token(8, 64, 16) == 2048
+    assert kvp.kv_bytes_per_token(8, 64, 8) == 2 * 8 * 64 + 2 * 8 * 4
+    assert kvp.kv_bytes_per_token(8, 64, 4) == 2 * 8 * 32 + 2 * 8 * 4
+    assert kvp.kv_bytes_per_token(8, 64, 4, block_size=64, key_per_channel=True) == 2 * 8 * 32 + 8 * 4 + 8 * 64 * 4 / 64
+    p = kvp.QuantizedPages.empty(4, BS, HKV, D, 4)
     assert p.data.shape == (4, BS, HKV, D // 2) and p.nbytes == p.data.numel() + p.scales.numel() * 2
     with pytest.raises(ValueError, match="bits"):
-        kq.QuantizedPages.empty(4, BS, HKV, D, 3)
-    k8 = kq.QuantizedPages.empty(4, BS, HKV, D, 8)
+        kvp.QuantizedPages.empty(4, BS, HKV, D, 3)
+    k8 = kvp.QuantizedPages.empty(4, BS, HKV, D, 8)
     with pytest.raises(ValueError, match="different bit widths"):
-        kq.paged_attention_quantized(torch.zeros(1, HQ, D), k8, p, torch.zeros(1, 1, dtype=torch.int32),
+        kva.paged_attention_quantized(torch.zeros(1, HQ, D), k8, p, torch.zeros(1, 1, dtype=torch.int32),
                                      torch.ones(1, dtype=torch.int32))
     with pytest.raises(ValueError, match="per-token"):
-        kq.paged_attention_quantized(torch.zeros(1, HQ, D), k8, kq.QuantizedPages.empty(4, BS, HKV, D, 8,
+        kva.paged_attention_quantized(torch.zeros(1, HQ, D), k8, kvp.QuantizedPages.empty(4, BS, HKV, D, 8,
                                      per_channel=True), torch.zeros(1, 1, dtype=torch.int32),
                                      torch.ones(1, dtype=torch.int32))
 
@@ -272,15 +274,15 @@ def test_fast_decode_matches_float64(bits, d, splits, defer, device, monkeypatch
     lens = [37, 53, 5, 16, 0]  # ragged, a full page, an empty sequence
     kp, vp, table, seq_lens, _, _ = _cache(lens, bits, False, device, seed=20 + bits + d + splits, d=d)
     q = torch.randn(len(lens), HQ, d, device=device).half()
-    assert kq._fast_views(q, kp, vp, bits, False, d) is not None
-    out, lse = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits, return_lse=True,
+    assert kva._fast_views(q, kp, vp, bits, False, d) is not None
+    out, lse = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits, return_lse=True,
                                             out=_fp32_out(q))
-    ref, ref_lse = kq.paged_attention_ref(q, kp, vp, table, seq_lens)
+    ref, ref_lse = kva.paged_attention_ref(q, kp, vp, table, seq_lens)
     torch.testing.assert_close(out.double(), ref, **TOL16)
     torch.testing.assert_close(lse.double(), ref_lse, **LSE_TOL16)
     assert torch.equal(out[-1], torch.zeros_like(out[-1])) and torch.isinf(lse[:, -1]).all()
     # The same call with q's own (fp16) output.
-    out16 = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits)
+    out16 = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits)
     assert out16.dtype == torch.float16
     torch.testing.assert_close(out16.double(), ref, **TOL16)
 
@@ -292,9 +294,9 @@ def test_fast_prefill_chunks_are_causal(bits, d, device):
     q_lens = [6, 1, 12, 0]
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
     q = torch.randn(sum(q_lens), HQ, d, device=device).half()
-    out, lse = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=max(q_lens), num_splits=2,
+    out, lse = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=max(q_lens), num_splits=2,
                                             return_lse=True, out=_fp32_out(q))
-    ref, ref_lse = kq.paged_attention_ref(q, kp, vp, table, seq_lens, cu)
+    ref, ref_lse = kva.paged_attention_ref(q, kp, vp, table, seq_lens, cu)
     torch.testing.assert_close(out.double(), ref, **TOL16)
     torch.testing.assert_close(lse.double(), ref_lse, **LSE_TOL16)
 
@@ -310,9 +312,9 @@ def test_fast_path_exact_for_extreme_query_rows(bits, d, device):
     q[1, 2, : d // 2] *= 1e3  # one row mixing scales
     q = q.half()
     scale = 1e-3
-    out, lse = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, softmax_scale=scale, num_splits=1,
+    out, lse = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, softmax_scale=scale, num_splits=1,
                                             return_lse=True, out=_fp32_out(q))
-    ref, ref_lse = kq.paged_attention_ref(q, kp, vp, table, seq_lens, softmax_scale=scale)
+    ref, ref_lse = kva.paged_attention_ref(q, kp, vp, table, seq_lens, softmax_scale=scale)
     torch.testing.assert_close(out.double(), ref, **TOL16)
     torch.testing.assert_close(lse.double(), ref_lse, **LSE_TOL16)
 
@@ -323,10 +325,10 @@ def test_fast_and_generic_kernels_agree(bits, device, monkeypatch):
     lens = [45, 70]
     kp, vp, table, seq_lens, _, _ = _cache(lens, bits, False, device, seed=50 + bits, d=d)
     q = torch.randn(2, HQ, d, device=device).half()
-    fast = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=2, out=_fp32_out(q))
+    fast = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=2, out=_fp32_out(q))
     monkeypatch.setenv("STREAM_ATTENTION_KV_FAST", "0")
-    assert kq._fast_views(q, kp, vp, bits, False, d) is None
-    generic = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=2, out=_fp32_out(q))
+    assert kva._fast_views(q, kp, vp, bits, False, d) is None
+    generic = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=2, out=_fp32_out(q))
     # Same roundings (fp16 q, fp16 p * s_v, exact codes): equal up to fp32 summation order.
     torch.testing.assert_close(fast, generic, atol=2e-5, rtol=2e-5)
 
@@ -334,13 +336,13 @@ def test_fast_and_generic_kernels_agree(bits, device, monkeypatch):
 def test_fast_path_applies_only_where_it_can(device):
     kp8, vp8, *_ = _cache([20], 8, False, device, d=32)
     q16 = torch.zeros(1, HQ, 32, dtype=torch.float16, device=device)
-    assert kq._fast_views(q16, kp8, vp8, 8, False, 32) is not None
-    assert kq._fast_views(q16.float(), kp8, vp8, 8, False, 32) is None  # fp32 queries: generic kernel
-    assert kq._fast_views(q16.bfloat16(), kp8, vp8, 8, False, 32) is not None
+    assert kva._fast_views(q16, kp8, vp8, 8, False, 32) is not None
+    assert kva._fast_views(q16.float(), kp8, vp8, 8, False, 32) is None  # fp32 queries: generic kernel
+    assert kva._fast_views(q16.bfloat16(), kp8, vp8, 8, False, 32) is not None
     kp4, vp4, *_ = _cache([20], 4, False, device, d=32)
-    assert kq._fast_views(q16, kp4, vp4, 4, False, 32) is None  # int4 V planes of 8 channels: too narrow
+    assert kva._fast_views(q16, kp4, vp4, 4, False, 32) is None  # int4 V planes of 8 channels: too narrow
     kpc, vpc, *_ = _cache([20], 8, True, device, d=32)
-    assert kq._fast_views(q16, kpc, vpc, 8, True, 32) is None  # per-channel (KIVI) keys: generic kernel
+    assert kva._fast_views(q16, kpc, vpc, 8, True, 32) is None  # per-channel (KIVI) keys: generic kernel
 
 
 def test_fast_decode_launch_gets_its_register_cap(device, monkeypatch):
@@ -351,15 +353,15 @@ def test_fast_decode_launch_gets_its_register_cap(device, monkeypatch):
     def record(kernel, tuned, grid, args, meta, launch, device, max_q_len, *, block_n=None):
         seen.append(launch)
 
-    monkeypatch.setattr(kq, "_launch", record)
+    monkeypatch.setattr(kva, "_launch", record)
     kp, vp, table, seq_lens, _, _ = _cache([20, 9], 8, False, device, d=32)
     q = torch.zeros(2, HQ, 32, dtype=torch.float16, device=device)
-    default = dict(zip(("BLOCK_N", "num_warps", "num_stages"), kq.DEFAULT_LAUNCH["decode"], strict=True))
+    default = dict(zip(("BLOCK_N", "num_warps", "num_stages"), kva.DEFAULT_LAUNCH["decode"], strict=True))
     for launch in (default, {**default, "maxnreg": None}, {**default, "BLOCK_N": 64}):
-        kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=1, launch=launch)
+        kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=1, launch=launch)
     cu = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)
-    kq.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=4, num_splits=1, launch=default)
-    cap = kq.FAST_DECODE_MAXNREG.get(kq.DEFAULT_LAUNCH["decode"])
+    kva.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=4, num_splits=1, launch=default)
+    cap = kva.FAST_DECODE_MAXNREG.get(kva.DEFAULT_LAUNCH["decode"])
     assert [s.get("maxnreg") for s in seen] == [cap, None, None, None]
 
 
@@ -397,20 +399,37 @@ def _sub_f16x2(a: int, b: int) -> int:
     return (int(r[0]) & 0xFFFF) | ((int(r[1]) & 0xFFFF) << 16)
 
 
+def _e4m3x2_to_f16x2(x: int) -> int:
+    """``cvt.rn.f16x2.e4m3x2``: the low byte to the low half, the high byte to the high half
+    (torch's own e4m3 decoding; every e4m3 value is an fp16 value)."""
+    e = torch.tensor([x & 0xFF, (x >> 8) & 0xFF], dtype=torch.uint8).view(torch.float8_e4m3fn)
+    h = e.to(torch.float16).view(torch.int16).to(torch.int32)
+    return (int(h[0]) & 0xFFFF) | ((int(h[1]) & 0xFFFF) << 16)
+
+
 def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
     """Execute the straight-line PTX subset the fast kernel's conversions use."""
-    body = asm.replace("{", " ").replace("}", " ")
+    body = asm.replace("{\n", " ").replace("\n\t}", " ").replace("\t}", " ")
+    body = body.strip().removeprefix("{").removesuffix("}")
     for stmt in (s.strip() for s in body.split(";")):
         if not stmt or stmt.startswith(".reg"):
             continue
         op, args = stmt.split(None, 1)
+        if args.startswith("{"):  # vector unpack: mov.b32 {lo, hi}, src
+            dst, src = args[1:].split("}")
+            lo, hi = (a.strip() for a in dst.split(","))
+            word = regs[src.strip(" ,")]
+            regs[lo], regs[hi] = word & 0xFFFF, word >> 16
+            continue
         names = [a.strip() for a in args.split(",")]
 
         def val(tok: str) -> int:
             return int(tok, 16) if tok.startswith("0x") else (int(tok) if tok.isdigit() else regs[tok])
 
         x = [val(t) for t in names[1:]]
-        if op == "mov.b32":
+        if op == "cvt.rn.f16x2.e4m3x2":
+            r = _e4m3x2_to_f16x2(x[0])
+        elif op == "mov.b32":
             r = x[0]
         elif op == "prmt.b32":
             r = _prmt(x[0], x[1], x[2])
@@ -428,12 +447,31 @@ def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
     return regs
 
 
-@pytest.mark.parametrize("name", ["_ASM_K8", "_ASM_K4", "_ASM_V8", "_ASM_V4"])
+def _e4m3_values(codes: list[int]) -> list[float]:
+    return torch.tensor(codes, dtype=torch.uint8).view(torch.float8_e4m3fn).float().tolist()
+
+
+@pytest.mark.parametrize("name", ["_ASM_K8", "_ASM_K4", "_ASM_V8", "_ASM_V4", "_ASM_K_FP8", "_ASM_V_FP8"])
 def test_inline_asm_conversions_match_portable_ops(name):
-    asm = getattr(kq, name).value
+    asm = getattr(kva, name).value
     g = torch.Generator().manual_seed(0)
+    # e4m3 codes 0x7F / 0xFF are NaN, which pages never hold (writes saturate at 448).
+    finite = [c for c in range(256) if c & 0x7F != 0x7F]
     for _ in range(64):
-        if name.startswith("_ASM_K"):
+        if name == "_ASM_K_FP8":
+            elems = [finite[i] for i in torch.randint(0, len(finite), (4,), generator=g).tolist()]
+            regs = _run_ptx(asm, {"$2": sum(e << (8 * i) for i, e in enumerate(elems))})
+            got = [*_f16x2(regs["$0"]), *_f16x2(regs["$1"])]
+            want = _e4m3_values(elems)
+        elif name == "_ASM_V_FP8":
+            # pack=2 16-bit units (two e4m3 codes of one key) -> planes of bytes 0 and 1.
+            units = [[finite[i] for i in torch.randint(0, len(finite), (2,), generator=g).tolist()] for _ in range(2)]
+            packed = units[0][0] | (units[0][1] << 8) | (units[1][0] << 16) | (units[1][1] << 24)
+            regs = _run_ptx(asm, {"$2": packed})
+            got = [list(_f16x2(regs["$0"])), list(_f16x2(regs["$1"]))]
+            want = [_e4m3_values([units[0][j], units[1][j]]) for j in range(2)]
+            elems = units
+        elif name.startswith("_ASM_K"):
             # pack=4 uint8 codes -> per output 2 registers of fp16 pairs.
             elems = torch.randint(0, 256, (4,), generator=g).tolist()
             n_out = 1 if name == "_ASM_K8" else 2
@@ -489,40 +527,40 @@ def test_fast_decode_gpu(bits, dtype, asm, monkeypatch):
     hq, hkv, d, bs = 32, 8, 128, 16
     lens = [4096, 1000, 3, 2049, 0, 17]
     table, nb = _scattered_table(lens, bs, g)
-    kp = kq.QuantizedPages.empty(nb, bs, hkv, d, bits, device=dev)
-    vp = kq.QuantizedPages.empty(nb, bs, hkv, d, bits, device=dev)
+    kp = kvp.QuantizedPages.empty(nb, bs, hkv, d, bits, device=dev)
+    vp = kvp.QuantizedPages.empty(nb, bs, hkv, d, bits, device=dev)
     full = torch.full((nb,), bs, dtype=torch.int32, device=dev)
     ids = torch.arange(nb, device=dev)
     k = torch.randn(nb, bs, hkv, d, generator=g) * 2 + torch.randn(d, generator=g)
-    kq.write_blocks_to_pages(k.to(dev, dtype), ids, full, kp)
-    kq.write_blocks_to_pages(torch.randn(nb, bs, hkv, d, generator=g).to(dev, dtype), ids, full, vp)
+    kvp.write_blocks_to_pages(k.to(dev, dtype), ids, full, kp)
+    kvp.write_blocks_to_pages(torch.randn(nb, bs, hkv, d, generator=g).to(dev, dtype), ids, full, vp)
     table, seq_lens = table.to(dev), torch.tensor(lens, dtype=torch.int32, device=dev)
     q = torch.randn(len(lens), hq, d, generator=g).to(dev, dtype)
-    assert kq._fast_views(q, kp, vp, bits, False, d) is not None
-    ref, ref_lse = kq.paged_attention_ref(q, kp, vp, table, seq_lens)
+    assert kva._fast_views(q, kp, vp, bits, False, d) is not None
+    ref, ref_lse = kva.paged_attention_ref(q, kp, vp, table, seq_lens)
     for splits in (None, 1):
-        out, lse = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits, return_lse=True,
+        out, lse = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits, return_lse=True,
                                                 out=_fp32_out(q))
         torch.testing.assert_close(out.double(), ref, atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-4)
-        out16 = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits)
+        out16 = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits)
         tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
         torch.testing.assert_close(out16.double(), ref, atol=tol, rtol=tol)
     # Other schedules (benchmarks/bench_kv_quant.py checks its whole sweep the same way).
     for launch in ({"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 256, "num_warps": 8, "num_stages": 2}):
-        out = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, launch=launch, out=_fp32_out(q))
+        out = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, launch=launch, out=_fp32_out(q))
         torch.testing.assert_close(out.double(), ref, atol=1e-3, rtol=1e-3)
     cu = torch.tensor([0, 5, 6, 9, 9, 10, 14], dtype=torch.int32, device=dev)
     q2 = torch.randn(14, hq, d, generator=g).to(dev, dtype)
-    out = kq.paged_attention_quantized(q2, kp, vp, table, seq_lens, cu, max_q_len=5, num_splits=2,
+    out = kva.paged_attention_quantized(q2, kp, vp, table, seq_lens, cu, max_q_len=5, num_splits=2,
                                        out=_fp32_out(q2))
-    ref, _ = kq.paged_attention_ref(q2, kp, vp, table, seq_lens, cu)
+    ref, _ = kva.paged_attention_ref(q2, kp, vp, table, seq_lens, cu)
     # Prefill steps take the generic kernel on GPUs (see paged_attention_quantized), whose
     # dots run in the query dtype: bf16 queries get bf16 tolerances.
     ptol = 2e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(out.double(), ref, atol=ptol, rtol=ptol)
     monkeypatch.setenv("STREAM_ATTENTION_KV_FAST", "0")
-    generic = kq.paged_attention_quantized(q2, kp, vp, table, seq_lens, cu, max_q_len=5, num_splits=2,
+    generic = kva.paged_attention_quantized(q2, kp, vp, table, seq_lens, cu, max_q_len=5, num_splits=2,
                                            out=_fp32_out(q2))
     torch.testing.assert_close(out, generic, atol=2e-2, rtol=2e-2)
 
@@ -535,20 +573,20 @@ def test_quantized_decode_bf16_gpu(bits, per_channel):
     hq, hkv, d, bs = 32, 8, 128, 16
     lens = [4096, 1000, 3, 2049]
     table, nb = _scattered_table(lens, bs, g)
-    kp = kq.QuantizedPages.empty(nb, bs, hkv, d, bits, per_channel=per_channel, device=dev)
-    vp = kq.QuantizedPages.empty(nb, bs, hkv, d, bits, device=dev)
+    kp = kvp.QuantizedPages.empty(nb, bs, hkv, d, bits, per_channel=per_channel, device=dev)
+    vp = kvp.QuantizedPages.empty(nb, bs, hkv, d, bits, device=dev)
     full = torch.full((nb,), bs, dtype=torch.int32, device=dev)
     ids = torch.arange(nb, device=dev)
-    kq.write_blocks_to_pages(torch.randn(nb, bs, hkv, d, generator=g).to(dev, torch.bfloat16), ids, full, kp)
-    kq.write_blocks_to_pages(torch.randn(nb, bs, hkv, d, generator=g).to(dev, torch.bfloat16), ids, full, vp)
+    kvp.write_blocks_to_pages(torch.randn(nb, bs, hkv, d, generator=g).to(dev, torch.bfloat16), ids, full, kp)
+    kvp.write_blocks_to_pages(torch.randn(nb, bs, hkv, d, generator=g).to(dev, torch.bfloat16), ids, full, vp)
     q = torch.randn(len(lens), hq, d, generator=g).to(dev, torch.bfloat16)
     table, seq_lens = table.to(dev), torch.tensor(lens, dtype=torch.int32, device=dev)
-    ref, _ = kq.paged_attention_ref(q, kp, vp, table, seq_lens)
+    ref, _ = kva.paged_attention_ref(q, kp, vp, table, seq_lens)
     for splits in (None, 1):
-        out = kq.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits)
+        out = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits)
         torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
     cu = torch.tensor([0, 5, 6, 9, 10], dtype=torch.int32, device=dev)
     q2 = torch.randn(10, hq, d, generator=g).to(dev, torch.bfloat16)
-    out = kq.paged_attention_quantized(q2, kp, vp, table, seq_lens, cu, max_q_len=5, num_splits=1)
-    ref, _ = kq.paged_attention_ref(q2, kp, vp, table, seq_lens, cu)
+    out = kva.paged_attention_quantized(q2, kp, vp, table, seq_lens, cu, max_q_len=5, num_splits=1)
+    ref, _ = kva.paged_attention_ref(q2, kp, vp, table, seq_lens, cu)
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)

@@ -6,7 +6,7 @@ position ``p = kv_len - q_len + i`` and attends to key ``j`` iff ``p - window_le
 scores are ``softcap * tanh(scale * q.k / softcap)`` before the softmax. Keys are gathered
 token by token from the pages. Every kernel path is checked: the pointer kernel (prefill
 chunks and decode, split-K), the TMA decode kernel (fp16 under the interpreter, bf16 on
-GPUs), int8/int4 pages and float pages through :mod:`kv_quant`, and the torch fallback.
+GPUs), int8/int4 pages and float pages through :mod:`kv_attention`, and the torch fallback.
 Pages wholly outside the window are filled with NaN, so a kernel that reads them fails.
 """
 
@@ -17,7 +17,8 @@ import math
 import pytest
 import torch
 
-from stream_attention.kernels import kv_quant as kq
+from stream_attention.kernels import kv_attention as kva
+from stream_attention.kernels import kv_pages as kvp
 from stream_attention.kernels.paged_attention import paged_attention, paged_attention_torch
 from stream_attention.kernels.paged_decode_tma import paged_decode_tma, tma_decode_supported
 from tests.test_paged_attention import _make_case
@@ -131,23 +132,23 @@ def test_kv_quant_window_softcap(case, bits, device):
         k_dense, v_dense = kp, vp
     else:
         nb = kp.shape[0]
-        k_pages = kq.QuantizedPages.empty(nb, page, hkv, d, bits, device=device)
-        v_pages = kq.QuantizedPages.empty(nb, page, hkv, d, bits, device=device)
-        kq.write_blocks_to_pages(kp, torch.arange(nb, device=device), torch.full((nb,), page, device=device),
+        k_pages = kvp.QuantizedPages.empty(nb, page, hkv, d, bits, device=device)
+        v_pages = kvp.QuantizedPages.empty(nb, page, hkv, d, bits, device=device)
+        kvp.write_blocks_to_pages(kp, torch.arange(nb, device=device), torch.full((nb,), page, device=device),
                                  k_pages)
-        kq.write_blocks_to_pages(vp, torch.arange(nb, device=device), torch.full((nb,), page, device=device),
+        kvp.write_blocks_to_pages(vp, torch.arange(nb, device=device), torch.full((nb,), page, device=device),
                                  v_pages)
-        k_dense = kq.dequantize_pages_ref(k_pages)
-        v_dense = kq.dequantize_pages_ref(v_pages)
+        k_dense = kvp.dequantize_pages_ref(k_pages)
+        v_dense = kvp.dequantize_pages_ref(v_pages)
     scale = 1.0 / math.sqrt(d)
     ref = _reference(q, k_dense, v_dense, table, seq_lens, cu, scale=scale, window_left=window, softcap=cap)
-    # kv_quant's own torch reference (the engine's fallback for these pages) agrees.
-    ref_out, _ = kq.paged_attention_ref(q, k_pages, v_pages, table, seq_lens, cu, softmax_scale=scale,
+    # kv_attention's own torch reference (the engine's fallback for these pages) agrees.
+    ref_out, _ = kva.paged_attention_ref(q, k_pages, v_pages, table, seq_lens, cu, softmax_scale=scale,
                                         window_left=window, softcap=cap)
     torch.testing.assert_close(ref_out, ref, atol=1e-9, rtol=1e-9)
     if bits == 16:
         _poison_outside_windows(kp, vp, table, seq_lens, cu, window, whole_pages=False)
-    out = kq.paged_attention_quantized(q, k_pages, v_pages, table, seq_lens, cu, max_q_len=max(q_lens),
+    out = kva.paged_attention_quantized(q, k_pages, v_pages, table, seq_lens, cu, max_q_len=max(q_lens),
                                        softmax_scale=scale, num_splits=splits, window_left=window, softcap=cap)
     # fp16 queries and fp16 products of the dequantized values (fp32 accumulation).
     torch.testing.assert_close(out.double().cpu(), ref, atol=4e-3, rtol=4e-3)
@@ -171,7 +172,7 @@ def test_bad_softcap_is_refused(device):
     with pytest.raises(ValueError, match="softcap"):
         paged_attention(q, kp, vp, table, seq_lens, cu, max_q_len=1, softmax_scale=1.0, softcap=-1.0)
     with pytest.raises(ValueError, match="causal"):
-        kq.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=1, window_left=3, causal=False)
+        kva.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=1, window_left=3, causal=False)
 
 
 @pytest.mark.gpu

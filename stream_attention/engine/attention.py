@@ -46,8 +46,8 @@ class AttentionContext:
     """Per-step metadata shared by all layers of one forward pass.
 
     ``kv_caches[layer] = (k_pages, v_pages)``, each ``[num_blocks, block_size, Hkv, D]`` (float
-    tensors, or :class:`~stream_attention.kernels.kv_quant.QuantizedPages` /
-    :class:`~stream_attention.kernels.kv_fp8.Fp8Pages` of that geometry).
+    tensors, or :class:`~stream_attention.kernels.kv_pages.QuantizedPages` /
+    :class:`~stream_attention.kernels.kv_pages.Fp8Pages` of that geometry).
     ``slot_mapping`` (int64 ``[T]``) is where each new token's K/V goes; ``seq_lens`` (int32
     ``[B]``) counts each sequence's keys including this step's tokens; ``cu_seqlens_q``
     (int32 ``[B+1]``) delimits the packed queries.

@@ -5,8 +5,8 @@ Two independent mechanisms, combinable (``policy="hybrid"``):
 * **Compressed pages** (``kv_cache_dtype`` ``fp8`` / ``int8`` / ``int4``). ``fp8``
   (alias ``fp8_e4m3``, as vLLM's ``--kv-cache-dtype fp8``) stores e4m3 values in the
   bf16 page layout at half the bytes, with one power-of-two scale per layer and KV head
-  calibrated from the first prompt (:mod:`stream_attention.kernels.kv_fp8` says why).
-  ``int8``/``int4`` pools are :class:`~stream_attention.kernels.kv_quant.QuantizedPages`
+  calibrated from the first prompt (:mod:`stream_attention.kernels.kv_pages` says why).
+  ``int8``/``int4`` pools are :class:`~stream_attention.kernels.kv_pages.QuantizedPages`
   (uint8 codes + fp16 scale/zero per token and KV head). New tokens are quantized as they
   are written (:func:`write_kv`); attention reads the stored values and converts them in
   registers (:func:`compressed_attention_step`), so a page never exists in 16-bit form.
@@ -22,7 +22,7 @@ Two independent mechanisms, combinable (``policy="hybrid"``):
   full blocks outside the sinks and the recent window are released back to the pool
   through ``BlockManager.drop_blocks`` (which compacts the block table; RoPE positions
   stay logical). Heavy-hitter scores are the attention probability mass each block
-  received, measured by :func:`~stream_attention.kernels.kv_quant.paged_token_attention_mass`
+  received, measured by :func:`~stream_attention.kernels.kv_scoring.paged_token_attention_mass`
   on scoring steps (every prefill step, for the last ``observation_window`` queries of
   each sequence as SnapKV does, and every ``score_interval``-th decode step), averaged
   over the steps that observed the block. ``snapkv`` (Li et al. 2024) scores a prompt
@@ -45,29 +45,32 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..kernels.kv_fp8 import DEFAULT_LAUNCH as FP8_LAUNCH
-from ..kernels.kv_fp8 import (
-    Fp8Pages,
-    dequantize_fp8_pages,
+from ..kernels.kv_attention import (
+    DEFAULT_LAUNCH,
+    decode_launch,
     paged_attention_fp8,
     paged_attention_fp8_ref,
-    paged_token_attention_mass_fp8,
-    write_tokens_fp8,
-    write_tokens_fp8_ref,
-)
-from ..kernels.kv_quant import (
-    DEFAULT_LAUNCH,
-    QuantizedPages,
-    decode_launch,
-    kv_bytes_per_token,
     paged_attention_quantized,
     paged_attention_ref,
-    paged_token_attention_mass,
-    paged_token_attention_mass_ref,
+)
+from ..kernels.kv_attention import DEFAULT_LAUNCH as FP8_LAUNCH
+from ..kernels.kv_pages import (
+    Fp8Pages,
+    QuantizedPages,
+    dequantize_fp8_pages,
+    kv_bytes_per_token,
+    write_tokens_fp8,
+    write_tokens_fp8_ref,
     write_tokens_to_pages,
     write_tokens_to_pages_ref,
 )
+from ..kernels.kv_scoring import (
+    paged_token_attention_mass,
+    paged_token_attention_mass_fp8,
+    paged_token_attention_mass_ref,
+)
 from ..kernels.runtime import triton_runs_on
+from ..utils.kv_compression import keep_top_k
 
 __all__ = [
     "KV_CACHE_DTYPES",
@@ -563,15 +566,29 @@ class EvictionPolicy:
         return list(range(first, min(last, num_slots // bs)))
 
     def select(self, num_tokens: int, num_slots: int, scores: np.ndarray | None = None) -> list[int]:
-        """Block indices (into the compacted table) to drop, so ``num_slots`` fits the budget."""
+        """Block indices (into the compacted table) to drop, so ``num_slots`` fits the budget.
+
+        The blocks outside :meth:`candidates` (sinks, the window, a partial last block)
+        are kept; of the candidates, the lowest-ranked go (:meth:`_rank`), through the
+        selection the dense compressors use (:func:`~stream_attention.utils.kv_compression.keep_top_k`).
+        """
         excess = num_slots - self.budget(num_tokens)
         if excess <= 0:
             return []
         need = math.ceil(excess / self.block_size)
-        return sorted(self._order(self.candidates(num_slots), scores)[:need])
+        bs = self.block_size
+        n_blocks = math.ceil(num_slots / bs)
+        candidates = self.candidates(num_slots)
+        sink = min(math.ceil(self.sink_tokens / bs), n_blocks)
+        recent = n_blocks - (candidates[-1] + 1 if candidates else sink)
+        keep = max(n_blocks - need, n_blocks - len(candidates))
+        kept = keep_top_k(torch.as_tensor(self._rank(n_blocks, scores), dtype=torch.float64), keep,
+                          sink=sink, recent=recent)
+        return sorted(set(range(n_blocks)) - set(kept.tolist()))
 
-    def _order(self, candidates: list[int], scores: np.ndarray | None) -> list[int]:
-        return candidates
+    def _rank(self, n_blocks: int, scores: np.ndarray | None) -> np.ndarray:
+        """A score per block, higher = kept longer: recency (the oldest go first)."""
+        return np.arange(n_blocks, dtype=np.float64)
 
 
 class StreamingLLMPolicy(EvictionPolicy):
@@ -585,11 +602,11 @@ class HeavyHitterPolicy(EvictionPolicy):
 
     name = "heavy-hitter"
 
-    def _order(self, candidates: list[int], scores: np.ndarray | None) -> list[int]:
+    def _rank(self, n_blocks: int, scores: np.ndarray | None) -> np.ndarray:
+        """The blocks' attention mass (among equal scores the older block goes first)."""
         if scores is None:
-            return candidates
-        # Stable sort: among equal scores the older block goes first.
-        return sorted(candidates, key=lambda i: scores[i])
+            return super()._rank(n_blocks, scores)
+        return np.asarray(scores, dtype=np.float64)[:n_blocks]
 
 
 class SnapKVPolicy(HeavyHitterPolicy):

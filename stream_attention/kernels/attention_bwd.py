@@ -215,6 +215,58 @@ def _dkdv_q_tiles(
     return dk, dv
 
 
+@triton.jit
+def _row_base(row0, stride_b, stride_t, IS_VARLEN: tl.constexpr):
+    """Offset of a sequence's first row in a tensor: its first packed token (varlen) or its
+    batch index (dense), as returned by :func:`_bwd_prologue`."""
+    if IS_VARLEN:
+        return row0 * stride_t
+    else:
+        return row0 * stride_b
+
+
+@triton.jit
+def _bwd_prologue(
+    b,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    seqlen_q,
+    seqlen_k,
+    stride_qb,
+    stride_qt,
+    stride_dob,
+    stride_dot,
+    stride_lb,
+    stride_lt,
+    stride_deb,
+    stride_det,
+    stride_kb,
+    stride_kt,
+    stride_vb,
+    stride_vt,
+    IS_VARLEN: tl.constexpr,
+):
+    """Where sequence ``b`` lives, shared by both backward kernels: its lengths (varlen:
+    from ``cu_seqlens``; dense: the arguments), the int64 row index of its first query and
+    key (``q_row0``, ``k_row0``: for :func:`_row_base` of the output tensors), and the
+    offsets of its rows in Q, dO, LSE, Delta, K and V."""
+    if IS_VARLEN:
+        q_row0 = tl.load(cu_seqlens_q + b).to(tl.int64)
+        seqlen_q = (tl.load(cu_seqlens_q + b + 1) - q_row0).to(tl.int32)
+        k_row0 = tl.load(cu_seqlens_k + b).to(tl.int64)
+        seqlen_k = (tl.load(cu_seqlens_k + b + 1) - k_row0).to(tl.int32)
+    else:
+        q_row0 = b.to(tl.int64)
+        k_row0 = q_row0
+    q_base = _row_base(q_row0, stride_qb, stride_qt, IS_VARLEN)
+    do_base = _row_base(q_row0, stride_dob, stride_dot, IS_VARLEN)
+    l_base = _row_base(q_row0, stride_lb, stride_lt, IS_VARLEN)
+    de_base = _row_base(q_row0, stride_deb, stride_det, IS_VARLEN)
+    k_base = _row_base(k_row0, stride_kb, stride_kt, IS_VARLEN)
+    v_base = _row_base(k_row0, stride_vb, stride_vt, IS_VARLEN)
+    return seqlen_q, seqlen_k, q_row0, k_row0, q_base, do_base, l_base, de_base, k_base, v_base
+
+
 @triton.jit(do_not_specialize=["philox_seed", "philox_offset"])
 def _bwd_dkdv_kernel(
     Q,
@@ -297,29 +349,12 @@ def _bwd_dkdv_kernel(
     kv_h = batch_head % num_heads_kv
     philox_row_stride = seqlen_k
 
-    if IS_VARLEN:
-        q_start = tl.load(cu_seqlens_q + b).to(tl.int64)
-        seqlen_q = (tl.load(cu_seqlens_q + b + 1) - q_start).to(tl.int32)
-        k_start = tl.load(cu_seqlens_k + b).to(tl.int64)
-        seqlen_k = (tl.load(cu_seqlens_k + b + 1) - k_start).to(tl.int32)
-        q_base = q_start * stride_qt
-        do_base = q_start * stride_dot
-        l_base = q_start * stride_lt
-        de_base = q_start * stride_det
-        k_base = k_start * stride_kt
-        v_base = k_start * stride_vt
-        dk_base = k_start * stride_dkt
-        dv_base = k_start * stride_dvt
-    else:
-        bb = b.to(tl.int64)
-        q_base = bb * stride_qb
-        do_base = bb * stride_dob
-        l_base = bb * stride_lb
-        de_base = bb * stride_deb
-        k_base = bb * stride_kb
-        v_base = bb * stride_vb
-        dk_base = bb * stride_dkb
-        dv_base = bb * stride_dvb
+    seqlen_q, seqlen_k, q_row0, k_row0, q_base, do_base, l_base, de_base, k_base, v_base = _bwd_prologue(
+        b, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, stride_qb, stride_qt, stride_dob, stride_dot,
+        stride_lb, stride_lt, stride_deb, stride_det, stride_kb, stride_kt, stride_vb, stride_vt, IS_VARLEN,
+    )
+    dk_base = _row_base(k_row0, stride_dkb, stride_dkt, IS_VARLEN)
+    dv_base = _row_base(k_row0, stride_dvb, stride_dvt, IS_VARLEN)
 
     n0 = start_n * BLOCK_N
     if n0 >= seqlen_k:
@@ -704,27 +739,11 @@ def _bwd_dq_kernel(
     kv_h = h // group_size
     philox_row_stride = seqlen_k
 
-    if IS_VARLEN:
-        q_start = tl.load(cu_seqlens_q + b).to(tl.int64)
-        seqlen_q = (tl.load(cu_seqlens_q + b + 1) - q_start).to(tl.int32)
-        k_start = tl.load(cu_seqlens_k + b).to(tl.int64)
-        seqlen_k = (tl.load(cu_seqlens_k + b + 1) - k_start).to(tl.int32)
-        q_base = q_start * stride_qt
-        do_base = q_start * stride_dot
-        l_base = q_start * stride_lt
-        de_base = q_start * stride_det
-        dq_base = q_start * stride_dqt
-        k_base = k_start * stride_kt
-        v_base = k_start * stride_vt
-    else:
-        bb = b.to(tl.int64)
-        q_base = bb * stride_qb
-        do_base = bb * stride_dob
-        l_base = bb * stride_lb
-        de_base = bb * stride_deb
-        dq_base = bb * stride_dqb
-        k_base = bb * stride_kb
-        v_base = bb * stride_vb
+    seqlen_q, seqlen_k, q_row0, k_row0, q_base, do_base, l_base, de_base, k_base, v_base = _bwd_prologue(
+        b, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, stride_qb, stride_qt, stride_dob, stride_dot,
+        stride_lb, stride_lt, stride_deb, stride_det, stride_kb, stride_kt, stride_vb, stride_vt, IS_VARLEN,
+    )
+    dq_base = _row_base(q_row0, stride_dqb, stride_dqt, IS_VARLEN)
 
     m0 = start_m * BLOCK_M
     if m0 >= seqlen_q:

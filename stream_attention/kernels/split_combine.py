@@ -2,7 +2,10 @@
 
 Each of ``num_splits`` programs of a (sequence, KV head) wrote its output normalised over
 its own keys and the base-2 log-sum-exp of its scaled scores; one program per (token,
-query head) re-weights them by ``exp2(lse - max)`` and stores the merged row.
+query head) re-weights them by ``exp2(lse - max)`` and stores the merged row (and, when
+asked, the merged natural-log LSE). Every paged kernel family shares it: float pages
+(:mod:`.paged_attention`, :mod:`.paged_decode_tma`) and every page format of
+:mod:`.kv_attention`.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import triton.language as tl
 
 @triton.jit
 def _combine_splits_kernel(
-    PartOut, PartLse, Out,
+    PartOut, PartLse, Out, Lse,
     stride_ps, stride_pt, stride_ph, stride_pd,
     stride_ls, stride_lt, stride_lh,
     stride_ot, stride_oh, stride_od,
+    stride_lse_h, stride_lse_t,
     num_heads, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = (pid // num_heads).to(tl.int64)
@@ -35,12 +39,16 @@ def _combine_splits_kernel(
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lse - m)
     denom = tl.sum(w, 0)
+    denom_safe = tl.where(denom == 0.0, 1.0, denom)  # rows no split saw a key of
     parts = tl.load(
         PartOut + offs_s[:, None] * stride_ps + t * stride_pt + h * stride_ph + offs_d[None, :] * stride_pd,
         mask=s_ok[:, None] & d_ok[None, :], other=0.0,
     )
-    out = tl.sum(parts * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    out = tl.sum(parts * w[:, None], 0) / denom_safe
     tl.store(Out + t * stride_ot + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
+    if STORE_LSE:
+        lse_all = tl.where(denom == 0.0, float("-inf"), (m + tl.math.log2(denom_safe)) * 0.6931471805599453)
+        tl.store(Lse + h * stride_lse_h + t * stride_lse_t, lse_all)
 
 
 def partial_buffers(out: torch.Tensor, num_splits: int):
@@ -54,13 +62,18 @@ def partial_buffers(out: torch.Tensor, num_splits: int):
     return out, out.new_empty((1, 1, 1), dtype=torch.float32), (0, 0, 0, 0), (0, 0, 0)
 
 
-def combine_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, num_splits: int) -> None:
-    """Merge the ``num_splits`` partials of :func:`partial_buffers` into ``out``."""
+def combine_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, num_splits: int, *,
+                   lse: torch.Tensor | None = None) -> None:
+    """Merge the ``num_splits`` partials of :func:`partial_buffers` into ``out``; with
+    ``lse`` (fp32 ``[Hq, total_q]``) also store each row's merged natural-log LSE there
+    (``-inf`` where no split saw a key)."""
     total_q, hq, head_dim = out.shape
     ctx = torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext()
     with ctx:
         _combine_splits_kernel[(total_q * hq,)](
-            part_out, part_lse, out, *part_out.stride(), *part_lse.stride(), *out.stride(), hq, num_splits,
+            part_out, part_lse, out, lse if lse is not None else part_lse,
+            *part_out.stride(), *part_lse.stride(), *out.stride(),
+            *(lse.stride() if lse is not None else (0, 0)), hq, num_splits,
             HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), STORE_LSE=lse is not None,
         )

@@ -63,6 +63,7 @@ __all__ = [
     "create_kv_compressor",
     "available_kv_compressors",
     "token_importance",
+    "keep_top_k",
     "select_tokens",
     "select_chunks",
     "attention_error",
@@ -220,19 +221,36 @@ def _mandatory(t: int, budget: int, sink_tokens: int, recent_tokens: int, device
     return keep
 
 
+def keep_top_k(scores: torch.Tensor, budget: int, *, sink: int, recent: int) -> torch.Tensor:
+    """Positions to keep along the last dim of ``scores [..., T]``: ``[..., budget]``, ascending.
+
+    The first ``sink`` and the last ``recent`` positions are kept first (the window
+    shrinks, then the sinks, when the budget cannot hold both); the rest of the budget
+    goes to the highest scores, a tie to the newer position. This is the one selection
+    rule of every eviction policy: the dense compressors rank tokens per head
+    (:func:`select_tokens`), the engine's paged policies rank whole blocks by their
+    attention mass, or by recency for StreamingLLM.
+    """
+    t = scores.shape[-1]
+    budget = max(0, min(int(budget), t))
+    mandatory = _mandatory(t, budget, sink, recent, scores.device).expand(scores.shape)
+    # Stable sorts, least significant key first: position (newest first), score, mandatory.
+    order = torch.arange(t - 1, -1, -1, device=scores.device).expand(scores.shape)
+    order = order.gather(-1, scores.float().gather(-1, order).sort(dim=-1, descending=True, stable=True).indices)
+    order = order.gather(-1, mandatory.gather(-1, order).to(torch.uint8).sort(dim=-1, descending=True,
+                                                                                 stable=True).indices)
+    return order[..., :budget].sort(dim=-1).values
+
+
 def select_tokens(scores: torch.Tensor, budget: int, *, sink_tokens: int = 4, recent_tokens: int = 32) -> torch.Tensor:
     """Positions to keep per head, ``[B, budget, H]`` sorted ascending.
 
     Sinks and the recent window are always kept (the window shrinks, then the sinks, if
     the budget cannot hold both); the rest of the budget goes to the highest ``scores
-    [B, T, H]`` among the other positions.
+    [B, T, H]`` among the other positions (:func:`keep_top_k` per head).
     """
-    b, t, h = scores.shape
-    budget = max(0, min(int(budget), t))
-    keep = _mandatory(t, budget, sink_tokens, recent_tokens, scores.device)
-    ranked = scores.float().masked_fill(keep[None, :, None], float("inf"))
-    idx = ranked.topk(budget, dim=1).indices
-    return idx.sort(dim=1).values
+    idx = keep_top_k(scores.transpose(1, 2), budget, sink=sink_tokens, recent=recent_tokens)
+    return idx.transpose(1, 2).contiguous()
 
 
 def select_chunks(

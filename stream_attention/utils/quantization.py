@@ -2,7 +2,7 @@
 
 These are the reference semantics shared by the offline compressors
 (:mod:`stream_attention.utils.memory`) and the Triton page kernels
-(:mod:`stream_attention.kernels.kv_quant`), which must produce the same codes.
+(:mod:`stream_attention.kernels.kv_pages`), which must produce the same codes.
 
 A group of values with minimum ``mn`` and maximum ``mx`` is stored as unsigned codes
 ``c = clamp(floor((x - zero) / scale + 1/2), 0, qmax)`` with ``qmax = 2**bits - 1`` and

@@ -1,49 +1,36 @@
-"""Quantized paged KV cache: int8 / int4 pages, and attention that reads them directly.
+"""Attention over KV pages of any format (float, fp8, int8, int4), read in place.
 
-Page layout (one tensor per layer for K and one for V, any strides)::
+Same calling convention as :func:`stream_attention.kernels.paged_attention.paged_attention`
+(packed queries, int32 block tables, bottom-right causal; see :mod:`.kv_pages` for the
+page layouts). The attention kernel never materialises a dequantized page: scales fold
+into the dot products,
 
-    data    uint8 [num_blocks, block_size, Hkv, D * bits / 8]
-    scales  fp16  [num_blocks, block_size, Hkv, 2]     per token: (scale, zero) over the D channels
-            fp16  [num_blocks, Hkv, 2, D]              per channel (KIVI keys): over the block's tokens
-
-Codes are asymmetric and unsigned, ``x_hat = code * scale + zero``; int4 packs channel
-``j`` in the low nibble and ``j + D/2`` in the high nibble of byte ``j`` (see
-:mod:`stream_attention.utils.quantization`, whose torch functions are the reference
-semantics every kernel here reproduces). Sequences address pages through an int32 block
-table ``[B, max_blocks]``: logical token ``t`` lives in page ``block_table[b, t // block_size]``
-at row ``t % block_size``. Writes use vLLM-style ``slot_mapping`` (``slot = page * block_size
-+ row``, negative slots are skipped).
-
-The attention kernel never materialises a dequantized page. Because scales are per token
-(or per page and channel), the dequantization folds into the dot products:
-
-    q . (c * s + z)          = s * (q . c) + z * sum(q)           per-token keys
+    q . (c * s + z)          = s * (q . c) + z * sum(q)           int8/int4 per-token keys
     q . (c * s_d + z_d)      = (q * s_d) . c + q . z_d            per-channel keys (one page per tile)
-    sum_j p_j (c_j s_j + z_j) = (p * s) @ c + (p . z)             per-token values
+    sum_j p_j (c_j s_j + z_j) = (p * s) @ c + (p . z)             int8/int4 per-token values
+    q . (e * s_h), p @ (e * s_h)                                  fp8: one scale per KV head, folded
+                                                                  into the softmax scale / the output
 
-so the inner loop multiplies raw codes (exact in bf16/fp16: at most 255) on the tensor
-cores and applies scales to the small score/probability tiles. Decode is memory-bound;
-int8 pages move about half the bytes of bf16 pages and int4 about a quarter. Long
-contexts are split across programs (flash-decoding) and merged by a second kernel
-through their log-sum-exps.
+so the inner loop multiplies raw codes on the tensor cores and applies scales to the
+small score/probability tiles. Decode is memory-bound; fp8 and int8 pages move about half
+the bytes of bf16 pages and int4 about a quarter. Long contexts are split across programs
+(flash-decoding) and merged by :mod:`.split_combine`, the same merge the float-page
+kernels use.
 
-Two kernels implement this. With 16-bit queries and per-token scales (the engine's
-case), :func:`_paged_attn_f16_kernel` turns codes into fp16 with bit tricks (``0x6400 | c``
-is ``1024 + c``) instead of integer-to-float conversions, which made the generic kernel
-instruction-bound; see "Fast path" below for the method and its precision argument.
-Everything else (fp32 queries, per-channel KIVI keys, float pages) runs the generic
+The page format is a compile-time choice of one kernel family, not a copy per format. Two
+kernels implement it. With 16-bit queries and per-token or per-head scales (the engine's
+case), :func:`_paged_attn_f16_kernel` turns codes into fp16 in registers (int8/int4 with
+bit tricks, ``0x6400 | c`` is ``1024 + c``; e4m3 with Hopper's ``cvt.rn.f16x2.e4m3x2``)
+instead of integer-to-float conversions, which made the generic kernel instruction-bound;
+see "Fast path" below for the method and its precision argument. Everything else (fp32
+queries, per-channel KIVI keys, float pages, prefill on GPUs) runs the generic
 :func:`_paged_attn_kernel`. ``STREAM_ATTENTION_KV_FAST=0`` forces the generic kernel,
 ``STREAM_ATTENTION_KV_ASM=0`` the fast kernel's portable conversions (no inline PTX).
-
-Besides attention the module provides the page writers (per token by slot, and whole
-blocks with per-channel scales), a dequantizer (for prefill fallbacks and tests), and
-:func:`paged_token_attention_mass`, the attention probability each cached token received
-from given queries, which importance-based eviction accumulates (H2O / SnapKV).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -52,292 +39,33 @@ import triton
 import triton.language as tl
 
 from .. import envs
-from ..utils.quantization import (
-    FP16_MAX,
-    SCALE_MIN,
-    SCALE_REL_MARGIN,
-    ZERO_ABS_MARGIN,
-    ZERO_REL_MARGIN,
-    dequantize_codes,
-    pack_codes,
-    quant_params,
-    quantize_codes,
-    unpack_codes,
-)
 from .attention_fwd import dot_precision_for
+from .kv_pages import (
+    Fp8Pages,
+    Pages,
+    gather_sequence,
+    page_format,
+    page_geometry,
+    page_kernel_args,
+)
 from .runtime import autotune_enabled, interpreter_enabled
 from .score_mods import soft_cap, softcap_arg, window_left_arg
+from .split_combine import combine_splits, partial_buffers
 
 __all__ = [
-    "PAGE_BITS",
-    "QuantizedPages",
-    "kv_bytes_per_token",
-    "write_tokens_to_pages",
-    "write_blocks_to_pages",
-    "dequantize_pages",
     "DEFAULT_LAUNCH",
+    "FAST_DECODE_MAXNREG",
     "decode_launch",
-    "autotune_enabled",
     "choose_num_splits",
+    "defer_row_sums",
+    "fast_path_enabled",
     "paged_attention_quantized",
-    "paged_token_attention_mass",
-    "write_tokens_to_pages_ref",
-    "write_blocks_to_pages_ref",
-    "dequantize_pages_ref",
+    "paged_attention_fp8",
     "paged_attention_ref",
-    "paged_token_attention_mass_ref",
+    "paged_attention_fp8_ref",
 ]
 
-PAGE_BITS = (8, 4)
 _LOG2E = 1.0 / math.log(2.0)
-
-_Z_REL = tl.constexpr(ZERO_REL_MARGIN)
-_Z_ABS = tl.constexpr(ZERO_ABS_MARGIN)
-_S_REL = tl.constexpr(SCALE_REL_MARGIN)
-_S_MIN = tl.constexpr(SCALE_MIN)
-_F16_MAX = tl.constexpr(FP16_MAX)
-
-
-# --------------------------------------------------------------------------------------
-# Page containers
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class QuantizedPages:
-    """One layer's K or V pages in int8/int4 with their fp16 ``(scale, zero)`` pairs."""
-
-    data: torch.Tensor
-    scales: torch.Tensor
-    bits: int
-    head_dim: int
-    per_channel: bool = False
-
-    def __post_init__(self) -> None:
-        if self.bits not in PAGE_BITS:
-            raise ValueError(f"page bits must be one of {PAGE_BITS}, got {self.bits}")
-        if self.data.dtype != torch.uint8 or self.data.dim() != 4:
-            raise ValueError(f"data must be uint8 [blocks, block_size, heads, bytes], got {self.data.dtype} "
-                             f"{tuple(self.data.shape)}")
-        nb, bs, h, width = self.data.shape
-        if width * 8 // self.bits != self.head_dim:
-            raise ValueError(f"data width {width} does not hold head_dim {self.head_dim} at {self.bits} bits")
-        want = (nb, h, 2, self.head_dim) if self.per_channel else (nb, bs, h, 2)
-        if tuple(self.scales.shape) != want or self.scales.dtype != torch.float16:
-            raise ValueError(f"scales must be float16 {want}, got {self.scales.dtype} {tuple(self.scales.shape)}")
-
-    @classmethod
-    def empty(
-        cls,
-        num_blocks: int,
-        block_size: int,
-        num_heads: int,
-        head_dim: int,
-        bits: int,
-        *,
-        per_channel: bool = False,
-        device: torch.device | str | None = None,
-    ) -> QuantizedPages:
-        """Allocate zeroed pages (zeros dequantize to 0 thanks to zero scales)."""
-        if bits not in PAGE_BITS:
-            raise ValueError(f"page bits must be one of {PAGE_BITS}, got {bits}")
-        if head_dim % (8 // bits):
-            raise ValueError(f"head_dim {head_dim} must be even for int4 pages")
-        data = torch.zeros(num_blocks, block_size, num_heads, head_dim * bits // 8, dtype=torch.uint8, device=device)
-        shape = (num_blocks, num_heads, 2, head_dim) if per_channel else (num_blocks, block_size, num_heads, 2)
-        scales = torch.zeros(shape, dtype=torch.float16, device=device)
-        return cls(data, scales, bits, head_dim, per_channel)
-
-    @property
-    def num_blocks(self) -> int:
-        return self.data.shape[0]
-
-    @property
-    def block_size(self) -> int:
-        return self.data.shape[1]
-
-    @property
-    def num_heads(self) -> int:
-        return self.data.shape[2]
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
-
-
-def kv_bytes_per_token(
-    num_kv_heads: int, head_dim: int, bits: int, *, block_size: int = 16, key_per_channel: bool = False,
-) -> float:
-    """Bytes one token occupies in one layer's K and V pages (scales included).
-
-    ``bits=16`` is an unquantized bf16/fp16 cache. Per-channel key scales belong to a
-    whole page and are amortised over its ``block_size`` tokens.
-    """
-    if bits == 16:
-        return 2.0 * num_kv_heads * head_dim * 2
-    data = num_kv_heads * head_dim * bits / 8
-    v_meta = num_kv_heads * 4
-    k_meta = num_kv_heads * head_dim * 4 / block_size if key_per_channel else num_kv_heads * 4
-    return 2 * data + v_meta + k_meta
-
-
-# --------------------------------------------------------------------------------------
-# Triton: quantization and dequantization
-# --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _qparams(mn, mx, QMAX_: tl.constexpr):
-    """fp32 (scale, zero) exactly representable in fp16; mirrors ``quant_params``."""
-    zero = mn - tl.abs(mn) * _Z_REL - _Z_ABS
-    zero = tl.minimum(tl.maximum(zero, -_F16_MAX), _F16_MAX)
-    zero = zero.to(tl.float16).to(tl.float32)
-    scale = (mx - zero) * (_S_REL / QMAX_)
-    scale = tl.minimum(tl.maximum(scale, _S_MIN), _F16_MAX)
-    scale = scale.to(tl.float16).to(tl.float32)
-    return scale, zero
-
-
-@triton.jit
-def _codes(x, scale, zero, QMAX_: tl.constexpr):
-    inv = 1.0 / scale
-    c = tl.floor((x - zero) * inv + 0.5)
-    return tl.minimum(tl.maximum(c, 0.0), QMAX_).to(tl.int32)
-
-
-@triton.jit
-def _quantize_tokens_kernel(
-    X, SlotMapping, Data, Scales,
-    stride_xn, stride_xh, stride_xd,
-    stride_db, stride_dt, stride_dh, stride_dd,
-    stride_sb, stride_st, stride_sh, stride_sc,
-    num_heads,
-    BLOCK_SIZE: tl.constexpr, PART: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
-    BITS: tl.constexpr,
-):
-    n = tl.program_id(0)
-    slot = tl.load(SlotMapping + n).to(tl.int64)
-    if slot < 0:
-        return
-    page = slot // BLOCK_SIZE
-    row = slot % BLOCK_SIZE
-    QMAX_: tl.constexpr = (1 << BITS) - 1
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_p = tl.arange(0, BLOCK_P)
-    h_ok = offs_h < num_heads
-    mask = h_ok[:, None] & (offs_p < PART)[None, :]
-    x_ptrs = X + n * stride_xn + offs_h[:, None] * stride_xh + offs_p[None, :] * stride_xd
-    xa = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-    mn = tl.min(tl.where(mask, xa, float("inf")), 1)
-    mx = tl.max(tl.where(mask, xa, float("-inf")), 1)
-    if BITS == 4:
-        xb = tl.load(x_ptrs + PART * stride_xd, mask=mask, other=0.0).to(tl.float32)
-        mn = tl.minimum(mn, tl.min(tl.where(mask, xb, float("inf")), 1))
-        mx = tl.maximum(mx, tl.max(tl.where(mask, xb, float("-inf")), 1))
-    # Padded head rows would otherwise carry infinities through the parameter math.
-    mn = tl.where(h_ok, mn, 0.0)
-    mx = tl.where(h_ok, mx, 0.0)
-    scale, zero = _qparams(mn, mx, QMAX_)
-    code = _codes(xa, scale[:, None], zero[:, None], QMAX_)
-    if BITS == 4:
-        code = code | (_codes(xb, scale[:, None], zero[:, None], QMAX_) << 4)
-    d_ptrs = Data + page * stride_db + row * stride_dt + offs_h[:, None] * stride_dh + offs_p[None, :] * stride_dd
-    tl.store(d_ptrs, code.to(tl.uint8), mask=mask)
-    s_ptrs = Scales + page * stride_sb + row * stride_st + offs_h * stride_sh
-    tl.store(s_ptrs, scale.to(tl.float16), mask=h_ok)
-    tl.store(s_ptrs + stride_sc, zero.to(tl.float16), mask=h_ok)
-
-
-@triton.jit
-def _quantize_blocks_kernel(
-    X, BlockIds, ValidLens, Data, Scales,
-    stride_xb, stride_xt, stride_xh, stride_xd,
-    stride_db, stride_dt, stride_dh, stride_dd,
-    stride_sb, stride_sh, stride_sc, stride_sd,
-    BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, PART: tl.constexpr, BLOCK_P: tl.constexpr,
-    BITS: tl.constexpr,
-):
-    i = tl.program_id(0)
-    h = tl.program_id(1)
-    page = tl.load(BlockIds + i).to(tl.int64)
-    valid = tl.minimum(tl.load(ValidLens + i), BLOCK_SIZE)
-    QMAX_: tl.constexpr = (1 << BITS) - 1
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_p = tl.arange(0, BLOCK_P)
-    p_ok = offs_p < PART
-    t_ok = offs_t < valid
-    mask = t_ok[:, None] & p_ok[None, :]
-    x_ptrs = X + i * stride_xb + offs_t[:, None] * stride_xt + h * stride_xh + offs_p[None, :] * stride_xd
-    xa = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-    # An empty block (valid == 0) gets neutral parameters instead of infinities.
-    mn_a = tl.where(p_ok & (valid > 0), tl.min(tl.where(mask, xa, float("inf")), 0), 0.0)
-    mx_a = tl.where(p_ok & (valid > 0), tl.max(tl.where(mask, xa, float("-inf")), 0), 0.0)
-    scale_a, zero_a = _qparams(mn_a, mx_a, QMAX_)
-    code = _codes(xa, scale_a[None, :], zero_a[None, :], QMAX_)
-    s_ptrs = Scales + page * stride_sb + h * stride_sh + offs_p * stride_sd
-    tl.store(s_ptrs, scale_a.to(tl.float16), mask=p_ok)
-    tl.store(s_ptrs + stride_sc, zero_a.to(tl.float16), mask=p_ok)
-    if BITS == 4:
-        xb = tl.load(x_ptrs + PART * stride_xd, mask=mask, other=0.0).to(tl.float32)
-        mn_b = tl.where(p_ok & (valid > 0), tl.min(tl.where(mask, xb, float("inf")), 0), 0.0)
-        mx_b = tl.where(p_ok & (valid > 0), tl.max(tl.where(mask, xb, float("-inf")), 0), 0.0)
-        scale_b, zero_b = _qparams(mn_b, mx_b, QMAX_)
-        code = code | (_codes(xb, scale_b[None, :], zero_b[None, :], QMAX_) << 4)
-        tl.store(s_ptrs + PART * stride_sd, scale_b.to(tl.float16), mask=p_ok)
-        tl.store(s_ptrs + stride_sc + PART * stride_sd, zero_b.to(tl.float16), mask=p_ok)
-    # Rows past the valid length are written as zeros so a page's bytes are deterministic.
-    code = tl.where(t_ok[:, None], code, 0)
-    d_ptrs = Data + page * stride_db + offs_t[:, None] * stride_dt + h * stride_dh + offs_p[None, :] * stride_dd
-    tl.store(d_ptrs, code.to(tl.uint8), mask=(offs_t < BLOCK_SIZE)[:, None] & p_ok[None, :])
-
-
-@triton.jit
-def _dequantize_kernel(
-    Data, Scales, BlockIds, Out,
-    stride_db, stride_dt, stride_dh, stride_dd,
-    ss0, ss1, ss2, ss3,
-    stride_ob, stride_ot, stride_oh, stride_od,
-    BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, PART: tl.constexpr, BLOCK_P: tl.constexpr,
-    BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-):
-    i = tl.program_id(0)
-    h = tl.program_id(1)
-    page = tl.load(BlockIds + i).to(tl.int64)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_p = tl.arange(0, BLOCK_P)
-    t_ok = offs_t < BLOCK_SIZE
-    p_ok = offs_p < PART
-    mask = t_ok[:, None] & p_ok[None, :]
-    c = tl.load(
-        Data + page * stride_db + offs_t[:, None] * stride_dt + h * stride_dh + offs_p[None, :] * stride_dd,
-        mask=mask, other=0,
-    ).to(tl.int32)
-    o_ptrs = Out + i * stride_ob + offs_t[:, None] * stride_ot + h * stride_oh + offs_p[None, :] * stride_od
-    if PER_CHANNEL:
-        s_ptrs = Scales + page * ss0 + h * ss1 + offs_p * ss3
-        sa = tl.load(s_ptrs, mask=p_ok, other=0.0).to(tl.float32)[None, :]
-        za = tl.load(s_ptrs + ss2, mask=p_ok, other=0.0).to(tl.float32)[None, :]
-        if BITS == 4:
-            sb = tl.load(s_ptrs + PART * ss3, mask=p_ok, other=0.0).to(tl.float32)[None, :]
-            zb = tl.load(s_ptrs + ss2 + PART * ss3, mask=p_ok, other=0.0).to(tl.float32)[None, :]
-    else:
-        s_ptrs = Scales + page * ss0 + offs_t * ss1 + h * ss2
-        sa = tl.load(s_ptrs, mask=t_ok, other=0.0).to(tl.float32)[:, None]
-        za = tl.load(s_ptrs + ss3, mask=t_ok, other=0.0).to(tl.float32)[:, None]
-        sb = sa
-        zb = za
-    if BITS == 4:
-        lo = (c & 15).to(tl.float32) * sa + za
-        hi = (c >> 4).to(tl.float32) * sb + zb
-        tl.store(o_ptrs, lo.to(Out.dtype.element_ty), mask=mask)
-        tl.store(o_ptrs + PART * stride_od, hi.to(Out.dtype.element_ty), mask=mask)
-    else:
-        x = c.to(tl.float32) * sa + za
-        tl.store(o_ptrs, x.to(Out.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -346,7 +74,7 @@ def _dequantize_kernel(
 
 
 @triton.jit
-def _tile_pages(bt_ptr, start, cols, col_ok, BLOCK_SIZE: tl.constexpr, ONE_PAGE: tl.constexpr,
+def tile_pages(bt_ptr, start, cols, col_ok, BLOCK_SIZE: tl.constexpr, ONE_PAGE: tl.constexpr,
                 MASKED: tl.constexpr):
     """Page index and row of each key column of a tile (``ONE_PAGE``: the tile is one page)."""
     if ONE_PAGE:
@@ -362,13 +90,26 @@ def _tile_pages(bt_ptr, start, cols, col_ok, BLOCK_SIZE: tl.constexpr, ONE_PAGE:
 
 
 @triton.jit
-def _tile_scores(
+def _e4m3_f16(c):
+    """Exact fp16 values of e4m3 bytes ``c`` (an integer tensor) with integer ops only.
+
+    e4m3's sign, exponent and mantissa moved into fp16's fields give the value over 2^8
+    (exponent biases 7 and 15), subnormals included; the product by 2^8 is exact.
+    """
+    c = c.to(tl.int32)
+    bits = ((c & 0x80) << 8) | ((c & 0x7F) << 7)
+    return bits.to(tl.uint16).to(tl.float16, bitcast=True) * 256.0
+
+
+@triton.jit
+def tile_scores(
     q_a, q_b, q_sum, K, KS, page, row, col_ok, kv_head,
     stride_kb, stride_kt, stride_kh, stride_kd, ks0, ks1, ks2, ks3,
-    PART: tl.constexpr, BLOCK_P: tl.constexpr, KV_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PART: tl.constexpr, BLOCK_P: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr,
+    K_PER_CHANNEL: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Raw scores ``q . k`` of a tile (before the softmax scale), dequantization folded in."""
+    """Raw scores ``q . k`` of a tile (before the softmax scale), dequantization folded in
+    (fp8: except the per-head scale, which the caller folds into the softmax scale)."""
     offs_p = tl.arange(0, BLOCK_P)
     p_ok = offs_p < PART
     # K is loaded transposed ([P, N]) so the score tile is a plain dot.
@@ -379,7 +120,9 @@ def _tile_scores(
         kc = tl.load(k_ptrs, mask=p_ok[:, None], other=0)
     else:
         kc = tl.load(k_ptrs)
-    if KV_BITS == 16:
+    if FP8:
+        qk = tl.dot(q_a, _e4m3_f16(kc).to(q_a.dtype), input_precision=DOT_PRECISION)
+    elif KV_BITS == 16:
         qk = tl.dot(q_a, kc, input_precision=DOT_PRECISION)
     else:
         if K_PER_CHANNEL:
@@ -427,8 +170,8 @@ def _attend_tiles(
     ks0, ks1, ks2, ks3, vs0, vs1, vs2,  vs3,
     kv_head, row_tok, lo, hi, col_lo, ctx, diag, qk_scale, window_left, cap_log2,
     PART: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    KV_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_BITS: tl.constexpr, FP8: tl.constexpr, K_PER_CHANNEL: tl.constexpr, MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, BLOCK_P)
@@ -437,11 +180,11 @@ def _attend_tiles(
         start = tl.multiple_of(start, BLOCK_N)
         cols = start + offs_n
         col_ok = (cols < ctx) & (cols >= col_lo)  # keys left of every row's window are not read
-        page, row = _tile_pages(bt_ptr, start, cols, col_ok, BLOCK_SIZE, K_PER_CHANNEL, MASKED)
-        qk = _tile_scores(
+        page, row = tile_pages(bt_ptr, start, cols, col_ok, BLOCK_SIZE, K_PER_CHANNEL, MASKED)
+        qk = tile_scores(
             q_a, q_b, q_sum, K, KS, page, row, col_ok, kv_head,
             stride_kb, stride_kt, stride_kh, stride_kd, ks0, ks1, ks2, ks3,
-            PART, BLOCK_P, KV_BITS, K_PER_CHANNEL, MASKED, DOT_PRECISION,
+            PART, BLOCK_P, KV_BITS, FP8, K_PER_CHANNEL, MASKED, DOT_PRECISION,
         ) * qk_scale
         if SOFTCAP:
             qk = soft_cap(qk, cap_log2)
@@ -468,7 +211,9 @@ def _attend_tiles(
             vc = tl.load(v_ptrs, mask=p_ok[None, :], other=0)
         else:
             vc = tl.load(v_ptrs)
-        if KV_BITS == 16:
+        if FP8:
+            acc_a = tl.dot(p.to(q_a.dtype), _e4m3_f16(vc).to(q_a.dtype), acc_a, input_precision=DOT_PRECISION)
+        elif KV_BITS == 16:
             acc_a = tl.dot(p.to(vc.dtype), vc, acc_a, input_precision=DOT_PRECISION)
         else:
             s_ptrs = VS + page * vs0 + row * vs1 + kv_head * vs2
@@ -524,7 +269,7 @@ def _key_range(ctx, q_len, tok0, toks, pid_s, num_splits, window_left, CAUSAL: t
 
 
 @triton.jit
-def _load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh, stride_qd,
+def load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh, stride_qd,
                      PART: tl.constexpr, BLOCK_P: tl.constexpr, KV_BITS: tl.constexpr):
     """The tile's query rows, split in the two channel halves int4 pages need."""
     offs_p = tl.arange(0, BLOCK_P)
@@ -543,7 +288,7 @@ def _load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh
 
 @triton.jit
 def _paged_attn_kernel(
-    Q, Out, Lse, MidO, MidStats,
+    Q, Out, Lse, PartOut, PartLse,
     K, V, KS, VS, BlockTables, SeqLens, CuSeqlensQ,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
@@ -559,9 +304,15 @@ def _paged_attn_kernel(
     tune_bucket,  # autotune key only
     window_left, cap_log2,
     PART: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, KV_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, CAUSAL: tl.constexpr,
-    SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr, K_PER_CHANNEL: tl.constexpr,
+    CAUSAL: tl.constexpr, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
+    """Paged attention over pages of any format; ``FP8``: KS/VS are per-head fp32 scales.
+
+    Split programs (``SPLIT``) store their output normalised over their own keys and the
+    base-2 LSE of their scaled scores, which :func:`.split_combine.combine_splits` merges.
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -585,8 +336,10 @@ def _paged_attn_kernel(
     lo, full_lo, full_hi, hi = _key_range(ctx, q_len, tok0, toks, pid_s, num_splits, window_left, CAUSAL,
                                           BLOCK_N)
 
-    q_a, q_b, q_sum = _load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh, stride_qd,
+    q_a, q_b, q_sum = load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh, stride_qd,
                                        PART, BLOCK_P, KV_BITS)
+    if FP8:  # q . (e * s) = s (q . e): the key scale joins the softmax scale
+        qk_scale = qk_scale * tl.load(KS + kv_head)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
@@ -598,45 +351,44 @@ def _paged_attn_kernel(
         stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
         ks0, ks1, ks2, ks3, vs0, vs1, vs2, vs3,
         kv_head, row_tok, lo, full_lo, col_lo, ctx, diag, qk_scale, window_left, cap_log2,
-        PART, BLOCK_P, BLOCK_N, BLOCK_SIZE, KV_BITS, K_PER_CHANNEL, True, CAUSAL, SOFTCAP, DOT_PRECISION,
+        PART, BLOCK_P, BLOCK_N, BLOCK_SIZE, KV_BITS, FP8, K_PER_CHANNEL, True, CAUSAL, SOFTCAP, DOT_PRECISION,
     )
     acc_a, acc_b, l_i, m_i = _attend_tiles(
         acc_a, acc_b, l_i, m_i, q_a, q_b, q_sum, K, V, KS, VS, bt_ptr,
         stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
         ks0, ks1, ks2, ks3, vs0, vs1, vs2, vs3,
         kv_head, row_tok, full_lo, full_hi, col_lo, ctx, diag, qk_scale, window_left, cap_log2,
-        PART, BLOCK_P, BLOCK_N, BLOCK_SIZE, KV_BITS, K_PER_CHANNEL, False, CAUSAL, SOFTCAP, DOT_PRECISION,
+        PART, BLOCK_P, BLOCK_N, BLOCK_SIZE, KV_BITS, FP8, K_PER_CHANNEL, False, CAUSAL, SOFTCAP, DOT_PRECISION,
     )
     acc_a, acc_b, l_i, m_i = _attend_tiles(
         acc_a, acc_b, l_i, m_i, q_a, q_b, q_sum, K, V, KS, VS, bt_ptr,
         stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
         ks0, ks1, ks2, ks3, vs0, vs1, vs2, vs3,
         kv_head, row_tok, full_hi, hi, col_lo, ctx, diag, qk_scale, window_left, cap_log2,
-        PART, BLOCK_P, BLOCK_N, BLOCK_SIZE, KV_BITS, K_PER_CHANNEL, True, CAUSAL, SOFTCAP, DOT_PRECISION,
+        PART, BLOCK_P, BLOCK_N, BLOCK_SIZE, KV_BITS, FP8, K_PER_CHANNEL, True, CAUSAL, SOFTCAP, DOT_PRECISION,
     )
 
+    if FP8:  # sum_j p_j e_j s = s (p @ e): the value scale multiplies the output
+        acc_a = acc_a * tl.load(VS + kv_head)
     offs_p = tl.arange(0, BLOCK_P)
     mask = row_ok[:, None] & (offs_p < PART)[None, :]
     q_rows = (q_start + row_tok).to(tl.int64)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
     if SPLIT:
-        # Un-normalised partials; the combine kernel rescales them by their maxima.
-        o_ptrs = MidO + pid_s * stride_ms + q_rows[:, None] * stride_mt + row_head[:, None] * stride_mh \
+        o_ptrs = PartOut + pid_s * stride_ms + q_rows[:, None] * stride_mt + row_head[:, None] * stride_mh \
             + offs_p[None, :]
-        tl.store(o_ptrs, acc_a, mask=mask)
+        tl.store(o_ptrs, acc_a / l_safe[:, None], mask=mask)
         if KV_BITS == 4:
-            tl.store(o_ptrs + PART, acc_b, mask=mask)
-        st_ptrs = MidStats + pid_s * stride_ss + q_rows * stride_st + row_head * stride_sh
-        tl.store(st_ptrs, m_i, mask=row_ok)
-        tl.store(st_ptrs + 1, l_i, mask=row_ok)
+            tl.store(o_ptrs + PART, acc_b / l_safe[:, None], mask=mask)
+        tl.store(PartLse + pid_s * stride_ss + q_rows * stride_st + row_head * stride_sh, lse2, mask=row_ok)
     else:
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         o_ptrs = Out + q_rows[:, None] * stride_ot + row_head[:, None] * stride_oh + offs_p[None, :] * stride_od
         tl.store(o_ptrs, (acc_a / l_safe[:, None]).to(Out.dtype.element_ty), mask=mask)
         if KV_BITS == 4:
             tl.store(o_ptrs + PART * stride_od, (acc_b / l_safe[:, None]).to(Out.dtype.element_ty), mask=mask)
         if STORE_LSE:
-            lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-            tl.store(Lse + row_head * stride_lh + q_rows * stride_lt, lse, mask=row_ok)
+            tl.store(Lse + row_head * stride_lh + q_rows * stride_lt, lse2 * 0.6931471805599453, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------
@@ -684,11 +436,28 @@ def _paged_attn_kernel(
 #   kernel applies to the same product for bf16 queries wherever p s_v >= 2^-17; below,
 #   both are under 2^-25 absolute.
 #
+# fp8 (e4m3) pages take the same kernel and layout: Hopper's cvt.rn.f16x2.e4m3x2 turns two
+# codes into two exact fp16 values in one instruction (K: two per word of four codes; V:
+# one PRMT pairs byte j of keys n and n + 1, then one cvt per plane). Their per-head
+# scales are two scalars per program: the key scale joins the softmax scale, the value
+# scale multiplies the output, so there is no offset, no zero and no per-token load; p16
+# is fp16(p). Products of q16 (< 2^15) and codes (<= 448) stay far inside fp32.
+#
 # On a GPU the conversions are inline PTX (``USE_ASM``, the strings below, whose
 # semantics tests/test_kv_quant.py checks on CPU with a small emulator); the interpreter,
 # which cannot run PTX, takes portable integer ops computing the same fp16 values.
 # ``tl.inline_asm_elementwise`` packs sub-32-bit inputs little-endian, element 0 lowest.
 
+# fp8 K: 4 packed e4m3 codes -> 2 registers of fp16 pairs (c0, c1), (c2, c3).
+_ASM_K_FP8 = tl.constexpr(
+    "{\n\t.reg .b16 l, h;\n\tmov.b32 {l, h}, $2;\n\t"
+    "cvt.rn.f16x2.e4m3x2 $0, l;\n\tcvt.rn.f16x2.e4m3x2 $1, h;\n\t}"
+)
+# fp8 V: 2 packed 16-bit units (bytes n.b0, n.b1, n1.b0, n1.b1) -> planes b0, b1 (both keys).
+_ASM_V_FP8 = tl.constexpr(
+    "{\n\t.reg .b32 t;\n\t.reg .b16 l, h;\n\tprmt.b32 t, $2, 0, 0x3120;\n\tmov.b32 {l, h}, t;\n\t"
+    "cvt.rn.f16x2.e4m3x2 $0, l;\n\tcvt.rn.f16x2.e4m3x2 $1, h;\n\t}"
+)
 # int8 K: 4 packed codes -> 2 registers of fp16 pairs (c0, c1), (c2, c3).
 _ASM_K8 = tl.constexpr(
     "{\n\t.reg .b32 m;\n\tmov.b32 m, 0x64006400;\n\t"
@@ -720,9 +489,15 @@ _ASM_V4 = tl.constexpr(
 
 
 @triton.jit
-def _k_codes_f16(kc, KV_BITS: tl.constexpr, USE_ASM: tl.constexpr):
-    """Exact fp16 codes of uint8 K bytes: int8 ``(c, c)``; int4 ``(lo, 16 * hi)`` nibbles."""
-    if KV_BITS == 8:
+def _k_codes_f16(kc, KV_BITS: tl.constexpr, FP8: tl.constexpr, USE_ASM: tl.constexpr):
+    """Exact fp16 codes of uint8 K bytes: int8 and fp8 ``(c, c)``; int4 ``(lo, 16 * hi)`` nibbles."""
+    if FP8:
+        if USE_ASM:
+            lo = tl.inline_asm_elementwise(_ASM_K_FP8, "=r,=r,r", [kc], dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            lo = _e4m3_f16(kc)
+        hi = lo
+    elif KV_BITS == 8:
         if USE_ASM:
             lo = tl.inline_asm_elementwise(_ASM_K8, "=r,=r,r", [kc], dtype=tl.float16, is_pure=True, pack=4)
         else:
@@ -753,14 +528,23 @@ def _v_plane(vh, j: tl.constexpr, KV_BITS: tl.constexpr, HIGH: tl.constexpr):
 
 
 @triton.jit
-def _v_codes_f16(vh, KV_BITS: tl.constexpr, USE_ASM: tl.constexpr):
+def _v_codes_f16(vh, KV_BITS: tl.constexpr, FP8: tl.constexpr, USE_ASM: tl.constexpr):
     """fp16 planes of 16-bit V units ``[keys, units]`` (two bytes of a key), offset by 1024.
 
     Planes 0, 1 are bytes 0, 1 of each unit, channels ``2 i + j``: ``1024 + c`` (int8) or,
     from the low nibbles, ``1024 + 16 c`` (int4); int4 planes 2, 3 are the high nibbles,
-    channels ``D / 2 + 2 i + j``, also ``1024 + 16 c``. int8 returns planes 0, 1 twice.
+    channels ``D / 2 + 2 i + j``, also ``1024 + 16 c``. int8 returns planes 0, 1 twice; fp8
+    the same planes as exact values (no offset).
     """
-    if KV_BITS == 8:
+    if FP8:
+        if USE_ASM:
+            v0, v1 = tl.inline_asm_elementwise(_ASM_V_FP8, "=r,=r,r", [vh], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=2)
+        else:
+            v0 = _e4m3_f16(vh.to(tl.int32) & 255)
+            v1 = _e4m3_f16((vh.to(tl.int32) >> 8) & 255)
+        return v0, v1, v0, v1
+    elif KV_BITS == 8:
         if USE_ASM:
             v0, v1 = tl.inline_asm_elementwise(_ASM_V8, "=r,=r,r", [vh], dtype=(tl.float16, tl.float16),
                                                is_pure=True, pack=2)
@@ -798,8 +582,8 @@ def _attend_tiles_f16(
     ks0, ks1, ks2, vs0, vs1, vs2,
     kv_head, row_tok, lo, hi, col_lo, ctx, diag, window_left, cap_log2,
     PART: tl.constexpr, UNITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    KV_BITS: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_ASM: tl.constexpr,
-    DEFER_SUMS: tl.constexpr, SOFTCAP: tl.constexpr,
+    KV_BITS: tl.constexpr, FP8: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    USE_ASM: tl.constexpr, DEFER_SUMS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     V_MULT: tl.constexpr = 1.0 if KV_BITS == 8 else 16.0
     offs_n = tl.arange(0, BLOCK_N)
@@ -809,22 +593,26 @@ def _attend_tiles_f16(
         start = tl.multiple_of(start, BLOCK_N)
         cols = start + offs_n
         col_ok = (cols < ctx) & (cols >= col_lo)  # keys left of every row's window are not read
-        page, row = _tile_pages(bt_ptr, start, cols, col_ok, BLOCK_SIZE, False, MASKED)
+        page, row = tile_pages(bt_ptr, start, cols, col_ok, BLOCK_SIZE, False, MASKED)
         # Scores: K bytes [PART, N] -> exact fp16 code tiles.
         k_ptrs = K + kv_head * stride_kh + (page * stride_kb + row * stride_kt)[None, :] + offs_p[:, None]
-        ks_ptrs = KS + page * ks0 + row * ks1 + kv_head * ks2
-        if MASKED:
+        if MASKED:  # noqa: SIM108
             kc = tl.load(k_ptrs, mask=col_ok[None, :], other=0)
-            ksz = tl.load(ks_ptrs, mask=col_ok, other=0)
         else:
             kc = tl.load(k_ptrs)
-            ksz = tl.load(ks_ptrs)
-        k_lo, k_hi = _k_codes_f16(kc, KV_BITS, USE_ASM)
+        if not FP8:  # fp8's per-head key scale is in row_scale already
+            ks_ptrs = KS + page * ks0 + row * ks1 + kv_head * ks2
+            if MASKED:  # noqa: SIM108
+                ksz = tl.load(ks_ptrs, mask=col_ok, other=0)
+            else:
+                ksz = tl.load(ks_ptrs)
+        k_lo, k_hi = _k_codes_f16(kc, KV_BITS, FP8, USE_ASM)
         qk = tl.dot(q_a, k_lo)
         if KV_BITS == 4:
             qk = tl.dot(q_b, k_hi, qk)
-        s_k, z_k = _scale_zero(ksz)
-        qk = qk * s_k[None, :] + q_sum[:, None] * z_k[None, :]  # q . (s c + z) = s (q . c) + z sum(q)
+        if not FP8:
+            s_k, z_k = _scale_zero(ksz)
+            qk = qk * s_k[None, :] + q_sum[:, None] * z_k[None, :]  # q . (s c + z) = s (q . c) + z sum(q)
         if SOFTCAP:  # the cap needs the scaled scores themselves
             qk = soft_cap(qk * row_scale[:, None], cap_log2)
         if MASKED:
@@ -851,24 +639,32 @@ def _attend_tiles_f16(
             l_i = l_i * alpha[:, None] + p
         else:
             l_i = l_i * alpha + tl.sum(p, 1)
-        # Values: 16-bit units [N, UNITS] -> fp16 (1024 + code) planes; p16 carries the scales.
+        # Values: 16-bit units [N, UNITS] -> fp16 (1024 + code) planes; p16 carries the scales
+        # (fp8: exact value planes; the per-head scale multiplies the output at the end).
         v_ptrs = V + kv_head * stride_vh + (page * stride_vb + row * stride_vt)[:, None] + offs_u[None, :]
-        vs_ptrs = VS + page * vs0 + row * vs1 + kv_head * vs2
-        if MASKED:
-            vh = tl.load(v_ptrs, mask=col_ok[:, None], other=0)
-            vsz = tl.load(vs_ptrs, mask=col_ok, other=0)
+        if FP8:
+            if MASKED:  # noqa: SIM108
+                vh = tl.load(v_ptrs, mask=col_ok[:, None], other=0)
+            else:
+                vh = tl.load(v_ptrs)
+            p16 = p.to(tl.float16)
         else:
-            vh = tl.load(v_ptrs)
-            vsz = tl.load(vs_ptrs)
-        s_v, z_v = _scale_zero(vsz)
-        p16 = (p * s_v[None, :]).to(tl.float16)
-        # sum_j p_j x_j = (p16 @ (1024 + M c)) / M + sum_j (p_j z_j - 1024 / M p16_j), M = V_MULT
-        c_new = p * z_v[None, :] - (1024.0 / V_MULT) * p16.to(tl.float32)
-        if DEFER_SUMS:  # noqa: SIM108
-            corr = corr * alpha[:, None] + c_new
-        else:
-            corr = corr * alpha + tl.sum(c_new, 1)
-        v0, v1, v2, v3 = _v_codes_f16(vh, KV_BITS, USE_ASM)
+            vs_ptrs = VS + page * vs0 + row * vs1 + kv_head * vs2
+            if MASKED:
+                vh = tl.load(v_ptrs, mask=col_ok[:, None], other=0)
+                vsz = tl.load(vs_ptrs, mask=col_ok, other=0)
+            else:
+                vh = tl.load(v_ptrs)
+                vsz = tl.load(vs_ptrs)
+            s_v, z_v = _scale_zero(vsz)
+            p16 = (p * s_v[None, :]).to(tl.float16)
+            # sum_j p_j x_j = (p16 @ (1024 + M c)) / M + sum_j (p_j z_j - 1024 / M p16_j), M = V_MULT
+            c_new = p * z_v[None, :] - (1024.0 / V_MULT) * p16.to(tl.float32)
+            if DEFER_SUMS:  # noqa: SIM108
+                corr = corr * alpha[:, None] + c_new
+            else:
+                corr = corr * alpha + tl.sum(c_new, 1)
+        v0, v1, v2, v3 = _v_codes_f16(vh, KV_BITS, FP8, USE_ASM)
         a0 = tl.dot(p16, v0, a0 * alpha[:, None])
         a1 = tl.dot(p16, v1, a1 * alpha[:, None])
         if KV_BITS == 4:
@@ -879,25 +675,25 @@ def _attend_tiles_f16(
 
 
 @triton.jit
-def _store_plane(acc, chan, corr, l_i, row_ok, q_rows, row_head, Out, MidO, pid_s,
+def _store_plane(acc, chan, corr, l_safe, row_ok, q_rows, row_head, Out, PartOut, pid_s,
                  stride_ot, stride_oh, stride_od, stride_ms, stride_mt, stride_mh,
                  INV_MULT: tl.constexpr, SPLIT: tl.constexpr):
-    """Store a V plane's accumulator at output channels ``chan`` (``acc / M + corr``)."""
-    val = acc * INV_MULT + corr[:, None]
+    """Store a V plane's accumulator at output channels ``chan``: ``(acc / M + corr) / l``
+    (split programs: into their fp32 partial, normalised over their own keys)."""
+    val = (acc * INV_MULT + corr[:, None]) / l_safe[:, None]
     mask = row_ok[:, None]
     if SPLIT:
-        o_ptrs = MidO + pid_s * stride_ms + q_rows[:, None] * stride_mt + row_head[:, None] * stride_mh \
+        o_ptrs = PartOut + pid_s * stride_ms + q_rows[:, None] * stride_mt + row_head[:, None] * stride_mh \
             + chan[None, :]
         tl.store(o_ptrs, val, mask=mask)
     else:
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         o_ptrs = Out + q_rows[:, None] * stride_ot + row_head[:, None] * stride_oh + chan[None, :] * stride_od
-        tl.store(o_ptrs, (val / l_safe[:, None]).to(Out.dtype.element_ty), mask=mask)
+        tl.store(o_ptrs, val.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _paged_attn_f16_kernel(
-    Q, Out, Lse, MidO, MidStats,
+    Q, Out, Lse, PartOut, PartLse,
     K, V, KS, VS, BlockTables, SeqLens, CuSeqlensQ,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
@@ -913,15 +709,16 @@ def _paged_attn_f16_kernel(
     tune_bucket,  # autotune key only
     window_left, cap_log2,
     PART: tl.constexpr, UNITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, KV_BITS: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr, CAUSAL: tl.constexpr,
     SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, USE_ASM: tl.constexpr, DEFER_SUMS: tl.constexpr,
     SOFTCAP: tl.constexpr,
 ):
-    """:func:`_paged_attn_kernel` for int8/int4 pages with per-token scales and 16-bit queries.
+    """:func:`_paged_attn_kernel` for int8/int4 pages with per-token scales, or fp8 pages,
+    and 16-bit queries.
 
-    K is the uint8 page tensor, V an int16 view (units of two bytes of a key) and both
-    scale tensors int32 views (one (scale, zero) fp16 pair per word); strides are in
-    elements of those views. ``DEFER_SUMS`` keeps the row sums (softmax denominator and
+    K is the page bytes (uint8), V an int16 view (units of two bytes of a key); int8/int4
+    scale tensors are int32 views (one (scale, zero) fp16 pair per word), fp8's the fp32
+    per-head scales; strides are in elements of those views. ``DEFER_SUMS`` keeps the row sums (softmax denominator and
     offset correction) per key column until the end: two cross-warp reductions fewer per
     tile for ~2 * BLOCK_N / 8 more registers per thread (see :func:`defer_row_sums`).
     """
@@ -947,7 +744,7 @@ def _paged_attn_f16_kernel(
                                           BLOCK_N)
 
     # q16 = q * 2^e per row with max |q16| in [2^14, 2^15): exact for bf16 and fp16 inputs.
-    q_a, q_b, _ = _load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh, stride_qd,
+    q_a, q_b, _ = load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh, stride_qd,
                                    PART, PART, KV_BITS)
     qa = q_a.to(tl.float32)
     qb = q_b.to(tl.float32)
@@ -965,6 +762,8 @@ def _paged_attn_f16_kernel(
         q_sum += 16.0 * tl.sum(q16_b.to(tl.float32), 1)
     else:
         q16_b = q16_a
+    if FP8:  # q . (e * s) = s (q . e): the key scale joins the softmax scale
+        qk_scale = qk_scale * tl.load(KS + kv_head)
     row_scale = qk_scale / pow2
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -984,133 +783,47 @@ def _paged_attn_f16_kernel(
         a0, a1, a2, a3, l_i, m_i, corr, q16_a, q16_b, q_sum, row_scale,
         K, V, KS, VS, bt_ptr, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         ks0, ks1, ks2, vs0, vs1, vs2, kv_head, row_tok, lo, full_lo, col_lo, ctx, diag, window_left, cap_log2,
-        PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, True, CAUSAL, USE_ASM, DEFER_SUMS, SOFTCAP,
+        PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, FP8, True, CAUSAL, USE_ASM, DEFER_SUMS, SOFTCAP,
     )
     a0, a1, a2, a3, l_i, m_i, corr = _attend_tiles_f16(
         a0, a1, a2, a3, l_i, m_i, corr, q16_a, q16_b, q_sum, row_scale,
         K, V, KS, VS, bt_ptr, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         ks0, ks1, ks2, vs0, vs1, vs2, kv_head, row_tok, full_lo, full_hi, col_lo, ctx, diag, window_left, cap_log2,
-        PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, False, CAUSAL, USE_ASM, DEFER_SUMS, SOFTCAP,
+        PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, FP8, False, CAUSAL, USE_ASM, DEFER_SUMS, SOFTCAP,
     )
     a0, a1, a2, a3, l_i, m_i, corr = _attend_tiles_f16(
         a0, a1, a2, a3, l_i, m_i, corr, q16_a, q16_b, q_sum, row_scale,
         K, V, KS, VS, bt_ptr, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         ks0, ks1, ks2, vs0, vs1, vs2, kv_head, row_tok, full_hi, hi, col_lo, ctx, diag, window_left, cap_log2,
-        PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, True, CAUSAL, USE_ASM, DEFER_SUMS, SOFTCAP,
+        PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, FP8, True, CAUSAL, USE_ASM, DEFER_SUMS, SOFTCAP,
     )
 
     if DEFER_SUMS:
         l_i = tl.sum(l_i, 1)
         corr = tl.sum(corr, 1)
+    if FP8:  # sum_j p_j e_j s = s (p @ e): the value scale multiplies the output
+        v_scale = tl.load(VS + kv_head)
+        a0 = a0 * v_scale
+        a1 = a1 * v_scale
     q_rows = (q_start + row_tok).to(tl.int64)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     # Plane j of 16-bit unit i holds channel 2 i + j (int4 high nibbles: D / 2 + 2 i + j).
     chan = tl.arange(0, UNITS) * 2
-    INV_MULT: tl.constexpr = 1.0 if KV_BITS == 8 else 0.0625
-    _store_plane(a0, chan, corr, l_i, row_ok, q_rows, row_head, Out, MidO, pid_s,
+    INV_MULT: tl.constexpr = 0.0625 if KV_BITS == 4 else 1.0
+    _store_plane(a0, chan, corr, l_safe, row_ok, q_rows, row_head, Out, PartOut, pid_s,
                  stride_ot, stride_oh, stride_od, stride_ms, stride_mt, stride_mh, INV_MULT, SPLIT)
-    _store_plane(a1, chan + 1, corr, l_i, row_ok, q_rows, row_head, Out, MidO, pid_s,
+    _store_plane(a1, chan + 1, corr, l_safe, row_ok, q_rows, row_head, Out, PartOut, pid_s,
                  stride_ot, stride_oh, stride_od, stride_ms, stride_mt, stride_mh, INV_MULT, SPLIT)
     if KV_BITS == 4:
-        _store_plane(a2, chan + PART, corr, l_i, row_ok, q_rows, row_head, Out, MidO, pid_s,
+        _store_plane(a2, chan + PART, corr, l_safe, row_ok, q_rows, row_head, Out, PartOut, pid_s,
                      stride_ot, stride_oh, stride_od, stride_ms, stride_mt, stride_mh, INV_MULT, SPLIT)
-        _store_plane(a3, chan + PART + 1, corr, l_i, row_ok, q_rows, row_head, Out, MidO, pid_s,
+        _store_plane(a3, chan + PART + 1, corr, l_safe, row_ok, q_rows, row_head, Out, PartOut, pid_s,
                      stride_ot, stride_oh, stride_od, stride_ms, stride_mt, stride_mh, INV_MULT, SPLIT)
-    if SPLIT:
-        st_ptrs = MidStats + pid_s * stride_ss + q_rows * stride_st + row_head * stride_sh
-        tl.store(st_ptrs, m_i, mask=row_ok)
-        tl.store(st_ptrs + 1, l_i, mask=row_ok)
+    lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+    if SPLIT:  # base-2 LSE of the split's scaled scores, for split_combine
+        tl.store(PartLse + pid_s * stride_ss + q_rows * stride_st + row_head * stride_sh, lse2, mask=row_ok)
     elif STORE_LSE:
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-        tl.store(Lse + row_head * stride_lh + q_rows * stride_lt, lse, mask=row_ok)
-
-
-@triton.jit
-def _combine_splits_kernel(
-    MidO, MidStats, Out, Lse, num_splits,
-    stride_ms, stride_mt, stride_mh,
-    stride_ss, stride_st, stride_sh,
-    stride_ot, stride_oh, stride_od,
-    stride_lh, stride_lt,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < num_splits
-    st_ptrs = MidStats + offs_s * stride_ss + t * stride_st + h * stride_sh
-    m = tl.load(st_ptrs, mask=s_ok, other=float("-inf"))
-    l = tl.load(st_ptrs + 1, mask=s_ok, other=0.0)
-    m_max = tl.max(m, 0)
-    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.math.exp2(m - m_ref)
-    total = tl.sum(w * l, 0)
-    o = tl.load(
-        MidO + offs_s[:, None] * stride_ms + t * stride_mt + h * stride_mh + offs_d[None, :],
-        mask=s_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0,
-    )
-    denom = tl.where(total == 0.0, 1.0, total)
-    out = tl.sum(o * w[:, None], 0) / denom
-    tl.store(Out + t * stride_ot + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
-    if STORE_LSE:
-        lse = tl.where(total == 0.0, float("-inf"), (m_ref + tl.math.log2(denom)) * 0.6931471805599453)
-        tl.store(Lse + h * stride_lh + t * stride_lt, lse)
-
-
-@triton.jit
-def _token_mass_kernel(
-    Q, Lse, Mass,
-    K, KS, BlockTables, SeqLens, CuSeqlensQ,
-    stride_qt, stride_qh, stride_qd,
-    stride_lh, stride_lt,
-    stride_mb, stride_mh, stride_mt,
-    stride_kb, stride_kt, stride_kh, stride_kd,
-    ks0, ks1, ks2, ks3,
-    stride_bt,
-    num_kv_heads, group_size, qk_scale,
-    PART: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, KV_BITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = pid_bh // num_kv_heads
-    kv_head = pid_bh % num_kv_heads
-    q_start = tl.load(CuSeqlensQ + b)
-    q_len = tl.load(CuSeqlensQ + b + 1) - q_start
-    ctx = tl.load(SeqLens + b)
-    start = pid_n * BLOCK_N
-    if start >= ctx:
-        return
-    cols = start + tl.arange(0, BLOCK_N)
-    col_ok = cols < ctx
-    bt_ptr = BlockTables + b.to(tl.int64) * stride_bt
-    page, row = _tile_pages(bt_ptr, start, cols, col_ok, BLOCK_SIZE, K_PER_CHANNEL, True)
-    diag = ctx - q_len
-    toks = BLOCK_M // group_size
-    offs_r = tl.arange(0, BLOCK_M)
-    mass = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for tok0 in range(0, q_len, toks):
-        row_tok = tok0 + offs_r // group_size
-        row_head = kv_head * group_size + offs_r % group_size
-        row_ok = (offs_r < toks * group_size) & (row_tok < q_len)
-        q_a, q_b, q_sum = _load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh,
-                                           stride_qd, PART, BLOCK_P, KV_BITS)
-        qk = _tile_scores(
-            q_a, q_b, q_sum, K, KS, page, row, col_ok, kv_head,
-            stride_kb, stride_kt, stride_kh, stride_kd, ks0, ks1, ks2, ks3,
-            PART, BLOCK_P, KV_BITS, K_PER_CHANNEL, True, DOT_PRECISION,
-        ) * qk_scale
-        lse = tl.load(Lse + row_head * stride_lh + (q_start + row_tok).to(tl.int64) * stride_lt,
-                      mask=row_ok, other=float("inf"))
-        visible = row_ok[:, None] & col_ok[None, :] & (lse != float("-inf"))[:, None]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= row_tok[:, None] + diag)
-        p = tl.where(visible, tl.math.exp2(qk - (lse * 1.4426950408889634)[:, None]), 0.0)
-        mass += tl.sum(p, 0)
-    tl.store(Mass + b.to(tl.int64) * stride_mb + kv_head * stride_mh + cols * stride_mt, mass, mask=col_ok)
+        tl.store(Lse + row_head * stride_lh + q_rows * stride_lt, lse2 * 0.6931471805599453, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------
@@ -1129,7 +842,7 @@ _GPU_CONFIGS_TOKENS = [
 # Per-channel key scales bind a tile to one page, so only the schedule is tuned.
 _GPU_CONFIGS_PAGE = [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (4, 3), (2, 3)]]
 # tune_bucket is the query count per sequence (capped): decode and prefill want different tiles.
-_AUTOTUNE_KEY = ["KV_BITS", "K_PER_CHANNEL", "PART", "BLOCK_M", "BLOCK_SIZE", "CAUSAL", "SPLIT", "tune_bucket"]
+_AUTOTUNE_KEY = ["KV_BITS", "FP8", "K_PER_CHANNEL", "PART", "BLOCK_M", "BLOCK_SIZE", "CAUSAL", "SPLIT", "tune_bucket"]
 _CACHE = {"cache_results": True} if "cache_results" in triton.autotune.__code__.co_varnames else {}
 
 _paged_attn_tuned_tokens = triton.autotune(configs=_GPU_CONFIGS_TOKENS, key=_AUTOTUNE_KEY, **_CACHE)(
@@ -1172,14 +885,14 @@ def decode_launch(bits: int, programs: int, device: torch.device) -> tuple[int, 
     capped at 128 registers, was 1-6% faster at batch 16 across runs and slower at 64).
     """
     if bits == 8 and device.type == "cuda":
-        return (128, 4, 3) if programs <= 2 * _num_sms(device) else (128, 2, 2)
+        return (128, 4, 3) if programs <= 2 * num_sms(device) else (128, 2, 2)
     return DEFAULT_LAUNCH["decode"]
 
 
 _LAUNCH_KEYS = ("BLOCK_N", "num_warps", "num_stages")
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -1190,36 +903,38 @@ def _num_sms(device: torch.device) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _page_format(k_pages, v_pages) -> tuple[int, bool, int, int, int]:
-    """(bits, key_per_channel, block_size, num_kv_heads, head_dim) of a K/V page pair."""
-    if isinstance(k_pages, QuantizedPages) != isinstance(v_pages, QuantizedPages):
-        raise ValueError("k_pages and v_pages must both be QuantizedPages or both be float tensors")
-    if isinstance(k_pages, QuantizedPages):
-        if k_pages.bits != v_pages.bits:
+@dataclass(frozen=True)
+class _PagePair:
+    """The format and geometry of a K/V page pair."""
+
+    bits: int  # 16 (float pages), 8 (int8 and fp8) or 4
+    fp8: bool
+    per_channel: bool  # KIVI per-channel key scales
+    block_size: int
+    num_heads: int
+    head_dim: int
+
+
+def _page_pair(k_pages: Pages, v_pages: Pages) -> _PagePair:
+    fmt, v_fmt = page_format(k_pages), page_format(v_pages)
+    if fmt != v_fmt:
+        if fmt.startswith("int") and v_fmt.startswith("int"):
             raise ValueError(f"K and V pages use different bit widths ({k_pages.bits} vs {v_pages.bits})")
-        if v_pages.per_channel:
-            raise ValueError("value pages must use per-token scales (per-channel is for keys only, as in KIVI)")
-        if (k_pages.data.shape[:3] != v_pages.data.shape[:3]) or k_pages.head_dim != v_pages.head_dim:
-            raise ValueError(f"K and V pages differ in shape: {tuple(k_pages.data.shape)} vs {tuple(v_pages.data.shape)}")
-        nb, bs, h, _ = k_pages.data.shape
-        return k_pages.bits, k_pages.per_channel, bs, h, k_pages.head_dim
-    if k_pages.dim() != 4 or k_pages.shape != v_pages.shape:
-        raise ValueError(f"float pages must be [blocks, block_size, heads, D] and equal: {tuple(k_pages.shape)} "
-                         f"vs {tuple(v_pages.shape)}")
-    if k_pages.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"float pages must be fp16/bf16/fp32, got {k_pages.dtype}")
-    nb, bs, h, d = k_pages.shape
-    return 16, False, bs, h, d
-
-
-def _page_args(pages) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...]]:
-    if isinstance(pages, QuantizedPages):
-        return pages.data, pages.scales, tuple(pages.data.stride()), tuple(pages.scales.stride())
-    return pages, pages, tuple(pages.stride()), (0, 0, 0, 0)
-
-
-def _device_ctx(device: torch.device) -> contextlib.AbstractContextManager:
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        raise ValueError(f"k_pages and v_pages must have one format, got {fmt} and {v_fmt}")
+    k_geo, v_geo = page_geometry(k_pages), page_geometry(v_pages)
+    if k_geo != v_geo:
+        raise ValueError(f"K and V pages differ in shape: {k_geo} vs {v_geo}")
+    _, bs, h, d = k_geo
+    if fmt == "float":
+        if k_pages.dtype != v_pages.dtype or k_pages.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"float pages must be fp16/bf16/fp32 of one dtype, got {k_pages.dtype} and "
+                             f"{v_pages.dtype}")
+        return _PagePair(16, False, False, bs, h, d)
+    if fmt == "fp8":
+        return _PagePair(8, True, False, bs, h, d)
+    if v_pages.per_channel:
+        raise ValueError("value pages must use per-token scales (per-channel is for keys only, as in KIVI)")
+    return _PagePair(k_pages.bits, False, k_pages.per_channel, bs, h, d)
 
 
 def _decode_cu_seqlens(batch: int, device: torch.device) -> torch.Tensor:
@@ -1237,7 +952,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: to
     if device.type != "cuda":
         return max(1, min(4, triton.cdiv(max_kv_len, 64)))
     programs = max(batch * num_kv_heads * q_tiles, 1)
-    by_occupancy = max(1, 2 * _num_sms(device) // programs)
+    by_occupancy = max(1, 2 * num_sms(device) // programs)
     by_length = max(1, triton.cdiv(max_kv_len, min_keys_per_split))
     return int(max(1, min(by_occupancy, by_length, 64)))
 
@@ -1254,28 +969,39 @@ def defer_row_sums(programs: int, max_q_len: int, device: torch.device) -> bool:
         return True
     if envs.kv_defer_sums() is False or device.type != "cuda":
         return False
-    return max_q_len <= 1 and programs <= 2 * _num_sms(device)
+    return max_q_len <= 1 and programs <= 2 * num_sms(device)
 
 
 def fast_path_enabled() -> bool:
-    """Whether int8/int4 pages with per-token scales take the fp16-code kernel
+    """Whether fp8 pages and int8/int4 pages with per-token scales take the fp16-code kernel
     (:func:`_paged_attn_f16_kernel`); ``STREAM_ATTENTION_KV_FAST=0`` keeps the generic one."""
     return envs.kv_fast()
 
 
-def _asm_enabled() -> bool:
-    """Inline-PTX code conversion on GPUs (``STREAM_ATTENTION_KV_ASM=0``: portable integer ops)."""
-    return envs.kv_asm()
+def _asm_enabled(device: torch.device, fp8: bool) -> bool:
+    """Inline-PTX code conversion on GPUs (``STREAM_ATTENTION_KV_ASM=0``: portable integer
+    ops); fp8's ``cvt.rn.f16x2.e4m3x2`` needs compute capability 8.9 (Ada, Hopper) or later."""
+    if not envs.kv_asm():
+        return False
+    if not fp8 or device.type != "cuda":  # (the interpreter never asks; scripts/sass_count.py targets sm_90)
+        return True
+    return _has_e4m3_cvt(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _fast_views(q, k_pages, v_pages, bits: int, per_channel: bool, head_dim: int):
-    """``(K bytes, V int16 units, K and V int32 (scale, zero) words)`` when the fast kernel
-    applies to these pages, else None.
+@functools.cache
+def _has_e4m3_cvt(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
-    It needs 16-bit queries, per-token key scales, power-of-two code rows whose 16-bit V
-    units give planes of >= 16 channels (``tl.dot``'s minimum: int8 head_dim >= 32, int4
-    >= 64), and layouts that reinterpret as those views (contiguous rows, (scale, zero)
-    pairs in one word).
+
+def _fast_views(q: torch.Tensor, k_pages: Pages, v_pages: Pages, bits: int, per_channel: bool, head_dim: int):
+    """``(K bytes, V int16 units, K scales, V scales)`` when the fast kernel applies to these
+    pages, else None. Scales are int32 views of the (scale, zero) pairs (int8/int4), or
+    fp8's per-head fp32 scales.
+
+    It needs 16-bit queries, per-token or per-head scales, power-of-two code rows whose
+    16-bit V units give planes of >= 16 channels (``tl.dot``'s minimum: int8/fp8 head_dim
+    >= 32, int4 >= 64), and layouts that reinterpret as those views (contiguous rows,
+    (scale, zero) pairs in one word).
     """
     if bits not in (8, 4) or per_channel or q.dtype not in (torch.float16, torch.bfloat16):
         return None
@@ -1285,6 +1011,9 @@ def _fast_views(q, k_pages, v_pages, bits: int, per_channel: bool, head_dim: int
     if part & (part - 1) or part // 2 < 16 or k_pages.data.stride(3) != 1:
         return None
     try:
+        if isinstance(k_pages, Fp8Pages):
+            return (k_pages.data.view(torch.uint8), v_pages.data.view(torch.uint8).view(torch.int16),
+                    k_pages.scale, v_pages.scale)
         return (k_pages.data, v_pages.data.view(torch.int16), k_pages.scales.view(torch.int32),
                 v_pages.scales.view(torch.int32))
     except RuntimeError:  # strides or offsets that are not whole words
@@ -1293,8 +1022,8 @@ def _fast_views(q, k_pages, v_pages, bits: int, per_channel: bool, head_dim: int
 
 def paged_attention_quantized(
     q: torch.Tensor,
-    k_pages: QuantizedPages | torch.Tensor,
-    v_pages: QuantizedPages | torch.Tensor,
+    k_pages: Pages,
+    v_pages: Pages,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None = None,
@@ -1310,7 +1039,7 @@ def paged_attention_quantized(
     window_left: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention of new query tokens over a paged KV cache stored as int8/int4 (or float) pages.
+    """Attention of new query tokens over a paged KV cache in any page format.
 
     Same calling convention as :func:`stream_attention.kernels.paged_attention.paged_attention`:
     ``q [total_q, Hq, D]`` packed per ``cu_seqlens_q`` (int32 ``[B + 1]``; ``None`` means
@@ -1318,8 +1047,8 @@ def paged_attention_quantized(
     ``seq_lens`` int32 ``[B]`` counting each sequence's keys *including* the new tokens
     (already written), ``causal`` aligned bottom-right (query ``i`` of ``n`` sees keys
     ``j <= i + seq_len - n``). Pages are :class:`QuantizedPages` for K and V (same bit
-    width, V per token), or plain float ``[blocks, block_size, Hkv, D]`` tensors of ``q``'s
-    dtype, which run the same kernel (the like-for-like baseline).
+    width, V per token), :class:`Fp8Pages`, or plain float ``[blocks, block_size, Hkv, D]``
+    tensors of ``q``'s dtype, which run the same kernel (the like-for-like baseline).
 
     No host synchronisation happens unless a prefill call (``cu_seqlens_q`` given) leaves
     out ``max_q_len``, so decode calls can be captured in a CUDA graph; ``num_splits=None``
@@ -1334,9 +1063,13 @@ def paged_attention_quantized(
     if window_left is not None and window_left >= 0 and not causal:
         raise ValueError("window_left needs causal=True (a window is measured back from the causal diagonal)")
     has_cap, cap_log2 = softcap_arg(softcap)
-    bits, per_channel, block_size, hkv, head_dim = _page_format(k_pages, v_pages)
+    fmt = _page_pair(k_pages, v_pages)
+    bits, per_channel, block_size, hkv, head_dim = fmt.bits, fmt.per_channel, fmt.block_size, fmt.num_heads, \
+        fmt.head_dim
     if q.dim() != 3 or q.shape[-1] != head_dim:
         raise ValueError(f"q must be [tokens, Hq, {head_dim}], got {tuple(q.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q must be fp16/bf16/fp32, got {q.dtype}")
     hq = q.shape[1]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
@@ -1390,23 +1123,17 @@ def paged_attention_quantized(
     # covers that shape yet (hd128 int4 is covered and exact).
     gpu_ok = max_q_len <= 1 and part >= 64
     fast = _fast_views(q, k_pages, v_pages, bits, per_channel, head_dim) if interp or gpu_ok else None
-    if use_split:
-        mid_o = torch.empty((num_splits, total_q, hq, head_dim), dtype=torch.float32, device=device)
-        mid_s = torch.empty((num_splits, total_q, hq, 2), dtype=torch.float32, device=device)
-        mid_strides = (*mid_o.stride()[:3], *mid_s.stride()[:3])
-    else:
-        mid_o = mid_s = out
-        mid_strides = (0,) * 6
+    part_out, part_lse, p_strides, l_strides = partial_buffers(out, num_splits)
     lse_arg = lse if lse is not None else out
     lse_strides = lse.stride() if lse is not None else (0, 0)
-    tail = (block_tables.stride(0), *mid_strides, *lse_strides,
+    tail = (block_tables.stride(0), *p_strides[:3], *l_strides, *lse_strides,
             hkv, group, num_splits, softmax_scale * _LOG2E, min(max_q_len, 16), window_left_arg(window_left), cap_log2)
     grid = (q_tiles, batch * hkv, num_splits)
     if fast is not None:
         kf, vf, ksf, vsf = fast
-        args = (q, out, lse_arg, mid_o, mid_s, kf, vf, ksf, vsf, block_tables, seq_lens, cu_q,
-                *q.stride(), *out.stride(), *kf.stride()[:3], *vf.stride()[:3], *ksf.stride()[:3],
-                *vsf.stride()[:3], *tail)
+        scale_strides = (0,) * 6 if fmt.fp8 else (*ksf.stride()[:3], *vsf.stride()[:3])
+        args = (q, out, lse_arg, part_out, part_lse, kf, vf, ksf, vsf, block_tables, seq_lens, cu_q,
+                *q.stride(), *out.stride(), *kf.stride()[:3], *vf.stride()[:3], *scale_strides, *tail)
         if launch is None and not interp and not autotune_enabled():
             sched = decode_launch(bits, math.prod(grid), device) if max_q_len <= 1 else DEFAULT_LAUNCH["prefill"]
             launch = dict(zip(_LAUNCH_KEYS, sched, strict=True))
@@ -1414,16 +1141,17 @@ def paged_attention_quantized(
             cap = FAST_DECODE_MAXNREG.get(tuple(launch.get(k) for k in _LAUNCH_KEYS))
             if cap:
                 launch = {**launch, "maxnreg": cap}
-        meta = dict(PART=part, UNITS=part // 2, BLOCK_M=block_m, BLOCK_SIZE=block_size, KV_BITS=bits,
-                    CAUSAL=causal, SPLIT=use_split, STORE_LSE=return_lse, USE_ASM=not interp and _asm_enabled(),
+        meta = dict(PART=part, UNITS=part // 2, BLOCK_M=block_m, BLOCK_SIZE=block_size, KV_BITS=bits, FP8=fmt.fp8,
+                    CAUSAL=causal, SPLIT=use_split, STORE_LSE=return_lse,
+                    USE_ASM=not interp and _asm_enabled(device, fmt.fp8),
                     DEFER_SUMS=defer_row_sums(math.prod(grid), max_q_len, device), SOFTCAP=has_cap)
         _launch(_paged_attn_f16_kernel, _paged_attn_f16_tuned, grid, args, meta, launch, device, max_q_len)
     else:
-        k_data, k_scales, ksd, kss = _page_args(k_pages)
-        v_data, v_scales, vsd, vss = _page_args(v_pages)
-        args = (q, out, lse_arg, mid_o, mid_s, k_data, v_data, k_scales, v_scales, block_tables, seq_lens, cu_q,
+        k_data, k_scales, ksd, kss = page_kernel_args(k_pages)
+        v_data, v_scales, vsd, vss = page_kernel_args(v_pages)
+        args = (q, out, lse_arg, part_out, part_lse, k_data, v_data, k_scales, v_scales, block_tables, seq_lens, cu_q,
                 *q.stride(), *out.stride(), *ksd, *vsd, *kss, *vss, *tail)
-        meta = dict(PART=part, BLOCK_P=block_p, BLOCK_M=block_m, BLOCK_SIZE=block_size, KV_BITS=bits,
+        meta = dict(PART=part, BLOCK_P=block_p, BLOCK_M=block_m, BLOCK_SIZE=block_size, KV_BITS=bits, FP8=fmt.fp8,
                     K_PER_CHANNEL=per_channel, CAUSAL=causal, SPLIT=use_split, STORE_LSE=return_lse,
                     SOFTCAP=has_cap, DOT_PRECISION=dot_precision_for(q.dtype))
         if per_channel:  # a tile is a page: only the schedule is chosen
@@ -1432,14 +1160,35 @@ def paged_attention_quantized(
         else:
             _launch(_paged_attn_kernel, _paged_attn_tuned_tokens, grid, args, meta, launch, device, max_q_len)
     if use_split:
-        with _device_ctx(device):
-            _combine_splits_kernel[(total_q, hq)](
-                mid_o, mid_s, out, lse_arg, num_splits,
-                *mid_o.stride()[:3], *mid_s.stride()[:3], *out.stride(), *lse_strides,
-                HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-                BLOCK_S=max(2, triton.next_power_of_2(num_splits)), STORE_LSE=return_lse,
-            )
+        combine_splits(part_out, part_lse, out, num_splits, lse=lse)
     return (out, lse) if return_lse else out
+
+
+def paged_attention_fp8(
+    q: torch.Tensor,
+    k_pages: Fp8Pages,
+    v_pages: Fp8Pages,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None = None,
+    *,
+    max_q_len: int | None = None,
+    softmax_scale: float | None = None,
+    num_splits: int = 1,
+    causal: bool = True,
+    return_lse: bool = False,
+    launch: tuple[int, int, int] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`paged_attention_quantized` over e4m3 pages (checked to be :class:`Fp8Pages`),
+    with a ``(BLOCK_N, num_warps, num_stages)`` tuple for ``launch`` (None: the decode
+    schedule of int8 pages, :func:`decode_launch`) and one split unless told otherwise."""
+    if not isinstance(k_pages, Fp8Pages) or not isinstance(v_pages, Fp8Pages):
+        raise ValueError("k_pages and v_pages must both be Fp8Pages")
+    return paged_attention_quantized(
+        q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, max_q_len=max_q_len, softmax_scale=softmax_scale,
+        num_splits=num_splits, causal=causal, return_lse=return_lse,
+        launch=None if launch is None else dict(zip(_LAUNCH_KEYS, launch, strict=True)),
+    )
 
 
 def _launch(kernel, tuned, grid, args, meta, launch, device, max_q_len, *, block_n: int | None = None) -> None:
@@ -1462,206 +1211,15 @@ def _launch(kernel, tuned, grid, args, meta, launch, device, max_q_len, *, block
             tuned[grid](*args, **meta)
 
 
-def paged_token_attention_mass(
-    q: torch.Tensor,
-    k_pages: QuantizedPages | torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None = None,
-    *,
-    softmax_scale: float | None = None,
-    max_kv_len: int | None = None,
-    causal: bool = True,
-) -> torch.Tensor:
-    """Attention probability each cached token received, summed over the given queries.
-
-    ``q``/``cu_seqlens_q``/``causal`` as in :func:`paged_attention_quantized`, and ``lse``
-    the ``[Hq, total_q]`` log-sum-exps that call returned for the same queries (so the
-    scores are normalised exactly as attention normalised them). Returns fp32
-    ``[B, Hkv, max_kv_len]``: for each KV head, the probability mass summed over its
-    query heads and query tokens; zero past each sequence's length. This is the
-    statistic heavy-hitter eviction accumulates (H2O), or sums over an observation window
-    (SnapKV). It reads K once, about a quarter of a decode step's traffic, so an engine
-    calls it every few steps rather than every step.
-    """
-    if isinstance(k_pages, QuantizedPages):
-        bits, per_channel, block_size, hkv, head_dim = k_pages.bits, k_pages.per_channel, k_pages.block_size, \
-            k_pages.num_heads, k_pages.head_dim
-    else:
-        bits, per_channel = 16, False
-        _, block_size, hkv, head_dim = k_pages.shape
-    decode = cu_seqlens_q is None
-    batch = q.shape[0] if decode else cu_seqlens_q.numel() - 1
-    hq = q.shape[1]
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(head_dim)
-    device = q.device
-    cu_q = _decode_cu_seqlens(batch, device) if decode else cu_seqlens_q.to(torch.int32)
-    max_ctx = int(max_kv_len if max_kv_len is not None else (seq_lens.max().item() if batch else 0))
-    mass = torch.zeros((batch, hkv, max_ctx), dtype=torch.float32, device=device)
-    if batch == 0 or max_ctx == 0:
-        return mass
-    group = hq // hkv
-    part = head_dim // 2 if bits == 4 else head_dim
-    interp = interpreter_enabled()
-    block_n = block_size if per_channel else (_INTERPRETER_BLOCK_N if interp else 64)
-    block_m = max(16, triton.next_power_of_2(group))
-    k_data, k_scales, ksd, kss = _page_args(k_pages)
-    grid = (batch * hkv, triton.cdiv(max_ctx, block_n))
-    with _device_ctx(device):
-        _token_mass_kernel[grid](
-            q, lse, mass, k_data, k_scales, block_tables, seq_lens, cu_q,
-            *q.stride(), *lse.stride(), *mass.stride(), *ksd, *kss, block_tables.stride(0),
-            hkv, group, softmax_scale * _LOG2E,
-            PART=part, BLOCK_P=max(16, triton.next_power_of_2(part)), BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_SIZE=block_size, KV_BITS=bits, K_PER_CHANNEL=per_channel, CAUSAL=causal,
-            DOT_PRECISION=dot_precision_for(q.dtype),
-        )
-    return mass
-
-
-def write_tokens_to_pages(x: torch.Tensor, slot_mapping: torch.Tensor, pages: QuantizedPages) -> None:
-    """Quantize ``x [N, Hkv, D]`` per token into ``pages`` at ``slot_mapping [N]`` (negative = skip)."""
-    if pages.per_channel:
-        raise ValueError("per-channel pages are written a block at a time: use write_blocks_to_pages")
-    n, h, d = x.shape
-    if h != pages.num_heads or d != pages.head_dim:
-        raise ValueError(f"x is {tuple(x.shape)}, pages hold {pages.num_heads} heads of {pages.head_dim}")
-    if n == 0:
-        return
-    part = d // 2 if pages.bits == 4 else d
-    with _device_ctx(x.device):
-        _quantize_tokens_kernel[(n,)](
-            x, slot_mapping, pages.data, pages.scales, *x.stride(), *pages.data.stride(), *pages.scales.stride(), h,
-            BLOCK_SIZE=pages.block_size, PART=part, BLOCK_P=triton.next_power_of_2(part),
-            BLOCK_H=triton.next_power_of_2(h), BITS=pages.bits,
-        )
-
-
-def write_blocks_to_pages(
-    x: torch.Tensor, block_ids: torch.Tensor, valid_lens: torch.Tensor, pages: QuantizedPages,
-) -> None:
-    """Quantize whole blocks ``x [n, block_size, Hkv, D]`` into pages ``block_ids [n]``.
-
-    With per-channel pages each (page, head, channel) gets a ``(scale, zero)`` over the
-    block's first ``valid_lens[i]`` tokens; rows past that are zeroed. Per-token pages
-    are written row by row (same result as :func:`write_tokens_to_pages`).
-    """
-    n, bs, h, d = x.shape
-    if bs != pages.block_size or h != pages.num_heads or d != pages.head_dim:
-        raise ValueError(f"x is {tuple(x.shape)}, pages are [.., {pages.block_size}, {pages.num_heads}, "
-                         f"{pages.head_dim}]")
-    if n == 0:
-        return
-    if not pages.per_channel:
-        rows = torch.arange(bs, device=x.device)
-        slots = block_ids.to(torch.int64)[:, None] * bs + rows
-        slots = torch.where(rows < valid_lens.to(x.device)[:, None], slots, -1)
-        write_tokens_to_pages(x.reshape(n * bs, h, d), slots.reshape(-1), pages)
-        return
-    part = d // 2 if pages.bits == 4 else d
-    with _device_ctx(x.device):
-        _quantize_blocks_kernel[(n, h)](
-            x, block_ids, valid_lens.to(torch.int32), pages.data, pages.scales,
-            *x.stride(), *pages.data.stride(), *pages.scales.stride(),
-            BLOCK_SIZE=bs, BLOCK_T=triton.next_power_of_2(bs), PART=part, BLOCK_P=triton.next_power_of_2(part),
-            BITS=pages.bits,
-        )
-
-
-def dequantize_pages(
-    pages: QuantizedPages, block_ids: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Dequantize pages ``block_ids`` (all when None) into ``[n, block_size, Hkv, D]`` of ``dtype``."""
-    if block_ids is None:
-        block_ids = torch.arange(pages.num_blocks, device=pages.device)
-    n = block_ids.numel()
-    out = torch.empty((n, pages.block_size, pages.num_heads, pages.head_dim), dtype=dtype, device=pages.device)
-    if n == 0:
-        return out
-    part = pages.head_dim // 2 if pages.bits == 4 else pages.head_dim
-    with _device_ctx(pages.device):
-        _dequantize_kernel[(n, pages.num_heads)](
-            pages.data, pages.scales, block_ids, out,
-            *pages.data.stride(), *pages.scales.stride(), *out.stride(),
-            BLOCK_SIZE=pages.block_size, BLOCK_T=triton.next_power_of_2(pages.block_size), PART=part,
-            BLOCK_P=triton.next_power_of_2(part), BITS=pages.bits, PER_CHANNEL=pages.per_channel,
-        )
-    return out
-
-
 # --------------------------------------------------------------------------------------
-# PyTorch references (the semantics the kernels reproduce)
+# PyTorch reference (the semantics the kernels reproduce)
 # --------------------------------------------------------------------------------------
-
-
-def write_tokens_to_pages_ref(x: torch.Tensor, slot_mapping: torch.Tensor, pages: QuantizedPages) -> None:
-    """Reference for :func:`write_tokens_to_pages`."""
-    keep = slot_mapping >= 0
-    x, slots = x[keep], slot_mapping[keep].long()
-    if x.numel() == 0:
-        return
-    xf = x.float()
-    scale, zero = quant_params(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True), pages.bits)
-    codes = pack_codes(quantize_codes(xf, scale, zero, pages.bits), pages.bits)
-    page, row = slots // pages.block_size, slots % pages.block_size
-    pages.data[page, row] = codes
-    pages.scales[page, row] = torch.cat([scale, zero], dim=-1).to(torch.float16)
-
-
-def write_blocks_to_pages_ref(
-    x: torch.Tensor, block_ids: torch.Tensor, valid_lens: torch.Tensor, pages: QuantizedPages,
-) -> None:
-    """Reference for :func:`write_blocks_to_pages`."""
-    if not pages.per_channel:
-        n, bs, h, d = x.shape
-        rows = torch.arange(bs, device=x.device)
-        slots = torch.where(rows < valid_lens[:, None], block_ids.long()[:, None] * bs + rows, -1)
-        write_tokens_to_pages_ref(x.reshape(n * bs, h, d), slots.reshape(-1), pages)
-        return
-    for i, (blk, valid) in enumerate(zip(block_ids.tolist(), valid_lens.tolist(), strict=True)):
-        xb = x[i].float()  # [bs, h, d]
-        if valid > 0:
-            mn, mx = xb[:valid].amin(0), xb[:valid].amax(0)
-        else:
-            mn = mx = torch.zeros_like(xb[0])
-        scale, zero = quant_params(mn, mx, pages.bits)  # [h, d]
-        codes = quantize_codes(xb, scale, zero, pages.bits)
-        codes[valid:] = 0
-        pages.data[blk] = pack_codes(codes, pages.bits)
-        pages.scales[blk] = torch.stack([scale, zero], dim=1).to(torch.float16)
-
-
-def dequantize_pages_ref(pages: QuantizedPages, block_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference for :func:`dequantize_pages` (fp32)."""
-    if block_ids is None:
-        block_ids = torch.arange(pages.num_blocks, device=pages.device)
-    block_ids = block_ids.long()
-    codes = unpack_codes(pages.data[block_ids], pages.bits)
-    sc = pages.scales[block_ids].float()
-    if pages.per_channel:
-        scale, zero = sc[:, None, :, 0, :], sc[:, None, :, 1, :]
-    else:
-        scale, zero = sc[..., 0:1], sc[..., 1:2]
-    return dequantize_codes(codes, scale, zero)
-
-
-def _gather_sequence(pages, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    n_blocks = triton.cdiv(length, _block_size(pages))
-    ids = block_table[:n_blocks].long()
-    dense = dequantize_pages_ref(pages, ids) if isinstance(pages, QuantizedPages) else pages[ids].float()
-    return dense.reshape(-1, *dense.shape[2:])[:length]
-
-
-def _block_size(pages) -> int:
-    return pages.block_size if isinstance(pages, QuantizedPages) else pages.shape[1]
 
 
 def paged_attention_ref(
     q: torch.Tensor,
-    k_pages: QuantizedPages | torch.Tensor,
-    v_pages: QuantizedPages | torch.Tensor,
+    k_pages: Pages,
+    v_pages: Pages,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None = None,
@@ -1672,8 +1230,8 @@ def paged_attention_ref(
     window_left: int | None = None,
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the dequantized pages in ``dtype`` (default float64): ``(out, lse)``,
-    with an optional causal sliding window and logit soft-cap (:mod:`.score_mods`)."""
+    """Attention over the dequantized pages (any format) in ``dtype`` (default float64):
+    ``(out, lse)``, with an optional causal sliding window and logit soft-cap (:mod:`.score_mods`)."""
     decode = cu_seqlens_q is None
     batch = q.shape[0] if decode else cu_seqlens_q.numel() - 1
     cu = list(range(batch + 1)) if decode else cu_seqlens_q.tolist()
@@ -1685,8 +1243,8 @@ def paged_attention_ref(
         n_q, ctx = cu[b + 1] - cu[b], int(seq_lens[b])
         if n_q == 0:
             continue
-        k = _gather_sequence(k_pages, block_tables[b], ctx).to(dtype)
-        v = _gather_sequence(v_pages, block_tables[b], ctx).to(dtype)
+        k = gather_sequence(k_pages, block_tables[b], ctx).to(dtype)
+        v = gather_sequence(v_pages, block_tables[b], ctx).to(dtype)
         group = hq // k.shape[1]
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
@@ -1709,36 +1267,20 @@ def paged_attention_ref(
     return out, lse
 
 
-def paged_token_attention_mass_ref(
+def paged_attention_fp8_ref(
     q: torch.Tensor,
-    k_pages: QuantizedPages | torch.Tensor,
+    k_pages: Fp8Pages,
+    v_pages: Fp8Pages,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None = None,
     *,
     softmax_scale: float | None = None,
-    causal: bool = True,
-) -> torch.Tensor:
-    """Reference for :func:`paged_token_attention_mass` (normalising with its own exact LSE)."""
-    decode = cu_seqlens_q is None
-    batch = q.shape[0] if decode else cu_seqlens_q.numel() - 1
-    cu = list(range(batch + 1)) if decode else cu_seqlens_q.tolist()
-    hkv = k_pages.num_heads if isinstance(k_pages, QuantizedPages) else k_pages.shape[2]
-    d = q.shape[-1]
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    max_ctx = int(seq_lens.max()) if batch else 0
-    mass = torch.zeros((batch, hkv, max_ctx), dtype=torch.float64, device=q.device)
-    for b in range(batch):
-        n_q, ctx = cu[b + 1] - cu[b], int(seq_lens[b])
-        if n_q == 0 or ctx == 0:
-            continue
-        k = _gather_sequence(k_pages, block_tables[b], ctx).double()
-        group = q.shape[1] // hkv
-        qb = q[cu[b]:cu[b + 1]].double().view(n_q, hkv, group, d)
-        s = torch.einsum("qhgd,khd->hgqk", qb, k) * scale
-        if causal:
-            rows = torch.arange(n_q, device=q.device)[:, None] + (ctx - n_q)
-            s = s.masked_fill(torch.arange(ctx, device=q.device)[None, :] > rows, float("-inf"))
-        p = torch.nan_to_num(torch.softmax(s, dim=-1))
-        mass[b, :, :ctx] = p.sum(dim=(1, 2))
-    return mass
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal :func:`paged_attention_ref` over e4m3 pages in ``dtype`` (default float32):
+    ``(out, lse [Hq, total_q])``. The engine's path where Triton cannot run."""
+    if not isinstance(k_pages, Fp8Pages) or not isinstance(v_pages, Fp8Pages):
+        raise ValueError("k_pages and v_pages must both be Fp8Pages")
+    return paged_attention_ref(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q,
+                               softmax_scale=softmax_scale, dtype=dtype)
