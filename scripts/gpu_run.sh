@@ -76,6 +76,12 @@ for stage in $STAGES; do
     soak)    ulimit -n 65536 2>/dev/null; echo "open-file limit: soft $(ulimit -Sn), hard $(ulimit -Hn)"
              run soak "${SOAK_LIMIT_S:-240}" python3 benchmarks/soak.py --model default --device cuda \
                --duration-s "${SOAK_DURATION_S:-120}" --concurrency "${SOAK_CONCURRENCY:-1000}" --out "$RES/soak_gpu.json" ;;
+    spec)    run spec 170 python3 benchmarks/bench_spec.py --out "$RES/spec.json" ${SPEC_ARGS:-} ;;
+    families) run families 170 python3 benchmarks/bench_families.py --out "$RES/families.json" ${FAMILIES_ARGS:-} ;;
+    longprompt) run longprompt 200 python3 benchmarks/bench_long_prompt.py --out "$RES/long_prompt.json" --budget-s 170 ;;
+    sweep)   run sweep 170 python3 benchmarks/bench_sweep.py --out "$RES/sweep.json" --budget-s 140 --rates 4 8 16 32 inf \
+               --num-requests 64 ;;
+    longctx) run longctx 200 python3 benchmarks/bench_long_context.py --out "$RES/long_context.json" --budget-s 170 ;;
     server)  run server 300 python3 benchmarks/bench_server.py --out "$RES/server.json" ${SERVER_ARGS:-} ;;
     engine2) run engine_alt 150 python3 benchmarks/bench_engine.py --only engine --out "$RES/engine_alt.json" \
                ${ENGINE2_ARGS:-} ;;
