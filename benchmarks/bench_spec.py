@@ -64,26 +64,43 @@ def editing_prompts(tokenizer: Any, n: int, prompt_tokens: int) -> list[list[int
 
 
 def run_config(method: str, k: int, prompts: list[list[int]], gen: int, batches: list[int],
-               device: str) -> tuple[list[dict[str, Any]], dict[int, list[list[int]]]]:
-    cfg = EngineConfig(device=device, speculative_method=method, num_speculative_tokens=k,
+               device: str, dtype: str = "auto", profile: bool = False,
+               ) -> tuple[list[dict[str, Any]], dict[int, list[list[int]]]]:
+    cfg = EngineConfig(device=device, dtype=dtype, speculative_method=method, num_speculative_tokens=k,
                        prompt_lookup_min=1, prompt_lookup_max=4, max_num_seqs=max(batches),
                        cuda_graph_max_batch=max(batches), enable_prefix_caching=False)
     t0 = time.perf_counter()
     engine = LLMEngine(config=cfg)
     load_s = time.perf_counter() - t0
     params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
-    engine.generate([prompts[0]], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))  # warm-up
     rows, outputs = [], {}
     for batch in batches:
+        def once() -> list[Any]:
+            if batch == 1:
+                return [o for p in prompts[:BATCH1_REQUESTS] for o in engine.generate([p], params)]
+            return engine.generate(prompts[:batch], params)
+
+        # Warm-up: the same run untimed, so every kernel variant the verify steps meet (query
+        # lengths, split counts) is compiled before the clock starts.
+        once()
         before = engine.stats()
         sync(device)
+        prof = None
+        if profile and batch == 1:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
         t0 = time.perf_counter()
-        if batch == 1:
-            outs = [o for p in prompts[:BATCH1_REQUESTS] for o in engine.generate([p], params)]
-        else:
-            outs = engine.generate(prompts[:batch], params)
+        outs = once()
         sync(device)
         wall = time.perf_counter() - t0
+        if prof is not None:
+            import pstats
+
+            prof.disable()
+            print(f"host profile, {method} k={k} batch 1 (top functions by own time):")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(22)
         after = engine.stats()
         tokens = sum(len(o.token_ids) for o in outs)
         drafts = after.spec_decode_num_drafts_total - before.spec_decode_num_drafts_total
@@ -115,6 +132,9 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--prompt-tokens", type=int, default=1200)
     ap.add_argument("--batch", type=int, default=8, help="the batched run's size (at most 8 prompts)")
+    ap.add_argument("--dtype", default="auto", help="model dtype (float32 separates rounding from logic "
+                    "when checking that speculative greedy output equals plain)")
+    ap.add_argument("--profile", action="store_true", help="print a host profile of the first ngram batch-1 run")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: short prompts and outputs, batch 1 and 2")
     args = ap.parse_args()
     batches = [1, min(args.batch, len(SOURCES))]
@@ -128,11 +148,12 @@ def main() -> None:
     prompts = editing_prompts(tok, max(batches), args.prompt_tokens)
 
     results: list[dict[str, Any]] = []
-    plain_rows, plain_out = run_config("none", 1, prompts, args.gen, batches, args.device)
+    plain_rows, plain_out = run_config("none", 1, prompts, args.gen, batches, args.device, args.dtype)
     results += plain_rows
     base = {r["batch"]: r["tokens_per_s"] for r in plain_rows}
     for k in args.k:
-        rows, out = run_config("ngram", k, prompts, args.gen, batches, args.device)
+        rows, out = run_config("ngram", k, prompts, args.gen, batches, args.device, args.dtype,
+                               profile=args.profile and k == args.k[0])
         for r in rows:
             r["speedup"] = round(r["tokens_per_s"] / base[r["batch"]], 2)
             r["identical"] = out[r["batch"]] == plain_out[r["batch"]]
