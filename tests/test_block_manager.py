@@ -297,3 +297,38 @@ def test_drop_and_preemption_counters_accumulate():
     assert bm.blocks_dropped == 3 and a.num_dropped_tokens == 12 and a.prefix_cacheable is False
     assert a.block_hashes == []  # a compacted table no longer maps to prompt prefixes
     bm.check_invariants([a])
+
+
+def test_chunked_prompts_are_admitted_only_when_they_fit_whole():
+    # A pool of 12 blocks (48 slots), prompts of 36 and 40 tokens in 16-token steps. On its
+    # first chunk alone, b would be admitted beside a's last chunk (3 blocks free), and a's
+    # first decode block would then preempt b, discarding b's prefill. b must wait for a.
+    bm = BlockManager(num_blocks=12, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=16, max_waiting=4,
+                      enable_chunked_prefill=True, admission_reserve_blocks=0)
+    a, b = _seq("a", list(range(36)), max_tokens=4), _seq("b", list(range(100, 140)), max_tokens=4)
+    sched.add(a)
+    sched.add(b)
+    rng = random.Random(0)
+    admitted_b_at = None
+    for step in range(60):
+        _run_step(sched, rng)
+        if admitted_b_at is None and b.status is not SequenceStatus.WAITING:
+            admitted_b_at = step
+        if not sched.num_unfinished:
+            break
+    assert sched.num_preemptions == 0
+    assert a.num_output_tokens == 4 and b.num_output_tokens == 4
+    assert admitted_b_at is not None and admitted_b_at >= 3  # not beside a's last prompt chunk
+    assert bm.num_free_blocks == bm.num_blocks
+    bm.check_invariants([])
+
+
+def test_a_prompt_larger_than_the_free_pool_still_starts_when_nothing_runs():
+    bm = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=8, max_waiting=2,
+                      enable_chunked_prefill=True, admission_reserve_blocks=0)
+    a = _seq("a", list(range(20)), max_tokens=2)  # 5 blocks of a 6-block pool: fits, but only alone
+    sched.add(a)
+    out = sched.schedule()
+    assert [s.seq for s in out.scheduled] == [a] and out.scheduled[0].num_new_tokens == 8
