@@ -71,6 +71,7 @@ class SoakConfig:
     warmup_frac: float = 0.2
     max_rss_growth_pct: float = 5.0
     idle_timeout_s: float = 60.0
+    progress_every: int = 10  # samples between progress lines on stderr
     request_timeout_s: float = 600.0
     seed: int = 0
     mix: dict[str, int] = field(default_factory=lambda: dict(MIX))
@@ -352,6 +353,12 @@ async def soak(cfg: SoakConfig) -> dict[str, Any]:
                         samples.append(await sample(monitor, t0))
                     except httpx.TransportError as exc:
                         out.failures[f"monitor {type(exc).__name__}"] += 1
+                    if len(samples) % cfg.progress_every == 0:
+                        # A run cut short from outside still leaves a trace of how it went.
+                        last = samples[-1]
+                        print(f"[{last.t:6.0f} s] sent {sent}, failures {dict(out.failures)}, "
+                              f"RSS {last.rss_bytes / 2**20:.0f} MiB, KV blocks {last.kv_blocks_used:.0f}, "
+                              f"running {last.running:.0f}, waiting {last.waiting:.0f}", file=sys.stderr, flush=True)
 
         sent = 0
 
@@ -463,6 +470,8 @@ class ServerProcess:
                 raise RuntimeError(f"server exited ({self.proc.returncode}): {self.tail()}")
             try:
                 if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    print(f"server ready in {time.monotonic() - deadline + ready_timeout_s:.0f} s",
+                          file=sys.stderr, flush=True)
                     return
             except httpx.TransportError:
                 pass

@@ -74,7 +74,7 @@ for stage in $STAGES; do
     kvquant) run kvquant 150 python3 benchmarks/bench_kv_quant.py --out "$RES/kv_quant.json" ${KVQ_ARGS:-} ;;
     structured) run structured 200 python3 benchmarks/bench_structured.py --out "$RES/structured.json" ${STRUCTURED_ARGS:-} ;;
     soak)    ulimit -n 65536 2>/dev/null; echo "open-file limit: soft $(ulimit -Sn), hard $(ulimit -Hn)"
-             run soak "${SOAK_LIMIT_S:-240}" python3 benchmarks/soak.py --model default --device cuda \
+             run soak "${SOAK_LIMIT_S:-300}" python3 benchmarks/soak.py --model default --device cuda \
                --duration-s "${SOAK_DURATION_S:-120}" --concurrency "${SOAK_CONCURRENCY:-1000}" --out "$RES/soak_gpu.json" ;;
     spec)    run spec 170 python3 benchmarks/bench_spec.py --out "$RES/spec.json" ${SPEC_ARGS:-} ;;
     families) run families 170 python3 benchmarks/bench_families.py --out "$RES/families.json" ${FAMILIES_ARGS:-} ;;
