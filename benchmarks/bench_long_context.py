@@ -220,13 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args.step_tokens = args.step_tokens or (128 if args.quick else 16384)
     args.kv_bytes = (1 << 20) if args.quick else int(args.kv_gib * 2**30)
     report: dict[str, Any] = {"benchmark": "long_context_compression", **bs.environment(device, args)}
-    cfg = bs.llama_config(args.quick, args.context, rope_scaled=True)
-    model = bs.build_model(cfg, device)
-    tok = bs.wordlevel_tokenizer(cfg.vocab_size)
-    report["model"] = {"shape": bs.TINY if args.quick else bs.LLAMA_1B, "dtype": str(next(model.parameters()).dtype),
-                       "max_position_embeddings": args.context, "rope": bs.rope_description(cfg),
-                       "rope_type_used": bs.rope_type(model),
-                       "params_B": sum(p.numel() for p in model.parameters()) / 1e9}  # fmt: skip
+    cfg, model, tok, report["model"] = bs.scaled_llama(args.quick, args.context, device)
     report["workloads"] = {k: {"prompts": n, "prompt_tokens": t, "gen_tokens": GEN_TOKENS} for k, (n, t) in
                            loads.items()}
     report["formats"] = {f: FORMATS[f] for f, _ in rows_todo}

@@ -238,13 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = args.dense_backends or (["cudnn", "flash"] if device.type == "cuda" else ["default"])
     args.context = 2048 if args.quick else CONTEXT
     report: dict[str, Any] = {"benchmark": "long_prompt", **bs.environment(device, args)}
-    cfg = bs.llama_config(args.quick, args.context, rope_scaled=True)
-    model = bs.build_model(cfg, device)
-    tok = bs.wordlevel_tokenizer(cfg.vocab_size)
-    report["model"] = {"shape": bs.TINY if args.quick else bs.LLAMA_1B, "dtype": str(next(model.parameters()).dtype),
-                       "max_position_embeddings": args.context, "rope": bs.rope_description(cfg),
-                       "rope_type_used": bs.rope_type(model),
-                       "params_B": sum(p.numel() for p in model.parameters()) / 1e9}  # fmt: skip
+    cfg, model, tok, report["model"] = bs.scaled_llama(args.quick, args.context, device)
     lengths = prompt_lengths(args.quick)
     prompts = {label: bs.random_prompts(1, n, cfg.vocab_size, seed=i)[0] for i, (label, n) in enumerate(lengths.items())}
     report["prompt_tokens"] = lengths

@@ -75,14 +75,9 @@ def run_config(method: str, k: int, prompts: list[list[int]], gen: int, batches:
     params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
     rows, outputs = [], {}
     for batch in batches:
-        def once() -> list[Any]:
-            if batch == 1:
-                return [o for p in prompts[:BATCH1_REQUESTS] for o in engine.generate([p], params)]
-            return engine.generate(prompts[:batch], params)
-
         # Warm-up: the same run untimed, so every kernel variant the verify steps meet (query
         # lengths, split counts) is compiled before the clock starts.
-        once()
+        generate(engine, prompts, params, batch)
         before = engine.stats()
         sync(device)
         prof = None
@@ -92,7 +87,7 @@ def run_config(method: str, k: int, prompts: list[list[int]], gen: int, batches:
             prof = cProfile.Profile()
             prof.enable()
         t0 = time.perf_counter()
-        outs = once()
+        outs = generate(engine, prompts, params, batch)
         sync(device)
         wall = time.perf_counter() - t0
         if prof is not None:
@@ -117,6 +112,13 @@ def run_config(method: str, k: int, prompts: list[list[int]], gen: int, batches:
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks, "KV blocks leaked"
     del engine
     return rows, outputs
+
+
+def generate(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, batch: int) -> list[Any]:
+    """Batch 1: the first prompts one after another; otherwise ``batch`` prompts at once."""
+    if batch == 1:
+        return [o for p in prompts[:BATCH1_REQUESTS] for o in engine.generate([p], params)]
+    return engine.generate(prompts[:batch], params)
 
 
 def sync(device: str) -> None:

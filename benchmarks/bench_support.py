@@ -92,6 +92,19 @@ def rope_type(model: Any) -> str | None:
     return getattr(getattr(model.model, "rotary_emb", None), "rope_type", None)
 
 
+def scaled_llama(quick: bool, context: int, device: torch.device) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The 1B Llama shape (``TINY`` when ``quick``) with RoPE scaled to ``context``, random
+    weights: ``(config, model, tokenizer, description for the report)``."""
+    cfg = llama_config(quick, context, rope_scaled=True)
+    model = build_model(cfg, device)
+    tok = wordlevel_tokenizer(cfg.vocab_size)
+    described = {"shape": TINY if quick else LLAMA_1B, "dtype": str(next(model.parameters()).dtype),
+                 "max_position_embeddings": context, "rope": rope_description(cfg),
+                 "rope_type_used": rope_type(model),
+                 "params_B": sum(p.numel() for p in model.parameters()) / 1e9}
+    return cfg, model, tok, described
+
+
 def wordlevel_tokenizer(vocab: int) -> Any:
     """An offline tokenizer covering every id of the random model (its text is irrelevant)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
