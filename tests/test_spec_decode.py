@@ -302,3 +302,89 @@ def test_server_flags_and_metrics(request: pytest.FixtureRequest) -> None:
 
 def test_ngram_proposal_uses_numpy_input_too() -> None:
     assert NgramProposer(1, 2).propose(np.array([3, 4, 3]), 4) == [4, 3]
+
+
+def test_verify_graph_inputs_give_the_eager_step_logits() -> None:
+    """What a verify-step CUDA graph computes (the fixed, padded inputs of ``VerifyStaging``,
+    run eagerly: ``run_verify_static``) must equal the eager verify step's logits, for every
+    verify step of a real speculative generation: rows with full, short and no drafts,
+    padded batches. fp32 on CPU; the tolerance covers the two attention calls' different
+    shapes (the padded queries change SDPA's blocking, not the math)."""
+    spec = _engine(speculative_method="ngram", num_speculative_tokens=4, block_size=8)
+    runner = spec.runner
+    runner._alloc_verify_inputs([1, 2, 4, 8])
+    eager_execute = runner.execute
+    checked: list[tuple[int, int]] = []
+
+    def execute(scheduled):
+        logits, collector = eager_execute(scheduled)
+        if any(s.draft for s in scheduled) and runner._verify_fits(scheduled):
+            static = runner.run_verify_static(scheduled)
+            assert static.shape == logits.shape
+            torch.testing.assert_close(static, logits, rtol=1e-4, atol=1e-4)
+            checked.append((len(scheduled), sum(len(s.draft or ()) for s in scheduled)))
+        return logits, collector
+
+    runner.execute = execute
+    spec.generate(PROMPTS[:3], SamplingParams(max_tokens=30, ignore_eos=True))
+    assert len(checked) > 5
+    assert {n for n, _ in checked} >= {3}  # batches padded to the 4-row layout
+    assert any(d < 4 * n for n, d in checked)  # rows with short or no drafts were padded
+
+
+def test_verify_staging_lays_out_rows_as_the_eager_step_does() -> None:
+    """Real positions carry the eager step's ids, positions and slots; padding writes to
+    the scratch slot and reads block 0 (table entries past a sequence's blocks are zeroed,
+    whatever an earlier layout left there); kept logits rows skip the padding."""
+    from types import SimpleNamespace as NS
+
+    import numpy as np
+
+    from stream_attention.engine.model_runner import VerifyStaging
+
+    bs, mb, k, scratch = 4, 6, 3, 999
+    q = 1 + k
+    s64 = np.full(3 * 4 * q, -7, dtype=np.int64)
+    s32 = np.full(4 + 4 * mb, 5000, dtype=np.int32)  # stale values: not valid block ids
+    staging = VerifyStaging(s64, s32, bs, mb, scratch, k)
+
+    def row(computed: int, table: list[int], draft: list[int] | None, first: int) -> NS:
+        seq = NS(num_computed_tokens=computed, num_kv_slots=computed, block_table=table,
+                 token_ids=list(range(first, first + computed + 1)))
+        return NS(seq=seq, draft=draft, samples=True, num_new_tokens=1 + len(draft or ()))
+
+    rows = [row(6, [10, 11, 12], [70, 71, 72], 100), row(3, [20, 21], [80], 200), row(9, [30, 31, 32], None, 300)]
+    keep = staging.fill(rows, 4)
+    t = 4 * q
+    ids, pos, slots = s64[:t].reshape(4, q), s64[t:2 * t].reshape(4, q), s64[2 * t:].reshape(4, q)
+    lens, tables = s32[:4], s32[4:].reshape(4, mb)
+    assert ids.tolist() == [[106, 70, 71, 72], [203, 80, 0, 0], [309, 0, 0, 0], [0, 0, 0, 0]]
+    assert pos.tolist() == [[6, 7, 8, 9], [3, 4, 5, 6], [9, 10, 11, 12], [0, 1, 2, 3]]
+    # slot = block * 4 + offset at the real positions (row 0: 6..9 in blocks 11, 11, 12, 12)
+    assert slots.tolist() == [[46, 47, 48, 49], [83, 84, scratch, scratch], [129, scratch, scratch, scratch],
+                              [scratch] * 4]
+    assert lens.tolist() == [6 + q, 3 + q, 9 + q, q]
+    assert tables[0, :3].tolist() == [10, 11, 12]
+    assert tables[1, :2].tolist() == [20, 21]
+    assert tables[2, :4].tolist() == [30, 31, 32, 0]  # padding at position 12 reads past the blocks: zeroed
+    assert tables[3, 0] == 0
+    assert keep.tolist() == [0, 1, 2, 3, 4, 5, 8]
+
+
+@pytest.mark.gpu
+def test_verify_graphs_on_gpu_give_plain_greedy_output() -> None:
+    """On a GPU, verify steps replay CUDA graphs (captured, and checked against the eager
+    step at start-up); in fp32 greedy speculation must still give plain decoding's tokens."""
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    plain = LLMEngine(config=EngineConfig(device="cuda", dtype="float32", num_kv_blocks=128))
+    expected = [o.token_ids for o in plain.generate(PROMPTS, params)]
+    del plain
+    spec = LLMEngine(config=EngineConfig(device="cuda", dtype="float32", num_kv_blocks=128,
+                                         speculative_method="ngram", num_speculative_tokens=4))
+    assert spec.runner.verify_graphs, "verify graphs were not captured"
+    replays = []
+    run = spec.runner._run_verify_graph
+    spec.runner._run_verify_graph = lambda scheduled: replays.append(len(scheduled)) or run(scheduled)
+    assert [o.token_ids for o in spec.generate(PROMPTS, params)] == expected
+    assert replays, "no verify step replayed a graph"
+    assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks

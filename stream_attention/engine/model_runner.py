@@ -132,6 +132,13 @@ class ModelRunner:
         self.graphs: dict[int, _DecodeGraph] = {}
         self._graph_sizes: list[int] = []
         self._staged_copied: torch.cuda.Event | None = None  # the last staging -> device copies
+        # Speculative decoding: verify steps (1 + K query tokens per sequence) replay graphs
+        # of their own; drafts shorter than K are padded (see VerifyStaging).
+        self.verify_k = config.num_speculative_tokens if config.speculative_method != "none" else 0
+        self.verify_graphs: dict[int, _DecodeGraph] = {}
+        self._verify_sizes: list[int] = []
+        self._verify_staging: VerifyStaging | None = None
+        self._verify_copied: torch.cuda.Event | None = None
         if config.use_cuda_graphs and device.type == "cuda" and self.backend == "triton":
             try:
                 self._capture_graphs()
@@ -139,6 +146,13 @@ class ModelRunner:
                 log.warning("CUDA graph capture failed (%s); decode runs eagerly", exc)
                 self.graphs.clear()
                 self._graph_sizes = []
+            if self.graphs and self.verify_k and not self.kv_mgr.quantized and self.num_blocks >= 4:
+                try:
+                    self._capture_verify_graphs()
+                except Exception as exc:  # pragma: no cover - depends on the model's code
+                    log.warning("verify-step graph capture failed (%s); verify steps run eagerly", exc)
+                    self.verify_graphs.clear()
+                    self._verify_sizes = []
         # Warm-up and capture wrote dummy tokens: fp8 scales calibrate on the first real prompt.
         self.kv_mgr.reset_calibration(self.kv_caches)
 
@@ -298,6 +312,8 @@ class ModelRunner:
         if collector is None and self.graphs and n <= self._graph_sizes[-1] and all(
                 s.num_new_tokens == 1 for s in scheduled):
             return self._run_graph(scheduled), None
+        if collector is None and self.verify_graphs and self._verify_fits(scheduled):
+            return self._run_verify_graph(scheduled), None
         return self._run_eager(scheduled, collector), collector
 
     def _run_eager(self, scheduled, collector: BlockScoreCollector | None = None) -> torch.Tensor:
@@ -418,6 +434,175 @@ class ModelRunner:
         return graph.logits[torch.tensor(keep, device=self.device)]
 
 
+    # ------------------------------------------------------------ verify-step graphs
+    def _verify_fits(self, scheduled: list[ScheduledSeq]) -> bool:
+        """Whether a step is decode and verify rows only (no prefill chunk), within the
+        largest verify graph, with every row's ``1 + K`` positions inside the block table."""
+        k, span = self.verify_k, self._max_blocks * self.block_size
+        return len(scheduled) <= self._verify_sizes[-1] and all(
+            s.num_new_tokens == 1 + len(s.draft or ()) and s.samples and s.seq.num_kv_slots + 1 + k <= span
+            for s in scheduled)
+
+    def _verify_views(self, b: int):
+        q, m64, m32, mb = 1 + self.verify_k, self._vmeta64, self._vmeta32, self._max_blocks
+        t = b * q
+        return m64[:t], m64[t:2 * t], m64[2 * t:3 * t], m32[:b], m32[b:b + b * mb].view(b, mb)
+
+    def _alloc_verify_inputs(self, sizes: list[int]) -> None:
+        """Device buffers a verify graph reads, and their (pinned on CUDA) host staging."""
+        q, top, dev = 1 + self.verify_k, sizes[-1], self.device
+        self._max_blocks = mb = -(-self.max_model_len // self.block_size)
+        self._vmeta64 = torch.zeros(3 * top * q, dtype=torch.long, device=dev)
+        self._vmeta32 = torch.zeros(top + top * mb, dtype=torch.int32, device=dev)
+        self._vstage64 = torch.zeros(3 * top * q, dtype=torch.long)
+        self._vstage32 = torch.zeros(top + top * mb, dtype=torch.int32)
+        if dev.type == "cuda":
+            self._vstage64, self._vstage32 = self._vstage64.pin_memory(), self._vstage32.pin_memory()
+        self._verify_staging = VerifyStaging(self._vstage64.numpy(), self._vstage32.numpy(), self.block_size,
+                                             mb, self.scratch_slot, self.verify_k)
+        self._verify_cu = torch.arange(top + 1, dtype=torch.int32, device=dev) * q
+        self._verify_sizes = sizes
+
+    def _verify_inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor, attn_hook.AttentionContext]:
+        """The ``b``-row verify step's ids, positions and attention context: views of the
+        fixed buffers, so a graph captured over them replays whatever is staged."""
+        q = 1 + self.verify_k
+        ids, pos, slots, seq_lens, tables = self._verify_views(b)
+        ctx = attn_hook.AttentionContext(
+            kv_caches=self.kv_caches, slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
+            cu_seqlens_q=self._verify_cu[:b + 1], max_q_len=q, max_kv_len=self.max_model_len,
+            backend=self.backend, num_splits=1, layers=self.layer_attention,
+        )
+        return ids, pos, ctx
+
+    def _stage_verify(self, scheduled: list[ScheduledSeq], b: int) -> torch.Tensor:
+        """Write ``scheduled`` into the verify buffers; returns the logits rows to keep."""
+        t, mb = b * (1 + self.verify_k), self._max_blocks
+        if self._verify_copied is not None:  # see _run_graph: the staging is reused per step
+            self._verify_copied.synchronize()
+        rows = self._verify_staging.fill(scheduled, b)
+        self._vmeta64[:3 * t].copy_(self._vstage64[:3 * t], non_blocking=True)
+        self._vmeta32[:b + b * mb].copy_(self._vstage32[:b + b * mb], non_blocking=True)
+        if self.device.type == "cuda":
+            if self._verify_copied is None:
+                self._verify_copied = torch.cuda.Event()
+            self._verify_copied.record()
+        return torch.from_numpy(rows).to(self.device, non_blocking=True)
+
+    def _capture_verify_graphs(self) -> None:
+        t0 = time.perf_counter()
+        sizes = self._graph_sizes
+        self._alloc_verify_inputs(sizes)
+        pool = self.graphs[sizes[-1]].graph.pool()  # never replayed at the same time as a decode graph
+        for b in reversed(sizes):
+            ids, pos, ctx = self._verify_inputs(b)
+            ctx.slot_mapping.fill_(self.scratch_slot)
+            ctx.seq_lens.fill_(1 + self.verify_k)
+            ctx.block_tables.zero_()
+            with torch.inference_mode(), attn_hook.attention_context(ctx):
+                self._forward(ids, pos, 0)  # warm-up: compiles kernels outside the capture
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._forward(ids, pos, 0)
+            self.verify_graphs[b] = _DecodeGraph(graph, b, logits)
+        torch.cuda.synchronize(self.device)
+        self._check_verify_graphs()
+        log.info("captured %d verify-step CUDA graphs (batch %s, %d query tokens each) in %.1f s",
+                 len(sizes), sizes, 1 + self.verify_k, time.perf_counter() - t0)
+
+    def _check_verify_graphs(self) -> None:
+        """Run one small verify step eagerly and through its graph on the same pages; keep
+        the graphs only if the logits agree (a staging mistake would otherwise give wrong
+        tokens silently)."""
+        k, bs = self.verify_k, self.block_size
+        for pages in self.kv_caches:
+            for p in pages:
+                p[:4] = 0
+        rows = [_FakeScheduled(1 + k, [0, 1], computed=bs - 1, draft=list(range(3, 3 + k))),
+                _FakeScheduled(1, [2, 3], computed=bs + 2)]
+        eager = self._run_eager(rows).float()
+        graphed = self._run_verify_graph(rows).float()
+        scale = eager.abs().amax().clamp_min(1.0)
+        err = ((eager - graphed).abs().amax() / scale).item()
+        if not err < 2e-2:  # bf16 logits of the same math in two kernel schedules; NaN fails too
+            self.verify_graphs.clear()
+            self._verify_sizes = []
+            raise RuntimeError(f"verify graph logits differ from the eager step's (relative error {err:.3g})")
+
+    def _run_verify_graph(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        b = next(s for s in self._verify_sizes if s >= len(scheduled))
+        rows = self._stage_verify(scheduled, b)
+        graph = self.verify_graphs[b]
+        graph.graph.replay()
+        return graph.logits[rows]
+
+    @torch.inference_mode()
+    def run_verify_static(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """A verify step over the graphs' fixed, padded inputs, run eagerly: what a verify
+        graph computes, on any device (tests compare it with the eager step on CPU)."""
+        b = next(s for s in self._verify_sizes if s >= len(scheduled))
+        rows = self._stage_verify(scheduled, b)
+        ids, pos, ctx = self._verify_inputs(b)
+        with attn_hook.attention_context(ctx):
+            return self._forward(ids, pos, 0)[rows]
+
+
+class VerifyStaging:
+    """Host side of a verify graph's inputs, for ``b`` rows of ``q = 1 + k`` query tokens:
+    ``[ids | positions | slots]`` (int64, ``b * q`` each) and ``[lens | tables (b x
+    max_blocks)]`` (int32), in pinned buffers shared by every graph size.
+
+    A row verifying ``d <= k`` drafts holds its last token, the drafts, then ``k - d``
+    padding tokens (id 0) whose K/V go to the scratch slot. Causal attention keeps the real
+    tokens from seeing the padding; the padding's own outputs are dropped. Its key length is
+    ``kv + q``, so the padding reads table entries past the sequence's blocks: those are
+    zeroed (block 0), never left stale, since stale entries of another layout may hold
+    lengths or slot numbers. Padding rows (``n..b``) see ``q`` keys of block 0."""
+
+    def __init__(self, s64: np.ndarray, s32: np.ndarray, block_size: int, max_blocks: int,
+                 scratch_slot: int, k: int) -> None:
+        self.s64, self.s32 = s64, s32
+        self.block_size, self.max_blocks, self.scratch_slot, self.q = block_size, max_blocks, scratch_slot, 1 + k
+
+    def fill(self, scheduled: list, b: int) -> np.ndarray:
+        """Stage ``scheduled`` padded to ``b`` rows; returns the logits rows to keep (each
+        sampling row's last token and drafts, in order), as the eager step returns them."""
+        s64, s32, bs, mb, q = self.s64, self.s32, self.block_size, self.max_blocks, self.q
+        t = b * q
+        ids, pos, slots = s64[:t].reshape(b, q), s64[t:2 * t].reshape(b, q), s64[2 * t:3 * t].reshape(b, q)
+        lens, tables = s32[:b], s32[b:b + b * mb].reshape(b, mb)
+        steps = np.arange(q, dtype=np.int64)
+        keep: list[int] = []
+        n = len(scheduled)
+        for i, s in enumerate(scheduled):
+            seq = s.seq
+            p = seq.num_computed_tokens
+            kv0 = seq.num_kv_slots
+            table = seq.block_table
+            draft = s.draft or ()
+            d = len(draft)
+            ids[i, 0] = seq.token_ids[p]
+            ids[i, 1:1 + d] = draft
+            ids[i, 1 + d:] = 0
+            pos[i] = p + steps
+            tables[i, :len(table)] = table
+            reach = (kv0 + q - 1) // bs + 1
+            tables[i, len(table):reach] = 0
+            real = kv0 + steps[:1 + d]
+            slots[i, :1 + d] = tables[i, real // bs].astype(np.int64) * bs + real % bs
+            slots[i, 1 + d:] = self.scratch_slot
+            lens[i] = kv0 + q
+            if s.samples:
+                keep.extend(range(i * q, i * q + 1 + d))
+        ids[n:] = 0
+        pos[n:] = steps
+        slots[n:] = self.scratch_slot
+        lens[n:] = q
+        tables[n:, :(q - 1) // bs + 1] = 0
+        return np.asarray(keep, dtype=np.int64)
+
+
 class DecodeStaging:
     """Host side of a decode graph's inputs: ids, positions, slots (int64) and sequence
     lengths, block tables (int32) written into pinned buffers laid out per graph size
@@ -484,8 +669,8 @@ class _FakeScheduled:
     """A scheduled sequence of ``n`` new tokens after ``computed`` cached ones (dummy ids),
     for profiling and warm-up steps that run before any request exists."""
 
-    def __init__(self, n: int, table: list[int], computed: int = 0) -> None:
+    def __init__(self, n: int, table: list[int], computed: int = 0, draft: list[int] | None = None) -> None:
         self.seq = _FakeSeq([0] * (computed + n), table, computed, computed)
         self.num_new_tokens = n
         self.samples = True
-        self.draft = None
+        self.draft = draft
