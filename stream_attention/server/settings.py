@@ -41,7 +41,10 @@ LEGACY_NAMES: dict[str, tuple[str, ...]] = {
 # --draft-model PATH``), accepted the same way.
 SHORT_NAMES: dict[str, tuple[str, ...]] = {
     "speculative_method": ("speculative",),
-    "speculative_draft_model": ("draft_model",),
+    "speculative_draft_model": ("draft_model", "speculative_draft_model_path"),  # the second: SGLang's
+    "num_speculative_tokens": ("speculative_num_draft_tokens",),  # SGLang
+    "cuda_graph_max_batch": ("cuda_graph_max_bs",),  # SGLang
+    "max_num_batched_tokens": ("chunked_prefill_size",),  # SGLang: the step's token budget is the chunk size
 }
 ALIASES: dict[str, tuple[str, ...]] = {**LEGACY_NAMES, **SHORT_NAMES}
 
@@ -260,13 +263,98 @@ def build_parser(prog: str = "stream-attention-serve") -> argparse.ArgumentParse
                 continue
             typ, choices = _flag_type(info.annotation)
             parser.add_argument(flag, dest=dest, type=typ, choices=choices, default=None, help=help_text)
+    _add_peer_flags(parser)
     return parser
+
+
+# The peer servers' switches whose value takes another shape here: flag -> (settings, help).
+PEER_SWITCHES: dict[str, tuple[dict[str, Any], str]] = {
+    "--enforce-eager": ({"use_cuda_graphs": False}, "vLLM: same as --no-use-cuda-graphs"),
+    "--disable-cuda-graph": ({"use_cuda_graphs": False}, "SGLang: same as --no-use-cuda-graphs"),
+    "--disable-radix-cache": ({"enable_prefix_caching": False}, "SGLang: same as --no-enable-prefix-caching"),
+    "--enable-priority-scheduling": ({"scheduling_policy": "priority"},
+                                     "SGLang: same as --scheduling-policy priority"),
+}
+# vLLM's ``--speculative-config`` keys and the settings they set.
+_SPECULATIVE_CONFIG_KEYS = {
+    "method": "speculative_method", "model": "speculative_draft_model",
+    "num_speculative_tokens": "num_speculative_tokens",
+    "prompt_lookup_min": "prompt_lookup_min", "prompt_lookup_max": "prompt_lookup_max",
+}
+
+
+def speculative_config(text: str) -> dict[str, Any]:
+    """Settings from vLLM's ``--speculative-config`` JSON (``{"method": "ngram",
+    "num_speculative_tokens": 4, "prompt_lookup_max": 4}``, or ``{"model": PATH, ...}`` for a
+    draft model). ``ValueError`` names an unknown key or a method this engine lacks."""
+    import json
+
+    try:
+        spec = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"--speculative-config is not JSON: {exc}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"--speculative-config must be a JSON object, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(_SPECULATIVE_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"--speculative-config: unsupported key(s) {', '.join(unknown)} "
+                         f"(supported: {', '.join(_SPECULATIVE_CONFIG_KEYS)})")
+    out = {_SPECULATIVE_CONFIG_KEYS[k]: v for k, v in spec.items()}
+    method = spec.get("method")
+    if method is None or method in ("draft_model", "draft"):
+        if not spec.get("model"):
+            raise ValueError("--speculative-config: a draft model needs \"model\" (or use \"method\": \"ngram\")")
+        out["speculative_method"] = "draft"
+    elif method == "ngram":
+        out["speculative_method"] = "ngram"
+    else:
+        raise ValueError(f"--speculative-config: method {method!r} is not supported (ngram, draft_model)")
+    return out
+
+
+def _add_peer_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("vLLM / SGLang spellings")
+    for flag, (_, help_text) in PEER_SWITCHES.items():
+        group.add_argument(flag, dest="peer:" + flag, action="store_true", help=help_text)
+    group.add_argument("--speculative-config", dest="peer:--speculative-config", metavar="JSON",
+                       help='vLLM: {"method": "ngram" | "draft_model", "model": PATH, "num_speculative_tokens": K, '
+                            '"prompt_lookup_min": N, "prompt_lookup_max": N}')
+    group.add_argument("--speculative-algorithm", dest="peer:--speculative-algorithm", metavar="NAME",
+                       help="SGLang: NGRAM (same as --speculative ngram)")
+
+
+def _peer_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """Settings the peer spellings ask for; a peer flag that contradicts a flag of ours
+    given beside it is an error rather than a silent winner."""
+    given = {k[len("peer:"):]: v for k, v in vars(args).items() if k.startswith("peer:") and v not in (None, False)}
+    out: dict[str, Any] = {}
+    for flag, value in given.items():
+        try:
+            if flag in PEER_SWITCHES:
+                settings = PEER_SWITCHES[flag][0]
+            elif flag == "--speculative-config":
+                settings = speculative_config(value)
+            elif value.lower() == "ngram":
+                settings = {"speculative_method": "ngram"}
+            else:
+                raise ValueError(f"--speculative-algorithm {value}: only NGRAM is supported")
+        except ValueError as exc:
+            parser.error(str(exc))
+        for name, v in settings.items():
+            ours = [getattr(args, dest, None) for dest in (name, *ALIASES.get(name, ()))]
+            if any(o is not None and o != v for o in ours) or name in out and out[name] != v:
+                parser.error(f"{flag} sets {name} to {v!r}, which contradicts another flag")
+            out[name] = v
+    return out
 
 
 def settings_from_args(argv: list[str] | None = None) -> ServerSettings:
     """Parse flags and merge them over the environment and ``.env``."""
-    args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None and k != "env_file"}
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    peer = _peer_overrides(parser, args)
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k != "env_file" and not k.startswith("peer:")}
+    overrides.update(peer)
     if args.env_file is not None:
         return ServerSettings(_env_file=args.env_file, **overrides)
     return ServerSettings(**overrides)
