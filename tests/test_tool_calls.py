@@ -185,3 +185,32 @@ def test_content_prefix_holds_back_what_may_be_a_call() -> None:
     assert content_prefix("Sure <tool") == len("Sure ")
     assert content_prefix("Sure <tool_call>{") == len("Sure ")
     assert content_prefix("a < b") == len("a < b")
+
+
+def test_tool_call_parser_reads_only_its_format() -> None:
+    hermes = 'Checking. <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    llama = '{"name": "add", "parameters": {"a": 1, "b": 2}}'
+    for parser, reads_hermes, reads_llama in [("auto", True, True), ("hermes", True, False),
+                                              ("llama3_json", False, True)]:
+        content, calls = parse_auto(hermes, NAMES, parser=parser)
+        assert (len(calls) == 1) is reads_hermes and (content == hermes) is not reads_hermes, parser
+        content, calls = parse_auto(llama, NAMES, parser=parser)
+        assert (len(calls) == 1) is reads_llama and (content == llama) is not reads_llama, parser
+        if calls:
+            assert json.loads(calls[0]["function"]["arguments"]) == {"a": 1, "b": 2}
+    # Streaming holds back only what the chosen parser could still read as a call.
+    assert content_prefix('{"answer": 4}', "hermes") == len('{"answer": 4}')
+    assert content_prefix('{"answer": 4}', "llama3_json") == 0
+    assert content_prefix("Sure <tool_call>{", "llama3_json") == len("Sure <tool_call>{")
+    assert content_prefix("Sure <tool_call>{", "hermes") == len("Sure ")
+    with pytest.raises(ValueError, match="tool_call_parser='mistral'"):
+        parse_auto(llama, NAMES, parser="mistral")
+
+
+def test_vllm_tool_flags_are_accepted() -> None:
+    from stream_attention.server.settings import settings_from_args
+
+    s = settings_from_args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
+    assert s.tool_call_parser == "hermes"
+    with pytest.raises(SystemExit):
+        settings_from_args(["--tool-call-parser", "mistral"])

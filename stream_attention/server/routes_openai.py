@@ -24,7 +24,7 @@ from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from .sse import DONE, EventStreamResponse, event, json_head, json_str
 from .state import GenerationStream, ServerState, watch_disconnect
 from .structured_output import constrain
-from .tool_calls import ToolPlan, call_id, content_prefix
+from .tool_calls import ToolPlan, call_id
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONBodyRoute, responses=ERROR_RESPONSES)
 
@@ -218,7 +218,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = get_state(request)
     check_model(state, body.model)
-    plan = ToolPlan.of(body)
+    plan = ToolPlan.of(body, state.settings.tool_call_parser)
     prompt = state.chat_prompt(
         template_messages(body.messages), add_generation_prompt=body.add_generation_prompt,
         tools=plan.template_tools() if plan.mode != "none" else None,
@@ -370,7 +370,7 @@ async def _tool_chunks(
                     parts.append(chunk(i, args))
                     sent[i] = len(text)
             elif plan.mode == "auto":
-                safe = content_prefix(text)
+                safe = plan.content_prefix(text)
                 if safe > sent[i]:
                     parts.append(chunk(i, {"content": text[sent[i]:safe]}))
                     sent[i] = safe

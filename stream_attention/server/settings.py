@@ -115,6 +115,10 @@ class ServerSettings(EngineSettings):
     grammar_compile_timeout: float = Field(
         10.0, gt=0.0, description="seconds a structured-output constraint may take to compile (400 past it)"
     )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json"] = Field(
+        "auto", description="what tool_choice auto reads in a model's answer: Hermes <tool_call> blocks, "
+        "Llama-3 JSON, or both (auto)"
+    )
 
     # --- HTTP --------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address")
@@ -274,6 +278,7 @@ PEER_SWITCHES: dict[str, tuple[dict[str, Any], str]] = {
     "--disable-radix-cache": ({"enable_prefix_caching": False}, "SGLang: same as --no-enable-prefix-caching"),
     "--enable-priority-scheduling": ({"scheduling_policy": "priority"},
                                      "SGLang: same as --scheduling-policy priority"),
+    "--enable-auto-tool-choice": ({}, "vLLM: accepted; tool_choice auto is always on here (see --tool-call-parser)"),
 }
 # vLLM's ``--speculative-config`` keys and the settings they set.
 _SPECULATIVE_CONFIG_KEYS = {

@@ -28,6 +28,10 @@ from .schemas import ChatCompletionRequest, NamedToolChoice, Tool
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 HERMES_OPEN = "<tool_call>"
+# What ``tool_choice: auto`` reads in the model's answer (vLLM's ``--tool-call-parser`` names):
+# both formats, or only one where the other could be ordinary content (a model that answers
+# in JSON, or that writes the Hermes tag as text).
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")
 
 
 def call_id() -> str:
@@ -47,16 +51,17 @@ class ToolPlan:
     tools: list[Tool]
     parallel: bool = True
     name: str | None = None  # the named function
+    parser: str = "auto"  # which of the model's own formats ``auto`` reads (see TOOL_CALL_PARSERS)
 
     @classmethod
-    def of(cls, body: ChatCompletionRequest) -> ToolPlan:
+    def of(cls, body: ChatCompletionRequest, parser: str = "auto") -> ToolPlan:
         tools = list(body.tools or [])
         choice = body.tool_choice
         if isinstance(choice, NamedToolChoice):
-            return cls("named", tools, body.parallel_tool_calls, choice.function.name)
+            return cls("named", tools, body.parallel_tool_calls, choice.function.name, parser)
         if not tools or choice == "none":
-            return cls("none", tools, body.parallel_tool_calls)
-        return cls(choice or "auto", tools, body.parallel_tool_calls)
+            return cls("none", tools, body.parallel_tool_calls, parser=parser)
+        return cls(choice or "auto", tools, body.parallel_tool_calls, parser=parser)
 
     @property
     def constrained(self) -> bool:
@@ -103,8 +108,12 @@ class ToolPlan:
                 return text, []
             return None, [tool_call(c["name"], json.dumps(c["parameters"])) for c in items]
         if self.mode == "auto":
-            return parse_auto(text, {t.function.name for t in self.tools}, self.parallel)
+            return parse_auto(text, {t.function.name for t in self.tools}, self.parallel, self.parser)
         return text, []
+
+    def content_prefix(self, text: str) -> int:
+        """See :func:`content_prefix`."""
+        return content_prefix(text, self.parser)
 
 
 def _as_call(obj: Any, names: set[str]) -> dict[str, Any] | None:
@@ -121,11 +130,15 @@ def _as_call(obj: Any, names: set[str]) -> dict[str, Any] | None:
     return tool_call(obj["name"], json.dumps(args))
 
 
-def parse_auto(text: str, names: set[str], parallel: bool = True) -> tuple[str | None, list[dict[str, Any]]]:
+def parse_auto(text: str, names: set[str], parallel: bool = True, parser: str = "auto",
+               ) -> tuple[str | None, list[dict[str, Any]]]:
     """Tool calls a model wrote on its own: Hermes ``<tool_call>`` blocks (text around them
-    is the content), or the whole answer as Llama-3 JSON (an object or a list of objects).
-    Calls to unknown functions or with malformed JSON leave the text as plain content."""
-    blocks = _HERMES.findall(text)
+    is the content), or the whole answer as Llama-3 JSON (an object or a list of objects);
+    ``parser`` ``hermes`` or ``llama3_json`` reads that format only. Calls to unknown
+    functions or with malformed JSON leave the text as plain content."""
+    if parser not in TOOL_CALL_PARSERS:
+        raise ValueError(f"tool_call_parser={parser!r}: expected one of {', '.join(TOOL_CALL_PARSERS)}")
+    blocks = _HERMES.findall(text) if parser != "llama3_json" else []
     if blocks:
         calls = []
         for block in blocks:
@@ -139,7 +152,7 @@ def parse_auto(text: str, names: set[str], parallel: bool = True) -> tuple[str |
         content = _HERMES.sub("", text).strip()
         return (content or None), calls[: None if parallel else 1]
     stripped = text.strip()
-    if stripped[:1] in ("{", "["):
+    if parser != "hermes" and stripped[:1] in ("{", "["):
         try:
             obj = json.loads(stripped)
         except ValueError:
@@ -151,12 +164,14 @@ def parse_auto(text: str, names: set[str], parallel: bool = True) -> tuple[str |
     return text, []
 
 
-def content_prefix(text: str) -> int:
+def content_prefix(text: str, parser: str = "auto") -> int:
     """How much of streamed ``auto`` text is surely content: the rest could still be (the
-    start of) a tool call, so it is held back until the choice ends."""
+    start of) a tool call in a format ``parser`` reads, so it is held back until the choice ends."""
     stripped = text.lstrip()
-    if not stripped or stripped[0] in "{[":
+    if not stripped or (parser != "hermes" and stripped[0] in "{["):
         return 0
+    if parser == "llama3_json":
+        return len(text)
     at = text.find(HERMES_OPEN)
     if at >= 0:
         return at
