@@ -108,6 +108,27 @@ def test_rejection_sampling_with_a_one_hot_target_is_greedy() -> None:
     assert _outputs(acc, final, torch.tensor(drafts)) == [[3, 1, 4], [3, 1], [2]]
 
 
+def test_a_draft_the_target_gives_no_probability_is_never_accepted() -> None:
+    # A uniform draw of exactly 0 must still reject a token outside the target's support
+    # (e.g. filtered out by top-k): acceptance is u * q < p, never u * q <= p.
+    vocab = 4
+    target = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    noise = torch.ones(1, vocab)
+    for draft_probs in (None, torch.tensor([[1.0, 0.0, 0.0, 0.0]])):
+        acc, final = rejection_sample(target, [[0]], draft_probs, torch.zeros(1, 1), noise)
+        assert acc.tolist() == [0] and final.item() in (1, 2)
+
+
+def test_a_residual_rounded_to_nothing_falls_back_to_the_target() -> None:
+    # p <= q everywhere (p lost a little mass to rounding) and the draft rejected: max(0, p - q)
+    # is all zeros, so the correction is drawn from p itself; argmax over the empty residual
+    # would re-emit token 0, the rejected draft.
+    target = torch.tensor([[0.4999, 0.5], [0.5, 0.5]])
+    draft_probs = torch.tensor([[0.5, 0.5]])
+    acc, final = rejection_sample(target, [[0]], draft_probs, torch.tensor([[0.9999999]]), torch.ones(1, 2))
+    assert acc.tolist() == [0] and final.tolist() == [1]
+
+
 def _reference_greedy(argmax: list[int], drafts: list[list[int]]) -> list[list[int]]:
     out, row = [], 0
     for d in drafts:
