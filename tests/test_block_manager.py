@@ -332,3 +332,27 @@ def test_a_prompt_larger_than_the_free_pool_still_starts_when_nothing_runs():
     sched.add(a)
     out = sched.schedule()
     assert [s.seq for s in out.scheduled] == [a] and out.scheduled[0].num_new_tokens == 8
+
+
+def test_windowed_prompts_are_admitted_on_their_first_chunk():
+    # Every layer windowed (kv_reach 8): blocks behind the window go back to the pool during
+    # the prefill, so a prompt needs far fewer blocks than its length and the whole-prompt
+    # rule does not apply. b (40 tokens = the whole 10-block pool) starts beside a's decode
+    # instead of waiting for a to finish.
+    bm = BlockManager(num_blocks=10, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=8, max_waiting=4,
+                      enable_chunked_prefill=True, admission_reserve_blocks=0, kv_reach=8)
+    a, b = _seq("a", list(range(40)), max_tokens=6), _seq("b", list(range(100, 140)), max_tokens=6)
+    sched.add(a)
+    sched.add(b)
+    rng = random.Random(0)
+    b_started_while_a_ran = False
+    for _ in range(60):
+        _run_step(sched, rng)
+        b_started_while_a_ran |= b.status is not SequenceStatus.WAITING and a.status is SequenceStatus.RUNNING
+        bm.check_invariants(sched.running)
+        if not sched.num_unfinished:
+            break
+    assert b_started_while_a_ran
+    assert a.num_output_tokens == 6 and b.num_output_tokens == 6
+    assert bm.num_free_blocks == bm.num_blocks

@@ -131,6 +131,17 @@ def test_select_tokens_shrinks_the_window_before_the_sinks():
     assert idx == [0, 1, 2]
 
 
+def test_select_tokens_breaks_ties_towards_newer_positions():
+    # Equal scores (e.g. blocks no query attended yet) keep the newest tokens, so a tie
+    # degenerates to StreamingLLM rather than to keeping the oldest context.
+    idx = select_tokens(torch.zeros(1, 40, 1), 12, sink_tokens=2, recent_tokens=4)[0, :, 0].tolist()
+    assert idx == [0, 1, *range(30, 40)]
+    scores = torch.zeros(1, 40, 1)
+    scores[0, [5, 10, 15], 0] = 1.0  # one tie among the top scores: 15 and 10 beat 5
+    idx = select_tokens(scores, 8, sink_tokens=2, recent_tokens=4)[0, :, 0].tolist()
+    assert idx == [0, 1, 10, 15, 36, 37, 38, 39]
+
+
 def test_importance_without_queries_keeps_low_norm_keys():
     keys, values = _kv(torch.float32)
     heavy = torch.tensor([40, 77, 150, 201])

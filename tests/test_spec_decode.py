@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_attention.engine import EngineConfig, LLMEngine, SamplingParams
-from stream_attention.engine.spec_decode import NgramProposer, rejection_sample
+from stream_attention.engine.spec_decode import NgramProposer, _greedy_verify, rejection_sample
 
 # ----------------------------------------------------------------------------- n-gram proposer
 
@@ -106,6 +106,52 @@ def test_rejection_sampling_with_a_one_hot_target_is_greedy() -> None:
     drafts = [[3, 1], [3, 2], [1, 2]]
     acc, final = rejection_sample(target, drafts, None, torch.rand(3, 2), torch.empty(3, vocab).exponential_())
     assert _outputs(acc, final, torch.tensor(drafts)) == [[3, 1, 4], [3, 1], [2]]
+
+
+def test_a_draft_the_target_gives_no_probability_is_never_accepted() -> None:
+    # A uniform draw of exactly 0 must still reject a token outside the target's support
+    # (e.g. filtered out by top-k): acceptance is u * q < p, never u * q <= p.
+    vocab = 4
+    target = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    noise = torch.ones(1, vocab)
+    for draft_probs in (None, torch.tensor([[1.0, 0.0, 0.0, 0.0]])):
+        acc, final = rejection_sample(target, [[0]], draft_probs, torch.zeros(1, 1), noise)
+        assert acc.tolist() == [0] and final.item() in (1, 2)
+
+
+def test_a_residual_rounded_to_nothing_falls_back_to_the_target() -> None:
+    # p <= q everywhere (p lost a little mass to rounding) and the draft rejected: max(0, p - q)
+    # is all zeros, so the correction is drawn from p itself; argmax over the empty residual
+    # would re-emit token 0, the rejected draft.
+    target = torch.tensor([[0.4999, 0.5], [0.5, 0.5]])
+    draft_probs = torch.tensor([[0.5, 0.5]])
+    acc, final = rejection_sample(target, [[0]], draft_probs, torch.tensor([[0.9999999]]), torch.ones(1, 2))
+    assert acc.tolist() == [0] and final.tolist() == [1]
+
+
+def _reference_greedy(argmax: list[int], drafts: list[list[int]]) -> list[list[int]]:
+    out, row = [], 0
+    for d in drafts:
+        kept = 0
+        while kept < len(d) and d[kept] == argmax[row + kept]:
+            kept += 1
+        out.append(d[:kept] + [argmax[row + kept]])
+        row += len(d) + 1
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=4), min_size=1, max_size=4), st.data())
+def test_greedy_verify_of_drafts_of_different_lengths(drafts: list[list[int]], data: st.DataObject) -> None:
+    # Tokens 0..2 make agreement frequent, including a bonus token equal to another row's
+    # draft (or to a padding value): a row never accepts more drafts than it proposed, or
+    # the engine would keep K/V slots of tokens that were never computed.
+    argmax = data.draw(st.lists(st.integers(0, 2), min_size=sum(len(d) + 1 for d in drafts),
+                                max_size=sum(len(d) + 1 for d in drafts)))
+    acc, final = _greedy_verify(torch.tensor(argmax), drafts)
+    expected = _reference_greedy(argmax, drafts)
+    assert acc.tolist() == [len(e) - 1 for e in expected]
+    assert [d[:a] + [f] for d, a, f in zip(drafts, acc.tolist(), final.tolist(), strict=True)] == expected
 
 
 # ---------------------------------------------------------------------------------- engine
