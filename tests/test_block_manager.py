@@ -324,15 +324,6 @@ def test_chunked_prompts_are_admitted_only_when_they_fit_whole():
     bm.check_invariants([])
 
 
-def test_a_prompt_larger_than_the_free_pool_still_starts_when_nothing_runs():
-    bm = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
-    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=8, max_waiting=2,
-                      enable_chunked_prefill=True, admission_reserve_blocks=0)
-    a = _seq("a", list(range(20)), max_tokens=2)  # 5 blocks of a 6-block pool: fits, but only alone
-    sched.add(a)
-    out = sched.schedule()
-    assert [s.seq for s in out.scheduled] == [a] and out.scheduled[0].num_new_tokens == 8
-
 
 def test_windowed_prompts_are_admitted_on_their_first_chunk():
     # Every layer windowed (kv_reach 8): blocks behind the window go back to the pool during

@@ -262,12 +262,12 @@ class Scheduler:
             return out
 
         # Admission with chunked prefill: a prompt is admitted only if the pool has room for
-        # all of it (and for what the prompts already admitted still need), not only for its
-        # first chunk. Otherwise long prompts admitted side by side fill the pool halfway
-        # through their prefill and preempt one another, each preemption throwing away up to
-        # a whole prompt's prefill (seen with several 128k prompts in an 8 GiB pool).
+        # all of it, not only for its first chunk. Otherwise long prompts admitted side by
+        # side fill the pool halfway through their prefill and preempt one another, each
+        # preemption throwing away up to a whole prompt's prefill (seen with several 128k
+        # prompts in an 8 GiB pool). Admission runs only with budget left, so every prompt
+        # already running has all of its rest allocated by now: nothing else is owed.
         whole_prompts = self._prompts_bounded()
-        owed = self._blocks_owed_to_prefills() if whole_prompts else 0
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.group is None and seq.params.n > 1 and len(self.running) + seq.params.n > self.max_num_seqs:
@@ -280,14 +280,12 @@ class Scheduler:
             reserve = self.admission_reserve_blocks if self.running else 0
             if not self.bm.can_admit(seq, cached, n, reserve):
                 break
-            if whole_prompts and self.running and not self.bm.can_admit(seq, cached, remaining, reserve + owed):
-                break  # with nothing running, a prompt starts even if only its first chunk fits
+            if whole_prompts and not self.bm.can_admit(seq, cached, remaining, reserve):
+                break
             self.waiting.popleft()
             self.bm.take_cached(seq, cached)
             ok = self.bm.allocate(seq, n)
             assert ok, "can_admit promised room"
-            if whole_prompts and n < remaining:
-                owed += max(0, -(-seq.num_tokens // self.bm.block_size) - len(seq.block_table))
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq.of(seq, n))
@@ -298,20 +296,7 @@ class Scheduler:
         """Whether a sequence's blocks grow with every token it computes, so a prompt's need
         is known at admission: not where blocks leave the cache mid-prefill (windowed
         layers, or an eviction policy)."""
-        return self.enable_chunked_prefill and self.kv_reach is None and (
-            self.kv_policy is None or not self.kv_policy.config.evicts)
-
-    def _blocks_owed_to_prefills(self) -> int:
-        """Blocks the running sequences still need to finish computing the tokens they have
-        (the rest of a chunked prompt, or of a recomputation after preemption)."""
-        bs = self.bm.block_size
-        owed = 0
-        for seq in self.running:
-            left = seq.num_tokens - seq.num_computed_tokens
-            if left > 1:
-                need = -(-(seq.num_tokens - seq.num_dropped_tokens) // bs) - len(seq.block_table)
-                owed += max(0, need)
-        return owed
+        return self.kv_reach is None and (self.kv_policy is None or not self.kv_policy.config.evicts)
 
     def _lookahead(self, seq: Sequence, budget: int) -> int:
         """Draft slots for a decoding sequence: at most ``num_lookahead_tokens``, what the
