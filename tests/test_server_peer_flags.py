@@ -24,9 +24,9 @@ def test_switches_and_renamed_flags_set_our_settings() -> None:
 def test_vllm_speculative_config_json() -> None:
     ngram = engine_config(settings_from_args(
         ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, '
-                                 '"prompt_lookup_max": 5}']))
+                                 '"prompt_lookup_max": 5, "disable_by_batch_size": 8}']))
     assert (ngram.speculative_method, ngram.num_speculative_tokens, ngram.prompt_lookup_min,
-            ngram.prompt_lookup_max) == ("ngram", 3, 2, 5)
+            ngram.prompt_lookup_max, ngram.speculative_disable_by_batch_size) == ("ngram", 3, 2, 5, 8)
     draft = settings_from_args(["--speculative-config", '{"model": "/models/small", "num_speculative_tokens": 2}'])
     assert (draft.speculative_method, draft.speculative_draft_model, draft.num_speculative_tokens) == (
         "draft", "/models/small", 2)

@@ -434,3 +434,31 @@ def test_verify_graphs_on_gpu_give_plain_greedy_output() -> None:
     assert [o.token_ids for o in spec.generate(PROMPTS, params)] == expected
     assert replays, "no verify step replayed a graph"
     assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
+
+
+def test_speculation_pauses_above_disable_by_batch_size(plain: LLMEngine) -> None:
+    spec = _engine(speculative_method="ngram", num_speculative_tokens=4, speculative_disable_by_batch_size=1)
+    seen: list[tuple[int, bool]] = []
+    schedule = spec.scheduler.schedule
+
+    def recording():
+        running = len(spec.scheduler.running)
+        out = schedule()
+        seen.append((running, any(s.num_lookahead for s in out.scheduled)))
+        return out
+
+    spec.scheduler.schedule = recording
+    params = [SamplingParams(max_tokens=8, ignore_eos=True), SamplingParams(max_tokens=40, ignore_eos=True)]
+    got = [spec.generate([PROMPTS[0]], params[1])[0].token_ids]  # alone: speculates
+    assert any(drafted for _, drafted in seen)
+    seen.clear()
+    ids = [spec.add_request(PROMPTS[i], p) for i, p in enumerate(params)]
+    outs = {}
+    while spec.has_unfinished_requests():
+        for o in spec.step():
+            if o.finished:
+                outs[o.request_id] = o.token_ids
+    assert not any(drafted for running, drafted in seen if running > 1)  # two running: no drafts
+    assert any(drafted for running, drafted in seen if running == 1)  # the longer one alone: drafts again
+    assert got == [o.token_ids for o in plain.generate([PROMPTS[0]], params[1])]
+    assert [outs[i] for i in ids] == [o.token_ids for o in plain.generate(PROMPTS[:2], params)]

@@ -155,6 +155,10 @@ class EngineConfig:
     )
     prompt_lookup_min: int = setting(1, "ngram proposals: shortest suffix matched against earlier context", ge=1)
     prompt_lookup_max: int = setting(4, "ngram proposals: longest suffix matched (tried first)", ge=1)
+    speculative_disable_by_batch_size: int | None = setting(
+        None, "speculation pauses in steps that start with more running sequences than this (vLLM's "
+        "disable_by_batch_size: large batches already use the device well)", ge=1,
+    )
     seed: int = setting(0, "seed of requests that give none, so runs are repeatable")
     fault_file: str | None = setting(
         None,

@@ -67,6 +67,9 @@ def _check_supported(model: Any) -> None:
         raise ValueError(f"{type(model).__name__}: {reason} is not supported by the engine's attention kernels")
 
 
+VERIFY_GRAPH_MAX_BATCH = 64
+
+
 class _DecodeGraph:
     """One captured decode step for a fixed (padded) batch size."""
 
@@ -491,7 +494,9 @@ class ModelRunner:
 
     def _capture_verify_graphs(self) -> None:
         t0 = time.perf_counter()
-        sizes = self._graph_sizes
+        # Up to 64 rows: each graph keeps (1 + K) logits rows per sequence alive, and large
+        # batches gain least from speculation (speculative_disable_by_batch_size).
+        sizes = [b for b in self._graph_sizes if b <= VERIFY_GRAPH_MAX_BATCH] or self._graph_sizes[:1]
         self._alloc_verify_inputs(sizes)
         pool = self.graphs[sizes[-1]].graph.pool()  # never replayed at the same time as a decode graph
         for b in reversed(sizes):

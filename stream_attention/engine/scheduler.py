@@ -94,6 +94,7 @@ class Scheduler:
         kv_reach: int | None = None,
         policy: str = "fcfs",
         num_lookahead_tokens: int = 0,
+        speculation_max_batch: int | None = None,
     ) -> None:
         if policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling policy={policy!r}: expected fcfs or priority")
@@ -117,6 +118,7 @@ class Scheduler:
         self.kv_reach = kv_reach
         # Speculative decoding: draft slots reserved per decoding sequence that may speculate.
         self.num_lookahead_tokens = num_lookahead_tokens
+        self.speculation_max_batch = speculation_max_batch
         self._held_steps = 0
 
     @classmethod
@@ -137,6 +139,7 @@ class Scheduler:
             policy=config.scheduling_policy,
             kv_reach=kv_reach,
             num_lookahead_tokens=config.num_speculative_tokens if config.speculative_method != "none" else 0,
+            speculation_max_batch=config.speculative_disable_by_batch_size,
         )
 
     def _release(self, seq: Sequence) -> None:
@@ -226,6 +229,8 @@ class Scheduler:
         # Running sequences: a decode step is one token each, and a new block only when
         # the table is full, so the common case is a few attribute reads per sequence.
         i = 0
+        speculate = self.num_lookahead_tokens and (
+            self.speculation_max_batch is None or len(running) <= self.speculation_max_batch)
         while i < len(running) and budget > 0:
             seq = running[i]
             remaining = len(seq.token_ids) - seq.num_computed_tokens
@@ -233,7 +238,7 @@ class Scheduler:
             if n == 0:
                 i += 1
                 continue
-            if remaining == 1 and self.num_lookahead_tokens and seq.speculative:
+            if remaining == 1 and speculate and seq.speculative:
                 k = self._lookahead(seq, budget)
                 if k and bm.allocate(seq, 1 + k):
                     scheduled.append(ScheduledSeq(seq, 1 + k, True, k))

@@ -285,6 +285,7 @@ _SPECULATIVE_CONFIG_KEYS = {
     "method": "speculative_method", "model": "speculative_draft_model",
     "num_speculative_tokens": "num_speculative_tokens",
     "prompt_lookup_min": "prompt_lookup_min", "prompt_lookup_max": "prompt_lookup_max",
+    "disable_by_batch_size": "speculative_disable_by_batch_size",
 }
 
 
