@@ -462,3 +462,23 @@ def test_speculation_pauses_above_disable_by_batch_size(plain: LLMEngine) -> Non
     assert any(drafted for running, drafted in seen if running == 1)  # the longer one alone: drafts again
     assert got == [o.token_ids for o in plain.generate([PROMPTS[0]], params[1])]
     assert [outs[i] for i in ids] == [o.token_ids for o in plain.generate(PROMPTS[:2], params)]
+
+
+def test_a_failing_verify_graph_falls_back_to_eager_steps(plain: LLMEngine, caplog) -> None:
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    spec = _engine(speculative_method="ngram", num_speculative_tokens=4)
+    runner = spec.runner
+    runner._alloc_verify_inputs([1, 2, 4, 8])
+    runner.verify_graphs = {b: None for b in (1, 2, 4, 8)}  # stands for captured graphs (CPU has none)
+    calls = []
+
+    def broken(scheduled):
+        calls.append(len(scheduled))
+        raise IndexError("staging bug")
+
+    runner._run_verify_graph = broken
+    with caplog.at_level("ERROR", logger="stream_attention"):
+        got = [o.token_ids for o in spec.generate(PROMPTS, params)]
+    assert got == [o.token_ids for o in plain.generate(PROMPTS, params)]
+    assert len(calls) == 1 and not runner.verify_graphs  # tried once, then eager for good
+    assert "verify-step graph failed" in caplog.text

@@ -316,7 +316,12 @@ class ModelRunner:
                 s.num_new_tokens == 1 for s in scheduled):
             return self._run_graph(scheduled), None
         if collector is None and self.verify_graphs and self._verify_fits(scheduled):
-            return self._run_verify_graph(scheduled), None
+            try:
+                return self._run_verify_graph(scheduled), None
+            except Exception:  # the step is recomputed eagerly below: speculation never kills the engine
+                log.exception("a verify-step graph failed; verify steps run eagerly from now on")
+                self.verify_graphs.clear()
+                self._verify_sizes = []
         return self._run_eager(scheduled, collector), collector
 
     def _run_eager(self, scheduled, collector: BlockScoreCollector | None = None) -> torch.Tensor:
