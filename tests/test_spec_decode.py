@@ -482,3 +482,21 @@ def test_a_failing_verify_graph_falls_back_to_eager_steps(plain: LLMEngine, capl
     assert got == [o.token_ids for o in plain.generate(PROMPTS, params)]
     assert len(calls) == 1 and not runner.verify_graphs  # tried once, then eager for good
     assert "verify-step graph failed" in caplog.text
+
+
+def test_sampled_drafts_from_the_target_itself_are_all_but_always_accepted() -> None:
+    """The target as its own draft model, sampled at temperature 1 without penalties: the
+    draft distribution q is the target's p (up to the rounding of two batch shapes), so
+    a draft is kept with probability min(1, p/q) ~ 1. A q row read for the wrong position
+    or token, or a test of u against the wrong ratio, shows as rejections."""
+    from stream_attention.models import default_model_dir
+
+    spec = _engine(speculative_method="draft", speculative_draft_model=str(default_model_dir()),
+                   num_speculative_tokens=3)
+    params = SamplingParams(max_tokens=32, temperature=1.0, top_k=50, seed=11, ignore_eos=True)
+    outs = spec.generate(PROMPTS, params)
+    assert [len(o.token_ids) for o in outs] == [32] * len(PROMPTS)
+    s = spec.stats()
+    assert s.spec_decode_num_draft_tokens_total > 50
+    assert _acceptance(spec) > 0.97
+    assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
