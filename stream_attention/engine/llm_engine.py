@@ -195,9 +195,10 @@ class LLMEngine:
 
     def speculates(self, params: SamplingParams) -> bool:
         """Whether requests with ``params`` get draft tokens: not with structured output (the
-        grammar mask is per position and stateful) nor logprobs (computed per sampled row
-        by the plain sampler); those decode one token per step."""
-        return self.spec is not None and params.structured_outputs is None and params.logprobs is None
+        grammar mask is per position and stateful), logprobs (computed per sampled row by the
+        plain sampler), ``logit_bias`` or ``min_tokens``; those decode one token per step."""
+        return (self.spec is not None and params.structured_outputs is None and params.logprobs is None
+                and not params.logit_bias and params.min_tokens == 0)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -250,6 +251,9 @@ class LLMEngine:
         vocab = self.runner.geometry.vocab_size
         if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
             raise ValueError(f"prompt_token_ids contain ids outside [0, {vocab})")
+        outside = [t for t in (req.params.logit_bias or {}) if t >= vocab]
+        if outside:
+            raise ValueError(f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocab})")
         total = n + req.params.max_tokens
         if total > self.max_model_len:
             raise PromptTooLongError(
@@ -569,7 +573,7 @@ class LLMEngine:
                 p = seq.params
                 before = len(seq.text)
                 seq.text += delta
-                if p.stop:
+                if p.stop and len(seq.token_ids) - len(seq.prompt_token_ids) >= p.min_tokens:
                     hit = find_stop(seq.text, p.stop, before)
                     if hit is not None:
                         i, stop = hit

@@ -26,7 +26,9 @@ class SamplerOutput:
 
 
 def _needs_penalties(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+    """Whether :func:`apply_penalties` changes this request's logits."""
+    return (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            or bool(p.logit_bias) or p.min_tokens > 0)
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -51,16 +53,38 @@ def _uniform(values: list):
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Repetition (HF: prompt and output tokens), presence and frequency (OpenAI: output
-    tokens only) penalties, in place on the rows that ask for them.
+    """``logit_bias`` (OpenAI: added first), repetition (HF: prompt and output tokens),
+    presence and frequency (OpenAI: output tokens only) penalties, and ``min_tokens``
+    (stop token ids at -inf until that many tokens exist), in place on the rows that ask.
 
-    All rows together: one gather/scatter per kind of penalty over the ``(row, token)``
-    pairs concerned, whatever the number of rows."""
+    All rows together: one gather/scatter per kind over the ``(row, token)`` pairs
+    concerned, whatever the number of rows."""
     rows = [i for i, s in enumerate(seqs) if _needs_penalties(s.params)]
     if not rows:
         return logits
     vocab = logits.shape[-1]
     device = logits.device
+    bias_rows: list[int] = []
+    bias_toks: list[int] = []
+    bias_vals: list[float] = []
+    ban_rows: list[int] = []
+    ban_toks: list[int] = []
+    for i in rows:
+        seq = seqs[i]
+        p = seq.params
+        if p.logit_bias:
+            for t, v in p.logit_bias.items():
+                if t < vocab:
+                    bias_rows.append(i)
+                    bias_toks.append(t)
+                    bias_vals.append(v)
+        if p.min_tokens and len(seq.output_token_ids) < p.min_tokens:
+            stops = [t for t in seq.stop_ids if t < vocab]
+            ban_rows += [i] * len(stops)
+            ban_toks += stops
+    if bias_rows:
+        r, t = _to_device([bias_rows, bias_toks], torch.long, device)
+        logits[r, t] += _to_device(bias_vals, logits.dtype, device)
     rep_rows: list[int] = []
     rep_toks: list[int] = []
     rep_vals: list[float] = []
@@ -93,6 +117,9 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         r, t = _to_device([pf_rows, pf_toks], torch.long, device)
         cnt, freq, pres = _to_device([pf_counts, pf_freq, pf_pres], logits.dtype, device)
         logits[r, t] -= freq * cnt + pres
+    if ban_rows:
+        r, t = _to_device([ban_rows, ban_toks], torch.long, device)
+        logits[r, t] = float("-inf")
     return logits
 
 

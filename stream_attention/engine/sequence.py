@@ -115,7 +115,8 @@ class Sequence:
         self.stop_ids = stop if p.ignore_eos else stop | frozenset(self.eos_token_ids)
         self.token_limit = len(self.prompt_token_ids) + p.max_tokens
         self.plain_greedy = (p.temperature == 0.0 and p.logprobs is None and p.repetition_penalty == 1.0
-                             and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)
+                             and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+                             and not p.logit_bias and p.min_tokens == 0)
 
     def fork(self, index: int, params: SamplingParams) -> Sequence:
         """Choice ``index`` of this request: the same prompt and progress (the caller shares

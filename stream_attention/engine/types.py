@@ -86,6 +86,12 @@ class SamplingParams:
     # the n continuations; with a seed, choice i draws like a request seeded ``seed + i``.
     n: int = 1
     structured_outputs: StructuredOutputsParams | None = None
+    # OpenAI's logit_bias: token id -> a value in [-100, 100] added to that token's logit
+    # before penalties, temperature and filtering (-100 all but bans it, 100 all but forces it).
+    logit_bias: dict[int, float] | None = None
+    # vLLM's min_tokens: EOS and stop_token_ids are masked, and stop strings not looked for,
+    # until this many tokens have been generated.
+    min_tokens: int = 0
 
     def validate(self) -> SamplingParams:
         checks = [
@@ -99,10 +105,16 @@ class SamplingParams:
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20),
             ("n", 1 <= self.n <= 128),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens),
         ]
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
+        for token, bias in (self.logit_bias or {}).items():
+            if not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias key {token!r} is not a token id")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias[{token}]={bias!r} is out of range [-100, 100]")
         if self.structured_outputs is not None:
             self.structured_outputs.key()
         return self

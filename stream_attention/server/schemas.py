@@ -39,6 +39,16 @@ class _Sampling(Strict):
     stop_token_ids: list[int] | None = Field(None, description="at most --max-stop-token-ids")
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id -> bias in [-100, 100] added to its logit (at most --max-logit-bias entries)")
+    min_tokens: int = Field(0, ge=0, description="EOS, stop_token_ids and stop strings take effect only after "
+                            "this many tokens")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_bounds(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        check_logit_bias(value or {})
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -86,6 +96,8 @@ class _Sampling(Strict):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            min_tokens=self.min_tokens,
         )
         return params.validate()
 
@@ -180,7 +192,6 @@ class _OpenAICommon(_Sampling):
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
     user: str | None = None
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="lower runs earlier (--scheduling-policy priority)")
 
@@ -188,14 +199,6 @@ class _OpenAICommon(_Sampling):
         params = super().sampling_params(**kwargs)
         params.n = self.n
         return params.validate()
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        check_logit_bias(value or {})
-        if value:
-            raise ValueError("logit_bias is not supported")
-        return value
 
 
 class CompletionRequest(_OpenAICommon):
