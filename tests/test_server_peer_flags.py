@@ -16,6 +16,9 @@ def test_switches_and_renamed_flags_set_our_settings() -> None:
     assert cfg.scheduling_policy == "priority"
     assert (cfg.cuda_graph_max_batch, cfg.max_num_batched_tokens) == (32, 4096)
     assert settings_from_args(["--disable-cuda-graph"]).use_cuda_graphs is False
+    vllm = settings_from_args(["--dtype", "bfloat16", "--kv-cache-dtype", "fp8_e4m3", "--gpu-memory-utilization", "0.8"])
+    assert (vllm.dtype, vllm.kv_cache_dtype, vllm.gpu_memory_fraction) == ("bf16", "fp8", 0.8)
+    assert settings_from_args(["--dtype", "half"]).dtype == "fp16"
     # Without them, our defaults stand.
     plain = engine_config(settings_from_args([]))
     assert plain.use_cuda_graphs is True and plain.enable_prefix_caching is True and plain.scheduling_policy == "fcfs"
@@ -46,6 +49,7 @@ def test_vllm_speculative_config_json() -> None:
     (["--enforce-eager", "--use-cuda-graphs"], "contradicts another flag"),
     (["--speculative", "draft", "--speculative-config", '{"method": "ngram"}'], "contradicts another flag"),
     (["--enable-priority-scheduling", "--scheduling-policy", "fcfs"], "contradicts another flag"),
+    (["--dtype", "int3"], "invalid choice: 'int3'"),
 ])
 def test_bad_peer_flags_are_usage_errors_that_say_why(argv: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit) as exc:

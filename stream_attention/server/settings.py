@@ -43,10 +43,13 @@ SHORT_NAMES: dict[str, tuple[str, ...]] = {
     "speculative_method": ("speculative",),
     "speculative_draft_model": ("draft_model", "speculative_draft_model_path"),  # the second: SGLang's
     "num_speculative_tokens": ("speculative_num_draft_tokens",),  # SGLang
+    "gpu_memory_fraction": ("gpu_memory_utilization",),  # vLLM
     "cuda_graph_max_batch": ("cuda_graph_max_bs",),  # SGLang
     "max_num_batched_tokens": ("chunked_prefill_size",),  # SGLang: the step's token budget is the chunk size
 }
-ALIASES: dict[str, tuple[str, ...]] = {**LEGACY_NAMES, **SHORT_NAMES}
+ALIASES: dict[str, tuple[str, ...]] = {
+    name: LEGACY_NAMES.get(name, ()) + SHORT_NAMES.get(name, ()) for name in {*LEGACY_NAMES, *SHORT_NAMES}
+}
 
 _SETTINGS_CONFIG = SettingsConfigDict(
     env_prefix=ENV_PREFIX,
@@ -266,6 +269,8 @@ def build_parser(prog: str = "stream-attention-serve") -> argparse.ArgumentParse
                 )
                 continue
             typ, choices = _flag_type(info.annotation)
+            if name in ("dtype", "kv_cache_dtype"):
+                typ = canonical_dtype_name  # vLLM's spellings too: bfloat16, float16, half, float32
             parser.add_argument(flag, dest=dest, type=typ, choices=choices, default=None, help=help_text)
     _add_peer_flags(parser)
     return parser
