@@ -19,6 +19,7 @@ def test_switches_and_renamed_flags_set_our_settings() -> None:
     vllm = settings_from_args(["--dtype", "bfloat16", "--kv-cache-dtype", "fp8_e4m3", "--gpu-memory-utilization", "0.8"])
     assert (vllm.dtype, vllm.kv_cache_dtype, vllm.gpu_memory_fraction) == ("bf16", "fp8", 0.8)
     assert settings_from_args(["--dtype", "half"]).dtype == "fp16"
+    settings_from_args(["--grammar-backend", "xgrammar", "--guided-decoding-backend", "auto"])  # accepted
     # Without them, our defaults stand.
     plain = engine_config(settings_from_args([]))
     assert plain.use_cuda_graphs is True and plain.enable_prefix_caching is True and plain.scheduling_policy == "fcfs"
@@ -50,6 +51,8 @@ def test_vllm_speculative_config_json() -> None:
     (["--speculative", "draft", "--speculative-config", '{"method": "ngram"}'], "contradicts another flag"),
     (["--enable-priority-scheduling", "--scheduling-policy", "fcfs"], "contradicts another flag"),
     (["--dtype", "int3"], "invalid choice: 'int3'"),
+    (["--grammar-backend", "outlines"], "xgrammar only"),
+    (["--guided-decoding-backend", "guidance"], "xgrammar only"),
 ])
 def test_bad_peer_flags_are_usage_errors_that_say_why(argv: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit) as exc:

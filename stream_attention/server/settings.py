@@ -332,6 +332,9 @@ def _add_peer_flags(parser: argparse.ArgumentParser) -> None:
                             '"prompt_lookup_min": N, "prompt_lookup_max": N}')
     group.add_argument("--speculative-algorithm", dest="peer:--speculative-algorithm", metavar="NAME",
                        help="SGLang: NGRAM (same as --speculative ngram)")
+    for flag, who in (("--grammar-backend", "SGLang"), ("--guided-decoding-backend", "vLLM")):
+        group.add_argument(flag, dest="peer:" + flag, metavar="NAME",
+                           help=f"{who}: structured output always runs on xgrammar here; xgrammar or auto accepted")
 
 
 def _peer_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
@@ -345,6 +348,10 @@ def _peer_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -
                 settings = PEER_SWITCHES[flag][0]
             elif flag == "--speculative-config":
                 settings = speculative_config(value)
+            elif flag in ("--grammar-backend", "--guided-decoding-backend"):
+                if value.lower() not in ("xgrammar", "auto"):
+                    raise ValueError(f"{flag} {value}: structured output runs on xgrammar only")
+                settings = {}
             elif value.lower() == "ngram":
                 settings = {"speculative_method": "ngram"}
             else:
