@@ -119,8 +119,28 @@ _F16_MAX = tl.constexpr(FP16_MAX)
 # --------------------------------------------------------------------------------------
 
 
+class _PageGeometry:
+    """Geometry read off a page format's ``data`` (``[blocks, block_size, heads, ...]``)."""
+
+    @property
+    def num_blocks(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def num_heads(self) -> int:
+        return self.data.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+
 @dataclass
-class QuantizedPages:
+class QuantizedPages(_PageGeometry):
     """One layer's K or V pages in int8/int4 with their fp16 ``(scale, zero)`` pairs."""
 
     data: torch.Tensor
@@ -164,30 +184,14 @@ class QuantizedPages:
         scales = torch.zeros(shape, dtype=torch.float16, device=device)
         return cls(data, scales, bits, head_dim, per_channel)
 
-    @property
-    def num_blocks(self) -> int:
-        return self.data.shape[0]
-
-    @property
-    def block_size(self) -> int:
-        return self.data.shape[1]
-
-    @property
-    def num_heads(self) -> int:
-        return self.data.shape[2]
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
 
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
 
 
-
 @dataclass
-class Fp8Pages:
+class Fp8Pages(_PageGeometry):
     """One layer's K or V pages in e4m3 with one float32 scale per KV head (0 = not calibrated)."""
 
     data: torch.Tensor
@@ -214,25 +218,11 @@ class Fp8Pages:
         self.scale.zero_()
         self.calibrated = False
 
-    @property
-    def num_blocks(self) -> int:
-        return self.data.shape[0]
-
-    @property
-    def block_size(self) -> int:
-        return self.data.shape[1]
-
-    @property
-    def num_heads(self) -> int:
-        return self.data.shape[2]
 
     @property
     def head_dim(self) -> int:
         return self.data.shape[3]
 
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
 
     @property
     def nbytes(self) -> int:
@@ -445,7 +435,6 @@ def _dequantize_kernel(
         tl.store(o_ptrs, x.to(Out.dtype.element_ty), mask=mask)
 
 
-
 @triton.jit
 def _round_to_e4m3_grid(y):
     """``y`` (fp32, |y| <= 448) rounded to the nearest e4m3 value, ties to even, in fp32.
@@ -489,7 +478,6 @@ def _write_fp8_kernel(
     row = slot % BLOCK_SIZE
     ptrs = Data + page * stride_db + row * stride_dt + offs_h[:, None] * stride_dh + offs_d[None, :] * stride_dd
     tl.store(ptrs, _round_to_e4m3_grid(y).to(Data.dtype.element_ty), mask=mask)
-
 
 
 # --------------------------------------------------------------------------------------
@@ -686,7 +674,6 @@ def dequantize_pages_ref(pages: QuantizedPages, block_ids: torch.Tensor | None =
     else:
         scale, zero = sc[..., 0:1], sc[..., 1:2]
     return dequantize_codes(codes, scale, zero)
-
 
 
 def write_tokens_fp8_ref(x: torch.Tensor, slot_mapping: torch.Tensor, pages: Fp8Pages) -> None:
