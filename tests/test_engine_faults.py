@@ -22,6 +22,7 @@ pytest.importorskip("fastapi")
 from stream_attention.engine import (  # noqa: E402
     EngineConfig,
     EngineDeadError,
+    LLMEngine,
     SamplingParams,
     StepFailedError,
     build_engine_client,
@@ -291,3 +292,26 @@ def test_out_of_memory_over_http_is_a_503_and_nothing_leaks(tmp_path: Path) -> N
     finally:
         srv.stop()
         asyncio.run(client.shutdown(drain=False, timeout=0))
+
+
+@pytest.mark.slow
+def test_prompt_logprobs_cross_the_process_pipe(tmp_path: Path) -> None:
+    """prompt_logprobs arrive with the last output through the engine process, as in-process."""
+    from stream_attention.engine.process_engine import EngineProcess
+
+    params = SamplingParams(max_tokens=2, prompt_logprobs=2, ignore_eos=True)
+    expected = LLMEngine(config=_config(tmp_path)).generate(["def f(x):\n    return x"], params)[0].prompt_logprobs
+    engine = EngineProcess(_config(tmp_path))
+
+    async def main() -> Any:
+        await engine.start()
+        last = None
+        async for out in engine.stream("def f(x):\n    return x", params):
+            last = out
+        await engine.shutdown()
+        return last
+
+    got = asyncio.run(main()).prompt_logprobs
+    assert got[0] is None and len(got) == len(expected)
+    assert [lp.token_id for lp in got[1:]] == [lp.token_id for lp in expected[1:]]
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(got[1:], expected[1:], strict=True))

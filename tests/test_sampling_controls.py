@@ -54,3 +54,59 @@ def test_min_tokens_holds_stop_tokens_and_stop_strings_back(engine: LLMEngine) -
     assert len(early.token_ids) < 8 <= len(late.token_ids)
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(max_tokens=4, min_tokens=5).validate()
+
+
+def _reference_prompt_logprobs(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
+    """log p(ids[i] | ids[:i]) for i >= 1, from transformers directly."""
+    with torch.inference_mode():
+        logp = torch.log_softmax(engine.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    return logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+
+
+def test_prompt_logprobs_score_every_prompt_token_across_chunks_and_cache_hits() -> None:
+    # An 8-token step budget: a 20-token prompt is prefilled in three chunks.
+    engine = LLMEngine(config=EngineConfig(num_kv_blocks=64, max_num_batched_tokens=8))
+    ids = engine.tokenizer.encode("import os\nimport sys\n\ndef main(argv: list[str]) -> int:\n    return len(argv)")
+    assert len(ids) > 16
+    expected = _reference_prompt_logprobs(engine, ids)
+    for _ in range(2):  # the second time the prompt's blocks are in the prefix cache: still scored
+        out = engine.generate([ids], SamplingParams(max_tokens=2, prompt_logprobs=3))[0]
+        scores = out.prompt_logprobs
+        assert len(scores) == len(ids) and scores[0] is None
+        assert [lp.token_id for lp in scores[1:]] == ids[1:]
+        # fp32 on CPU; the engine's chunked paged attention sums in another order than SDPA.
+        got = torch.tensor([lp.logprob for lp in scores[1:]])
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        for lp in scores[1:]:
+            assert len(lp.top) == 3 and max(lp.top.values()) >= lp.logprob - 1e-4
+    plain = engine.generate([ids], SamplingParams(max_tokens=2))[0]
+    assert plain.prompt_logprobs is None
+    single = engine.generate([ids[:1]], SamplingParams(max_tokens=2, prompt_logprobs=0))[0]
+    assert single.prompt_logprobs == [None]
+    with pytest.raises(ValueError, match="n > 1"):
+        engine.generate([ids], SamplingParams(max_tokens=2, n=2, prompt_logprobs=1))
+
+
+def test_echo_with_logprobs_scores_the_prompt_over_http(request: pytest.FixtureRequest) -> None:
+    """What evaluation harnesses send to score a text (lm-eval's local-completions):
+    ``echo`` + ``logprobs`` + ``max_tokens: 1`` through the official client."""
+    openai = pytest.importorskip("openai")
+    from tests.test_server import shared_server
+
+    srv = shared_server("main", request.config)
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    text = "def add(a, b):\n    return a + b"
+    res = client.completions.create(model=srv.state.model_name, prompt=text, max_tokens=1, temperature=0,
+                                    logprobs=1, echo=True)
+    lp = res.choices[0].logprobs
+    ids = srv.state.tokenizer.encode(text)
+    assert res.choices[0].text.startswith(text)
+    assert len(lp.tokens) == len(ids) + 1 and len(lp.token_logprobs) == len(lp.tokens)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens[:len(ids)]) == text
+    engine = LLMEngine(config=EngineConfig(num_kv_blocks=16))
+    expected = _reference_prompt_logprobs(engine, ids)
+    torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:len(ids)]), expected, rtol=0, atol=1e-4)
+    with pytest.raises(openai.BadRequestError, match="without stream"):
+        client.completions.create(model=srv.state.model_name, prompt=text, max_tokens=1, logprobs=1, echo=True,
+                                  stream=True)

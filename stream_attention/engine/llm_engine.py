@@ -46,6 +46,7 @@ from .types import (
     RequestOutput,
     SamplingParams,
     StructuredOutputsParams,
+    TokenLogprob,
 )
 
 log = logging.getLogger("stream_attention.engine")
@@ -95,16 +96,73 @@ def load_model(model: Any, tokenizer: Any, config: EngineConfig, device: torch.d
 class _Flight:
     """A launched step: what ran, who samples, and the sampling still on the device."""
 
-    __slots__ = ("scheduled", "sampling", "pending", "collector", "verify")
+    __slots__ = ("scheduled", "sampling", "pending", "collector", "verify", "prompt_scores")
 
     def __init__(self, scheduled: list[ScheduledSeq], sampling: list[Sequence],
                  pending: PendingSample | PendingVerify | None, collector: Any,
-                 verify: list[ScheduledSeq] | None = None) -> None:
+                 verify: list[ScheduledSeq] | None = None, prompt_scores: _PromptScores | None = None) -> None:
         self.scheduled = scheduled
         self.sampling = sampling
         self.pending = pending
         self.collector = collector
         self.verify = verify  # rows that verified a draft (their sequences end ``sampling``)
+        self.prompt_scores = prompt_scores
+
+
+class _PromptScores:
+    """A step's ``prompt_logprobs`` on the device: per scored chunk ``(seq, first position,
+    positions)``, the logprob of each next prompt token and the top alternatives."""
+
+    __slots__ = ("chunks", "chosen", "top")
+
+    def __init__(self, chunks: list[tuple[Sequence, int, int]], chosen: torch.Tensor, top: Any) -> None:
+        self.chunks, self.chosen, self.top = chunks, chosen, top
+
+    @classmethod
+    def split(cls, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> tuple[torch.Tensor, _PromptScores | None]:
+        """Take the scored prompt rows out of a step's ``logits`` (see ``ModelRunner.execute``);
+        the rest keep their usual layout."""
+        scored: list[int] = []
+        rest: list[int] = []
+        chunks: list[tuple[Sequence, int, int]] = []
+        targets: list[int] = []
+        row = 0
+        for s in scheduled:
+            seq = s.seq
+            start = seq.num_computed_tokens
+            k = seq.prompt_logprob_rows(start, s.num_new_tokens) if seq.scores_prompt else 0
+            if k:
+                scored.extend(range(row, row + k))
+                chunks.append((seq, start, k))
+                targets.extend(seq.prompt_token_ids[start + 1:start + 1 + k])
+                row += k
+            if s.samples:
+                m = 1 + len(s.draft or ())
+                rest.extend(range(row, row + m))
+                row += m
+        if not chunks:
+            return logits, None
+        device = logits.device
+        logp = torch.log_softmax(logits.index_select(0, torch.tensor(scored, device=device)).float(), dim=-1)
+        chosen = logp.gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1)
+        n_top = max(seq.params.prompt_logprobs for seq, _, _ in chunks)
+        top = logp.topk(n_top, dim=-1) if n_top > 0 else None
+        return logits.index_select(0, torch.tensor(rest, dtype=torch.long, device=device)), cls(chunks, chosen, top)
+
+    def record(self) -> None:
+        """Append the scores to their sequences (reads the device)."""
+        chosen = self.chosen.tolist()
+        top_v = self.top.values.tolist() if self.top is not None else None
+        top_i = self.top.indices.tolist() if self.top is not None else None
+        o = 0
+        for seq, start, k in self.chunks:
+            # (A sequence preempted since this step launched starts over: its list is shorter.)
+            if seq.status is not SequenceStatus.FINISHED and len(seq.prompt_logprobs) == start + 1:
+                want = seq.params.prompt_logprobs
+                for j in range(k):
+                    top = dict(zip(top_i[o + j][:want], top_v[o + j][:want], strict=True)) if want else None
+                    seq.prompt_logprobs.append(TokenLogprob(seq.prompt_token_ids[start + 1 + j], chosen[o + j], top))
+            o += k
 
 
 class LLMEngine:
@@ -198,7 +256,7 @@ class LLMEngine:
         grammar mask is per position and stateful), logprobs (computed per sampled row by the
         plain sampler), ``logit_bias`` or ``min_tokens``; those decode one token per step."""
         return (self.spec is not None and params.structured_outputs is None and params.logprobs is None
-                and not params.logit_bias and params.min_tokens == 0)
+                and params.prompt_logprobs is None and not params.logit_bias and params.min_tokens == 0)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -265,6 +323,8 @@ class LLMEngine:
             raise PromptTooLongError(f"prompt + max_tokens = {total} tokens exceeds the KV cache ({capacity} tokens)")
         if not self.config.enable_chunked_prefill and total > self.config.max_num_batched_tokens:
             raise PromptTooLongError(f"{total} tokens exceed max_num_batched_tokens without chunked prefill")
+        if req.params.n > 1 and req.params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs with n > 1 is not supported (score the prompt with n = 1)")
         if req.params.n > 1:
             if req.params.n > self.config.max_num_seqs:
                 raise ValueError(f"n={req.params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
@@ -424,6 +484,7 @@ class LLMEngine:
         if spec is not None:
             spec.propose(scheduled)
         logits, collector = self.runner.execute(scheduled)
+        logits, prompt_scores = _PromptScores.split(scheduled, logits)
         verify = [s for s in scheduled if s.draft] if spec is not None else None
         if verify:
             logits, pending_verify = spec.launch(logits, [s for s in scheduled if s.samples])
@@ -433,8 +494,9 @@ class LLMEngine:
         pending = self.sampler.launch(logits, sampling) if sampling else None
         if verify:
             pending_verify.plain = pending
-            return _Flight(scheduled, sampling + [s.seq for s in verify], pending_verify, collector, verify)
-        return _Flight(scheduled, sampling, pending, collector)
+            return _Flight(scheduled, sampling + [s.seq for s in verify], pending_verify, collector, verify,
+                           prompt_scores)
+        return _Flight(scheduled, sampling, pending, collector, prompt_scores=prompt_scores)
 
     def _fork(self, forks: list[ScheduledSeq], logits: torch.Tensor, sampling: list[Sequence]
               ) -> tuple[torch.Tensor, list[Sequence]]:
@@ -479,6 +541,8 @@ class LLMEngine:
         id or a length (so that the next step leaves them out). Returns what is left to do
         per sequence: ``(seq, token whose text is still to be processed or None, ended)``."""
         result = flight.pending.wait() if flight.pending is not None else None
+        if flight.prompt_scores is not None:
+            flight.prompt_scores.record()
         scheduler = self.scheduler
         if flight.verify:
             # Keep the K/V of the accepted drafts only (the scheduler rolls back the rest).
@@ -639,6 +703,7 @@ class LLMEngine:
             time_to_first_token=ttft,
             latency=latency,
             index=seq.choice_index,
+            prompt_logprobs=seq.prompt_logprobs,
         )
 
     # ------------------------------------------------------------------ batch API

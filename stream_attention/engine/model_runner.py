@@ -70,6 +70,12 @@ def _check_supported(model: Any) -> None:
 VERIFY_GRAPH_MAX_BATCH = 64
 
 
+def _scores_prompt(scheduled: list) -> bool:
+    """Whether a step scores prompt positions (``prompt_logprobs``): extra logits rows."""
+    return any(s.seq.scores_prompt and s.seq.prompt_logprob_rows(s.seq.num_computed_tokens, s.num_new_tokens)
+               for s in scheduled)
+
+
 class _DecodeGraph:
     """One captured decode step for a fixed (padded) batch size."""
 
@@ -258,6 +264,9 @@ class ModelRunner:
                 slot_parts.append(tables[i, idx // bs].astype(np.int64) * bs + idx % bs)
             seq_lens.append(kv0 + n)
             cu.append(cu[-1] + n)
+            scored = seq.prompt_logprob_rows(start, n) if seq.scores_prompt else 0
+            if scored:  # prompt_logprobs: these positions' logits score the next prompt tokens
+                logit_rows.extend(range(cu[-2], cu[-2] + scored))
             if s.samples:
                 if draft:  # every position's logits: each draft token is checked against them
                     logit_rows.extend(range(cu[-2], cu[-1]))
@@ -305,15 +314,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, BlockScoreCollector | None]:
-        """Run one step; returns logits ``[num_sampling_rows, vocab]`` in schedule order (one
-        row per sampling sequence, ``1 + len(draft)`` rows for one that verifies a draft), and
+        """Run one step; returns logits ``[num_sampling_rows, vocab]`` in schedule order (per
+        sequence: the rows of its scored prompt positions under ``prompt_logprobs``, then one
+        row if it samples, ``1 + len(draft)`` for one that verifies a draft), and
         the block scores the step collected for KV eviction (None unless the policy scores
         this step; the scheduler takes them in ``commit``)."""
         n = len(scheduled)
         # A scoring step (heavy-hitter) runs eagerly: the graphs do not collect scores.
         collector = self.kv_mgr.start_step(scheduled)
         if collector is None and self.graphs and n <= self._graph_sizes[-1] and all(
-                s.num_new_tokens == 1 for s in scheduled):
+                s.num_new_tokens == 1 for s in scheduled) and not _scores_prompt(scheduled):
             return self._run_graph(scheduled), None
         if collector is None and self.verify_graphs and self._verify_fits(scheduled):
             try:
@@ -673,6 +683,10 @@ class _FakeSeq:
     block_table: list[int]
     num_computed_tokens: int = 0
     num_kv_slots: int = 0
+    scores_prompt = False
+
+    def prompt_logprob_rows(self, start: int, n: int) -> int:
+        return 0
 
 
 class _FakeScheduled:

@@ -86,7 +86,7 @@ def _wire(out: RequestOutput) -> tuple[Any, ...]:
     head = (out.request_id, out.index, out.delta_token_ids, out.delta_text, out.finished, reason, new_lps,
             out.time_to_first_token)  # fmt: skip
     if out.finished:
-        return (*head, out.latency, out.text, out.token_ids)
+        return (*head, out.latency, out.text, out.token_ids, out.prompt_logprobs)
     return head
 
 
@@ -344,8 +344,9 @@ class EngineProcess(StreamFrontend):
         ids.extend(delta_ids)
         if lps is not None and new_lps:
             lps.extend(new_lps)
+        prompt_lps = None
         if finished:
-            latency, text, token_ids = wire[8], wire[9], list(wire[10])
+            latency, text, token_ids, prompt_lps = wire[8], wire[9], list(wire[10]), wire[11]
         else:  # a view of the totals (they only grow): no copy per streamed token
             text_parts[0] += delta_text
             text, token_ids, latency = text_parts[0], ListView(ids, 0, len(ids)), None
@@ -354,7 +355,7 @@ class EngineProcess(StreamFrontend):
             text=text if text is not None else "", delta_token_ids=list(delta_ids), delta_text=delta_text,
             finished=finished, finish_reason=FinishReason(reason) if reason is not None else None,
             logprobs=ListView(lps, 0, len(lps)) if lps is not None else None, time_to_first_token=ttft,
-            latency=latency, index=index,
+            latency=latency, index=index, prompt_logprobs=prompt_lps,
         )  # fmt: skip
 
     def _fail(self, rids: list[str], exc: BaseException) -> None:

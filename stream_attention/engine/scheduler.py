@@ -277,7 +277,8 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.group is None and seq.params.n > 1 and len(self.running) + seq.params.n > self.max_num_seqs:
                 break  # its choices will need a sequence slot each once forked
-            cached = self.bm.match_prefix(seq)
+            # Scoring the prompt needs every prompt position computed: no prefix-cache reuse.
+            cached = self.bm.match_prefix(seq) if seq.params.prompt_logprobs is None else []
             remaining = seq.num_tokens - len(cached) * self.bm.block_size
             n = self._chunk(remaining, budget)
             if n == 0:

@@ -105,6 +105,9 @@ class Sequence:
     # own cache (the draft proposer's state; forgotten with the cache on preemption).
     speculative: bool = field(default=False, init=False, repr=False)
     num_draft_computed_tokens: int = field(default=0, init=False, repr=False)
+    # params.prompt_logprobs: the scores of the prompt tokens so far (None for the first).
+    prompt_logprobs: list[TokenLogprob | None] | None = field(default=None, init=False, repr=False)
+    scores_prompt: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -114,6 +117,9 @@ class Sequence:
         stop = frozenset(p.stop_token_ids)
         self.stop_ids = stop if p.ignore_eos else stop | frozenset(self.eos_token_ids)
         self.token_limit = len(self.prompt_token_ids) + p.max_tokens
+        self.scores_prompt = p.prompt_logprobs is not None
+        if self.scores_prompt:
+            self.prompt_logprobs = [None]  # the first prompt token has nothing before it
         self.plain_greedy = (p.temperature == 0.0 and p.logprobs is None and p.repetition_penalty == 1.0
                              and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
                              and not p.logit_bias and p.min_tokens == 0)
@@ -133,7 +139,15 @@ class Sequence:
         child.prefix_cacheable = self.prefix_cacheable
         child.prompt_counted = self.prompt_counted
         child.speculative = self.speculative
+        child.prompt_logprobs = self.prompt_logprobs
         return child
+
+    def prompt_logprob_rows(self, start: int, n: int) -> int:
+        """How many of the chunk of ``n`` tokens from position ``start`` are scored prompt
+        positions (position ``p`` scores prompt token ``p + 1``) under ``prompt_logprobs``."""
+        if self.params.prompt_logprobs is None:
+            return 0
+        return max(0, min(start + n, len(self.prompt_token_ids) - 1) - start)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -162,6 +176,8 @@ class Sequence:
 
     def reset_for_recompute(self) -> None:
         """Forget the cache after preemption; the tokens are kept and recomputed later."""
+        if self.scores_prompt:
+            self.prompt_logprobs = [None]  # scored again as the prompt is recomputed
         self.num_computed_tokens = 0
         self.num_draft_computed_tokens = 0
         self.num_dropped_tokens = 0

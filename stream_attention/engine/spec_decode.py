@@ -82,9 +82,14 @@ class _DraftView:
     num_computed_tokens: int
     num_dropped_tokens: int = 0
 
+    scores_prompt = False  # the draft model never scores prompts (prompt_logprobs)
+
     @property
     def num_kv_slots(self) -> int:
         return self.num_computed_tokens
+
+    def prompt_logprob_rows(self, start: int, n: int) -> int:
+        return 0
 
 
 class _DraftStep:

@@ -89,6 +89,9 @@ class SamplingParams:
     # OpenAI's logit_bias: token id -> a value in [-100, 100] added to that token's logit
     # before penalties, temperature and filtering (-100 all but bans it, 100 all but forces it).
     logit_bias: dict[int, float] | None = None
+    # vLLM's prompt_logprobs: the logprob of each prompt token after the ones before it (the
+    # first has none), with the top-N alternatives; what scoring a text (echo) needs.
+    prompt_logprobs: int | None = None
     # vLLM's min_tokens: EOS and stop_token_ids are masked, and stop strings not looked for,
     # until this many tokens have been generated.
     min_tokens: int = 0
@@ -106,6 +109,7 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20),
             ("n", 1 <= self.n <= 128),
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20),
         ]
         for name, ok in checks:
             if not ok:
@@ -206,6 +210,8 @@ class RequestOutput:
     time_to_first_token: float | None = None
     latency: float | None = None
     index: int = 0  # which of the request's ``params.n`` choices this output is about
+    # With ``params.prompt_logprobs``: one entry per prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def usage(self) -> dict[str, int]:

@@ -78,6 +78,25 @@ def completion_logprobs(state: ServerState, lps: list[TokenLogprob], offset: int
     }
 
 
+def _with_prompt_logprobs(state: ServerState, out: RequestOutput, generated: dict[str, Any]) -> dict[str, Any]:
+    """``generated`` (the completion's logprobs) preceded by the echoed prompt's: the first
+    prompt token has none, as OpenAI's ``echo`` gives it."""
+    text_of = _token_text(state)
+    scored = out.prompt_logprobs or []
+    tokens = [text_of(t) for t in out.prompt_token_ids]
+    offsets, offset = [], 0
+    for tok in tokens:
+        offsets.append(offset)
+        offset += len(tok)
+    return {
+        "tokens": tokens + generated["tokens"],
+        "token_logprobs": [lp.logprob if lp is not None else None for lp in scored] + generated["token_logprobs"],
+        "top_logprobs": [{text_of(t): v for t, v in (lp.top or {}).items()} if lp is not None else None
+                         for lp in scored] + generated["top_logprobs"],
+        "text_offset": offsets + generated["text_offset"],
+    }
+
+
 def chat_logprobs(state: ServerState, lps: list[TokenLogprob]) -> dict[str, Any]:
     text_of = _token_text(state)
 
@@ -157,6 +176,14 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     spec = body.response_format.structured_outputs() if body.response_format is not None else None
     if spec is not None:
         await constrain(state, params, spec, "response_format")
+    scores_prompt = body.echo and body.logprobs is not None
+    if scores_prompt:
+        # OpenAI's way to score a text (what evaluation harnesses send): the echoed prompt
+        # tokens come back with their logprobs too.
+        if body.stream:
+            raise APIError(400, "echo with logprobs is supported without stream", param="stream",
+                           code="invalid_value")
+        params.prompt_logprobs = body.logprobs
     gen = await state.open(request, ids, params, prompt_text, priority=body.priority)
     created = int(time.time())
     cid = f"cmpl-{gen.request_id}"
@@ -177,6 +204,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             }
             if params.logprobs is not None:
                 choice["logprobs"] = completion_logprobs(state, new_logprobs(out, 0), len(echo))
+                if scores_prompt:
+                    choice["logprobs"] = _with_prompt_logprobs(state, out, choice["logprobs"])
             choices.append(choice)
         return JSONResponse({**base(), "choices": choices, "usage": usage_of(outs)})
 
