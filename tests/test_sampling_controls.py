@@ -110,3 +110,32 @@ def test_echo_with_logprobs_scores_the_prompt_over_http(request: pytest.FixtureR
     with pytest.raises(openai.BadRequestError, match="without stream"):
         client.completions.create(model=srv.state.model_name, prompt=text, max_tokens=1, logprobs=1, echo=True,
                                   stream=True)
+
+
+def test_vllm_prompt_logprobs_field_with_ranks(request: pytest.FixtureRequest) -> None:
+    httpx = pytest.importorskip("httpx")
+    from tests.test_server import shared_server
+
+    srv = shared_server("main", request.config)
+    text = "def add(a, b):\n    return a + b"
+    ids = srv.state.tokenizer.encode(text)
+    engine = LLMEngine(config=EngineConfig(num_kv_blocks=16))
+    with torch.inference_mode():
+        logp = torch.log_softmax(engine.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    with httpx.Client(base_url=srv.url, timeout=60) as http:
+        res = http.post("/v1/completions", json={"prompt": text, "max_tokens": 1, "prompt_logprobs": 2}).json()
+        chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                        "max_tokens": 1, "prompt_logprobs": 0}).json()
+        refused = http.post("/v1/completions", json={"prompt": text, "prompt_logprobs": 1, "stream": True})
+    scores = res["choices"][0]["prompt_logprobs"]
+    assert len(scores) == len(ids) and scores[0] is None
+    for i, entry in enumerate(scores[1:], start=1):
+        token = ids[i]
+        mine = entry[str(token)]
+        assert abs(mine["logprob"] - logp[i - 1, token].item()) < 1e-4
+        assert mine["rank"] == 1 + int((logp[i - 1] > logp[i - 1, token]).sum())  # ties aside (fp32)
+        others = [e for t, e in entry.items() if t != str(token)]
+        assert len(entry) <= 3 and all(e["rank"] in (1, 2) for e in others)
+        assert mine["decoded_token"] == srv.state.tokenizer.decode([token])
+    assert chat["prompt_logprobs"][0] is None and all(len(e) == 1 for e in chat["prompt_logprobs"][1:])
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"

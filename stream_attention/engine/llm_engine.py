@@ -113,10 +113,11 @@ class _PromptScores:
     """A step's ``prompt_logprobs`` on the device: per scored chunk ``(seq, first position,
     positions)``, the logprob of each next prompt token and the top alternatives."""
 
-    __slots__ = ("chunks", "chosen", "top")
+    __slots__ = ("chunks", "chosen", "ranks", "top")
 
-    def __init__(self, chunks: list[tuple[Sequence, int, int]], chosen: torch.Tensor, top: Any) -> None:
-        self.chunks, self.chosen, self.top = chunks, chosen, top
+    def __init__(self, chunks: list[tuple[Sequence, int, int]], chosen: torch.Tensor, ranks: torch.Tensor,
+                 top: Any) -> None:
+        self.chunks, self.chosen, self.ranks, self.top = chunks, chosen, ranks, top
 
     @classmethod
     def split(cls, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> tuple[torch.Tensor, _PromptScores | None]:
@@ -145,13 +146,16 @@ class _PromptScores:
         device = logits.device
         logp = torch.log_softmax(logits.index_select(0, torch.tensor(scored, device=device)).float(), dim=-1)
         chosen = logp.gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1)
+        ranks = (logp > chosen[:, None]).sum(dim=1) + 1
         n_top = max(seq.params.prompt_logprobs for seq, _, _ in chunks)
         top = logp.topk(n_top, dim=-1) if n_top > 0 else None
-        return logits.index_select(0, torch.tensor(rest, dtype=torch.long, device=device)), cls(chunks, chosen, top)
+        rest_logits = logits.index_select(0, torch.tensor(rest, dtype=torch.long, device=device))
+        return rest_logits, cls(chunks, chosen, ranks, top)
 
     def record(self) -> None:
         """Append the scores to their sequences (reads the device)."""
         chosen = self.chosen.tolist()
+        ranks = self.ranks.tolist()
         top_v = self.top.values.tolist() if self.top is not None else None
         top_i = self.top.indices.tolist() if self.top is not None else None
         o = 0
@@ -161,7 +165,8 @@ class _PromptScores:
                 want = seq.params.prompt_logprobs
                 for j in range(k):
                     top = dict(zip(top_i[o + j][:want], top_v[o + j][:want], strict=True)) if want else None
-                    seq.prompt_logprobs.append(TokenLogprob(seq.prompt_token_ids[start + 1 + j], chosen[o + j], top))
+                    seq.prompt_logprobs.append(
+                        TokenLogprob(seq.prompt_token_ids[start + 1 + j], chosen[o + j], top, ranks[o + j]))
             o += k
 
 

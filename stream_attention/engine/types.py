@@ -142,6 +142,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: dict[int, float] | None = None
+    rank: int | None = None  # 1 + how many tokens were likelier (set for prompt_logprobs)
 
 
 class ListView:

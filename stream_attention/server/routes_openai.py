@@ -97,6 +97,39 @@ def _with_prompt_logprobs(state: ServerState, out: RequestOutput, generated: dic
     }
 
 
+def vllm_prompt_logprobs(state: ServerState, out: RequestOutput) -> list[dict[str, Any] | None]:
+    """vLLM's ``prompt_logprobs`` response field: per prompt token (None for the first), the
+    token and its top alternatives by id, each with logprob, rank and decoded text."""
+    text_of = _token_text(state)
+    result: list[dict[str, Any] | None] = []
+    for lp in out.prompt_logprobs or [None]:
+        if lp is None:
+            result.append(None)
+            continue
+        entry = {str(lp.token_id): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": text_of(lp.token_id)}}
+        for rank, (tid, value) in enumerate((lp.top or {}).items(), start=1):
+            entry.setdefault(str(tid), {"logprob": value, "rank": rank, "decoded_token": text_of(tid)})
+        result.append(entry)
+    return result
+
+
+def _chat_prompt_logprobs(state: ServerState, body: Any, outs: list[RequestOutput]) -> dict[str, Any]:
+    """vLLM puts a chat request's ``prompt_logprobs`` on the response, not on a choice."""
+    if body.prompt_logprobs is None or not outs:
+        return {}
+    return {"prompt_logprobs": vllm_prompt_logprobs(state, outs[0])}
+
+
+def _ask_prompt_logprobs(params: Any, n: int | None, stream: bool) -> None:
+    """Ask the engine for prompt logprobs (``n`` alternatives; the larger of two asks)."""
+    if n is None:
+        return
+    if stream:
+        raise APIError(400, "prompt logprobs (prompt_logprobs, or echo with logprobs) are supported without stream",
+                       param="stream", code="invalid_value")
+    params.prompt_logprobs = max(n, params.prompt_logprobs or 0)
+
+
 def chat_logprobs(state: ServerState, lps: list[TokenLogprob]) -> dict[str, Any]:
     text_of = _token_text(state)
 
@@ -176,14 +209,11 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     spec = body.response_format.structured_outputs() if body.response_format is not None else None
     if spec is not None:
         await constrain(state, params, spec, "response_format")
+    # OpenAI's way to score a text (what evaluation harnesses send): with echo, the prompt
+    # tokens come back with their logprobs too; vLLM's prompt_logprobs field asks directly.
     scores_prompt = body.echo and body.logprobs is not None
-    if scores_prompt:
-        # OpenAI's way to score a text (what evaluation harnesses send): the echoed prompt
-        # tokens come back with their logprobs too.
-        if body.stream:
-            raise APIError(400, "echo with logprobs is supported without stream", param="stream",
-                           code="invalid_value")
-        params.prompt_logprobs = body.logprobs
+    _ask_prompt_logprobs(params, body.logprobs if scores_prompt else None, body.stream)
+    _ask_prompt_logprobs(params, body.prompt_logprobs, body.stream)
     gen = await state.open(request, ids, params, prompt_text, priority=body.priority)
     created = int(time.time())
     cid = f"cmpl-{gen.request_id}"
@@ -206,6 +236,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 choice["logprobs"] = completion_logprobs(state, new_logprobs(out, 0), len(echo))
                 if scores_prompt:
                     choice["logprobs"] = _with_prompt_logprobs(state, out, choice["logprobs"])
+            if body.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(state, out)
             choices.append(choice)
         return JSONResponse({**base(), "choices": choices, "usage": usage_of(outs)})
 
@@ -270,6 +302,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         await constrain(state, params, spec, "response_format")
     if plan.constrained:
         await constrain(state, params, plan.structured_outputs(), "tools")
+    _ask_prompt_logprobs(params, body.prompt_logprobs, body.stream)
     gen = await state.open(request, ids, params, prompt, priority=body.priority)
     created = int(time.time())
     cid = f"chatcmpl-{gen.request_id}"
@@ -292,7 +325,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                     "logprobs": chat_logprobs(state, new_logprobs(out, 0)) if params.logprobs is not None else None,
                     "finish_reason": _tool_finish_reason(out, calls),
                 })
-            return JSONResponse({**base(), "object": "chat.completion", "choices": choices, "usage": usage_of(outs)})
+            return JSONResponse({**base(), "object": "chat.completion", "choices": choices, "usage": usage_of(outs),
+                                 **_chat_prompt_logprobs(state, body, outs)})
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventStreamResponse(guarded_stream(gen, _tool_chunks(gen, base, plan, params.n, include_usage)))
 
@@ -307,7 +341,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             }
             for out in outs
         ]
-        return JSONResponse({**base(), "object": "chat.completion", "choices": choices, "usage": usage_of(outs)})
+        return JSONResponse({**base(), "object": "chat.completion", "choices": choices, "usage": usage_of(outs),
+                             **_chat_prompt_logprobs(state, body, outs)})
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
