@@ -123,6 +123,8 @@ class _PromptScores:
     def split(cls, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> tuple[torch.Tensor, _PromptScores | None]:
         """Take the scored prompt rows out of a step's ``logits`` (see ``ModelRunner.execute``);
         the rest keep their usual layout."""
+        if not any(s.seq.scores_prompt for s in scheduled):  # the common step: nothing to split
+            return logits, None
         scored: list[int] = []
         rest: list[int] = []
         chunks: list[tuple[Sequence, int, int]] = []
