@@ -3,9 +3,13 @@
     python benchmarks/bench_structured.py --out structured.json            # GPU
     python benchmarks/bench_structured.py --out structured.json --quick    # CPU smoke run
 
-Model: the embedded default model (``LLMEngine()``), or ``--model PATH`` for any local HF
-causal LM (the mask cost grows with the vocabulary: it is one bitmask row per constrained
-sequence per step, filled on the host by xgrammar and applied on the device).
+Model: the embedded default model (``LLMEngine()``), ``--model PATH`` for any local HF
+causal LM, or ``--shape 1b``: random weights in Llama 3.2 1B's shape with a byte-level BPE
+tokenizer of Llama 3's vocabulary size (128,256), trained here on the Python standard
+library's sources and cached in ``--tokenizer-dir`` (the mask cost grows with the
+vocabulary: it is one bitmask row per constrained sequence per step, filled on the host by
+xgrammar and applied on the device; the default model's 4k vocabulary and host-bound step
+understate it).
 
 Workload: ``--batch`` requests (64) with the same 32-token prompt, ``--gen`` tokens each
 (EOS ignored), added at once. Run twice: unconstrained, then every request constrained by
@@ -131,17 +135,69 @@ def _parses(text: str) -> bool:
         return False
 
 
+def large_vocab_tokenizer(directory: Path, vocab: int) -> Any:
+    """A byte-level BPE tokenizer of ``vocab`` entries (trained once, then loaded from
+    ``directory``): real text pieces, so xgrammar's mask fill sees a Llama-3-sized vocabulary."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = directory / "tokenizer.json"
+    if not path.exists():
+        import sysconfig
+
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        def texts() -> Any:
+            for f in sorted(stdlib.rglob("*.py")):
+                if "site-packages" not in f.parts:
+                    try:
+                        yield f.read_text(encoding="utf-8")
+                    except (UnicodeDecodeError, OSError):
+                        continue  # a few test files are deliberately not UTF-8
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|bos|>", "<|eos|>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(texts(), trainer)
+        directory.mkdir(parents=True, exist_ok=True)
+        tok.save(str(path))
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<|bos|>", eos_token="<|eos|>")
+
+
+def one_b_model(tokenizer_dir: Path, device: str | None) -> tuple[Any, Any]:
+    """Random weights in Llama 3.2 1B's shape over :func:`large_vocab_tokenizer`."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_support import LLAMA_1B, build_model, llama_config
+
+    tokenizer = large_vocab_tokenizer(tokenizer_dir, LLAMA_1B["vocab_size"])
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = llama_config(tiny=False, max_position_embeddings=131072, rope_scaled=True)
+    cfg.vocab_size = max(LLAMA_1B["vocab_size"], len(tokenizer))
+    return build_model(cfg, dev), tokenizer
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON report path")
     ap.add_argument("--model", default=None, help="local HF model path (default: the embedded default model)")
+    ap.add_argument("--shape", choices=["1b"], default=None,
+                    help="random weights in this shape with a 128k-entry tokenizer instead of --model")
+    ap.add_argument("--tokenizer-dir", type=Path, default=REPO / "build" / "bpe128k",
+                    help="where --shape's tokenizer is trained once and cached")
+    ap.add_argument("--train-tokenizer-only", action="store_true", help="build --tokenizer-dir and exit")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--gen", type=int, default=128, help="tokens per request")
     ap.add_argument("--quick", action="store_true", help="small run (CPU smoke test): batch 8, 12 tokens")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     args = ap.parse_args(argv)
     batch, gen = (8, 12) if args.quick else (args.batch, args.gen)
-    engine = LLMEngine(args.model, device=args.device, max_num_seqs=max(batch, 8),
+    if args.train_tokenizer_only:
+        print(len(large_vocab_tokenizer(args.tokenizer_dir, 128256)), "tokens in", args.tokenizer_dir)
+        return 0
+    model = one_b_model(args.tokenizer_dir, args.device) if args.shape else args.model
+    engine = LLMEngine(model, device=args.device, max_num_seqs=max(batch, 8),
                        use_cuda_graphs=not args.quick)
     t0 = time.perf_counter()
     engine.compile_grammar(StructuredOutputsParams(json=SCHEMA))  # as the server does, before queueing
