@@ -158,3 +158,33 @@ def test_open_file_limit_is_raised_for_many_streams() -> None:
         assert got == want == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_keep_alive_outlasts_client_pools() -> None:
+    """An idle connection must stay open longer than common client pools keep theirs
+    (httpx expires idle connections after 5 s): with equal timeouts a client can send a
+    request into a socket the server is closing and get a reset, not an answer."""
+    from stream_attention.server.cli import uvicorn_options
+    from stream_attention.server.settings import ServerSettings
+
+    assert uvicorn_options(ServerSettings())["timeout_keep_alive"] > httpx.Limits().keepalive_expiry
+    assert uvicorn_options(ServerSettings(timeout_keep_alive=7))["timeout_keep_alive"] == 7
+
+
+@pytest.mark.slow
+def test_timeout_keep_alive_closes_idle_connections(tmp_path: Path) -> None:
+    port = _free_port()
+    proc = _serve(port, "--timeout-keep-alive", "1", cwd=tmp_path)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0) as client:
+            _wait_ready(proc, client)
+        with socket.create_connection(("127.0.0.1", port), timeout=10.0) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            received, t0 = b"", time.monotonic()
+            while chunk := sock.recv(65536):  # ends when the server closes the idle connection
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 200") and received.count(b"HTTP/1.1") == 1
+            assert 0.5 < time.monotonic() - t0 < 5.0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)

@@ -35,6 +35,7 @@ def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
         "log_level": settings.log_level,
         "access_log": False,  # the app logs each request with its request ID
         "timeout_graceful_shutdown": settings.shutdown_timeout,
+        "timeout_keep_alive": settings.timeout_keep_alive,
         "proxy_headers": True,
         "loop": "auto",
         "http": "auto",

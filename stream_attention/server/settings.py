@@ -142,6 +142,11 @@ class ServerSettings(EngineSettings):
         30.0, ge=0.0, description="seconds SIGINT/SIGTERM wait for in-flight requests to finish before exiting",
         validation_alias=AliasChoices("shutdown_timeout", "drain_timeout"),
     )
+    timeout_keep_alive: int = Field(
+        60, ge=1, le=3600,
+        description="seconds an idle keep-alive connection stays open; longer than client pools keep idle "
+        "connections (httpx 5 s, aiohttp 15 s) so the client closes first and never sends into a closing socket",
+    )
     retry_after: int = Field(1, ge=1, le=3600, description="Retry-After seconds sent with 429/503")
     telemetry: bool = Field(
         False, description="FastAPI's native OpenTelemetry spans/metrics (needs a configured OpenTelemetry SDK)"
