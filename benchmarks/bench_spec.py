@@ -94,8 +94,9 @@ def run_config(method: str, k: int, prompts: list[list[int]], gen: int, batches:
             import pstats
 
             prof.disable()
-            print(f"host profile, {method} k={k} batch 1 (top functions by own time):")
-            pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+            print(f"host profile, {method} k={k} batch 1 (top functions by own time, then by cumulative time):")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(28)
+            pstats.Stats(prof).sort_stats("cumulative").print_stats("stream_attention", 28)
         after = engine.stats()
         tokens = sum(len(o.token_ids) for o in outs)
         drafts = after.spec_decode_num_drafts_total - before.spec_decode_num_drafts_total
@@ -136,7 +137,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="the batched run's size (at most 8 prompts)")
     ap.add_argument("--dtype", default="auto", help="model dtype (float32 separates rounding from logic "
                     "when checking that speculative greedy output equals plain)")
-    ap.add_argument("--profile", action="store_true", help="print a host profile of the first ngram batch-1 run")
+    ap.add_argument("--profile", action="store_true", help="print host profiles of the plain and the first ngram batch-1 runs")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: short prompts and outputs, batch 1 and 2")
     args = ap.parse_args()
     batches = [1, min(args.batch, len(SOURCES))]
@@ -150,7 +151,8 @@ def main() -> None:
     prompts = editing_prompts(tok, max(batches), args.prompt_tokens)
 
     results: list[dict[str, Any]] = []
-    plain_rows, plain_out = run_config("none", 1, prompts, args.gen, batches, args.device, args.dtype)
+    plain_rows, plain_out = run_config("none", 1, prompts, args.gen, batches, args.device, args.dtype,
+                                       profile=args.profile)
     results += plain_rows
     base = {r["batch"]: r["tokens_per_s"] for r in plain_rows}
     for k in args.k:
