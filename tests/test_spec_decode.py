@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_attention.engine import EngineConfig, LLMEngine, SamplingParams
-from stream_attention.engine.spec_decode import NgramProposer, _greedy_verify, rejection_sample
+from stream_attention.engine.spec_decode import NgramProposer, TokenArray, greedy_accept, rejection_sample
 
 # ----------------------------------------------------------------------------- n-gram proposer
 
@@ -148,10 +148,23 @@ def test_greedy_verify_of_drafts_of_different_lengths(drafts: list[list[int]], d
     # the engine would keep K/V slots of tokens that were never computed.
     argmax = data.draw(st.lists(st.integers(0, 2), min_size=sum(len(d) + 1 for d in drafts),
                                 max_size=sum(len(d) + 1 for d in drafts)))
-    acc, final = _greedy_verify(torch.tensor(argmax), drafts)
+    acc, final = greedy_accept(argmax, drafts)
     expected = _reference_greedy(argmax, drafts)
-    assert acc.tolist() == [len(e) - 1 for e in expected]
-    assert [d[:a] + [f] for d, a, f in zip(drafts, acc.tolist(), final.tolist(), strict=True)] == expected
+    assert acc == [len(e) - 1 for e in expected]
+    assert [d[:a] + [f] for d, a, f in zip(drafts, acc, final, strict=True)] == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 9), max_size=300), min_size=1, max_size=6))
+def test_token_array_follows_a_growing_list(appends: list[list[int]]) -> None:
+    """Prompt lookup reads a sequence's tokens through a numpy array extended step by step
+    (across reallocations); it must always equal the list, also after a reset to a shorter one."""
+    tokens: list[int] = []
+    arr = TokenArray()
+    for chunk in appends:
+        tokens += chunk
+        assert arr.sync(tokens).tolist() == tokens
+    assert arr.sync(tokens[:3]).tolist() == tokens[:3]
 
 
 # ---------------------------------------------------------------------------------- engine

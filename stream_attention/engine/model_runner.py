@@ -470,9 +470,10 @@ class ModelRunner:
         """Device buffers a verify graph reads, and their (pinned on CUDA) host staging."""
         q, top, dev = 1 + self.verify_k, sizes[-1], self.device
         self._max_blocks = mb = -(-self.max_model_len // self.block_size)
-        self._vmeta64 = torch.zeros(3 * top * q, dtype=torch.long, device=dev)
+        # int64: [ids | positions | slots | logits rows to keep], one copy per step.
+        self._vmeta64 = torch.zeros(4 * top * q, dtype=torch.long, device=dev)
         self._vmeta32 = torch.zeros(top + top * mb, dtype=torch.int32, device=dev)
-        self._vstage64 = torch.zeros(3 * top * q, dtype=torch.long)
+        self._vstage64 = torch.zeros(4 * top * q, dtype=torch.long)
         self._vstage32 = torch.zeros(top + top * mb, dtype=torch.int32)
         if dev.type == "cuda":
             self._vstage64, self._vstage32 = self._vstage64.pin_memory(), self._vstage32.pin_memory()
@@ -499,13 +500,15 @@ class ModelRunner:
         if self._verify_copied is not None:  # see _run_graph: the staging is reused per step
             self._verify_copied.synchronize()
         rows = self._verify_staging.fill(scheduled, b)
-        self._vmeta64[:3 * t].copy_(self._vstage64[:3 * t], non_blocking=True)
+        n = len(rows)
+        self._verify_staging.s64[3 * t:3 * t + n] = rows
+        self._vmeta64[:3 * t + n].copy_(self._vstage64[:3 * t + n], non_blocking=True)
         self._vmeta32[:b + b * mb].copy_(self._vstage32[:b + b * mb], non_blocking=True)
         if self.device.type == "cuda":
             if self._verify_copied is None:
                 self._verify_copied = torch.cuda.Event()
             self._verify_copied.record()
-        return torch.from_numpy(rows).to(self.device, non_blocking=True)
+        return self._vmeta64[3 * t:3 * t + n]
 
     def _capture_verify_graphs(self) -> None:
         t0 = time.perf_counter()

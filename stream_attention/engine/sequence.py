@@ -104,6 +104,8 @@ class Sequence:
     # engine decides, per request), and how many of its tokens a draft model has in its
     # own cache (the draft proposer's state; forgotten with the cache on preemption).
     speculative: bool = field(default=False, init=False, repr=False)
+    # Prompt lookup's numpy copy of token_ids (spec_decode.TokenArray), kept in step with it.
+    lookup_tokens: Any = field(default=None, init=False, repr=False)
     num_draft_computed_tokens: int = field(default=0, init=False, repr=False)
     # params.prompt_logprobs: the scores of the prompt tokens so far (None for the first).
     prompt_logprobs: list[TokenLogprob | None] | None = field(default=None, init=False, repr=False)
