@@ -513,3 +513,40 @@ def test_sampled_drafts_from_the_target_itself_are_all_but_always_accepted() -> 
     assert s.spec_decode_num_draft_tokens_total > 50
     assert _acceptance(spec) > 0.97
     assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
+
+
+@pytest.mark.slow
+def test_verify_graph_inputs_with_split_k_attention_give_the_eager_step_logits(monkeypatch) -> None:
+    """On a GPU the verify graphs split each row's keys across programs (``_verify_splits``;
+    one split on CPU). Forced to three splits through the Triton kernels under the
+    interpreter, the graph's inputs must still give the eager step's logits (fp32; the
+    tolerance covers the split-K merge's different summation order)."""
+    spec = _engine(speculative_method="ngram", num_speculative_tokens=3, block_size=8, attention_backend="triton")
+    runner = spec.runner
+    runner._verify_splits = lambda b: 3
+    runner._alloc_verify_inputs([1, 2, 4])
+    eager_execute = runner.execute
+    checked: list[int] = []
+
+    def execute(scheduled):
+        logits, collector = eager_execute(scheduled)
+        if any(s.draft for s in scheduled) and runner._verify_fits(scheduled):
+            static = runner.run_verify_static(scheduled)
+            torch.testing.assert_close(static, logits, rtol=1e-4, atol=1e-4)
+            checked.append(len(scheduled))
+        return logits, collector
+
+    from stream_attention.engine import attention as attn_hook
+
+    splits_seen: list[int] = []
+    kernel = attn_hook.paged_attention
+
+    def recording(*args, **kwargs):
+        splits_seen.append(kwargs.get("num_splits", 1))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(attn_hook, "paged_attention", recording)
+    runner.execute = execute
+    spec.generate([p[:40] for p in PROMPTS[:2]], SamplingParams(max_tokens=10, ignore_eos=True))
+    assert len(checked) >= 2
+    assert 3 in splits_seen  # the graph-input path really ran split-K attention

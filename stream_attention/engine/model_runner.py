@@ -490,9 +490,15 @@ class ModelRunner:
         ctx = attn_hook.AttentionContext(
             kv_caches=self.kv_caches, slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
             cu_seqlens_q=self._verify_cu[:b + 1], max_q_len=q, max_kv_len=self.max_model_len,
-            backend=self.backend, num_splits=1, layers=self.layer_attention,
+            backend=self.backend, num_splits=self._verify_splits(b), layers=self.layer_attention,
         )
         return ids, pos, ctx
+
+    def _verify_splits(self, b: int) -> int:
+        """Split-K factor of the ``b``-row verify graph: the pointer kernel's decode policy
+        (a verify row is a decode step with ``1 + K`` queries). Without it a batch-1 verify
+        step runs one program per KV head over the whole context and leaves the GPU idle."""
+        return choose_num_splits(b, self.geometry.num_kv_heads, self.max_model_len, self.device, tma=False)
 
     def _stage_verify(self, scheduled: list[ScheduledSeq], b: int) -> torch.Tensor:
         """Write ``scheduled`` into the verify buffers; returns the logits rows to keep."""
