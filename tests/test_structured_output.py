@@ -193,3 +193,25 @@ def test_schema_keyword_check_walks_every_subschema() -> None:
         check_json_schema(nested)
     with pytest.raises(ValueError, match="'contains'"):
         check_json_schema({"$defs": {"x": {"contains": {}}}, "$ref": "#/$defs/x"})
+
+
+def test_masker_warm_up_compiles_without_touching_later_masks() -> None:
+    """The engine warms the masker at start-up on CUDA (the device kernel compiles per
+    row-count class); the warm-up's all-allowed mask must not leak into a real step."""
+    import torch
+
+    from stream_attention.engine import StructuredOutputsParams
+    from stream_attention.engine.structured_output import GrammarCompiler, TokenMasker
+    from stream_attention.engine.tokenizer import load_tokenizer
+    from stream_attention.models import default_model_dir
+
+    tok = load_tokenizer(str(default_model_dir()))
+    vocab = len(tok)
+    masker = TokenMasker(vocab, torch.device("cpu"))
+    masker.warm_up(torch.float32)
+    matcher = GrammarCompiler(tok, vocab).matcher(StructuredOutputsParams(regex="ab"))
+    logits = torch.zeros(2, vocab)
+    masker.apply(logits, [(1, matcher)])
+    allowed = [tok.decode([t]) for t in torch.isfinite(logits[1]).nonzero().flatten().tolist()]
+    assert allowed and all(text in ("a", "ab") for text in allowed), allowed
+    assert torch.isfinite(logits[0]).all()  # an unconstrained row stays untouched

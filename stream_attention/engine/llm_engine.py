@@ -10,6 +10,7 @@ snapshots with token and text deltas. It is single-threaded by design; the
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import logging
 import os
@@ -207,6 +208,8 @@ class LLMEngine:
                                                kv_reach=kv_reach(self.runner.layer_attention))
         self.block_manager = self.scheduler.bm
         self.sampler = Sampler(self.device, config.seed)
+        if self.device.type == "cuda" and importlib.util.find_spec("xgrammar") is not None:
+            self.sampler.prepare_grammar_masks(self.runner.geometry.vocab_size, self.runner.dtype)
         self.spec = self._speculative_decoder(draft_model)
         self.eos_token_ids = eos_token_ids(tok, hf_model)
         self._seqs: dict[str, Sequence] = {}

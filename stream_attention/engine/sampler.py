@@ -199,6 +199,13 @@ class Sampler:
             seq.generator = g
         return seq.generator
 
+    def prepare_grammar_masks(self, vocab_size: int, dtype: torch.dtype) -> None:
+        """Make the structured-output masker now and compile its device kernel, instead of
+        inside the first constrained step (where the compile would stall every stream)."""
+        if self._masker is None:
+            self._masker = TokenMasker(vocab_size, self.device)
+        self._masker.warm_up(dtype)
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """``logits``: ``[len(seqs), vocab]`` for the rows that sample this step."""
         return self.launch(logits, seqs).wait()
