@@ -19,9 +19,8 @@ wall time of ``generate``), ``acceptance_rate`` (accepted / proposed draft token
 ``speedup`` over plain at the same batch, ``identical`` (outputs equal to plain). Each
 timed run lasts a fraction of a second on a GPU, so it is repeated three times and the
 median wall time counts (a profiled run is timed once).
-On CUDA both replay CUDA graphs (verify steps their own, ``1 + K`` query tokens per row);
-plain decode steps are also pipelined (the next launched before this one's tokens are
-read), speculative ones are not (the next drafts need this step's tokens).
+On CUDA both replay CUDA graphs (verify steps their own, ``1 + K`` query tokens per row)
+and both are pipelined (a step's text side overlaps the next step on the device).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from stream_attention.engine import EngineConfig, LLMEngine, SamplingParams
 from stream_attention.engine.spec_decode import NgramProposer, TokenArray, greedy_accept, rejection_sample
+from stream_attention.models import default_model_dir
 
 # ----------------------------------------------------------------------------- n-gram proposer
 
@@ -214,6 +215,27 @@ def test_ngram_greedy_equals_plain_greedy_and_returns_every_block(plain: LLMEngi
     spec = _engine(speculative_method="ngram", num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=3)
     assert _generate(spec, params) == expected
     assert 0.0 < _acceptance(spec) < 1.0  # drafts were both kept and rolled back
+    assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
+    spec.block_manager.check_invariants([])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_pipelined_speculation_equals_plain_greedy_with_stop_strings(plain: LLMEngine, method: str) -> None:
+    """Pipelined steps (the default on CUDA) launch the next step before this one's text is
+    processed: a sequence that ends on a stop string then still has a verify row in the
+    running step, whose tokens must be dropped and whose blocks must come back."""
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    texts = [o.text for o in plain.generate(PROMPTS, params)]
+    stops = [t[len(t) // 2:len(t) // 2 + 3] for t in texts]  # stop strings met mid-output
+    stopped = [SamplingParams(max_tokens=40, ignore_eos=True, stop=[s]) for s in stops]
+    expected = [(o.text, o.token_ids) for o in plain.generate(PROMPTS, stopped)]
+    extra = {"speculative_draft_model": str(default_model_dir())} if method == "draft" else {}
+    spec = _engine(speculative_method=method, num_speculative_tokens=4, pipeline_steps=True, **extra)
+    assert spec.pipeline
+    assert [(o.text, o.token_ids) for o in spec.generate(PROMPTS, stopped)] == expected
+    assert [o.token_ids for o in spec.generate(PROMPTS, params)] == [o.token_ids for o in plain.generate(PROMPTS, params)]
+    assert spec.stats().spec_decode_num_accepted_tokens_total > 0
     assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
     spec.block_manager.check_invariants([])
 

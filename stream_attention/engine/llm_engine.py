@@ -217,10 +217,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self._counters = EngineStats()
         # Pipelined steps (see step()): worth it where the model runs asynchronously.
+        # With speculation too: the next step is launched after this one's tokens are
+        # collected (its drafts need them), so only the text side overlaps the device.
         self.pipeline = config.pipeline_steps if config.pipeline_steps is not None else self.device.type == "cuda"
-        if self.spec is not None:
-            # A step's drafts are proposed from the tokens the step before it produced.
-            self.pipeline = False
         self._inflight: _Flight | None = None
         self._grammar_compiler: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
