@@ -93,6 +93,24 @@ def test_prompt_logprobs_score_every_prompt_token_across_chunks_and_cache_hits()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
+def test_prompt_logprobs_survive_preemption() -> None:
+    # 8 blocks of 16 tokens for three requests of ~60 tokens each: some are preempted and
+    # recomputed; a prompt already scored keeps its scores, one not yet scored starts over.
+    engine = LLMEngine(config=EngineConfig(num_kv_blocks=8, max_num_seqs=4))
+    prompts = ["import os\nimport sys\n\ndef main(argv):", "class Stack:\n    def push(self, x):",
+               "def add(a, b):\n    return a"]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=40, prompt_logprobs=1, ignore_eos=True))
+    assert engine.stats().preemptions_total > 0
+    for prompt, out in zip(prompts, outs, strict=True):
+        ids = engine.tokenizer.encode(prompt)
+        scores = out.prompt_logprobs
+        assert len(scores) == len(ids) and scores[0] is None
+        assert [lp.token_id for lp in scores[1:]] == ids[1:]
+        # fp32 on CPU; the engine's paged attention sums in another order than SDPA.
+        got = torch.tensor([lp.logprob for lp in scores[1:]])
+        torch.testing.assert_close(got, _reference_prompt_logprobs(engine, ids), rtol=0, atol=1e-4)
+
+
 def test_echo_with_logprobs_scores_the_prompt_over_http(request: pytest.FixtureRequest) -> None:
     """What evaluation harnesses send to score a text (lm-eval's local-completions):
     ``echo`` + ``logprobs`` + ``max_tokens: 1`` through the official client."""
