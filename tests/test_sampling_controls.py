@@ -210,6 +210,10 @@ def test_streams_send_prompt_logprobs_once_in_the_first_chunk(request: pytest.Fi
         chunks = _sse(http, "/v1/completions", body)
         chat_whole = http.post("/v1/chat/completions", json=chat_body).json()
         chat_chunks = _sse(http, "/v1/chat/completions", chat_body)
+        tool_body = {**chat_body, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                     "tool_choice": "auto"}
+        tool_whole = http.post("/v1/chat/completions", json=tool_body).json()
+        tool_chunks = _sse(http, "/v1/chat/completions", tool_body)
     # Completions: on the first chunk's choice (where the response has it), then never again.
     choices = [c["choices"][0] for c in chunks if c["choices"]]
     assert len(whole["prompt_logprobs"]) == n_prompt
@@ -220,6 +224,9 @@ def test_streams_send_prompt_logprobs_once_in_the_first_chunk(request: pytest.Fi
     assert chat_chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     _assert_same_scores(chat_chunks[0]["prompt_logprobs"], chat_whole["prompt_logprobs"])
     assert all("prompt_logprobs" not in c for c in chat_chunks[1:]) and len(chat_chunks) > 1
+    # The same with tools (their own stream: calls are held back until they parse).
+    _assert_same_scores(tool_chunks[0]["prompt_logprobs"], tool_whole["prompt_logprobs"])
+    assert all("prompt_logprobs" not in c for c in tool_chunks[1:]) and len(tool_chunks) > 1
 
 
 def test_every_choice_gets_the_same_prompt_logprobs(request: pytest.FixtureRequest) -> None:
