@@ -332,8 +332,6 @@ class LLMEngine:
             raise PromptTooLongError(f"prompt + max_tokens = {total} tokens exceeds the KV cache ({capacity} tokens)")
         if not self.config.enable_chunked_prefill and total > self.config.max_num_batched_tokens:
             raise PromptTooLongError(f"{total} tokens exceed max_num_batched_tokens without chunked prefill")
-        if req.params.n > 1 and req.params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs with n > 1 is not supported (score the prompt with n = 1)")
         if req.params.n > 1:
             if req.params.n > self.config.max_num_seqs:
                 raise ValueError(f"n={req.params.n} exceeds max_num_seqs={self.config.max_num_seqs}")

@@ -76,18 +76,25 @@ def _stats_tuple(stats: EngineStats) -> tuple[Any, ...]:
 
 
 def _wire(out: RequestOutput) -> tuple[Any, ...]:
-    """An output as the parent needs it: deltas, and totals only when it is the last."""
+    """An output as the parent needs it: deltas, the prompt's scores once per choice (on
+    its first output: the parent keeps them), and totals only when it is the last."""
     lps = out.logprobs
     new_lps = None
+    n = len(out.delta_token_ids)
     if lps:
-        n = len(out.delta_token_ids)
         new_lps = lps[len(lps) - n :] if n else []
+    first = len(out.token_ids) == n  # nothing of this choice was sent before
+    prompt_lps = out.prompt_logprobs if first else None
     reason = out.finish_reason.value if out.finish_reason is not None else None
     head = (out.request_id, out.index, out.delta_token_ids, out.delta_text, out.finished, reason, new_lps,
-            out.time_to_first_token)  # fmt: skip
+            out.time_to_first_token, prompt_lps)  # fmt: skip
     if out.finished:
-        return (*head, out.latency, out.text, out.token_ids, out.prompt_logprobs)
+        return (*head, out.latency, out.text, out.token_ids)
     return head
+
+
+# A choice's token ids, logprobs and text so far, and its prompt's scores (prompt_logprobs).
+_ChoiceProgress = tuple[list[int], list[Any] | None, list[str], list[Any] | None]
 
 
 def _memory_report() -> dict[str, Any]:
@@ -219,10 +226,9 @@ class EngineProcess(StreamFrontend):
         self._memory: dict[str, Any] | None = None
         self._sent_adds = 0
         self._acked_adds = 0
-        # Per request: prompt ids, token ids, logprobs and text so far (outputs carry totals).
         # Per request: its prompt ids, and per choice index the token ids, logprobs and text
-        # so far (outputs cross the pipe as deltas; totals only on the last).
-        self._progress: dict[str, tuple[list[int], bool, dict[int, tuple[list[int], list[Any] | None, list[str]]]]] = {}
+        # so far and the prompt's scores (outputs cross the pipe as deltas; totals only on the last).
+        self._progress: dict[str, tuple[list[int], bool, dict[int, _ChoiceProgress]]] = {}
 
     @property
     def pid(self) -> int | None:
@@ -331,7 +337,7 @@ class EngineProcess(StreamFrontend):
 
     # ------------------------------------------------------------------ receiver
     def _output(self, wire: tuple[Any, ...]) -> RequestOutput | None:
-        rid, index, delta_ids, delta_text, finished, reason, new_lps, ttft = wire[:8]
+        rid, index, delta_ids, delta_text, finished, reason, new_lps, ttft, prompt_lps = wire[:9]
         with self._lock:
             progress = self._progress.pop(rid, None) if finished else self._progress.get(rid)
         if progress is None:
@@ -339,14 +345,14 @@ class EngineProcess(StreamFrontend):
         prompt_ids, want_lps, choices = progress
         choice = choices.get(index)
         if choice is None:
-            choice = choices[index] = ([], [] if want_lps else None, [""])
-        ids, lps, text_parts = choice
+            # Every output of the choice carries the prompt's scores, as in-process.
+            choice = choices[index] = ([], [] if want_lps else None, [""], prompt_lps)
+        ids, lps, text_parts, prompt_lps = choice
         ids.extend(delta_ids)
         if lps is not None and new_lps:
             lps.extend(new_lps)
-        prompt_lps = None
         if finished:
-            latency, text, token_ids, prompt_lps = wire[8], wire[9], list(wire[10]), wire[11]
+            latency, text, token_ids = wire[9], wire[10], list(wire[11])
         else:  # a view of the totals (they only grow): no copy per streamed token
             text_parts[0] += delta_text
             text, token_ids, latency = text_parts[0], ListView(ids, 0, len(ids)), None

@@ -146,8 +146,9 @@ class Sequence:
 
     def prompt_logprob_rows(self, start: int, n: int) -> int:
         """How many of the chunk of ``n`` tokens from position ``start`` are scored prompt
-        positions (position ``p`` scores prompt token ``p + 1``) under ``prompt_logprobs``."""
-        if self.params.prompt_logprobs is None:
+        positions (position ``p`` scores prompt token ``p + 1``) under ``prompt_logprobs``;
+        none once the whole prompt is scored (a recompute after preemption keeps the scores)."""
+        if self.params.prompt_logprobs is None or len(self.prompt_logprobs) == len(self.prompt_token_ids):
             return 0
         return max(0, min(start + n, len(self.prompt_token_ids) - 1) - start)
 
@@ -178,7 +179,7 @@ class Sequence:
 
     def reset_for_recompute(self) -> None:
         """Forget the cache after preemption; the tokens are kept and recomputed later."""
-        if self.scores_prompt:
+        if self.scores_prompt and len(self.prompt_logprobs) < len(self.prompt_token_ids):
             self.prompt_logprobs = [None]  # scored again as the prompt is recomputed
         self.num_computed_tokens = 0
         self.num_draft_computed_tokens = 0

@@ -120,14 +120,12 @@ def _chat_prompt_logprobs(state: ServerState, body: Any, outs: list[RequestOutpu
     return {"prompt_logprobs": vllm_prompt_logprobs(state, outs[0])}
 
 
-def _ask_prompt_logprobs(params: Any, n: int | None, stream: bool) -> None:
-    """Ask the engine for prompt logprobs (``n`` alternatives; the larger of two asks)."""
-    if n is None:
-        return
-    if stream:
-        raise APIError(400, "prompt logprobs (prompt_logprobs, or echo with logprobs) are supported without stream",
-                       param="stream", code="invalid_value")
-    params.prompt_logprobs = max(n, params.prompt_logprobs or 0)
+def _ask_prompt_logprobs(params: Any, n: int | None) -> None:
+    """Ask the engine for prompt logprobs (``n`` alternatives; the larger of two asks). The
+    prompt is scored once; every choice of ``params.n`` gets the same scores, and a stream
+    sends them in each choice's first chunk."""
+    if n is not None:
+        params.prompt_logprobs = max(n, params.prompt_logprobs or 0)
 
 
 def chat_logprobs(state: ServerState, lps: list[TokenLogprob]) -> dict[str, Any]:
@@ -212,8 +210,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     # OpenAI's way to score a text (what evaluation harnesses send): with echo, the prompt
     # tokens come back with their logprobs too; vLLM's prompt_logprobs field asks directly.
     scores_prompt = body.echo and body.logprobs is not None
-    _ask_prompt_logprobs(params, body.logprobs if scores_prompt else None, body.stream)
-    _ask_prompt_logprobs(params, body.prompt_logprobs, body.stream)
+    _ask_prompt_logprobs(params, body.logprobs if scores_prompt else None)
+    _ask_prompt_logprobs(params, body.prompt_logprobs)
     gen = await state.open(request, ids, params, prompt_text, priority=body.priority)
     created = int(time.time())
     cid = f"cmpl-{gen.request_id}"
@@ -246,7 +244,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
     text_len = [len(echo)] * params.n
 
-    def completion_choice(out: RequestOutput, lps: Any) -> dict[str, Any]:
+    def completion_choice(out: RequestOutput, lps: Any, first: bool) -> dict[str, Any]:
         choice: dict[str, Any] = {
             "index": out.index,
             "text": out.delta_text,
@@ -255,13 +253,20 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         }
         if params.logprobs is not None:
             choice["logprobs"] = completion_logprobs(state, lps, text_len[out.index])
+        if first and body.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(state, out)
         text_len[out.index] += len(out.delta_text)
         return choice
 
-    openings = [
-        {**base(), "choices": [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}]}
-        for i in range(params.n if echo else 0)
-    ]
+    def echo_opening(out: RequestOutput) -> dict[str, Any]:
+        """A choice opens with the echoed prompt: its text, and the prompt tokens' scores."""
+        choice: dict[str, Any] = {"index": out.index, "text": echo, "logprobs": None, "finish_reason": None}
+        if scores_prompt:
+            choice["logprobs"] = _with_prompt_logprobs(state, out, completion_logprobs(state, [], len(echo)))
+        if body.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(state, out)
+        return {**base(), "choices": [choice]}
+
     fast = None
     if params.logprobs is None and not continuous and params.n == 1:
         # Mid-stream chunks from a template (same bytes as event() of the dict above).
@@ -271,7 +276,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         def fast(out: RequestOutput) -> bytes:
             return (head + json_str(out.delta_text) + tail).encode()
 
-    chunks = guarded_stream(gen, _openai_chunks(gen, base, openings, completion_choice, include_usage, continuous, fast))
+    opening = echo_opening if body.echo else None
+    chunks = guarded_stream(gen, _openai_chunks(gen, base, opening, completion_choice, include_usage, continuous, fast))
     return EventStreamResponse(chunks)
 
 
@@ -302,7 +308,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         await constrain(state, params, spec, "response_format")
     if plan.constrained:
         await constrain(state, params, plan.structured_outputs(), "tools")
-    _ask_prompt_logprobs(params, body.prompt_logprobs, body.stream)
+    _ask_prompt_logprobs(params, body.prompt_logprobs)
     gen = await state.open(request, ids, params, prompt, priority=body.priority)
     created = int(time.time())
     cid = f"chatcmpl-{gen.request_id}"
@@ -328,7 +334,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             return JSONResponse({**base(), "object": "chat.completion", "choices": choices, "usage": usage_of(outs),
                                  **_chat_prompt_logprobs(state, body, outs)})
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStreamResponse(guarded_stream(gen, _tool_chunks(gen, base, plan, params.n, include_usage)))
+        return EventStreamResponse(guarded_stream(gen, _tool_chunks(
+            gen, base, plan, params.n, include_usage, lambda out: _chat_prompt_logprobs(state, body, [out]))))
 
     if not body.stream:
         outs = await _run(request, gen)
@@ -347,7 +354,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
-    def chat_choice(out: RequestOutput, lps: Any) -> dict[str, Any]:
+    def chat_choice(out: RequestOutput, lps: Any, first: bool) -> dict[str, Any]:
         return {
             "index": out.index,
             "delta": {"content": out.delta_text} if out.delta_text else {},
@@ -355,16 +362,24 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             "finish_reason": _finish_reason(out),
         }
 
-    openings = [
-        {
+    opened = False
+
+    def chat_opening(out: RequestOutput) -> dict[str, Any]:
+        """A choice opens with the assistant's role; the stream's first chunk also carries
+        the response's ``prompt_logprobs`` (on the response, as without stream)."""
+        nonlocal opened
+        chunk: dict[str, Any] = {
             **base(),
             "choices": [
-                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                {"index": out.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None}
             ],
             **({"usage": None} if include_usage else {}),
+            **({} if opened else _chat_prompt_logprobs(state, body, [out])),
         }
-        for i in range(params.n)
-    ]
+        opened = True
+        return chunk
+
     fast = None
     if params.logprobs is None and not continuous and params.n == 1:
         head = f'data: {json_head(base())},"choices":[{{"index":0,"delta":'
@@ -376,7 +391,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 return empty
             return (head + '{"content":' + json_str(out.delta_text) + "}" + tail).encode()
 
-    chunks = guarded_stream(gen, _openai_chunks(gen, base, openings, chat_choice, include_usage, continuous, fast))
+    chunks = guarded_stream(gen, _openai_chunks(gen, base, chat_opening, chat_choice, include_usage, continuous, fast))
     return EventStreamResponse(chunks)
 
 
@@ -386,7 +401,8 @@ def _tool_finish_reason(out: RequestOutput, calls: list[dict[str, Any]]) -> str 
 
 
 async def _tool_chunks(
-    gen: Any, base: Callable[[], dict[str, Any]], plan: ToolPlan, n: int, include_usage: bool
+    gen: Any, base: Callable[[], dict[str, Any]], plan: ToolPlan, n: int, include_usage: bool,
+    response_fields: Callable[[RequestOutput], dict[str, Any]],
 ) -> AsyncIterator[bytes]:
     """The chat stream of a request with tools, chunked as OpenAI sends tool calls: per
     call a first delta with its ``id``, ``type`` and ``function.name`` (``arguments: ""``),
@@ -394,13 +410,14 @@ async def _tool_chunks(
 
     A named function's arguments stream as they are generated. ``required`` output is a
     JSON array that becomes calls when complete; ``auto`` text streams as content while it
-    cannot be (the start of) a tool call, and what was held back is parsed at the end."""
+    cannot be (the start of) a tool call, and what was held back is parsed at the end.
+    The first chunk also carries ``response_fields`` of the first output (prompt_logprobs)."""
 
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, **fields: Any) -> bytes:
         body = {**base(), "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
         if include_usage:
             body["usage"] = None
-        return event(body)
+        return event({**body, **fields})
 
     def call_deltas(index: int, calls: list[dict[str, Any]]) -> list[bytes]:
         parts = []
@@ -415,14 +432,22 @@ async def _tool_chunks(
     sent = [0] * n  # characters of each choice's text already sent (as content or arguments)
     lasts: dict[int, RequestOutput] = {}
     named_ids = [call_id() for _ in range(n)]
-    opening = [chunk(i, {"role": "assistant", "content": None if plan.constrained else ""}) for i in range(n)]
-    if plan.mode == "named":
-        opening += [chunk(i, {"tool_calls": [{"index": 0, "id": named_ids[i], "type": "function",
-                                               "function": {"name": plan.name, "arguments": ""}}]})
-                    for i in range(n)]
-    parts: list[bytes] = opening
+
+    def opening(first: RequestOutput) -> list[bytes]:
+        role = {"role": "assistant", "content": None if plan.constrained else ""}
+        parts = [chunk(i, role, **(response_fields(first) if i == 0 else {})) for i in range(n)]
+        if plan.mode == "named":
+            parts += [chunk(i, {"tool_calls": [{"index": 0, "id": named_ids[i], "type": "function",
+                                                 "function": {"name": plan.name, "arguments": ""}}]})
+                      for i in range(n)]
+        return parts
+
+    parts: list[bytes] = []
+    opened = False
     finished = False
     async for outs in gen.batches():
+        if not opened and outs:
+            parts, opened = opening(outs[0]), True
         for out in outs:
             i = out.index
             lasts[i] = out
@@ -485,39 +510,47 @@ async def models(request: Request) -> JSONResponse:
 async def _openai_chunks(
     gen: Any,
     base: Callable[[], dict[str, Any]],
-    openings: list[dict[str, Any]],
-    make_choice: Callable[[RequestOutput, Any], dict[str, Any]],
+    opening: Callable[[RequestOutput], dict[str, Any]] | None,
+    make_choice: Callable[[RequestOutput, Any, bool], dict[str, Any]],
     include_usage: bool,
     continuous: bool,
     fast: Callable[[RequestOutput], bytes] | None = None,
 ) -> AsyncIterator[bytes]:
-    """The SSE frame both OpenAI streaming routes share: optional opening chunks (one per
-    choice), one chunk per non-empty output (choices interleaved, each chunk naming its
-    ``index``), the usage chunk when asked for, ``[DONE]``; failures after the 200 went
-    out become error events (:func:`.errors.guarded_stream`).
+    """The SSE frame both OpenAI streaming routes share: per choice an optional opening
+    chunk made from its first output (``opening``), one chunk per non-empty output (choices
+    interleaved, each chunk naming its ``index``), the usage chunk when asked for,
+    ``[DONE]``; failures after the 200 went out become error events
+    (:func:`.errors.guarded_stream`).
 
-    ``fast`` writes a mid-stream chunk (not a choice's last, no logprobs) from a template.
-    Outputs that arrived together go out in one write, still one chunk each."""
+    ``make_choice(out, logprobs, first)`` is told whether its chunk is the choice's first
+    (no opening chunk came before it): what a stream sends once per choice goes there.
+    ``fast`` writes a later mid-stream chunk (not a choice's last, no logprobs) from a
+    template. Outputs that arrived together go out in one write, still one chunk each."""
     seen: dict[int, int] = {}
+    started: set[int] = set()  # choices whose first chunk went out
     lasts: dict[int, RequestOutput] = {}
     last: RequestOutput | None = None
     ended = False
-    # The opening chunks share the first output's write.
-    opened: list[bytes] = [event(opening) for opening in openings]
     async for outs in gen.batches():
-        parts, opened = opened, []
+        parts: list[bytes] = []
         for out in outs:
             last = lasts[out.index] = out
             done = seen.get(out.index, 0)
             lps = new_logprobs(out, done)
             seen[out.index] = done + len(out.delta_token_ids)
+            first = out.index not in started
+            if first and opening is not None:
+                parts.append(event(opening(out)))
+                started.add(out.index)
+                first = False
             choice_done = out.finish_reason is not None
             if not out.delta_text and not out.delta_token_ids and not choice_done:
                 continue
-            if fast is not None and not choice_done:
+            started.add(out.index)
+            if fast is not None and not choice_done and not first:
                 parts.append(fast(out))
                 continue
-            chunk = {**base(), "choices": [make_choice(out, lps)]}
+            chunk = {**base(), "choices": [make_choice(out, lps, first)]}
             if include_usage:
                 chunk["usage"] = usage_of(lasts.values()) if continuous else None
             parts.append(event(chunk))
@@ -529,8 +562,6 @@ async def _openai_chunks(
             ended = True
         if parts:
             yield parts[0] if len(parts) == 1 else b"".join(parts)
-    if opened:
-        yield b"".join(opened)
     if not ended:
         if include_usage and last is not None:
             yield event({**base(), "choices": [], "usage": usage_of(lasts.values())})

@@ -193,7 +193,7 @@ class _OpenAICommon(_Sampling):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     prompt_logprobs: int | None = Field(
-        None, ge=0, le=20, description="vLLM's: each prompt token's logprob, rank and top alternatives (not with stream)")
+        None, ge=0, le=20, description="vLLM's: each prompt token's logprob, rank and top alternatives (streamed: in the first chunk)")
     user: str | None = None
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="lower runs earlier (--scheduling-policy priority)")
 
