@@ -209,7 +209,10 @@ class LLMEngine:
         self.block_manager = self.scheduler.bm
         self.sampler = Sampler(self.device, config.seed)
         if self.device.type == "cuda" and importlib.util.find_spec("xgrammar") is not None:
-            self.sampler.prepare_grammar_masks(self.runner.geometry.vocab_size, self.runner.dtype)
+            try:
+                self.sampler.prepare_grammar_masks(self.runner.geometry.vocab_size, self.runner.dtype)
+            except Exception as exc:  # a warm-up only: structured output still works, compiling on first use
+                log.warning("structured-output mask warm-up failed (%s); its kernel compiles on first use", exc)
         self.spec = self._speculative_decoder(draft_model)
         self.eos_token_ids = eos_token_ids(tok, hf_model)
         self._seqs: dict[str, Sequence] = {}
