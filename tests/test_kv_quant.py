@@ -368,7 +368,7 @@ def test_fast_decode_launch_gets_its_register_cap(device, monkeypatch):
     other schedules, prefill and an explicit ``maxnreg`` are left alone."""
     seen = []
 
-    def record(kernel, tuned, grid, args, meta, launch, device, max_q_len, *, block_n=None):
+    def record(kernel, tuned, grid, args, meta, launch, device, max_q_len, autotune, *, block_n=None):
         seen.append(launch)
 
     monkeypatch.setattr(kva, "_launch", record)
