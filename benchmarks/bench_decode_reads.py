@@ -85,6 +85,7 @@ def run_case(batch: int, ctx: int, deadline: float) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from stream_attention.core.benchmarking import time_graph_ms
+    from stream_attention.core.kernel_switches import KernelSwitches
     from stream_attention.kernels.paged_attention import choose_num_splits, paged_attention
     from stream_attention.kernels.paged_decode_tma import paged_decode_tma, tma_decode_supported
 
@@ -141,10 +142,12 @@ def run_case(batch: int, ctx: int, deadline: float) -> dict:
     best = res["read_best"] = fastest(res["read"])
     res["read_best_consecutive_pages"] = timed(
         lambda: paged_read(k, v, consecutive, seq_lens, out, best["splits"], tuple(best["launch"])))
-    splits = choose_num_splits(batch, HKV, ctx, dev)
+    paged_tma = KernelSwitches.from_env().paged_tma
+    splits = choose_num_splits(batch, HKV, ctx, dev, tma=None if paged_tma else False)
     # The engine's decode call: the TMA kernel where it runs.
     res["attention_shipped"] = timed(lambda: paged_attention(q, k, v, scattered, seq_lens, cu, max_q_len=1,
-                                                             softmax_scale=D**-0.5, num_splits=splits))
+                                                             softmax_scale=D**-0.5, num_splits=splits,
+                                                             tma=paged_tma))
     res["attention"] = sweep("attention", ATTENTION_GRID, lambda s, la: lambda: paged_attention(
         q, k, v, scattered, seq_lens, cu, max_q_len=1, softmax_scale=D**-0.5, num_splits=s, launch=la))
     res["attention_best"] = fastest(res["attention"])

@@ -126,7 +126,10 @@ def _decode_data(batch: int, ctx: int, dev: torch.device | None = None) -> dict:
 def _decode_case(batch: int, ctx: int, quick: bool) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from stream_attention.core.kernel_switches import KernelSwitches
     from stream_attention.kernels.paged_attention import choose_num_splits, paged_attention
+
+    switches = KernelSwitches.from_env()
 
     hq, hkv, d = DECODE_HQ, DECODE_HKV, DECODE_D
     scale = 1.0 / math.sqrt(d)
@@ -141,7 +144,7 @@ def _decode_case(batch: int, ctx: int, quick: bool) -> dict:
 
     def run_paged(splits=default_splits, launch=None):
         return paged_attention(q, k_pages, v_pages, table, seq_lens, cu, max_q_len=1, softmax_scale=scale,
-                               num_splits=splits, launch=launch)
+                               num_splits=splits, launch=launch, **switches.paged())
 
     # Checked on two sequences: a float32 reference over the whole batch (GBs, seconds of
     # math-kernel work) left the next timings 15-20% slow in one run (clocks, presumably).
@@ -225,9 +228,12 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
     kernel_span = kernel_span or _kernel_span_read_flush
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from stream_attention.core.kernel_switches import KernelSwitches
     from stream_attention.kernels import kv_attention as kva
     from stream_attention.kernels import kv_pages as kvp
     from stream_attention.kernels.paged_attention import choose_num_splits, paged_attention
+
+    switches = KernelSwitches.from_env()
 
     scale = 1.0 / math.sqrt(DECODE_D)
     out: dict = {}
@@ -246,7 +252,8 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
 
             def paged(data=data, splits=splits):
                 return paged_attention(data["q"], data["k_pages"], data["v_pages"], data["table"], data["seq_lens"],
-                                       data["cu"], max_q_len=1, softmax_scale=scale, num_splits=splits)
+                                       data["cu"], max_q_len=1, softmax_scale=scale, num_splits=splits,
+                                       **switches.paged())
 
             # The same keys/values as int8 pages (per-token scales), read by kv_attention's decode kernel.
             n_blocks = data["k_pages"].shape[0]
@@ -262,7 +269,7 @@ def decode_anatomy(batches=(16, 64), contexts=(1024, 2048, 4096, 8192, 16384), d
             def paged_int8(data=data, kq8=kq8, vq8=vq8, splits=splits8, int8_launch=int8_launch):
                 return kva.paged_attention_quantized(data["q"], kq8, vq8, data["table"], data["seq_lens"], data["cu"],
                                                     max_q_len=1, softmax_scale=scale, num_splits=splits,
-                                                    launch=int8_launch)
+                                                    launch=int8_launch, **switches.compressed())
 
             def cudnn(data=data):
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -324,9 +331,12 @@ def decode_layout(batches=(16, 64), contexts=(4096, 8192), dev: torch.device | N
 def _layout_case(batch: int, ctx: int, dev, bench, kernel_span) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from stream_attention.core.kernel_switches import KernelSwitches
     from stream_attention.kernels import kv_attention as kva
     from stream_attention.kernels import kv_pages as kvp
     from stream_attention.kernels.paged_attention import choose_num_splits, paged_attention
+
+    switches = KernelSwitches.from_env()
 
     def head_major(x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
@@ -357,12 +367,12 @@ def _layout_case(batch: int, ctx: int, dev, bench, kernel_span) -> dict:
 
     def bf16(k, v, table):
         return lambda: paged_attention(data["q"], k, v, table, data["seq_lens"], data["cu"], max_q_len=1,
-                                       softmax_scale=scale, num_splits=splits)
+                                       softmax_scale=scale, num_splits=splits, **switches.paged())
 
     def int8(k, v, table):
         return lambda: kva.paged_attention_quantized(data["q"], k, v, table, data["seq_lens"], data["cu"],
                                                     max_q_len=1, softmax_scale=scale, num_splits=splits,
-                                                    launch=launch8)
+                                                    launch=launch8, **switches.compressed())
 
     def cudnn():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):

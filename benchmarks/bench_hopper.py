@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stream_attention.core.benchmarking import attention_flops, spin_up_gpu  # noqa: E402
 from stream_attention.core.kernel_benchmark import flex_attention_fn  # noqa: E402
+from stream_attention.core.kernel_switches import KernelSwitches  # noqa: E402
 from stream_attention.core.sdpa import sdpa_attention  # noqa: E402
 from stream_attention.kernels import attention_fwd, attention_fwd_tma  # noqa: E402
 
@@ -51,11 +51,8 @@ def _inputs(n: int, d: int, seed: int = 0):
 
 
 def _pointer(q, k, v, causal):
-    os.environ["STREAM_ATTENTION_TMA"] = "0"
-    try:
-        return attention_fwd.attention_forward(q, k, v, causal=causal, softmax_scale=q.shape[-1] ** -0.5)[0]
-    finally:
-        os.environ.pop("STREAM_ATTENTION_TMA")
+    return attention_fwd.attention_forward(q, k, v, causal=causal, softmax_scale=q.shape[-1] ** -0.5, tma=False,
+                                           autotune=KernelSwitches.from_env().autotune)[0]
 
 
 def _compiled_info(jit_fn) -> list[dict]:
@@ -131,7 +128,7 @@ def grid(report: dict, deadline: float, flex: bool) -> None:
                 flops = attention_flops(q.shape[0], q.shape[2], n, n, d, causal)
                 impls = {
                     "fused": lambda q, k, v, c=causal, d=d: attention_fwd.attention_forward(
-                        q, k, v, causal=c, softmax_scale=d**-0.5)[0],
+                        q, k, v, causal=c, softmax_scale=d**-0.5, **KernelSwitches.from_env().dense())[0],
                     "pointer": lambda q, k, v, c=causal: _pointer(q, k, v, c),
                     "sdpa-cudnn": lambda q, k, v, c=causal: sdpa_attention(q, k, v, causal=c, sdpa_backend="cudnn"),
                     "sdpa-flash": lambda q, k, v, c=causal: sdpa_attention(q, k, v, causal=c, sdpa_backend="flash"),

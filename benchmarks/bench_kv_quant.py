@@ -15,14 +15,16 @@
       the same fp16-code kernel, as the engine calls it (``paged_attention_fp8`` with
       ``kv_attention.DEFAULT_LAUNCH`` and the split count the engine gives compressed
       pages); ``fp8@int8-schedule``: at int8's ``decode_launch`` and split policy.
-    * ``int8-generic``: the dequantizing kernel (``STREAM_ATTENTION_KV_FAST=0``), i.e. before.
+    * ``int8-generic``: the dequantizing kernel (``fast_kernel=False``), i.e. before.
     * ``int8-deferred-sums``: row sums kept per key column until the end
-      (``STREAM_ATTENTION_KV_DEFER_SUMS=1``: two cross-warp reductions fewer per tile, more
+      (``defer_sums=True``: two cross-warp reductions fewer per tile, more
       registers; the default rows defer where ``kv_attention.defer_row_sums`` says so).
     * a launch sweep, ``(BLOCK_N, num_warps, num_stages)``, for int8 (and two for int4).
     * ``--extra``: int8 and fp8 with the portable conversions instead of inline PTX
-      (``STREAM_ATTENTION_KV_ASM=0``), fp8 through the generic kernel, KIVI per-channel
+      (``inline_asm=False``), fp8 through the generic kernel, KIVI per-channel
       keys, bf16 pages through kv_attention.
+    Rows without a variant of their own launch the kernels as the ``STREAM_ATTENTION_*``
+    switches of the environment say, like the engine.
     Median time of a CUDA-graph replay (L2 zeroed before each, as do_bench does), TB/s of page bytes
     read (scales included), ``speedup_vs_bf16`` = bf16 ms / row ms, and the max error
     against float64 attention over the dequantized pages (first sequences).
@@ -52,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stream_attention.core.distributed_utils import patched_environ  # noqa: E402
+from stream_attention.core.kernel_switches import KernelSwitches  # noqa: E402
 from stream_attention.engine.kv_compression import KVPoolLayout  # noqa: E402
 from stream_attention.kernels import kv_attention as kva  # noqa: E402
 from stream_attention.kernels import kv_pages as kvp  # noqa: E402
@@ -160,7 +162,9 @@ class Case:
 
 
 def _time_kq(case: Case, name: str, bits: int, *, per_channel: bool = False, launch=None, splits=None,
-             env: dict | None = None, check: bool = True, fp8: bool = False) -> dict:
+             variant: dict | None = None, check: bool = True, fp8: bool = False) -> dict:
+    """``variant``: kernel-variant arguments of ``paged_attention_quantized`` over the
+    environment's (``fast_kernel``, ``inline_asm``, ``defer_sums``)."""
     kp, vp = case.fp8_pages() if fp8 else case.pages(bits, per_channel)
     splits = splits or case.kq_splits
     # Default: the schedule the engine launches for this format and launch size.
@@ -168,23 +172,24 @@ def _time_kq(case: Case, name: str, bits: int, *, per_channel: bool = False, lau
     ld = dict(zip(LAUNCH_KEYS, launch[:3], strict=True))
     if len(launch) > 3:
         ld["maxnreg"] = launch[3]
-    env = env or {}
-    with patched_environ(env):
-        fast = kva._fast_views(case.q, kp, vp, bits, per_channel, D) is not None if bits != 16 else False
-        if fast and "maxnreg" not in ld:  # the default cap paged_attention_quantized applies
-            ld["maxnreg"] = kva.FAST_DECODE_MAXNREG.get(launch[:3])
+    variant = variant or {}
+    kernel_args = {**KernelSwitches.from_env().compressed(), **variant}
+    fast = (bits != 16 and kernel_args["fast_kernel"]
+            and kva._fast_views(case.q, kp, vp, bits, per_channel, D) is not None)
+    if fast and "maxnreg" not in ld:  # the default cap paged_attention_quantized applies
+        ld["maxnreg"] = kva.FAST_DECODE_MAXNREG.get(launch[:3])
 
-        def fn():
-            return kva.paged_attention_quantized(case.q, kp, vp, case.table, case.seq_lens, case.cu, max_q_len=1,
-                                                softmax_scale=case.scale, num_splits=splits, launch=ld)
+    def fn():
+        return kva.paged_attention_quantized(case.q, kp, vp, case.table, case.seq_lens, case.cu, max_q_len=1,
+                                            softmax_scale=case.scale, num_splits=splits, launch=ld, **kernel_args)
 
-        out = fn()  # compiles outside the timing
-        _sync(case.dev)
-        ms = _bench(fn)
+    out = fn()  # compiles outside the timing
+    _sync(case.dev)
+    ms = _bench(fn)
     read = HKV * D * 2 * case.batch * case.avg_ctx if fp8 else _pages_read(bits, per_channel, case.batch, case.avg_ctx)
     row = {"format": name, "bits": bits, "key_per_channel": per_channel, "kernel": "f16-codes" if fast else "generic",
            "launch": [*launch[:3], ld.get("maxnreg")], "num_splits": splits, "ms": ms, "tb_per_s": read / (ms * 1e-3) / 1e12,
-           "env": env}
+           "variant": variant}
     if check:
         err = case.fp8_error(out) if fp8 else case.kernel_error(out, bits, per_channel)
         row["max_abs_err_vs_fp64_on_dequantized"] = err
@@ -196,17 +201,18 @@ def _time_fp8(case: Case, launch=None, splits: int | None = None) -> dict:
     tuple gets the fp16-code kernel's register cap inside, as in the engine)."""
     kp, vp = case.fp8_pages()
     splits = splits or case.engine_quant_splits
+    switches = KernelSwitches.from_env().compressed()
     launch = tuple(launch or kva.DEFAULT_LAUNCH["decode"])
 
     def fn():
         return kva.paged_attention_fp8(case.q, kp, vp, case.table, case.seq_lens, case.cu, max_q_len=1,
-                                          softmax_scale=case.scale, num_splits=splits, launch=launch)
+                                          softmax_scale=case.scale, num_splits=splits, launch=launch, **switches)
 
     out = fn()
     _sync(case.dev)
     ms = _bench(fn)
     read = HKV * D * 2 * case.batch * case.avg_ctx  # one byte per K and V element
-    fast = kva._fast_views(case.q, kp, vp, 8, False, D) is not None
+    fast = switches["fast_kernel"] and kva._fast_views(case.q, kp, vp, 8, False, D) is not None
     cap = kva.FAST_DECODE_MAXNREG.get(launch[:3]) if fast else None
     return {"format": "fp8", "bits": 8, "kernel": "f16-codes" if fast else "generic", "launch": [*launch[:3], cap],
             "num_splits": splits,
@@ -218,16 +224,17 @@ def _time_engine(case: Case, launch=None, splits: int | None = None) -> dict:
     pointer kernel at ``launch``."""
     launch = tuple(launch) if launch else None
     splits = splits or case.engine_splits
+    paged_tma = KernelSwitches.from_env().paged_tma
 
     def fn():
         return pa.paged_attention(case.q, case.k, case.v, case.table, case.seq_lens, case.cu, max_q_len=1,
-                                  softmax_scale=case.scale, num_splits=splits, launch=launch)
+                                  softmax_scale=case.scale, num_splits=splits, launch=launch, tma=paged_tma)
 
     out = fn()
     _sync(case.dev)
     ms = _bench(fn)
     read = _pages_read(16, False, case.batch, case.avg_ctx)
-    tma = launch is None and pa.tma_decode_supported(case.q, case.k, case.v, 1)
+    tma = launch is None and paged_tma and pa.tma_decode_supported(case.q, case.k, case.v, 1)
     return {"format": "bf16", "bits": 16, "kernel": "paged_decode_tma.py" if tma else "paged_attention.py",
             "launch": list(pdt.DEFAULT_TMA_DECODE_LAUNCH if tma else launch or pa.DEFAULT_LAUNCH["decode"]),
             "num_splits": splits, "ms": ms, "tb_per_s": read / (ms * 1e-3) / 1e12,
@@ -259,14 +266,13 @@ def grid_case(batch: int, ctx: int, deadline: float, dev: torch.device | None = 
                 row = {"format": "bf16", "launch": list(launch), "num_splits": splits, "error": repr(exc)[:200]}
             rows.append(row)
     for launch, split_choices, defer in INT8_GRID:
-        env = {"STREAM_ATTENTION_KV_DEFER_SUMS": "1" if defer else "0"}
         for splits in split_choices:
             if time.perf_counter() > deadline:
                 skipped.append(f"int8 {launch} x{splits} defer={defer}")
                 continue
             try:
                 row = _time_kq(case, "int8-deferred-sums" if defer else "int8", 8, launch=launch, splits=splits,
-                               env=env, check=False)
+                               variant={"defer_sums": bool(defer)}, check=False)
             except Exception as exc:
                 row = {"format": "int8", "launch": list(launch), "num_splits": splits, "error": repr(exc)[:200]}
             rows.append(row)
@@ -305,9 +311,9 @@ def decode_case(batch: int, ctx: int, deadline: float, *, sweep: bool, extra: bo
         rows.append(_time_kq(case, "int4@engine-splits", 4, splits=case.engine_quant_splits))
     rows.append(_time_fp8(case))
     rows.append(_time_kq(case, "fp8@int8-schedule", 8, fp8=True))
-    rows.append(_time_kq(case, "int8-generic", 8, env={"STREAM_ATTENTION_KV_FAST": "0"}))
+    rows.append(_time_kq(case, "int8-generic", 8, variant={"fast_kernel": False}))
     if not over():
-        rows.append(_time_kq(case, "int8-deferred-sums", 8, env={"STREAM_ATTENTION_KV_DEFER_SUMS": "1"}))
+        rows.append(_time_kq(case, "int8-deferred-sums", 8, variant={"defer_sums": True}))
     else:
         res["skipped"].append("int8-deferred-sums: time budget")
     if sweep:
@@ -318,15 +324,15 @@ def decode_case(batch: int, ctx: int, deadline: float, *, sweep: bool, extra: bo
                     continue
                 sw.append(_time_kq(case, f"int{bits}", bits, launch=launch))
     if extra:
-        for name, bits, pc, env in (("int8-portable", 8, False, {"STREAM_ATTENTION_KV_ASM": "0"}),
-                                    ("fp8-portable", 8, False, {"STREAM_ATTENTION_KV_ASM": "0"}),
-                                    ("fp8-generic", 8, False, {"STREAM_ATTENTION_KV_FAST": "0"}),
-                                    ("bf16-kv_attention-kernel", 16, False, {}),
-                                    ("int8-kivi", 8, True, {}), ("int4-kivi", 4, True, {})):
+        for name, bits, pc, variant in (("int8-portable", 8, False, {"inline_asm": False}),
+                                        ("fp8-portable", 8, False, {"inline_asm": False}),
+                                        ("fp8-generic", 8, False, {"fast_kernel": False}),
+                                        ("bf16-kv_attention-kernel", 16, False, {}),
+                                        ("int8-kivi", 8, True, {}), ("int4-kivi", 4, True, {})):
             if over():
                 res["skipped"].append(f"{name}: time budget")
                 continue
-            rows.append(_time_kq(case, name, bits, per_channel=pc, env=env, fp8=name.startswith("fp8")))
+            rows.append(_time_kq(case, name, bits, per_channel=pc, variant=variant, fp8=name.startswith("fp8")))
 
     base = rows[0]["ms"]
     best_bf16 = min([rows[0], *bf16_alt], key=lambda r: r["ms"])

@@ -235,7 +235,6 @@ def case_launch(case: str, launch: tuple[int, int, int] | None, maxnreg: int | N
                                        num_splits=2, launch=lt), pa,
             ["_paged_attn_kernel", (split_combine, "_combine_splits_kernel")])
         return fn, args, kwargs, kwargs["BLOCK_N"]
-    from stream_attention.core.distributed_utils import patched_environ
     from stream_attention.kernels import kv_attention as kq
     from stream_attention.kernels import kv_pages, split_combine
 
@@ -257,15 +256,13 @@ def case_launch(case: str, launch: tuple[int, int, int] | None, maxnreg: int | N
     # "-generic": the dequantizing kernel (STREAM_ATTENTION_KV_FAST=0); "-noasm": the fast
     # kernel's portable conversions (STREAM_ATTENTION_KV_ASM=0); "-defer": row sums kept per
     # key column until the end (STREAM_ATTENTION_KV_DEFER_SUMS=1).
-    env = {"STREAM_ATTENTION_KV_FAST": "0" if "generic" in parts else "1",
-           "STREAM_ATTENTION_KV_ASM": "0" if "noasm" in parts else "1",
-           "STREAM_ATTENTION_KV_DEFER_SUMS": "1" if "defer" in parts else "0"}
-    with patched_environ(env):
-        fn, args, kwargs = capture_launch(
-            lambda: kq.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=1, num_splits=2,
-                                                 launch=ld, **extra),
-            kq, ["_paged_attn_kernel", "_paged_attn_tuned_tokens", "_paged_attn_tuned_page",
-                 "_paged_attn_f16_kernel", "_paged_attn_f16_tuned", (split_combine, "_combine_splits_kernel")])
+    variant = {"fast_kernel": "generic" not in parts, "inline_asm": "noasm" not in parts,
+               "defer_sums": "defer" in parts}
+    fn, args, kwargs = capture_launch(
+        lambda: kq.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=1, num_splits=2,
+                                             launch=ld, **variant, **extra),
+        kq, ["_paged_attn_kernel", "_paged_attn_tuned_tokens", "_paged_attn_tuned_page",
+             "_paged_attn_f16_kernel", "_paged_attn_f16_tuned", (split_combine, "_combine_splits_kernel")])
     return fn, args, kwargs, kwargs["BLOCK_N"]
 
 

@@ -88,39 +88,40 @@ def backend_is_set() -> bool:
 
 
 # --------------------------------------------------------------------------- kernel switches
+# The kernels take these as arguments; core/kernel_switches.py reads them for the callers.
 
 AUTOTUNE = _declare(
     PREFIX + "AUTOTUNE", "0",
     "`1` autotunes every new shape on the GPU (tens of seconds each); unset, launches take the config "
     "measured for their shape class",
-    "kernels/runtime.py",
+    "core/kernel_switches.py",
 )
 TMA = _declare(
     PREFIX + "TMA", "",
     "`0` keeps dense forward launches off the TMA-descriptor kernel on Hopper; `1` also takes it under the "
     "Triton interpreter",
-    "kernels/attention_fwd.py, kernels/attention_fp8.py",
+    "core/kernel_switches.py",
 )
 PAGED_TMA = _declare(
     PREFIX + "PAGED_TMA", "1",
     "`0` keeps paged decode on the pointer kernel instead of the TMA kernel (Hopper)",
-    "kernels/paged_decode_tma.py",
+    "core/kernel_switches.py",
 )
 KV_FAST = _declare(
     PREFIX + "KV_FAST", "1",
     "`0` sends compressed (fp8/int8/int4) paged attention to the generic kernel instead of the fp16-code one",
-    "kernels/kv_attention.py",
+    "core/kernel_switches.py",
 )
 KV_ASM = _declare(
     PREFIX + "KV_ASM", "1",
     "`0` makes the compressed-page kernel convert codes with portable integer ops instead of inline PTX",
-    "kernels/kv_attention.py",
+    "core/kernel_switches.py",
 )
 KV_DEFER_SUMS = _declare(
     PREFIX + "KV_DEFER_SUMS", "",
     "`1`/`0` forces the quantized kernel to keep (or not) its row sums per key column until the end; unset, "
     "decides per launch",
-    "kernels/kv_attention.py",
+    "core/kernel_switches.py",
 )
 
 
@@ -211,18 +212,13 @@ TRITON_INTERPRET = _declare(
     "TRITON_INTERPRET", "0",
     "`1` runs the Triton kernels on CPU tensors through Triton's interpreter (read by Triton when the package "
     "is imported: set it before)",
-    "kernels/runtime.py",
+    "Triton itself (kernels/runtime.py asks triton.knobs)",
 )
 TORCHRUN = _declare(
     "RANK, WORLD_SIZE, LOCAL_RANK", "",
     "set by `torchrun`: `stream_attention.cli.distributed` joins that process group",
     "cli/distributed.py",
 )
-
-
-def triton_interpret() -> bool:
-    """Whether Triton's CPU interpreter is on (``TRITON_INTERPRET`` set and not 0/false)."""
-    return os.environ.get(TRITON_INTERPRET.name, "0") not in ("", "0", "false", "False")
 
 
 def torchrun_launched() -> bool:

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from stream_attention import fused_attention
+from stream_attention.kernels import attention_fwd_tma
+from stream_attention.kernels.attention_fwd import attention_forward
 from stream_attention.kernels.attention_fwd_tma import attention_forward_tma, tma_supported
 from stream_attention.kernels.runtime import interpreter_enabled
 from tests.reference import reference_attention, rel_err
@@ -64,19 +66,46 @@ def test_unsupported_layouts_are_refused():
     assert not tma_supported(q40, k40, v40)  # non power-of-two head dim
 
 
+def _count_tma_launches(monkeypatch) -> list[int]:
+    """Calls of the TMA forward from here on (a spy: the kernel still runs)."""
+    calls: list[int] = []
+    real = attention_fwd_tma.attention_forward_tma
+    monkeypatch.setattr(attention_fwd_tma, "attention_forward_tma", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
 def test_fused_attention_routes_through_tma_with_gradients(monkeypatch):
-    """``fused_attention`` takes the TMA forward when enabled; the backward consumes its
+    """``fused_attention`` takes the TMA forward when ``STREAM_ATTENTION_TMA`` enables it
+    (core reads the variable and passes it to the kernel); the backward consumes its
     output and LSE exactly as it does the pointer kernel's."""
     torch.manual_seed(3)
     q, k, v = (t.requires_grad_() for t in _qkv(2, 40, 40, 4, 2, 32, torch.float16))
     dout = torch.randn_like(q)
+    tma_calls = _count_tma_launches(monkeypatch)
     grads = {}
     for setting in ("0", "1"):
         monkeypatch.setenv("STREAM_ATTENTION_TMA", setting)
         out = fused_attention(q, k, v, causal=True, backend="triton")
         grads[setting] = (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
+        assert len(tma_calls) == int(setting)
     for a, b in zip(grads["0"], grads["1"], strict=True):
         assert rel_err(b, a) < 2e-3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto takes TMA on Hopper GPUs")
+def test_tma_argument_decides_without_the_environment(monkeypatch):
+    """``attention_forward(tma=...)`` alone picks the kernel: the variable is not read there."""
+    monkeypatch.delenv("STREAM_ATTENTION_TMA", raising=False)
+    q, k, v = _qkv(1, 32, 32, 2, 2, 32, torch.float16)
+    tma_calls = _count_tma_launches(monkeypatch)
+    auto, _ = attention_forward(q, k, v, causal=True, softmax_scale=0.2)
+    assert tma_calls == []  # auto: GPUs only
+    forced, _ = attention_forward(q, k, v, causal=True, softmax_scale=0.2, tma=True)
+    assert tma_calls == [1]
+    monkeypatch.setenv("STREAM_ATTENTION_TMA", "1")
+    attention_forward(q, k, v, causal=True, softmax_scale=0.2, tma=False)
+    assert tma_calls == [1]
+    assert rel_err(forced, auto) < 2e-3
 
 
 @pytest.mark.gpu

@@ -432,3 +432,46 @@ def test_eviction_spares_sinks_and_window_and_drops_the_least_attended(sink: int
                 assert dropped == evictable[: len(dropped)]  # oldest first
             else:  # the lowest scores
                 assert dropped == sorted(sorted(evictable, key=lambda i: scores[i])[: len(dropped)])
+
+
+@pytest.mark.slow
+def test_kernel_switch_variables_reach_the_kernels(monkeypatch) -> None:
+    """The kernels read no environment: the engine reads the ``STREAM_ATTENTION_*`` switches
+    once, when it starts, and passes them to every launch (quantized pages here; float
+    pages' decode gets ``PAGED_TMA`` the same way)."""
+    from stream_attention.engine import attention as engine_attention
+    from stream_attention.engine import kv_compression
+
+    names = ("fast_kernel", "inline_asm", "defer_sums", "autotune")
+    quantized_calls, paged_calls = [], []
+    real_quantized, real_paged = kv_compression.paged_attention_quantized, engine_attention.paged_attention
+
+    def quantized(*args, **kwargs):
+        quantized_calls.append({name: kwargs[name] for name in names})
+        return real_quantized(*args, **kwargs)
+
+    def paged(*args, **kwargs):
+        paged_calls.append(kwargs["tma"])
+        return real_paged(*args, **kwargs)
+
+    monkeypatch.setattr(kv_compression, "paged_attention_quantized", quantized)
+    monkeypatch.setattr(engine_attention, "paged_attention", paged)
+    switches = {"KV_FAST": "0", "KV_ASM": "0", "KV_DEFER_SUMS": "1", "AUTOTUNE": "1", "PAGED_TMA": "0"}
+    for name, value in switches.items():
+        monkeypatch.setenv(f"STREAM_ATTENTION_{name}", value)
+    int8 = _engine(kv_cache_dtype="int8", attention_backend="triton")
+    dense = _engine(attention_backend="triton")
+    for name in switches:  # read at start-up: a later change does not reach running engines
+        monkeypatch.delenv(f"STREAM_ATTENTION_{name}")
+    two_tokens = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    int8.generate(PROMPTS[:1], two_tokens)
+    dense.generate(PROMPTS[:1], two_tokens)
+    assert quantized_calls and all(
+        call == {"fast_kernel": False, "inline_asm": False, "defer_sums": True, "autotune": True}
+        for call in quantized_calls
+    )
+    assert paged_calls and not any(paged_calls)
+    # Unset, the defaults: the fp16-code kernel with inline PTX, per-launch row sums, TMA decode.
+    paged_calls.clear()
+    _engine(attention_backend="triton").generate(PROMPTS[:1], two_tokens)
+    assert paged_calls and all(paged_calls)

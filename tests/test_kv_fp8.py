@@ -201,7 +201,7 @@ def test_fp16_queries_run_the_shared_fp16_code_kernel(num_splits, device, monkey
     """fp8 pages are a page format of the int8/int4 fp16-code kernel (codes converted in
     registers, per-head scales folded into the softmax scale and the output): decode and
     prefill chunks (the interpreter runs both through it) against float64 attention over
-    the dequantized values, and the generic kernel (``STREAM_ATTENTION_KV_FAST=0``) agrees."""
+    the dequantized values, and the generic kernel (``fast_kernel=False``) agrees."""
     q_lens, kv_lens = [1, 6, 1], [37, 40, 70]
     q, kp, vp, tables, lens, cu = _paged_case(q_lens, kv_lens, torch.float16, device, seed=13)
     assert kva._fast_views(q, kp, vp, 8, False, D) is not None
@@ -211,10 +211,8 @@ def test_fp16_queries_run_the_shared_fp16_code_kernel(num_splits, device, monkey
     ref_out, ref_lse = _reference(q, kp, vp, tables, lens, cu, scale)
     torch.testing.assert_close(out.double().cpu(), ref_out, **TOLS[torch.float16])
     torch.testing.assert_close(lse.double().cpu(), ref_lse, **TOLS[torch.float16])
-    monkeypatch.setenv("STREAM_ATTENTION_KV_FAST", "0")
-    assert kva._fast_views(q, kp, vp, 8, False, D) is None
     generic = kva.paged_attention_quantized(q, kp, vp, tables, lens, cu, max_q_len=max(q_lens),
-                                            softmax_scale=scale, num_splits=num_splits)
+                                            softmax_scale=scale, num_splits=num_splits, fast_kernel=False)
     torch.testing.assert_close(generic.double().cpu(), out.double().cpu(), **TOLS[torch.float16])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -267,22 +268,21 @@ def _fp32_out(q: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits,d", FAST_SHAPES)
-@pytest.mark.parametrize("splits,defer", [(1, "0"), (3, "0"), (3, "1")])
-def test_fast_decode_matches_float64(bits, d, splits, defer, device, monkeypatch):
+@pytest.mark.parametrize("splits,defer", [(1, False), (3, False), (3, True)])
+def test_fast_decode_matches_float64(bits, d, splits, defer, device):
     """Both row-sum schedules (per tile, or deferred per key column to the end)."""
-    monkeypatch.setenv("STREAM_ATTENTION_KV_DEFER_SUMS", defer)
     lens = [37, 53, 5, 16, 0]  # ragged, a full page, an empty sequence
     kp, vp, table, seq_lens, _, _ = _cache(lens, bits, False, device, seed=20 + bits + d + splits, d=d)
     q = torch.randn(len(lens), HQ, d, device=device).half()
     assert kva._fast_views(q, kp, vp, bits, False, d) is not None
     out, lse = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits, return_lse=True,
-                                            out=_fp32_out(q))
+                                            out=_fp32_out(q), defer_sums=defer)
     ref, ref_lse = kva.paged_attention_ref(q, kp, vp, table, seq_lens)
     torch.testing.assert_close(out.double(), ref, **TOL16)
     torch.testing.assert_close(lse.double(), ref_lse, **LSE_TOL16)
     assert torch.equal(out[-1], torch.zeros_like(out[-1])) and torch.isinf(lse[:, -1]).all()
     # The same call with q's own (fp16) output.
-    out16 = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits)
+    out16 = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=splits, defer_sums=defer)
     assert out16.dtype == torch.float16
     torch.testing.assert_close(out16.double(), ref, **TOL16)
 
@@ -319,16 +319,34 @@ def test_fast_path_exact_for_extreme_query_rows(bits, d, device):
     torch.testing.assert_close(lse.double(), ref_lse, **LSE_TOL16)
 
 
+@contextlib.contextmanager
+def launched_kernels():
+    """Names of the attention kernels ``kv_attention`` launches inside the block, in order
+    (a spy on its one launch helper: the kernels still run)."""
+    names: list[str] = []
+    real = kva._launch
+
+    def spy(kernel, *args, **kwargs):
+        names.append(kernel.fn.__name__)
+        return real(kernel, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kva, "_launch", spy)
+        yield names
+
+
 @pytest.mark.parametrize("bits", [8, 4])
-def test_fast_and_generic_kernels_agree(bits, device, monkeypatch):
+def test_fast_and_generic_kernels_agree(bits, device):
     d = 64
     lens = [45, 70]
     kp, vp, table, seq_lens, _, _ = _cache(lens, bits, False, device, seed=50 + bits, d=d)
     q = torch.randn(2, HQ, d, device=device).half()
-    fast = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=2, out=_fp32_out(q))
-    monkeypatch.setenv("STREAM_ATTENTION_KV_FAST", "0")
-    assert kva._fast_views(q, kp, vp, bits, False, d) is None
-    generic = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=2, out=_fp32_out(q))
+    assert kva._fast_views(q, kp, vp, bits, False, d) is not None
+    with launched_kernels() as kernels:
+        fast = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=2, out=_fp32_out(q))
+        generic = kva.paged_attention_quantized(q, kp, vp, table, seq_lens, num_splits=2, out=_fp32_out(q),
+                                                fast_kernel=False)
+    assert kernels == ["_paged_attn_f16_kernel", "_paged_attn_kernel"]
     # Same roundings (fp16 q, fp16 p * s_v, exact codes): equal up to fp32 summation order.
     torch.testing.assert_close(fast, generic, atol=2e-5, rtol=2e-5)
 
@@ -350,7 +368,7 @@ def test_fast_decode_launch_gets_its_register_cap(device, monkeypatch):
     other schedules, prefill and an explicit ``maxnreg`` are left alone."""
     seen = []
 
-    def record(kernel, tuned, grid, args, meta, launch, device, max_q_len, *, block_n=None):
+    def record(kernel, tuned, grid, args, meta, launch, device, max_q_len, autotune, *, block_n=None):
         seen.append(launch)
 
     monkeypatch.setattr(kva, "_launch", record)

@@ -112,3 +112,39 @@ def test_the_checker_sees_upward_imports():
     assert len(bad) == 2
     assert "probe.py:1 (engine) imports stream_attention.server (server)" in bad[0]
     assert "probe.py:5 (engine) imports stream_attention.clients (clients)" in bad[1]
+
+
+def _environment_uses(source: str, rel: Path) -> list[int]:
+    """Lines of ``source`` (the file at ``rel``) that import ``stream_attention.envs`` or
+    name ``envs``."""
+    lines = {line for line, name in _imported(source, rel) if name.split(".")[:2] == ["stream_attention", "envs"]}
+    for node in ast.walk(ast.parse(source)):
+        imported = isinstance(node, ast.ImportFrom) and any(alias.name == "envs" for alias in node.names)
+        named = (isinstance(node, ast.Name) and node.id == "envs") or (
+            isinstance(node, ast.Attribute) and node.attr == "envs"
+        )
+        if imported or named:
+            lines.add(node.lineno)
+    return sorted(lines)
+
+
+KERNEL_MODULES = sorted((PACKAGE / "kernels").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", KERNEL_MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_kernels_take_their_switches_as_arguments(path: Path):
+    """Launch switches arrive as keyword arguments; core and the engine read the environment
+    (core/kernel_switches.py) and pass them down."""
+    assert _environment_uses(path.read_text(), path.relative_to(PACKAGE.parent)) == []
+
+
+def test_the_environment_checker_sees_uses():
+    probe = (
+        "from .. import envs\n"
+        "from stream_attention import envs as switches\n"
+        "import stream_attention.envs\n"
+        "def f():\n"
+        "    return stream_attention.envs.tma()\n"
+        "x = 1  # envs in a comment is fine\n"
+    )
+    assert _environment_uses(probe, Path("stream_attention/kernels/probe.py")) == [1, 2, 3, 5]

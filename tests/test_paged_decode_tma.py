@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from stream_attention.kernels import paged_attention as paged_module
 from stream_attention.kernels.paged_attention import paged_attention
 from stream_attention.kernels.paged_decode_tma import paged_decode_tma, tma_decode_supported
 from tests.test_paged_attention import _make_case, _reference
@@ -57,7 +58,8 @@ def test_tma_decode_empty_and_query_less_sequences(device):
 
 def test_paged_attention_dispatch(device, monkeypatch):
     """Decode calls take the TMA kernel where it applies and give the pointer kernel's
-    answer; ``STREAM_ATTENTION_PAGED_TMA=0`` or an explicit launch keeps the pointer kernel."""
+    answer; ``tma=False`` (``STREAM_ATTENTION_PAGED_TMA=0`` in the engine) or an explicit
+    launch keeps the pointer kernel."""
     q, kp, vp, table, seq_lens, cu = _make_case([1, 1], [33, 90], hq=8, hkv=2, d=32, page=16,
                                                   dtype=torch.float16, device=device, seed=5)
     assert not tma_decode_supported(q.float(), kp.float(), vp.float(), 1)  # 16-bit only
@@ -66,10 +68,14 @@ def test_paged_attention_dispatch(device, monkeypatch):
     assert not tma_decode_supported(q, kp.transpose(2, 3), vp, 1)  # contiguous pools
     if not tma_decode_supported(q, kp, vp, 1):
         pytest.skip("no TMA decode on this device")
+    tma_calls = []
+    real = paged_module.paged_decode_tma
+    monkeypatch.setattr(paged_module, "paged_decode_tma", lambda *a, **kw: tma_calls.append(1) or real(*a, **kw))
     via_tma = paged_attention(q, kp, vp, table, seq_lens, cu, max_q_len=1, softmax_scale=0.2, num_splits=2)
-    monkeypatch.setenv("STREAM_ATTENTION_PAGED_TMA", "0")
-    assert not tma_decode_supported(q, kp, vp, 1)
-    via_pointer = paged_attention(q, kp, vp, table, seq_lens, cu, max_q_len=1, softmax_scale=0.2, num_splits=2)
+    assert len(tma_calls) == 1
+    via_pointer = paged_attention(q, kp, vp, table, seq_lens, cu, max_q_len=1, softmax_scale=0.2, num_splits=2,
+                                  tma=False)
+    assert len(tma_calls) == 1  # the pointer kernel answered
     torch.testing.assert_close(via_tma, via_pointer, atol=2e-3, rtol=2e-3)
     ref = _reference(q, kp, vp, table, seq_lens, cu, 0.2)
     torch.testing.assert_close(via_tma.double().cpu(), ref, atol=2e-3, rtol=2e-3)

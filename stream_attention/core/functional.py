@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.attention_bwd import attention_backward
-from ..kernels.attention_fp8 import FP8_HEAD_DIMS, attention_forward_fp8, quantize_qkv_fp8
+from ..kernels.attention_fp8 import FP8_HEAD_DIMS, attention_forward_fp8, fp8_tma_supported, quantize_qkv_fp8
 from ..kernels.attention_fwd import attention_forward
 from ..kernels.runtime import TritonUnavailableError, triton_runs_on, why_triton_cannot_run
 from .backend import resolve_backend
+from .kernel_switches import KernelSwitches
 from .sdpa import sdpa_attention
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -150,7 +151,8 @@ def _sdpa_mask(mask: torch.Tensor | None, key_padding: torch.Tensor | None) -> t
 
 @dataclass(frozen=True)
 class _Call:
-    """Non-tensor arguments of one kernel call, shared by its forward and backward."""
+    """Non-tensor arguments of one kernel call, shared by its forward and backward
+    (``switches``: the environment's launch switches, read once per call)."""
 
     causal: bool
     softmax_scale: float
@@ -161,8 +163,13 @@ class _Call:
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_q: int | None = None
     max_seqlen_k: int | None = None
+    switches: KernelSwitches = KernelSwitches()
+
+    def forward_kwargs(self) -> dict:
+        return {**self.kernel_kwargs(), "tma": self.switches.tma}
 
     def kernel_kwargs(self) -> dict:
+        """Keyword arguments the forward and the backward launchers share."""
         return dict(
             causal=self.causal,
             softmax_scale=self.softmax_scale,
@@ -173,6 +180,7 @@ class _Call:
             max_seqlen_k=self.max_seqlen_k,
             dropout_p=self.dropout_p,
             dropout_seed=self.dropout_seed,
+            autotune=self.switches.autotune,
         )
 
 
@@ -182,7 +190,7 @@ class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, key_padding, call: _Call):  # type: ignore[override]
         out, lse = attention_forward(
-            q, k, v, store_lse=True, attn_mask=mask, key_padding_mask=key_padding, **call.kernel_kwargs()
+            q, k, v, store_lse=True, attn_mask=mask, key_padding_mask=key_padding, **call.forward_kwargs()
         )
         ctx.save_for_backward(q, k, v, out, lse, mask, key_padding)
         ctx.call = call
@@ -278,12 +286,13 @@ def fused_attention(
     needs_grad = _needs_grad(q, k, v, mask)
     chosen = resolve_backend(backend, q.device, needs_grad=needs_grad, grad_supported=True)
     if chosen == "triton":
-        call = _Call(causal, scale, window, dropout_p, _draw_seed(dropout_p, dropout_seed))
+        call = _Call(causal, scale, window, dropout_p, _draw_seed(dropout_p, dropout_seed),
+                     switches=KernelSwitches.from_env())
         if needs_grad:
             out, lse = _TritonAttention.apply(q, k, v, mask, key_padding, call)
         else:
             out, lse = attention_forward(
-                q, k, v, store_lse=return_lse, attn_mask=mask, key_padding_mask=key_padding, **call.kernel_kwargs()
+                q, k, v, store_lse=return_lse, attn_mask=mask, key_padding_mask=key_padding, **call.forward_kwargs()
             )
     else:
         res = sdpa_attention(
@@ -464,11 +473,12 @@ def fused_attention_varlen(
             cu_seqlens_k.to(torch.int32),
             int(max_seqlen_q),
             int(max_seqlen_k),
+            KernelSwitches.from_env(),
         )
         if needs_grad:
             out, lse = _TritonAttention.apply(q, k, v, None, None, call)
         else:
-            out, lse = attention_forward(q, k, v, store_lse=return_lse, **call.kernel_kwargs())
+            out, lse = attention_forward(q, k, v, store_lse=return_lse, **call.forward_kwargs())
     else:
         out, lse = _varlen_sdpa(
             q,
@@ -524,5 +534,10 @@ def fused_attention_fp8(
     if not scale > 0:
         raise ValueError(f"softmax_scale must be positive, got {softmax_scale!r}")
     qkv = quantize_qkv_fp8(q, k, v)
-    out, lse = attention_forward_fp8(qkv, causal=causal, softmax_scale=scale, out_dtype=q.dtype)
+    switches = KernelSwitches.from_env()
+    # STREAM_ATTENTION_TMA=1 asks for TMA where it can run (the interpreter included);
+    # the kernel's tma=True insists on it.
+    tma = switches.tma and fp8_tma_supported(qkv) if switches.tma is not None else None
+    out, lse = attention_forward_fp8(qkv, causal=causal, softmax_scale=scale, out_dtype=q.dtype, tma=tma,
+                                     autotune=switches.autotune)
     return (out, lse) if return_lse else out

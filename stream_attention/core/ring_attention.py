@@ -48,6 +48,7 @@ from .distributed_utils import (
     zigzag_unshard,
 )
 from .functional import check_qkv, fused_attention
+from .kernel_switches import KernelSwitches
 
 __all__ = [
     "RingAttention",
@@ -183,7 +184,8 @@ def _block_backward(
     if kernel is None:
         return block_backward_reference(dout, q, k, v, out, lse, causal=causal, softmax_scale=scale, dlse=dlse)
     # The kernel reads any strides, so the zigzag half-shard views go in without copies.
-    dq, dk, dv = kernel(dout, q, k, v, out, lse, causal=causal, softmax_scale=scale, dlse=dlse)
+    dq, dk, dv = kernel(dout, q, k, v, out, lse, causal=causal, softmax_scale=scale, dlse=dlse,
+                        autotune=KernelSwitches.from_env().autotune)
     return dq, dk, dv
 
 

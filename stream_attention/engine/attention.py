@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..core.kernel_switches import KernelSwitches
 from ..kernels.paged_attention import paged_attention, paged_attention_torch, write_kv_pages
 from .attention_spec import LayerAttention, layer_attention
 
@@ -71,6 +72,8 @@ class AttentionContext:
     kv_scores: BlockScoreCollector | None = None
     # Each layer's sliding window and soft-cap (by ``layer_idx``).
     layers: list[LayerAttention] | None = None
+    # The kernels' launch switches (the runner reads them from the environment once).
+    kernels: KernelSwitches = KernelSwitches()
 
 
 _local = threading.local()
@@ -130,7 +133,8 @@ def paged_attention_forward(
         from .kv_compression import compressed_attention_step
 
         out = compressed_attention_step(q, k, v, k_pages, v_pages, ctx, scale, collector=ctx.kv_scores,
-                                        layer_idx=module.layer_idx, window_left=window_left, softcap=softcap)
+                                        layer_idx=module.layer_idx, window_left=window_left, softcap=softcap,
+                                        kernels=ctx.kernels)
         return out.unsqueeze(0), None
     if not kwargs.get("kv_written", False):  # the engine's fused forward stores them in its RoPE kernel
         write_kv_pages(k, v, k_pages, v_pages, ctx.slot_mapping)
@@ -143,13 +147,13 @@ def paged_attention_forward(
             out, _ = attention_forward(
                 q, k, v, causal=True, softmax_scale=scale, cu_seqlens_q=ctx.cu_seqlens_q,
                 cu_seqlens_k=ctx.cu_seqlens_q, max_seqlen_q=ctx.max_q_len, max_seqlen_k=ctx.max_q_len,
-                store_lse=False, window=None if window_left is None else (window_left, 0),
+                store_lse=False, window=None if window_left is None else (window_left, 0), **ctx.kernels.dense(),
             )
         else:
             out = paged_attention(
                 q, k_pages, v_pages, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q,
                 max_q_len=ctx.max_q_len, softmax_scale=scale, num_splits=ctx.num_splits,
-                window_left=window_left, softcap=softcap,
+                window_left=window_left, softcap=softcap, **ctx.kernels.paged(),
             )
     else:
         out = paged_attention_torch(

@@ -45,6 +45,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ..core.kernel_switches import KernelSwitches
 from ..kernels.kv_attention import (
     DEFAULT_LAUNCH,
     decode_launch,
@@ -346,6 +347,7 @@ def compressed_attention_step(
     layer_idx: int = 0,
     window_left: int | None = None,
     softcap: float | None = None,
+    kernels: KernelSwitches | None = None,
 ) -> torch.Tensor:
     """One layer's attention step: write ``k, v`` into the pages, then attend over them.
 
@@ -355,8 +357,11 @@ def compressed_attention_step(
     log-sum-exps, and the block attention mass of each sequence's last queries is
     accumulated into the collector. ``window_left`` / ``softcap``: the layer's sliding
     window and logit soft-cap (:mod:`~stream_attention.kernels.score_mods`; scoring steps
-    do not take them, the runner refuses eviction for such models).
+    do not take them, the runner refuses eviction for such models). ``kernels``: the
+    launch switches the kernels get (the engine's, read from the environment; None: the
+    defaults of unset variables).
     """
+    kernels = kernels or KernelSwitches()
     triton_ok = ctx.backend == "triton" and triton_runs_on(q.device)
     write_kv(k, v, k_pages, v_pages, ctx.slot_mapping, use_triton=triton_ok)
     want_lse = collector is not None
@@ -371,7 +376,7 @@ def compressed_attention_step(
         out, _ = attention_forward(
             q, k, v, causal=True, softmax_scale=softmax_scale, cu_seqlens_q=ctx.cu_seqlens_q,
             cu_seqlens_k=ctx.cu_seqlens_q, max_seqlen_q=ctx.max_q_len, max_seqlen_k=ctx.max_q_len, store_lse=False,
-            window=None if window_left is None else (window_left, 0),
+            window=None if window_left is None else (window_left, 0), **kernels.dense(),
         )
         return out
     fast = triton_ok and (isinstance(k_pages, (QuantizedPages, Fp8Pages)) or k_pages.dtype == q.dtype)
@@ -381,7 +386,7 @@ def compressed_attention_step(
             res = paged_attention_fp8(q, k_pages, v_pages, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q,
                                       max_q_len=ctx.max_q_len, softmax_scale=softmax_scale,
                                       num_splits=ctx.num_splits if ctx.max_q_len <= 1 else 1,
-                                      return_lse=want_lse, launch=launch)
+                                      return_lse=want_lse, launch=launch, **kernels.compressed())
             out, lse = res if want_lse else (res, None)
         else:
             out32, lse = paged_attention_fp8_ref(q, k_pages, v_pages, ctx.block_tables, ctx.seq_lens,
@@ -399,7 +404,7 @@ def compressed_attention_step(
             q, k_pages, v_pages, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q, max_q_len=ctx.max_q_len,
             softmax_scale=softmax_scale, num_splits=ctx.num_splits, return_lse=want_lse,
             launch=dict(zip(("BLOCK_N", "num_warps", "num_stages"), launch, strict=True)),
-            window_left=window_left, softcap=softcap,
+            window_left=window_left, softcap=softcap, **kernels.compressed(),
         )
         out, lse = res if want_lse else (res, None)
     else:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..core.backend import resolve_backend
+from ..core.kernel_switches import KernelSwitches
 from ..kernels.paged_attention import choose_num_splits
 from . import attention as attn_hook
 from . import fused_llama
@@ -95,6 +96,8 @@ class ModelRunner:
         _check_supported(model)
         self.extra_block_bytes = extra_block_bytes
         self.model = model
+        # Read once: every step (and every captured graph) launches the same kernels.
+        self.kernel_switches = KernelSwitches.from_env()
         self.config = config
         self.device = device
         self.geometry = g = ModelGeometry.of(model)
@@ -282,10 +285,11 @@ class ModelRunner:
     def _decode_splits(self, batch: int, max_kv_len: int, scoring: bool = False) -> int:
         """Split-K factor of a decode step: the float pages' kernel policy, or the
         two-programs-per-SM policy that kv_quant's kernel schedules assume when that kernel
-        runs (quantized pages, or a step that collects attention scores for eviction)."""
-        quantized_kernel = self.config.kv_cache_quantized or scoring
+        runs (quantized pages, or a step that collects attention scores for eviction), or
+        the pointer kernel's when ``STREAM_ATTENTION_PAGED_TMA=0`` keeps decode off TMA."""
+        pointer_kernel = self.config.kv_cache_quantized or scoring or not self.kernel_switches.paged_tma
         return choose_num_splits(batch, self.geometry.num_kv_heads, max_kv_len, self.device,
-                                 tma=False if quantized_kernel else None)
+                                 tma=False if pointer_kernel else None)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_to_keep: int | torch.Tensor):
         if self.fused is not None:
@@ -352,6 +356,7 @@ class ModelRunner:
             cu_seqlens_q_cpu=cu,
             kv_scores=collector,
             layers=self.layer_attention,
+            kernels=self.kernel_switches,
         )
         input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
         positions = torch.from_numpy(pos).to(dev, non_blocking=True)
@@ -408,7 +413,7 @@ class ModelRunner:
                 cu_seqlens_q=self._cu_decode[:b + 1], max_q_len=1, max_kv_len=self.max_model_len,
                 backend=self.backend,
                 num_splits=self._decode_splits(b, self.max_model_len),
-                layers=self.layer_attention,
+                layers=self.layer_attention, kernels=self.kernel_switches,
             )
             with torch.inference_mode(), attn_hook.attention_context(ctx):
                 self._forward(ids, pos, 0)  # warm-up: compiles kernels outside the capture
@@ -491,6 +496,7 @@ class ModelRunner:
             kv_caches=self.kv_caches, slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
             cu_seqlens_q=self._verify_cu[:b + 1], max_q_len=q, max_kv_len=self.max_model_len,
             backend=self.backend, num_splits=self._verify_splits(b), layers=self.layer_attention,
+            kernels=self.kernel_switches,
         )
         return ids, pos, ctx
 

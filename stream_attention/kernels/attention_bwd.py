@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .attention_fwd import _LOG2E, _bucket, dense_or_varlen_strides, dot_precision_for, key_range, window_bounds
 from .masks_dropout import apply_masks, dropout_keep, mask_dropout_meta, prepare_masks
-from .runtime import autotune_enabled, first_config, interpreter_enabled, launch_kwargs
+from .runtime import first_config, interpreter_enabled, launch_kwargs
 
 __all__ = ["attention_backward", "INTERPRETER_BWD_BLOCKS"]
 
@@ -1011,7 +1011,7 @@ def attention_backward(
     dropout_offset: int = 0,
     dlse: torch.Tensor | None = None,
     dbias: torch.Tensor | None = None,
-    autotune: bool | None = None,
+    autotune: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`~stream_attention.kernels.attention_fwd.attention_forward`.
 
@@ -1031,7 +1031,9 @@ def attention_backward(
 
     Returns ``(dq, dk, dv)`` in the dtypes and layouts of ``q, k, v``. The result is
     deterministic (no atomics): GQA's dK/dV sum over the group inside one program.
-    ``autotune`` autotunes the GPU launches (None = ``STREAM_ATTENTION_AUTOTUNE``).
+    ``autotune`` autotunes the GPU launches instead of taking the measured configs
+    (as the forward's ``autotune``; ``STREAM_ATTENTION_AUTOTUNE`` for callers that follow
+    the environment).
     """
     varlen = cu_seqlens_q is not None
     head_dim = q.shape[-1]
@@ -1176,7 +1178,7 @@ def attention_backward(
         )
     else:
         with torch.cuda.device(q.device):
-            if autotune_enabled() if autotune is None else autotune:
+            if autotune:
                 _bwd_dkdv_tuned[lambda cfg: (triton.cdiv(seqlen_k, cfg["BLOCK_N"]), batch * hkv)](*dkdv_args, **meta)
                 _bwd_dq_tuned[lambda cfg: (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * hq)](
                     *dq_args, **meta, STORE_DBIAS=store_dbias

@@ -33,9 +33,9 @@ inputs; the LSE does not see it.
 Tiles arrive either through pointer loads (cp.async pipelined; the V^T tile address is kept
 visibly 16-byte aligned, or Triton would not pipeline it) or, on Hopper, through TMA
 descriptors over 2-D views (``q``/``k`` as ``[B*T, H*D]``, ``v_t`` as ``[B*Hkv*D, Tpad]``),
-chosen like the bf16 forward chooses (``STREAM_ATTENTION_TMA``) or per call (``tma=``).
-Tile configs: the first of ``_GPU_CONFIGS`` unless autotuning (``autotune=`` or
-``STREAM_ATTENTION_AUTOTUNE=1``) or an explicit ``config=``.
+chosen per call (``tma=``; by default as the bf16 forward chooses: on Hopper GPUs).
+Tile configs: the first of ``_GPU_CONFIGS`` unless autotuning (``autotune=True``) or an
+explicit ``config=``.
 
 Under Triton's interpreter (CPU tests) fp32 -> e4m3 casts are emulated: the interpreter's
 own cast truncates subnormals, rounds half up, and can carry a mantissa overflow into the
@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import UNBOUNDED, _bucket, key_range, tma_enabled
-from .runtime import autotune_enabled, first_config, interpreter_enabled, launch_kwargs, triton_runs_on
+from .runtime import first_config, interpreter_enabled, launch_kwargs, triton_runs_on
 
 try:  # host-side descriptors: triton >= 3.3
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -755,7 +755,7 @@ def attention_forward_fp8(
     softmax_scale: float,
     out_dtype: torch.dtype = torch.bfloat16,
     tma: bool | None = None,
-    autotune: bool | None = None,
+    autotune: bool = False,
     config: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 attention forward on pre-quantized inputs.
@@ -764,9 +764,9 @@ def attention_forward_fp8(
     ``lse [B, Hq, Tq]`` (fp32; ``-inf`` and zero output for rows that see no key).
     Causal masks are aligned bottom-right (query ``i`` sees keys ``j <= i + Tk - Tq``).
 
-    ``tma``: read Q/K/V tiles through TMA descriptors (default: as the bf16 forward decides,
-    i.e. on Hopper+ unless ``STREAM_ATTENTION_TMA=0``, when :func:`fp8_tma_supported`);
-    ``autotune``: tune the tile config (default: ``STREAM_ATTENTION_AUTOTUNE``); ``config``:
+    ``tma``: read Q/K/V tiles through TMA descriptors (``None``: on Hopper+ GPUs when
+    :func:`fp8_tma_supported`; ``True`` raises where it is not supported);
+    ``autotune``: tune the tile config instead of taking the first that fits; ``config``:
     an explicit ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (tiles must divide the
     quantization blocks). Under the interpreter tiles are small and fixed.
     """
@@ -806,8 +806,6 @@ def attention_forward_fp8(
         bm, bn = min(INTERPRETER_BLOCKS["BLOCK_M"], qbm), min(INTERPRETER_BLOCKS["BLOCK_N"], qbn)
         launch = {"BLOCK_M": bm, "BLOCK_N": bn}
     else:
-        if autotune is None:
-            autotune = autotune_enabled() and config is None
         cfg = _config(*config) if config is not None else None
         launch = (
             None

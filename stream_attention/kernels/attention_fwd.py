@@ -35,9 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import envs
 from .masks_dropout import apply_masks, dropout_keep, mask_dropout_meta, prepare_masks
-from .runtime import autotune_enabled, first_config, interpreter_enabled, launch_kwargs
+from .runtime import first_config, interpreter_enabled, launch_kwargs
 
 # A window bound this large never clips anything; int32-safe for any realistic length.
 UNBOUNDED = 1 << 30
@@ -454,14 +453,13 @@ def dot_precision_for(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def tma_enabled(device: torch.device) -> bool:
-    """Whether dense, unmasked launches take the TMA-descriptor kernel
-    (:mod:`.attention_fwd_tma`): on Hopper and newer GPUs unless
-    ``STREAM_ATTENTION_TMA=0``; under the interpreter only with ``STREAM_ATTENTION_TMA=1``."""
-    setting = envs.tma()
-    if setting is False:
+def tma_enabled(device: torch.device, tma: bool | None = None) -> bool:
+    """Whether dense, unmasked launches on ``device`` may take the TMA-descriptor kernel
+    (:mod:`.attention_fwd_tma`): ``tma=False`` never, ``tma=True`` also under the
+    interpreter, ``None`` (auto) on GPUs (the kernel then checks for Hopper or newer)."""
+    if tma is False:
         return False
-    return device.type == "cuda" or setting is True
+    return device.type == "cuda" or tma is True
 
 
 def window_bounds(causal: bool, window: tuple[int, int] | None) -> tuple[int, int, bool]:
@@ -505,7 +503,7 @@ def attention_forward(
     dropout_seed: int = 0,
     dropout_offset: int = 0,
     tma: bool | None = None,
-    autotune: bool | None = None,
+    autotune: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the forward kernel. Inputs are assumed validated by the caller.
 
@@ -524,17 +522,21 @@ def attention_forward(
       attention dropout on the probabilities (see :mod:`.masks_dropout`). The LSE is that
       of the un-dropped scores, as the backward expects.
 
-    Launch choices (None = the environment's, :mod:`stream_attention.envs`):
+    Launch choices (callers that follow the environment pass ``STREAM_ATTENTION_TMA`` and
+    ``STREAM_ATTENTION_AUTOTUNE`` here):
 
-    * ``tma``: whether a dense, unmasked call may take the TMA-descriptor kernel
-      (:func:`tma_enabled`); it does when the shape suits it;
-    * ``autotune``: autotune the GPU launch instead of taking the measured config.
+    * ``tma``: whether a dense, unmasked call may take the TMA-descriptor kernel when the
+      shape suits it: ``None`` (auto) on Hopper and newer GPUs, ``True`` also under the
+      interpreter, ``False`` never (:func:`tma_enabled`);
+    * ``autotune``: autotune the GPU launch (a compile and a timing of every candidate
+      config per new shape key, tens of seconds) instead of taking the config measured
+      for the shape class on an H100 (the default).
     """
     varlen = cu_seqlens_q is not None
     if not varlen and attn_mask is None and key_padding_mask is None and dropout_p == 0.0 and softmax_scale > 0:
         from . import attention_fwd_tma as tma_kernel
 
-        use_tma = tma_enabled(q.device) if tma is None else tma
+        use_tma = tma_enabled(q.device, tma)
         if use_tma and tma_kernel.tma_preferred(q, k, causal, window) and tma_kernel.tma_supported(q, k, v):
             return tma_kernel.attention_forward_tma(
                 q, k, v, causal=causal, softmax_scale=softmax_scale, window=window, store_lse=store_lse
@@ -619,7 +621,7 @@ def attention_forward(
             return (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * hq)
 
         with torch.cuda.device(q.device):
-            if autotune_enabled() if autotune is None else autotune:
+            if autotune:
                 _attn_fwd_tuned[grid](*args, **meta)
             else:
                 prefer = preferred_fwd_config(head_dim, _bucket(seqlen_q))

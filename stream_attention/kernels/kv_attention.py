@@ -24,8 +24,10 @@ bit tricks, ``0x6400 | c`` is ``1024 + c``; e4m3 with Hopper's ``cvt.rn.f16x2.e4
 instead of integer-to-float conversions, which made the generic kernel instruction-bound;
 see "Fast path" below for the method and its precision argument. Everything else (fp32
 queries, per-channel KIVI keys, float pages, prefill on GPUs) runs the generic
-:func:`_paged_attn_kernel`. ``STREAM_ATTENTION_KV_FAST=0`` forces the generic kernel,
-``STREAM_ATTENTION_KV_ASM=0`` the fast kernel's portable conversions (no inline PTX).
+:func:`_paged_attn_kernel`. :func:`paged_attention_quantized`'s ``fast_kernel=False``
+forces the generic kernel, ``inline_asm=False`` the fast kernel's portable conversions (no
+inline PTX); ``STREAM_ATTENTION_KV_FAST`` / ``STREAM_ATTENTION_KV_ASM`` set them for the
+engine.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import envs
 from .attention_fwd import dot_precision_for
 from .kv_pages import (
     Fp8Pages,
@@ -48,7 +49,7 @@ from .kv_pages import (
     page_geometry,
     page_kernel_args,
 )
-from .runtime import autotune_enabled, interpreter_enabled
+from .runtime import interpreter_enabled
 from .score_mods import soft_cap, softcap_arg, window_left_arg
 from .split_combine import combine_splits, partial_buffers
 
@@ -58,7 +59,6 @@ __all__ = [
     "decode_launch",
     "choose_num_splits",
     "defer_row_sums",
-    "fast_path_enabled",
     "paged_attention_quantized",
     "paged_attention_fp8",
     "paged_attention_ref",
@@ -958,31 +958,21 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: to
 
 
 def defer_row_sums(programs: int, max_q_len: int, device: torch.device) -> bool:
-    """Whether the fp16-code kernel keeps its row sums per key column until the end.
+    """Whether the fp16-code kernel keeps its row sums per key column until the end, when
+    the caller does not decide (:func:`paged_attention_quantized`'s ``defer_sums``).
 
-    ``STREAM_ATTENTION_KV_DEFER_SUMS=1``/``0`` decides; unset, decode launches with at
-    most two programs per SM defer (the (128, 4, 3) schedule of :func:`decode_launch`:
+    Decode launches on GPUs with at most two programs per SM defer (the (128, 4, 3) schedule of :func:`decode_launch`:
     H100, batch 16, 2 splits, 71.8 / 121.4 us at 4k / 8k against 74.6 / 129.2; with more
     programs the extra registers cost occupancy and it ran 2-20% slower).
     """
-    if envs.kv_defer_sums() is True:
-        return True
-    if envs.kv_defer_sums() is False or device.type != "cuda":
+    if device.type != "cuda":
         return False
     return max_q_len <= 1 and programs <= 2 * num_sms(device)
 
 
-def fast_path_enabled() -> bool:
-    """Whether fp8 pages and int8/int4 pages with per-token scales take the fp16-code kernel
-    (:func:`_paged_attn_f16_kernel`); ``STREAM_ATTENTION_KV_FAST=0`` keeps the generic one."""
-    return envs.kv_fast()
-
-
-def _asm_enabled(device: torch.device, fp8: bool) -> bool:
-    """Inline-PTX code conversion on GPUs (``STREAM_ATTENTION_KV_ASM=0``: portable integer
-    ops); fp8's ``cvt.rn.f16x2.e4m3x2`` needs compute capability 8.9 (Ada, Hopper) or later."""
-    if not envs.kv_asm():
-        return False
+def _asm_supported(device: torch.device, fp8: bool) -> bool:
+    """Whether the inline-PTX code conversion can run on ``device``: fp8's
+    ``cvt.rn.f16x2.e4m3x2`` needs compute capability 8.9 (Ada, Hopper) or later."""
     if not fp8 or device.type != "cuda":  # (the interpreter never asks; scripts/sass_count.py targets sm_90)
         return True
     return _has_e4m3_cvt(device.index if device.index is not None else torch.cuda.current_device())
@@ -1004,8 +994,6 @@ def _fast_views(q: torch.Tensor, k_pages: Pages, v_pages: Pages, bits: int, per_
     (scale, zero) pairs in one word).
     """
     if bits not in (8, 4) or per_channel or q.dtype not in (torch.float16, torch.bfloat16):
-        return None
-    if not fast_path_enabled():
         return None
     part = head_dim if bits == 8 else head_dim // 2
     if part & (part - 1) or part // 2 < 16 or k_pages.data.stride(3) != 1:
@@ -1038,6 +1026,10 @@ def paged_attention_quantized(
     launch: dict[str, int] | None = None,
     window_left: int | None = None,
     softcap: float | None = None,
+    fast_kernel: bool = True,
+    inline_asm: bool = True,
+    defer_sums: bool | None = None,
+    autotune: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of new query tokens over a paged KV cache in any page format.
 
@@ -1055,10 +1047,23 @@ def paged_attention_quantized(
     picks one from ``max_kv_len``, or from the block table's capacity when that is not
     given. Returns ``out`` (and
     ``lse [Hq, total_q]``, natural log, fp32, ``-inf`` where no key is visible, with
-    ``return_lse``). ``launch`` (``{"BLOCK_N", "num_warps", "num_stages"}``) skips the
-    GPU autotuner with a fixed schedule (so does ``STREAM_ATTENTION_AUTOTUNE=0``, with
-    :data:`DEFAULT_LAUNCH`); per-channel pages ignore its ``BLOCK_N`` (a tile is a page).
-    ``window_left`` (causal only) and ``softcap`` as in :mod:`.score_mods`.
+    ``return_lse``). ``launch`` (``{"BLOCK_N", "num_warps", "num_stages"}``) fixes the GPU
+    schedule (None: :data:`DEFAULT_LAUNCH`, or :func:`decode_launch` for the fp16-code
+    kernel's decode, unless ``autotune`` runs the GPU autotuner); per-channel pages ignore
+    its ``BLOCK_N`` (a tile is a page). ``window_left`` (causal only) and ``softcap`` as in
+    :mod:`.score_mods`.
+
+    Kernel variants (the engine sets them from ``STREAM_ATTENTION_KV_FAST``, ``_KV_ASM``,
+    ``_KV_DEFER_SUMS`` and ``_AUTOTUNE``; the defaults are what those do when unset):
+
+    * ``fast_kernel``: fp8 pages and int8/int4 pages with per-token scales take the fp16-code
+      kernel where it applies (False: the generic dequantizing kernel);
+    * ``inline_asm``: that kernel converts codes with inline PTX on GPUs (False: portable
+      integer ops);
+    * ``defer_sums``: that kernel keeps its row sums per key column until the end (True),
+      per tile (False), or as :func:`defer_row_sums` decides for the launch (None);
+    * ``autotune``: without a ``launch``, autotune the GPU launch instead of taking the
+      measured schedule.
     """
     if window_left is not None and window_left >= 0 and not causal:
         raise ValueError("window_left needs causal=True (a window is measured back from the causal diagonal)")
@@ -1122,7 +1127,8 @@ def paged_attention_quantized(
     # generic kernel's greedy tokens earlier than int8 did, and no kernel-level GPU test
     # covers that shape yet (hd128 int4 is covered and exact).
     gpu_ok = max_q_len <= 1 and part >= 64
-    fast = _fast_views(q, k_pages, v_pages, bits, per_channel, head_dim) if interp or gpu_ok else None
+    use_fast = fast_kernel and (interp or gpu_ok)
+    fast = _fast_views(q, k_pages, v_pages, bits, per_channel, head_dim) if use_fast else None
     part_out, part_lse, p_strides, l_strides = partial_buffers(out, num_splits)
     lse_arg = lse if lse is not None else out
     lse_strides = lse.stride() if lse is not None else (0, 0)
@@ -1134,7 +1140,7 @@ def paged_attention_quantized(
         scale_strides = (0,) * 6 if fmt.fp8 else (*ksf.stride()[:3], *vsf.stride()[:3])
         args = (q, out, lse_arg, part_out, part_lse, kf, vf, ksf, vsf, block_tables, seq_lens, cu_q,
                 *q.stride(), *out.stride(), *kf.stride()[:3], *vf.stride()[:3], *scale_strides, *tail)
-        if launch is None and not interp and not autotune_enabled():
+        if launch is None and not interp and not autotune:
             sched = decode_launch(bits, math.prod(grid), device) if max_q_len <= 1 else DEFAULT_LAUNCH["prefill"]
             launch = dict(zip(_LAUNCH_KEYS, sched, strict=True))
         if launch is not None and max_q_len <= 1 and block_m <= 16 and "maxnreg" not in launch:
@@ -1143,9 +1149,10 @@ def paged_attention_quantized(
                 launch = {**launch, "maxnreg": cap}
         meta = dict(PART=part, UNITS=part // 2, BLOCK_M=block_m, BLOCK_SIZE=block_size, KV_BITS=bits, FP8=fmt.fp8,
                     CAUSAL=causal, SPLIT=use_split, STORE_LSE=return_lse,
-                    USE_ASM=not interp and _asm_enabled(device, fmt.fp8),
-                    DEFER_SUMS=defer_row_sums(math.prod(grid), max_q_len, device), SOFTCAP=has_cap)
-        _launch(_paged_attn_f16_kernel, _paged_attn_f16_tuned, grid, args, meta, launch, device, max_q_len)
+                    USE_ASM=inline_asm and not interp and _asm_supported(device, fmt.fp8),
+                    DEFER_SUMS=defer_row_sums(math.prod(grid), max_q_len, device) if defer_sums is None else defer_sums,
+                    SOFTCAP=has_cap)
+        _launch(_paged_attn_f16_kernel, _paged_attn_f16_tuned, grid, args, meta, launch, device, max_q_len, autotune)
     else:
         k_data, k_scales, ksd, kss = page_kernel_args(k_pages)
         v_data, v_scales, vsd, vss = page_kernel_args(v_pages)
@@ -1156,9 +1163,10 @@ def paged_attention_quantized(
                     SOFTCAP=has_cap, DOT_PRECISION=dot_precision_for(q.dtype))
         if per_channel:  # a tile is a page: only the schedule is chosen
             _launch(_paged_attn_kernel, _paged_attn_tuned_page, grid, args, meta, launch, device, max_q_len,
-                    block_n=block_size)
+                    autotune, block_n=block_size)
         else:
-            _launch(_paged_attn_kernel, _paged_attn_tuned_tokens, grid, args, meta, launch, device, max_q_len)
+            _launch(_paged_attn_kernel, _paged_attn_tuned_tokens, grid, args, meta, launch, device, max_q_len,
+                    autotune)
     if use_split:
         combine_splits(part_out, part_lse, out, num_splits, lse=lse)
     return (out, lse) if return_lse else out
@@ -1178,27 +1186,34 @@ def paged_attention_fp8(
     causal: bool = True,
     return_lse: bool = False,
     launch: tuple[int, int, int] | None = None,
+    fast_kernel: bool = True,
+    inline_asm: bool = True,
+    defer_sums: bool | None = None,
+    autotune: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`paged_attention_quantized` over e4m3 pages (checked to be :class:`Fp8Pages`),
     with a ``(BLOCK_N, num_warps, num_stages)`` tuple for ``launch`` (None: the decode
-    schedule of int8 pages, :func:`decode_launch`) and one split unless told otherwise."""
+    schedule of int8 pages, :func:`decode_launch`) and one split unless told otherwise;
+    the kernel variants as there."""
     if not isinstance(k_pages, Fp8Pages) or not isinstance(v_pages, Fp8Pages):
         raise ValueError("k_pages and v_pages must both be Fp8Pages")
     return paged_attention_quantized(
         q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q, max_q_len=max_q_len, softmax_scale=softmax_scale,
         num_splits=num_splits, causal=causal, return_lse=return_lse,
         launch=None if launch is None else dict(zip(_LAUNCH_KEYS, launch, strict=True)),
+        fast_kernel=fast_kernel, inline_asm=inline_asm, defer_sums=defer_sums, autotune=autotune,
     )
 
 
-def _launch(kernel, tuned, grid, args, meta, launch, device, max_q_len, *, block_n: int | None = None) -> None:
+def _launch(kernel, tuned, grid, args, meta, launch, device, max_q_len, autotune: bool, *,
+            block_n: int | None = None) -> None:
     """Run ``kernel``: under the interpreter with small tiles; on a GPU with the fixed
-    schedule ``launch`` (:data:`DEFAULT_LAUNCH` when None and autotuning is off) or through
+    schedule ``launch`` (:data:`DEFAULT_LAUNCH` when None and not ``autotune``) or through
     its autotuner ``tuned``. ``block_n`` forces BLOCK_N (per-channel pages)."""
     if interpreter_enabled():
         kernel[grid](*args, **meta, BLOCK_N=block_n or _INTERPRETER_BLOCK_N)
         return
-    if launch is None and not autotune_enabled():
+    if launch is None and not autotune:
         launch = dict(zip(_LAUNCH_KEYS, DEFAULT_LAUNCH["decode" if max_q_len <= 1 else "prefill"], strict=True))
     with torch.cuda.device(device):
         if launch is not None:

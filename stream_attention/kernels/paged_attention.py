@@ -220,8 +220,8 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: to
                       *, min_keys_per_split: int = 256, tma: bool | None = None) -> int:
     """Split-K factor for a decode launch without making slices tiny: about four
     one-warp programs per SM for the TMA kernel (``tma``; default: whether decode on
-    ``device`` takes it, :func:`.paged_decode_tma.tma_decode_enabled`), two for the pointer
-    kernel, in one wave.
+    ``device`` can take it, :func:`.paged_decode_tma.tma_decode_enabled`; pass False when
+    the calls it sizes keep to the pointer kernel), two for the pointer kernel, in one wave.
 
     Measured on an H100 (GQA 32/8, hd128, benchmarks/bench_decode_reads.py): the TMA kernel
     at batch 16 x 4k ran 2.36/2.45/2.48/2.47 TB/s at 2/3/4/8 splits, at batch 64 best
@@ -268,6 +268,7 @@ def paged_attention(
     launch: tuple[int, ...] | None = None,
     window_left: int | None = None,
     softcap: float | None = None,
+    tma: bool = True,
 ) -> torch.Tensor:
     """Attention of packed queries over paged keys/values.
 
@@ -286,11 +287,13 @@ def paged_attention(
     scaled scores) are defined in :mod:`.score_mods`; keys left of every row's window are
     never read.
     Decode calls (``max_q_len <= 1``) without a ``launch`` go to the TMA kernel
-    (:mod:`.paged_decode_tma`) where :func:`.paged_decode_tma.tma_decode_supported` allows.
+    (:mod:`.paged_decode_tma`) where :func:`.paged_decode_tma.tma_decode_supported` allows,
+    unless ``tma=False`` keeps them on the pointer kernel (``STREAM_ATTENTION_PAGED_TMA=0``
+    for callers that follow the environment).
     Returns ``out [total_q, Hq, D]`` in ``q``'s dtype.
     """
     has_cap, cap_log2 = softcap_arg(softcap)
-    if launch is None and tma_decode_supported(q, k_pages, v_pages, max_q_len):
+    if launch is None and tma and tma_decode_supported(q, k_pages, v_pages, max_q_len):
         return paged_decode_tma(q, k_pages, v_pages, block_tables, seq_lens, cu_seqlens_q,
                                 softmax_scale=softmax_scale, num_splits=num_splits, out=out,
                                 window_left=window_left, softcap=softcap)

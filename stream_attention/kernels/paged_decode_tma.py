@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import envs
 from .runtime import interpreter_enabled
 from .score_mods import soft_cap, softcap_arg, window_left_arg
 from .split_combine import combine_splits, partial_buffers
@@ -117,12 +116,9 @@ DEFAULT_TMA_DECODE_LAUNCH = (1, 6)
 
 
 def tma_decode_enabled(device: torch.device) -> bool:
-    """Whether decode calls on ``device`` may take this kernel: a Hopper or later GPU (or
-    the CPU interpreter), a Triton with host tensor descriptors, and
-    ``STREAM_ATTENTION_PAGED_TMA`` not set to 0 (which keeps the pointer kernel)."""
+    """Whether decode calls on ``device`` can take this kernel: a Hopper or later GPU (or
+    the CPU interpreter) and a Triton with host tensor descriptors."""
     if TensorDescriptor is None:
-        return False
-    if not envs.paged_tma():
         return False
     if device.type == "cuda":
         return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9

@@ -3,6 +3,11 @@
 Triton compiles for CUDA devices; with ``TRITON_INTERPRET=1`` (read by Triton when
 a kernel is decorated, so it must be set before this package is imported) the same
 kernels run on CPU tensors through Triton's interpreter. That is how CI tests them.
+
+Whether the interpreter is on is a fact about the running Triton, not a launch choice, so
+it is asked of Triton itself rather than passed in; the launch choices (autotuning, TMA,
+the quantized kernels' variants) are keyword arguments of the launchers, which the layers
+above read from the environment and pass down.
 """
 
 from __future__ import annotations
@@ -10,8 +15,6 @@ from __future__ import annotations
 import functools
 
 import torch
-
-from .. import envs
 
 __all__ = [
     "triton_available",
@@ -36,8 +39,30 @@ def triton_available() -> bool:
 
 
 def interpreter_enabled() -> bool:
-    """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
-    return envs.triton_interpret()
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Triton's own reading of the variable (``triton.knobs.runtime.interpret``, Triton >= 3.4),
+    so the answer is the one Triton acts on; older Triton, without knobs, shows its choice
+    only in what ``triton.jit`` returns.
+    """
+    if not triton_available():
+        return False
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return _jit_returns_interpreted_functions()
+
+
+@functools.cache
+def _jit_returns_interpreted_functions() -> bool:  # pragma: no cover - Triton < 3.4
+    import triton
+
+    def probe():
+        pass
+
+    return type(triton.jit(probe)).__name__ == "InterpretedFunction"
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -59,17 +84,6 @@ def why_triton_cannot_run(device: torch.device) -> str:
         f"Triton kernels need CUDA tensors, got tensors on {device} "
         "(set TRITON_INTERPRET=1 to run them on CPU through Triton's interpreter)"
     )
-
-
-def autotune_enabled() -> bool:
-    """Whether GPU launches autotune (``STREAM_ATTENTION_AUTOTUNE=1``) or take the
-    measured default config of their shape class (the default).
-
-    Autotuning compiles and times every candidate config for each new shape key, tens of
-    seconds that would land on a server's first requests or a model's first steps; the
-    defaults are the configs autotuning picked on an H100 (benchmarks/RESULTS.md).
-    """
-    return envs.autotune()
 
 
 def first_config(configs, prune, named_args, prefer=None):
