@@ -96,23 +96,27 @@ def test_unsupported_models_say_why():
 
 @pytest.mark.parametrize("use_triton", [False, True])
 def test_gemma_norms_round_as_transformers_in_bf16(use_triton):
-    """Gemma's ``(1 + weight)`` RMSNorm rounds once, after the float product: the fused
-    forward's norm (and add+norm) must give transformers' bf16 bits exactly."""
+    """Gemma's ``(1 + weight)`` RMSNorm rounds once, after the float product: the norm (and
+    add+norm) a fused Gemma-2 forward picks must give transformers' bits exactly. The Triton
+    kernels run in float16 here: Triton's CPU interpreter truncates float32 to bfloat16
+    where GPUs round to nearest (the bf16 kernel is checked on the GPU in test_layer_ops)."""
+    from transformers import Gemma2Config
     from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 
-    from stream_attention.engine.fused_llama import _float_product_norms, _norm_params
-    from stream_attention.kernels import layer_ops
+    from stream_attention.engine.fused_llama import _norm_params
 
+    gemma, _ = _model(Gemma2Config(**COMMON, query_pre_attn_scalar=16))
+    fused = FusedLlamaForward(gemma, use_triton=use_triton)
     g = torch.Generator().manual_seed(0)
     ref = Gemma2RMSNorm(96, eps=1e-6)
     with torch.no_grad():
         ref.weight.copy_(torch.randn(96, generator=g))
-    ref = ref.to(torch.bfloat16)
-    norm, add_norm = _float_product_norms(layer_ops.rms_norm if use_triton else layer_ops.rms_norm_torch)
-    x = (3 * torch.randn(7, 96, generator=g)).to(torch.bfloat16)
-    h = torch.randn(7, 96, generator=g).to(torch.bfloat16)
-    torch.testing.assert_close(norm(x, *_norm_params(ref, True)), ref(x), atol=0, rtol=0)
+    dtype = torch.float16 if use_triton else torch.bfloat16
+    ref = ref.to(dtype)
+    x = (3 * torch.randn(7, 96, generator=g)).to(dtype)
+    h = torch.randn(7, 96, generator=g).to(dtype)
+    torch.testing.assert_close(fused._rms_norm(x, *_norm_params(ref, True)), ref(x), atol=0, rtol=0)
     residual = x.clone()
-    out = add_norm(h, residual, *_norm_params(ref, True))
+    out = fused._add_rms_norm(h, residual, *_norm_params(ref, True))
     torch.testing.assert_close(residual, x + h, atol=0, rtol=0)
     torch.testing.assert_close(out, ref(x + h), atol=0, rtol=0)

@@ -40,6 +40,33 @@ def test_rms_norm_and_fused_add(device, dtype, hidden):
     torch.testing.assert_close(y2, y2_torch, atol=_tol(dtype), rtol=_tol(dtype))
 
 
+@pytest.mark.parametrize("fused_add", [False, True])
+def test_single_rounding_norm_matches_gemma_module_bit_for_bit(device, fused_add):
+    """``round_normed=False`` is Gemma's RMSNorm: the float32 ``(1 + weight)`` product,
+    rounded once to the input's dtype. In fp16 the Llama rounding (normalised activations
+    rounded first) differs in the last bits for some entries, so exact equality with
+    transformers' module is what tells the two apart."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    norm = GemmaRMSNorm(64, eps=1e-6).to(device)
+    with torch.no_grad():
+        norm.weight.normal_(std=0.5)
+    x = (3 * torch.randn(9, 64, device=device)).half()
+    res = torch.randn(9, 64, device=device).half()
+    weight = 1.0 + norm.weight.detach().float()
+    if fused_add:
+        expected = norm(x + res)
+        y = layer_ops.fused_add_rms_norm(x, res.clone(), weight, norm.eps, round_normed=False)
+        y_torch = layer_ops.fused_add_rms_norm_torch(x, res.clone(), weight, norm.eps, round_normed=False)
+    else:
+        expected = norm(x)
+        y = layer_ops.rms_norm(x, weight, norm.eps, round_normed=False)
+        y_torch = layer_ops.rms_norm_torch(x, weight, norm.eps, round_normed=False)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)
+    torch.testing.assert_close(y_torch, expected, atol=0, rtol=0)
+
+
 def test_rms_norm_matches_transformers_module(device):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -112,6 +139,14 @@ def test_bf16_layer_ops_on_gpu():
     torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
     gu = torch.randn(300, 2 * 8192, device=dev, dtype=torch.bfloat16)
     torch.testing.assert_close(layer_ops.silu_and_mul(gu), layer_ops.silu_and_mul_torch(gu), atol=2e-2, rtol=2e-2)
+    # Gemma's single rounding, bit for bit in bf16 (the CPU interpreter truncates bf16 stores).
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    norm = GemmaRMSNorm(2048, eps=1e-6).to(dev)
+    with torch.no_grad():
+        norm.weight.normal_(std=0.5)
+    weight = 1.0 + norm.weight.detach().float()
+    torch.testing.assert_close(layer_ops.rms_norm(x, weight, norm.eps, round_normed=False), norm(x), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("fn", [layer_ops.rotary_qk, layer_ops.rotary_qk_torch])

@@ -18,11 +18,11 @@ transformers model keeps working (``model.generate``) on the same storage.
 Gemma's differences fit the same pipeline:
 
 - RMSNorms scale by ``1 + weight`` and round once, after the float32 product: the norm
-  kernel runs on a float32 copy of its input with that sum kept in float32 (computed once
-  at load, a few vectors per layer), and its output is rounded to the model dtype; the
-  residual add is its own op. Three kernels where a Llama norm takes one, but the same
-  bits as transformers in bf16 (rounding the sum or the normalised activations to bf16,
-  as the Llama kernel does, changes greedy tokens at near-ties).
+  kernel keeps that sum in float32 (computed once at load, a few vectors per layer) and
+  skips the Llama rounding of the normalised activations (``round_normed=False``), one
+  kernel with the residual add folded in as for Llama, and the same bits as transformers
+  in bf16 (rounding the normalised activations to bf16 first, as the Llama kernel does,
+  changes greedy tokens at near-ties).
 - Gemma 2/3 also normalise the attention and MLP outputs before the residual add (two
   more RMSNorm kernels per layer); the MLP activation is the model's own module
   (GeLU-tanh), applied to the gate half of the fused matmul.
@@ -44,6 +44,7 @@ reason is logged once.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -135,25 +136,11 @@ def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
 
 def _norm_params(norm: nn.Module, unit_offset: bool) -> NormParams:
     """(weight, eps) for the norm kernels: Gemma's ``1 + weight`` is summed here once,
-    in float32 (see :func:`_float_product_norms`)."""
+    in float32, and the norm kernels multiply by it in float32 and round once
+    (``round_normed=False``)."""
     if unit_offset:
         return 1.0 + norm.weight.detach().float(), float(norm.eps)
     return norm.weight, float(norm.variance_epsilon)
-
-
-def _float_product_norms(rms_norm: Callable) -> tuple[Callable, Callable]:
-    """Gemma's RMSNorm rounding from a Llama-convention norm kernel: normalise and scale
-    a float32 copy (nothing is rounded in between), round the product to the input's
-    dtype; the residual add rounds to the residual's dtype as ``residual + h`` does."""
-
-    def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return rms_norm(x.float(), weight, eps).to(x.dtype)
-
-    def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        residual.add_(x)
-        return norm(residual, weight, eps)
-
-    return norm, add_norm
 
 
 def _rotary_tables(base: nn.Module, layer_types: list[str]) -> tuple[list[str], dict[str, Callable]]:
@@ -246,7 +233,9 @@ class FusedLlamaForward:
             self._rotary = layer_ops.rotary_qk_torch
             self._silu_mul = layer_ops.silu_and_mul_torch
         if unit_offset:
-            self._rms_norm, self._add_rms_norm = _float_product_norms(self._rms_norm)
+            # Gemma's rounding: the (1 + weight) product in float32, rounded once.
+            self._rms_norm = functools.partial(self._rms_norm, round_normed=False)
+            self._add_rms_norm = functools.partial(self._add_rms_norm, round_normed=False)
 
     def _act_mul(self, layer: _Layer, gate_up: torch.Tensor) -> torch.Tensor:
         if layer.act_fn is None:

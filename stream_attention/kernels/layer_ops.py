@@ -57,7 +57,7 @@ def _row_warps(block: int) -> int:
 # --------------------------------------------------------------------------- RMSNorm
 @triton.jit
 def _rms_norm_kernel(X, RES, W, Y, stride_x, stride_res, stride_y, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     keep = cols < n_cols
@@ -69,53 +69,67 @@ def _rms_norm_kernel(X, RES, W, Y, stride_x, stride_res, stride_y, n_cols, eps,
         tl.store(RES + row * stride_res + cols, x, mask=keep)
     xf = x.to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    normed = (xf * inv_rms).to(x.dtype).to(tl.float32)
+    normed = xf * inv_rms
+    if ROUND_NORMED:  # Llama rounds the normalised activations before the weight multiply
+        normed = normed.to(x.dtype).to(tl.float32)
     w = tl.load(W + cols, mask=keep, other=0.0).to(tl.float32)
     tl.store(Y + row * stride_y + cols, (normed * w).to(Y.dtype.element_ty), mask=keep)
 
 
-def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     round_normed: bool) -> torch.Tensor:
     _check_rows("rms_norm input", x, weight.shape[0])
     if residual is not None:
         _check_rows("rms_norm residual", residual, weight.shape[0])
         if residual.shape != x.shape:
             raise ValueError(f"rms_norm: residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
     rows, n = x.shape
-    y = torch.empty((rows, n), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    out_dtype = torch.promote_types(x.dtype, weight.dtype) if round_normed else x.dtype
+    y = torch.empty((rows, n), dtype=out_dtype, device=x.device)
     if rows == 0:
         return y
     block = triton.next_power_of_2(n)
     res = residual if residual is not None else x
     _launch(_rms_norm_kernel, (rows,), x, res, weight, y, x.stride(0), res.stride(0), y.stride(0), n, float(eps),
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_row_warps(block))
+            HAS_RESIDUAL=residual is not None, ROUND_NORMED=round_normed, BLOCK=block, num_warps=_row_warps(block))
     return y
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight * x / rms(x)`` over the last dimension of ``x [rows, hidden]``, in one kernel."""
-    return _rms_norm_launch(x, None, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, round_normed: bool = True) -> torch.Tensor:
+    """``weight * x / rms(x)`` over the last dimension of ``x [rows, hidden]``, in one kernel.
+
+    ``round_normed`` (Llama's rounding): the normalised activations are rounded to ``x``'s
+    dtype before the weight multiply, and the result has the promoted dtype of ``x`` and
+    ``weight``. Off (Gemma's): the product is taken in float32 (``weight`` may be float32,
+    e.g. Gemma's ``1 + weight``) and rounded once, to ``x``'s dtype.
+    """
+    return _rms_norm_launch(x, None, weight, eps, round_normed)
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                       round_normed: bool = True) -> torch.Tensor:
     """``residual += x`` (in place, in ``residual``'s dtype), then returns ``rms_norm(residual)``.
 
     The pre-norm block's ``h = residual + sublayer(h); h_norm = norm(h)`` in one pass.
     """
-    return _rms_norm_launch(x, residual, weight, eps)
+    return _rms_norm_launch(x, residual, weight, eps, round_normed)
 
 
-def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """PyTorch twin of :func:`rms_norm` (transformers' ``LlamaRMSNorm`` math)."""
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, *, round_normed: bool = True) -> torch.Tensor:
+    """PyTorch twin of :func:`rms_norm` (transformers' ``LlamaRMSNorm`` math, or with
+    ``round_normed=False`` ``GemmaRMSNorm``'s single rounding)."""
     xf = x.float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return weight * normed
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if not round_normed:
+        return (normed * weight.float()).to(x.dtype)
+    return weight * normed.to(x.dtype)
 
 
 def fused_add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                             eps: float) -> torch.Tensor:
+                             eps: float, *, round_normed: bool = True) -> torch.Tensor:
     """PyTorch twin of :func:`fused_add_rms_norm` (updates ``residual`` in place)."""
     residual.add_(x)
-    return rms_norm_torch(residual, weight, eps)
+    return rms_norm_torch(residual, weight, eps, round_normed=round_normed)
 
 
 # --------------------------------------------------------------------------- SiLU · up
