@@ -7,6 +7,7 @@ that overrun with ``finish_reason: abort``) and exit 0 without a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -42,6 +43,22 @@ def _serve(port: int, *flags: str, cwd: Path) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+@contextlib.contextmanager
+def _ready_server(tmp_path: Path, *flags: str, timeout: float = 60.0):
+    """A started, ready ``stream-attention-serve`` and a client on it; killed on the way out
+    if the test left it running."""
+    port = _free_port()
+    proc = _serve(port, *flags, cwd=tmp_path)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=timeout) as client:
+            _wait_ready(proc, client)
+            yield proc, client, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def _wait_ready(proc: subprocess.Popen[str], client: httpx.Client, timeout: float = 180.0) -> None:
@@ -100,20 +117,12 @@ def _stream_and_signal(
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_drains_in_flight_stream_then_exits_zero(tmp_path: Path, sig: signal.Signals) -> None:
-    port = _free_port()
-    proc = _serve(port, "--shutdown-timeout", "60", cwd=tmp_path)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            _wait_ready(proc, client)
-            events, _ = _stream_and_signal(proc, client, sig, max_tokens=24)
+    with _ready_server(tmp_path, "--shutdown-timeout", "60") as (proc, client, _):
+        events, _ = _stream_and_signal(proc, client, sig, max_tokens=24)
         # The stream in flight at the signal ran to its end.
         assert events[-1]["finish_reason"] == "length"
         assert events[-1]["usage"]["completion_tokens"] == 24
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
     assert proc.returncode == 0, err
     assert "Traceback" not in out + err, err
     assert "server stopped" in err  # the lifespan ran to its end: engine shut down
@@ -121,13 +130,9 @@ def test_signal_drains_in_flight_stream_then_exits_zero(tmp_path: Path, sig: sig
 
 @pytest.mark.slow
 def test_shutdown_timeout_ends_overrunning_stream_cleanly(tmp_path: Path) -> None:
-    port = _free_port()
-    proc = _serve(port, "--shutdown-timeout", "1", cwd=tmp_path)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            _wait_ready(proc, client)
-            # Far more tokens than a CPU decodes in the one second of grace.
-            events, ended_after = _stream_and_signal(proc, client, signal.SIGTERM, max_tokens=1900)
+    with _ready_server(tmp_path, "--shutdown-timeout", "1") as (proc, client, _):
+        # Far more tokens than a CPU decodes in the one second of grace.
+        events, ended_after = _stream_and_signal(proc, client, signal.SIGTERM, max_tokens=1900)
         # Aborted, but as a complete response: the last event says so.
         assert events[-1]["finish_reason"] == "abort"
         assert events[-1]["usage"]["completion_tokens"] < 1900
@@ -135,10 +140,6 @@ def test_shutdown_timeout_ends_overrunning_stream_cleanly(tmp_path: Path) -> Non
         # (an engine step on a loaded 2-core machine).
         assert ended_after < 15, ended_after
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
     assert proc.returncode == 0, err
     assert "Traceback" not in out + err, err
 
@@ -173,18 +174,11 @@ def test_keep_alive_outlasts_client_pools() -> None:
 
 @pytest.mark.slow
 def test_timeout_keep_alive_closes_idle_connections(tmp_path: Path) -> None:
-    port = _free_port()
-    proc = _serve(port, "--timeout-keep-alive", "1", cwd=tmp_path)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0) as client:
-            _wait_ready(proc, client)
-        with socket.create_connection(("127.0.0.1", port), timeout=10.0) as sock:
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            received, t0 = b"", time.monotonic()
-            while chunk := sock.recv(65536):  # ends when the server closes the idle connection
-                received += chunk
-            assert received.startswith(b"HTTP/1.1 200") and received.count(b"HTTP/1.1") == 1
-            assert 0.5 < time.monotonic() - t0 < 5.0
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
+    with _ready_server(tmp_path, "--timeout-keep-alive", "1") as (_, _, port), \
+            socket.create_connection(("127.0.0.1", port), timeout=10.0) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        received, t0 = b"", time.monotonic()
+        while chunk := sock.recv(65536):  # ends when the server closes the idle connection
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200") and received.count(b"HTTP/1.1") == 1
+        assert 0.5 < time.monotonic() - t0 < 5.0
