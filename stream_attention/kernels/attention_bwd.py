@@ -108,6 +108,29 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
+def _tile_probabilities(
+    qk, lse2, rows, cols, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+    bias_base, stride_bm, stride_bn, kpm_base, stride_kpm,
+    MASKED: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASKS: tl.constexpr,
+):
+    """The forward's probabilities ``exp2(S - lse2)`` of a tile of base-2 scores ``qk``, with
+    the masks applied. ``lse2``, the query ``rows`` and key ``cols`` broadcast to the tile,
+    so either orientation works (the dK/dV pass keeps transposed tiles). ``MASKED`` tiles
+    straddle an edge: elements outside the band or the sequences become 0."""
+    if HAS_MASKS:
+        qk = apply_masks(
+            qk, rows, cols, seqlen_q, seqlen_k, bias_base, stride_bm, stride_bn, kpm_base, stride_kpm, BIAS_KIND,
+            HAS_KPM,
+        )
+    p = tl.math.exp2(qk - lse2)
+    if MASKED:
+        rel = cols - (rows + diag_offset)
+        visible = (cols < seqlen_k) & (rows < seqlen_q) & (rel <= window_right) & (rel >= -window_left)
+        p = tl.where(visible, p, 0.0)
+    return p
+
+
+@triton.jit
 def _dkdv_q_tiles(
     dk,
     dv,
@@ -180,26 +203,10 @@ def _dkdv_q_tiles(
         # Rows that saw no key have lse = -inf; +inf makes their probabilities 0, not NaN.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         qkT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
-        if HAS_MASKS:
-            qkT = apply_masks(
-                qkT,
-                offs_m[None, :],
-                offs_n[:, None],
-                seqlen_q,
-                seqlen_k,
-                bias_base,
-                stride_bm,
-                stride_bn,
-                kpm_base,
-                stride_kpm,
-                BIAS_KIND,
-                HAS_KPM,
-            )
-        pT = tl.math.exp2(qkT - lse2[None, :])
-        if MASKED:
-            rel = offs_n[:, None] - (offs_m[None, :] + diag_offset)
-            visible = (offs_n[:, None] < seqlen_k) & row_ok[None, :] & (rel <= window_right) & (rel >= -window_left)
-            pT = tl.where(visible, pT, 0.0)
+        pT = _tile_probabilities(
+            qkT, lse2[None, :], offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, diag_offset, window_left,
+            window_right, bias_base, stride_bm, stride_bn, kpm_base, stride_kpm, MASKED, BIAS_KIND, HAS_KPM, HAS_MASKS,
+        )
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(
@@ -537,26 +544,10 @@ def _dq_kv_tiles(
             kT = tl.load(kT_ptrs + start_n * stride_kt)
             vT = tl.load(vT_ptrs + start_n * stride_vt)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
-        if HAS_MASKS:
-            qk = apply_masks(
-                qk,
-                offs_m[:, None],
-                cols[None, :],
-                seqlen_q,
-                seqlen_k,
-                bias_base,
-                stride_bm,
-                stride_bn,
-                kpm_base,
-                stride_kpm,
-                BIAS_KIND,
-                HAS_KPM,
-            )
-        p = tl.math.exp2(qk - lse2[:, None])
-        if MASKED:
-            rel = cols[None, :] - (offs_m[:, None] + diag_offset)
-            visible = col_ok[None, :] & (offs_m[:, None] < seqlen_q) & (rel <= window_right) & (rel >= -window_left)
-            p = tl.where(visible, p, 0.0)
+        p = _tile_probabilities(
+            qk, lse2[:, None], offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, diag_offset, window_left,
+            window_right, bias_base, stride_bm, stride_bn, kpm_base, stride_kpm, MASKED, BIAS_KIND, HAS_KPM, HAS_MASKS,
+        )
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(
