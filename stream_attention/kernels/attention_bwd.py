@@ -108,6 +108,29 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
+def _tile_probabilities(
+    qk, lse2, rows, cols, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+    bias_base, stride_bm, stride_bn, kpm_base, stride_kpm,
+    MASKED: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASKS: tl.constexpr,
+):
+    """The forward's probabilities ``exp2(S - lse2)`` of a tile of base-2 scores ``qk``, with
+    the masks applied. ``lse2``, the query ``rows`` and key ``cols`` broadcast to the tile,
+    so either orientation works (the dK/dV pass keeps transposed tiles). ``MASKED`` tiles
+    straddle an edge: elements outside the band or the sequences become 0."""
+    if HAS_MASKS:
+        qk = apply_masks(
+            qk, rows, cols, seqlen_q, seqlen_k, bias_base, stride_bm, stride_bn, kpm_base, stride_kpm, BIAS_KIND,
+            HAS_KPM,
+        )
+    p = tl.math.exp2(qk - lse2)
+    if MASKED:
+        rel = cols - (rows + diag_offset)
+        visible = (cols < seqlen_k) & (rows < seqlen_q) & (rel <= window_right) & (rel >= -window_left)
+        p = tl.where(visible, p, 0.0)
+    return p
+
+
+@triton.jit
 def _dkdv_q_tiles(
     dk,
     dv,
@@ -180,26 +203,10 @@ def _dkdv_q_tiles(
         # Rows that saw no key have lse = -inf; +inf makes their probabilities 0, not NaN.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         qkT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
-        if HAS_MASKS:
-            qkT = apply_masks(
-                qkT,
-                offs_m[None, :],
-                offs_n[:, None],
-                seqlen_q,
-                seqlen_k,
-                bias_base,
-                stride_bm,
-                stride_bn,
-                kpm_base,
-                stride_kpm,
-                BIAS_KIND,
-                HAS_KPM,
-            )
-        pT = tl.math.exp2(qkT - lse2[None, :])
-        if MASKED:
-            rel = offs_n[:, None] - (offs_m[None, :] + diag_offset)
-            visible = (offs_n[:, None] < seqlen_k) & row_ok[None, :] & (rel <= window_right) & (rel >= -window_left)
-            pT = tl.where(visible, pT, 0.0)
+        pT = _tile_probabilities(
+            qkT, lse2[None, :], offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, diag_offset, window_left,
+            window_right, bias_base, stride_bm, stride_bn, kpm_base, stride_kpm, MASKED, BIAS_KIND, HAS_KPM, HAS_MASKS,
+        )
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(
@@ -405,6 +412,7 @@ def _bwd_dkdv_kernel(
         hi_any = tl.where(padding_only, lo_any, hi_any)
         lo_full = tl.where(padding_only, lo_any, lo_full)
         hi_full = tl.where(padding_only, lo_any, hi_full)
+    edges = (lo_any, lo_full, hi_full, hi_any)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -417,138 +425,51 @@ def _bwd_dkdv_kernel(
         lse_ptrs = Lse + l_base + h * stride_lh
         delta_ptrs = Delta + de_base + h * stride_deh
         bias_base = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
-        dk, dv = _dkdv_q_tiles(
-            dk,
-            dv,
-            k,
-            v,
-            qT_ptrs,
-            do_ptrs,
-            lse_ptrs,
-            delta_ptrs,
-            stride_qt,
-            stride_dot,
-            stride_lt,
-            stride_det,
-            offs_m,
-            offs_n,
-            offs_d,
-            lo_any,
-            lo_full,
-            seqlen_q,
-            seqlen_k,
-            qk_scale,
-            diag_offset,
-            window_left,
-            window_right,
-            bias_base,
-            stride_bm,
-            stride_bn,
-            kpm_base,
-            stride_kpm_n,
-            philox_seed,
-            philox_offset,
-            philox_row_stride,
-            bh,
-            dropout_p,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_M,
-            True,
-            DOT_PRECISION,
-            BIAS_KIND,
-            HAS_KPM,
-            HAS_MASKS,
-            HAS_DROPOUT,
-        )
-        dk, dv = _dkdv_q_tiles(
-            dk,
-            dv,
-            k,
-            v,
-            qT_ptrs,
-            do_ptrs,
-            lse_ptrs,
-            delta_ptrs,
-            stride_qt,
-            stride_dot,
-            stride_lt,
-            stride_det,
-            offs_m,
-            offs_n,
-            offs_d,
-            lo_full,
-            hi_full,
-            seqlen_q,
-            seqlen_k,
-            qk_scale,
-            diag_offset,
-            window_left,
-            window_right,
-            bias_base,
-            stride_bm,
-            stride_bn,
-            kpm_base,
-            stride_kpm_n,
-            philox_seed,
-            philox_offset,
-            philox_row_stride,
-            bh,
-            dropout_p,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_M,
-            False,
-            DOT_PRECISION,
-            BIAS_KIND,
-            HAS_KPM,
-            HAS_MASKS,
-            HAS_DROPOUT,
-        )
-        dk, dv = _dkdv_q_tiles(
-            dk,
-            dv,
-            k,
-            v,
-            qT_ptrs,
-            do_ptrs,
-            lse_ptrs,
-            delta_ptrs,
-            stride_qt,
-            stride_dot,
-            stride_lt,
-            stride_det,
-            offs_m,
-            offs_n,
-            offs_d,
-            hi_full,
-            hi_any,
-            seqlen_q,
-            seqlen_k,
-            qk_scale,
-            diag_offset,
-            window_left,
-            window_right,
-            bias_base,
-            stride_bm,
-            stride_bn,
-            kpm_base,
-            stride_kpm_n,
-            philox_seed,
-            philox_offset,
-            philox_row_stride,
-            bh,
-            dropout_p,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_M,
-            True,
-            DOT_PRECISION,
-            BIAS_KIND,
-            HAS_KPM,
-            HAS_MASKS,
-            HAS_DROPOUT,
-        )
+        for stage in tl.static_range(3):  # only the outer two stages straddle an edge and pay for masks
+            dk, dv = _dkdv_q_tiles(
+                dk,
+                dv,
+                k,
+                v,
+                qT_ptrs,
+                do_ptrs,
+                lse_ptrs,
+                delta_ptrs,
+                stride_qt,
+                stride_dot,
+                stride_lt,
+                stride_det,
+                offs_m,
+                offs_n,
+                offs_d,
+                edges[stage],
+                edges[stage + 1],
+                seqlen_q,
+                seqlen_k,
+                qk_scale,
+                diag_offset,
+                window_left,
+                window_right,
+                bias_base,
+                stride_bm,
+                stride_bn,
+                kpm_base,
+                stride_kpm_n,
+                philox_seed,
+                philox_offset,
+                philox_row_stride,
+                bh,
+                dropout_p,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_M,
+                stage != 1,
+                DOT_PRECISION,
+                BIAS_KIND,
+                HAS_KPM,
+                HAS_MASKS,
+                HAS_DROPOUT,
+            )
 
     dk = dk * sm_scale
     tl.store(
@@ -623,26 +544,10 @@ def _dq_kv_tiles(
             kT = tl.load(kT_ptrs + start_n * stride_kt)
             vT = tl.load(vT_ptrs + start_n * stride_vt)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
-        if HAS_MASKS:
-            qk = apply_masks(
-                qk,
-                offs_m[:, None],
-                cols[None, :],
-                seqlen_q,
-                seqlen_k,
-                bias_base,
-                stride_bm,
-                stride_bn,
-                kpm_base,
-                stride_kpm,
-                BIAS_KIND,
-                HAS_KPM,
-            )
-        p = tl.math.exp2(qk - lse2[:, None])
-        if MASKED:
-            rel = cols[None, :] - (offs_m[:, None] + diag_offset)
-            visible = col_ok[None, :] & (offs_m[:, None] < seqlen_q) & (rel <= window_right) & (rel >= -window_left)
-            p = tl.where(visible, p, 0.0)
+        p = _tile_probabilities(
+            qk, lse2[:, None], offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, diag_offset, window_left,
+            window_right, bias_base, stride_bm, stride_bn, kpm_base, stride_kpm, MASKED, BIAS_KIND, HAS_KPM, HAS_MASKS,
+        )
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(
@@ -782,138 +687,52 @@ def _bwd_dq_kernel(
     )
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_kv_tiles(
-        dq,
-        q,
-        do,
-        lse2,
-        delta,
-        kT_ptrs,
-        vT_ptrs,
-        stride_kt,
-        stride_vt,
-        offs_m,
-        offs_n,
-        offs_d,
-        lo_any,
-        lo_full,
-        seqlen_q,
-        seqlen_k,
-        qk_scale,
-        diag_offset,
-        window_left,
-        window_right,
-        bias_base,
-        stride_bm,
-        stride_bn,
-        kpm_base,
-        stride_kpm_n,
-        dbias_base,
-        stride_dbm,
-        philox_seed,
-        philox_offset,
-        philox_row_stride,
-        batch_head,
-        dropout_p,
-        HEAD_DIM,
-        BLOCK_D,
-        BLOCK_N,
-        True,
-        DOT_PRECISION,
-        BIAS_KIND,
-        HAS_KPM,
-        HAS_MASKS,
-        HAS_DROPOUT,
-        STORE_DBIAS,
-    )
-    dq = _dq_kv_tiles(
-        dq,
-        q,
-        do,
-        lse2,
-        delta,
-        kT_ptrs,
-        vT_ptrs,
-        stride_kt,
-        stride_vt,
-        offs_m,
-        offs_n,
-        offs_d,
-        lo_full,
-        hi_full,
-        seqlen_q,
-        seqlen_k,
-        qk_scale,
-        diag_offset,
-        window_left,
-        window_right,
-        bias_base,
-        stride_bm,
-        stride_bn,
-        kpm_base,
-        stride_kpm_n,
-        dbias_base,
-        stride_dbm,
-        philox_seed,
-        philox_offset,
-        philox_row_stride,
-        batch_head,
-        dropout_p,
-        HEAD_DIM,
-        BLOCK_D,
-        BLOCK_N,
-        False,
-        DOT_PRECISION,
-        BIAS_KIND,
-        HAS_KPM,
-        HAS_MASKS,
-        HAS_DROPOUT,
-        STORE_DBIAS,
-    )
-    dq = _dq_kv_tiles(
-        dq,
-        q,
-        do,
-        lse2,
-        delta,
-        kT_ptrs,
-        vT_ptrs,
-        stride_kt,
-        stride_vt,
-        offs_m,
-        offs_n,
-        offs_d,
-        hi_full,
-        hi_any,
-        seqlen_q,
-        seqlen_k,
-        qk_scale,
-        diag_offset,
-        window_left,
-        window_right,
-        bias_base,
-        stride_bm,
-        stride_bn,
-        kpm_base,
-        stride_kpm_n,
-        dbias_base,
-        stride_dbm,
-        philox_seed,
-        philox_offset,
-        philox_row_stride,
-        batch_head,
-        dropout_p,
-        HEAD_DIM,
-        BLOCK_D,
-        BLOCK_N,
-        True,
-        DOT_PRECISION,
-        BIAS_KIND,
-        HAS_KPM,
-        HAS_MASKS,
-        HAS_DROPOUT,
-        STORE_DBIAS,
-    )
+    edges = (lo_any, lo_full, hi_full, hi_any)
+    for stage in tl.static_range(3):  # only the outer two stages straddle an edge and pay for masks
+        dq = _dq_kv_tiles(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            kT_ptrs,
+            vT_ptrs,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_n,
+            offs_d,
+            edges[stage],
+            edges[stage + 1],
+            seqlen_q,
+            seqlen_k,
+            qk_scale,
+            diag_offset,
+            window_left,
+            window_right,
+            bias_base,
+            stride_bm,
+            stride_bn,
+            kpm_base,
+            stride_kpm_n,
+            dbias_base,
+            stride_dbm,
+            philox_seed,
+            philox_offset,
+            philox_row_stride,
+            batch_head,
+            dropout_p,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+            stage != 1,
+            DOT_PRECISION,
+            BIAS_KIND,
+            HAS_KPM,
+            HAS_MASKS,
+            HAS_DROPOUT,
+            STORE_DBIAS,
+        )
     dq = dq * sm_scale
     tl.store(
         DQ + dq_base + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
@@ -1117,59 +936,16 @@ def attention_backward(
         DOT_PRECISION=dot_precision_for(q.dtype),
         **mask_dropout_meta(masks, dropout_p),
     )
-    dkdv_args = (
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dk,
-        dv,
-        *qs,
-        *ks,
-        *vs,
-        *dos,
-        *ls,
-        *des,
-        *dense_or_varlen_strides(dk, varlen),
-        *dense_or_varlen_strides(dv, varlen),
-        cu_q,
-        cu_k,
-        seqlen_q,
-        seqlen_k,
-        hq,
-        hkv,
-        group,
-        *common_tail,
-    )
+    # Both kernels take (inputs, their outputs, input strides, output strides, lengths, ...).
+    inputs = (q, k, v, dout, lse, delta)
+    input_strides = (*qs, *ks, *vs, *dos, *ls, *des)
+    lengths = (cu_q, cu_k, seqlen_q, seqlen_k, hq)
+    dk_strides, dv_strides = dense_or_varlen_strides(dk, varlen), dense_or_varlen_strides(dv, varlen)
+    dkdv_args = (*inputs, dk, dv, *input_strides, *dk_strides, *dv_strides, *lengths, hkv, group, *common_tail)
     dbias_buf = dbias if store_dbias else delta
     dbs = tuple(dbias.stride()[:3]) if store_dbias else (0, 0, 0)
-    dq_args = (
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dq,
-        dbias_buf,
-        *qs,
-        *ks,
-        *vs,
-        *dos,
-        *ls,
-        *des,
-        *dense_or_varlen_strides(dq, varlen),
-        *dbs,
-        cu_q,
-        cu_k,
-        seqlen_q,
-        seqlen_k,
-        hq,
-        group,
-        *common_tail,
-    )
+    dq_strides = dense_or_varlen_strides(dq, varlen)
+    dq_args = (*inputs, dq, dbias_buf, *input_strides, *dq_strides, *dbs, *lengths, group, *common_tail)
     if interp:
         b1, b2 = INTERPRETER_BWD_BLOCKS, INTERPRETER_DQ_BLOCKS
         _bwd_dkdv_kernel[(triton.cdiv(seqlen_k, b1["BLOCK_N"]), batch * hkv)](*dkdv_args, **meta, **b1)

@@ -269,6 +269,56 @@ def _key_range(ctx, q_len, tok0, toks, pid_s, num_splits, window_left, CAUSAL: t
 
 
 @triton.jit
+def _program_tile(SeqLens, CuSeqlensQ, num_kv_heads, group_size, BLOCK_M: tl.constexpr):
+    """This program's sequence ``b``, KV head and split, the sequence's query span and
+    context length, and its tile's first query token and token count.
+
+    A tile's rows are (query token, head of the GQA group) pairs, so one pass over the
+    pages serves every query head that shares them.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // num_kv_heads
+    kv_head = pid_bh % num_kv_heads
+    q_start = tl.load(CuSeqlensQ + b)
+    q_len = tl.load(CuSeqlensQ + b + 1) - q_start
+    ctx = tl.load(SeqLens + b)
+    toks = BLOCK_M // group_size
+    tok0 = pid_m * toks
+    return b, kv_head, pid_s, q_start, q_len, ctx, tok0, toks
+
+
+@triton.jit
+def _tile_rows(kv_head, q_len, ctx, tok0, toks, pid_s, group_size, num_splits, window_left,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """The tile's rows (query token, query head, in range), the causal diagonal's offset,
+    the first key any row's window reaches, and the key edges ``(lo, full_lo, full_hi, hi)``
+    of :func:`_key_range`: a masked stage, an unmasked one and a masked one."""
+    offs_r = tl.arange(0, BLOCK_M)
+    row_tok = tok0 + offs_r // group_size
+    row_head = kv_head * group_size + offs_r % group_size
+    row_ok = (offs_r < toks * group_size) & (row_tok < q_len)
+    diag = ctx - q_len
+    col_lo = tok0 + diag - window_left
+    lo, full_lo, full_hi, hi = _key_range(ctx, q_len, tok0, toks, pid_s, num_splits, window_left, CAUSAL,
+                                          BLOCK_N)
+    return row_tok, row_head, row_ok, diag, col_lo, (lo, full_lo, full_hi, hi)
+
+
+@triton.jit
+def _store_lse(lse2, q_rows, row_head, row_ok, Lse, PartLse, pid_s, stride_ss, stride_st, stride_sh,
+               stride_lh, stride_lt, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr):
+    """Store the rows' base-2 log-sum-exp of their scaled scores ``lse2``: a split
+    program's as it is (for :func:`.split_combine.combine_splits`), else in natural log
+    when asked for."""
+    if SPLIT:
+        tl.store(PartLse + pid_s * stride_ss + q_rows * stride_st + row_head * stride_sh, lse2, mask=row_ok)
+    elif STORE_LSE:
+        tl.store(Lse + row_head * stride_lh + q_rows * stride_lt, lse2 * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
 def load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh, stride_qd,
                      PART: tl.constexpr, BLOCK_P: tl.constexpr, KV_BITS: tl.constexpr):
     """The tile's query rows, split in the two channel halves int4 pages need."""
@@ -313,28 +363,12 @@ def _paged_attn_kernel(
     Split programs (``SPLIT``) store their output normalised over their own keys and the
     base-2 LSE of their scaled scores, which :func:`.split_combine.combine_splits` merges.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    b = pid_bh // num_kv_heads
-    kv_head = pid_bh % num_kv_heads
-    q_start = tl.load(CuSeqlensQ + b)
-    q_len = tl.load(CuSeqlensQ + b + 1) - q_start
-    ctx = tl.load(SeqLens + b)
-    # A tile's rows are (query token, head of the GQA group) pairs, so one pass over the
-    # pages serves every query head that shares them.
-    toks = BLOCK_M // group_size
-    tok0 = pid_m * toks
+    b, kv_head, pid_s, q_start, q_len, ctx, tok0, toks = _program_tile(
+        SeqLens, CuSeqlensQ, num_kv_heads, group_size, BLOCK_M)
     if tok0 >= q_len:
         return
-    offs_r = tl.arange(0, BLOCK_M)
-    row_tok = tok0 + offs_r // group_size
-    row_head = kv_head * group_size + offs_r % group_size
-    row_ok = (offs_r < toks * group_size) & (row_tok < q_len)
-    diag = ctx - q_len
-    col_lo = tok0 + diag - window_left
-    lo, full_lo, full_hi, hi = _key_range(ctx, q_len, tok0, toks, pid_s, num_splits, window_left, CAUSAL,
-                                          BLOCK_N)
+    row_tok, row_head, row_ok, diag, col_lo, key_edges = _tile_rows(
+        kv_head, q_len, ctx, tok0, toks, pid_s, group_size, num_splits, window_left, BLOCK_M, BLOCK_N, CAUSAL)
 
     q_a, q_b, q_sum = load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh, stride_qd,
                                        PART, BLOCK_P, KV_BITS)
@@ -346,27 +380,15 @@ def _paged_attn_kernel(
     acc_b = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
     bt_ptr = BlockTables + b.to(tl.int64) * stride_bt
 
-    acc_a, acc_b, l_i, m_i = _attend_tiles(
-        acc_a, acc_b, l_i, m_i, q_a, q_b, q_sum, K, V, KS, VS, bt_ptr,
-        stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
-        ks0, ks1, ks2, ks3, vs0, vs1, vs2, vs3,
-        kv_head, row_tok, lo, full_lo, col_lo, ctx, diag, qk_scale, window_left, cap_log2,
-        PART, BLOCK_P, BLOCK_N, BLOCK_SIZE, KV_BITS, FP8, K_PER_CHANNEL, True, CAUSAL, SOFTCAP, DOT_PRECISION,
-    )
-    acc_a, acc_b, l_i, m_i = _attend_tiles(
-        acc_a, acc_b, l_i, m_i, q_a, q_b, q_sum, K, V, KS, VS, bt_ptr,
-        stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
-        ks0, ks1, ks2, ks3, vs0, vs1, vs2, vs3,
-        kv_head, row_tok, full_lo, full_hi, col_lo, ctx, diag, qk_scale, window_left, cap_log2,
-        PART, BLOCK_P, BLOCK_N, BLOCK_SIZE, KV_BITS, FP8, K_PER_CHANNEL, False, CAUSAL, SOFTCAP, DOT_PRECISION,
-    )
-    acc_a, acc_b, l_i, m_i = _attend_tiles(
-        acc_a, acc_b, l_i, m_i, q_a, q_b, q_sum, K, V, KS, VS, bt_ptr,
-        stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
-        ks0, ks1, ks2, ks3, vs0, vs1, vs2, vs3,
-        kv_head, row_tok, full_hi, hi, col_lo, ctx, diag, qk_scale, window_left, cap_log2,
-        PART, BLOCK_P, BLOCK_N, BLOCK_SIZE, KV_BITS, FP8, K_PER_CHANNEL, True, CAUSAL, SOFTCAP, DOT_PRECISION,
-    )
+    for stage in tl.static_range(3):  # only the outer two stages straddle an edge and pay for masks
+        acc_a, acc_b, l_i, m_i = _attend_tiles(
+            acc_a, acc_b, l_i, m_i, q_a, q_b, q_sum, K, V, KS, VS, bt_ptr,
+            stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
+            ks0, ks1, ks2, ks3, vs0, vs1, vs2, vs3,
+            kv_head, row_tok, key_edges[stage], key_edges[stage + 1], col_lo, ctx, diag, qk_scale, window_left,
+            cap_log2, PART, BLOCK_P, BLOCK_N, BLOCK_SIZE, KV_BITS, FP8, K_PER_CHANNEL, stage != 1, CAUSAL, SOFTCAP,
+            DOT_PRECISION,
+        )
 
     if FP8:  # sum_j p_j e_j s = s (p @ e): the value scale multiplies the output
         acc_a = acc_a * tl.load(VS + kv_head)
@@ -381,14 +403,13 @@ def _paged_attn_kernel(
         tl.store(o_ptrs, acc_a / l_safe[:, None], mask=mask)
         if KV_BITS == 4:
             tl.store(o_ptrs + PART, acc_b / l_safe[:, None], mask=mask)
-        tl.store(PartLse + pid_s * stride_ss + q_rows * stride_st + row_head * stride_sh, lse2, mask=row_ok)
     else:
         o_ptrs = Out + q_rows[:, None] * stride_ot + row_head[:, None] * stride_oh + offs_p[None, :] * stride_od
         tl.store(o_ptrs, (acc_a / l_safe[:, None]).to(Out.dtype.element_ty), mask=mask)
         if KV_BITS == 4:
             tl.store(o_ptrs + PART * stride_od, (acc_b / l_safe[:, None]).to(Out.dtype.element_ty), mask=mask)
-        if STORE_LSE:
-            tl.store(Lse + row_head * stride_lh + q_rows * stride_lt, lse2 * 0.6931471805599453, mask=row_ok)
+    _store_lse(lse2, q_rows, row_head, row_ok, Lse, PartLse, pid_s, stride_ss, stride_st, stride_sh,
+               stride_lh, stride_lt, SPLIT, STORE_LSE)
 
 
 # --------------------------------------------------------------------------------------
@@ -722,26 +743,12 @@ def _paged_attn_f16_kernel(
     offset correction) per key column until the end: two cross-warp reductions fewer per
     tile for ~2 * BLOCK_N / 8 more registers per thread (see :func:`defer_row_sums`).
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    b = pid_bh // num_kv_heads
-    kv_head = pid_bh % num_kv_heads
-    q_start = tl.load(CuSeqlensQ + b)
-    q_len = tl.load(CuSeqlensQ + b + 1) - q_start
-    ctx = tl.load(SeqLens + b)
-    toks = BLOCK_M // group_size
-    tok0 = pid_m * toks
+    b, kv_head, pid_s, q_start, q_len, ctx, tok0, toks = _program_tile(
+        SeqLens, CuSeqlensQ, num_kv_heads, group_size, BLOCK_M)
     if tok0 >= q_len:
         return
-    offs_r = tl.arange(0, BLOCK_M)
-    row_tok = tok0 + offs_r // group_size
-    row_head = kv_head * group_size + offs_r % group_size
-    row_ok = (offs_r < toks * group_size) & (row_tok < q_len)
-    diag = ctx - q_len
-    col_lo = tok0 + diag - window_left
-    lo, full_lo, full_hi, hi = _key_range(ctx, q_len, tok0, toks, pid_s, num_splits, window_left, CAUSAL,
-                                          BLOCK_N)
+    row_tok, row_head, row_ok, diag, col_lo, key_edges = _tile_rows(
+        kv_head, q_len, ctx, tok0, toks, pid_s, group_size, num_splits, window_left, BLOCK_M, BLOCK_N, CAUSAL)
 
     # q16 = q * 2^e per row with max |q16| in [2^14, 2^15): exact for bf16 and fp16 inputs.
     q_a, q_b, _ = load_query_rows(Q, q_start, row_tok, row_head, row_ok, stride_qt, stride_qh, stride_qd,
@@ -779,24 +786,14 @@ def _paged_attn_f16_kernel(
     a3 = tl.zeros([BLOCK_M, UNITS], dtype=tl.float32)
     bt_ptr = BlockTables + b.to(tl.int64) * stride_bt
 
-    a0, a1, a2, a3, l_i, m_i, corr = _attend_tiles_f16(
-        a0, a1, a2, a3, l_i, m_i, corr, q16_a, q16_b, q_sum, row_scale,
-        K, V, KS, VS, bt_ptr, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        ks0, ks1, ks2, vs0, vs1, vs2, kv_head, row_tok, lo, full_lo, col_lo, ctx, diag, window_left, cap_log2,
-        PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, FP8, True, CAUSAL, USE_ASM, DEFER_SUMS, SOFTCAP,
-    )
-    a0, a1, a2, a3, l_i, m_i, corr = _attend_tiles_f16(
-        a0, a1, a2, a3, l_i, m_i, corr, q16_a, q16_b, q_sum, row_scale,
-        K, V, KS, VS, bt_ptr, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        ks0, ks1, ks2, vs0, vs1, vs2, kv_head, row_tok, full_lo, full_hi, col_lo, ctx, diag, window_left, cap_log2,
-        PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, FP8, False, CAUSAL, USE_ASM, DEFER_SUMS, SOFTCAP,
-    )
-    a0, a1, a2, a3, l_i, m_i, corr = _attend_tiles_f16(
-        a0, a1, a2, a3, l_i, m_i, corr, q16_a, q16_b, q_sum, row_scale,
-        K, V, KS, VS, bt_ptr, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        ks0, ks1, ks2, vs0, vs1, vs2, kv_head, row_tok, full_hi, hi, col_lo, ctx, diag, window_left, cap_log2,
-        PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, FP8, True, CAUSAL, USE_ASM, DEFER_SUMS, SOFTCAP,
-    )
+    for stage in tl.static_range(3):  # only the outer two stages straddle an edge and pay for masks
+        a0, a1, a2, a3, l_i, m_i, corr = _attend_tiles_f16(
+            a0, a1, a2, a3, l_i, m_i, corr, q16_a, q16_b, q_sum, row_scale,
+            K, V, KS, VS, bt_ptr, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            ks0, ks1, ks2, vs0, vs1, vs2, kv_head, row_tok, key_edges[stage], key_edges[stage + 1], col_lo, ctx, diag,
+            window_left, cap_log2, PART, UNITS, BLOCK_N, BLOCK_SIZE, KV_BITS, FP8, stage != 1, CAUSAL, USE_ASM,
+            DEFER_SUMS, SOFTCAP,
+        )
 
     if DEFER_SUMS:
         l_i = tl.sum(l_i, 1)
@@ -820,10 +817,8 @@ def _paged_attn_f16_kernel(
         _store_plane(a3, chan + PART + 1, corr, l_safe, row_ok, q_rows, row_head, Out, PartOut, pid_s,
                      stride_ot, stride_oh, stride_od, stride_ms, stride_mt, stride_mh, INV_MULT, SPLIT)
     lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
-    if SPLIT:  # base-2 LSE of the split's scaled scores, for split_combine
-        tl.store(PartLse + pid_s * stride_ss + q_rows * stride_st + row_head * stride_sh, lse2, mask=row_ok)
-    elif STORE_LSE:
-        tl.store(Lse + row_head * stride_lh + q_rows * stride_lt, lse2 * 0.6931471805599453, mask=row_ok)
+    _store_lse(lse2, q_rows, row_head, row_ok, Lse, PartLse, pid_s, stride_ss, stride_st, stride_sh,
+               stride_lh, stride_lt, SPLIT, STORE_LSE)
 
 
 # --------------------------------------------------------------------------------------
