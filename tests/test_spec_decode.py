@@ -349,6 +349,24 @@ def test_a_seeded_request_verifies_the_same_whatever_shares_its_step() -> None:
     assert all(verify(others) == alone for others in (1, 3))
 
 
+@pytest.mark.parametrize("with_seeded_row", [False, True])
+def test_unseeded_requests_verify_from_the_samplers_own_generator(with_seeded_row: bool) -> None:
+    """Unseeded rows draw from the sampler's generator (the engine's ``seed``), alone or
+    next to a seeded request: the same sampler seed gives the same tokens whatever the
+    process-wide torch RNG did in between, another seed other tokens."""
+    logits = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.3, 0.3, 0.2, 0.2]] * 40)
+
+    def verify(seed: int) -> list:
+        step = [_scheduled([1], SamplingParams(temperature=1.0, max_tokens=4), [2, 3], f"u{i}") for i in range(40)]
+        if with_seeded_row:
+            step[7] = _scheduled([1], SamplingParams(temperature=1.0, seed=1, max_tokens=4), [2, 3], "seeded")
+        torch.rand(7)  # moves the process-wide generator
+        decoder = SpeculativeDecoder("ngram", 2, Sampler(torch.device("cpu"), seed=seed), ngram=NgramProposer(1, 2))
+        return decoder.launch(logits, step)[1].wait().token_ids
+
+    assert verify(3) == verify(3) != verify(4)
+
+
 def test_draft_tokens_are_drawn_from_the_request_distribution_and_reported_with_it() -> None:
     """The draft model's token choice per row (``DraftModelProposer._sample``, the step after
     its forward): a greedy row takes the argmax and reports a one-hot ``q``; sampled rows
