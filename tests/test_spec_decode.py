@@ -249,6 +249,23 @@ def test_token_array_follows_a_growing_list(appends: list[list[int]]) -> None:
     assert arr.sync(tokens[:3]).tolist() == tokens[:3]
 
 
+@pytest.mark.parametrize("sizes", [[300], [100, 156, 1], [255, 1, 1], [10, 1000, 3000], [256, 257, 600]],
+                         ids=str)
+def test_token_array_grows_past_its_buffer_and_restarts_on_a_new_list(sizes: list[int]) -> None:
+    """Growth across reallocations (the first at 256 tokens; jumps past twice the buffer),
+    then a shorter list with other tokens: the array is always the list, as int64 ids."""
+    rng = np.random.default_rng(sum(sizes))
+    tokens: list[int] = []
+    arr = TokenArray()
+    for size in sizes:
+        tokens += rng.integers(0, 50_000, size).tolist()
+        got = arr.sync(tokens)
+        assert got.dtype == np.int64 and got.tolist() == tokens
+    other = [7, 8, 9]
+    assert arr.sync(other).tolist() == other
+    assert arr.sync(other + tokens).tolist() == other + tokens
+
+
 # ------------------------------------------------------- verification of a step's logits
 def _target_distribution(logits: list[float], context: list[int], temperature: float, top_k: int,
                          repetition_penalty: float = 1.0) -> torch.Tensor:
