@@ -796,11 +796,20 @@ def test_greedy_and_sampled_requests_share_draft_model_steps(plain: LLMEngine) -
     greedy decoding, and the sampled rows are verified against their own q (not a one-hot
     q, as for greedy rows). Acceptance measured 0.956 (rounding between the draft's and the
     target's batch shapes rejects a draft now and then when u is close to 1); treating the
-    sampled rows' q as one-hot gave 0.72."""
+    sampled rows' q as one-hot gave 0.72. Each row drafts exactly its slots: a draft past
+    them would write K/V the scheduler did not reserve."""
     from stream_attention.models import default_model_dir
 
     spec = _engine(speculative_method="draft", speculative_draft_model=str(default_model_dir()),
                    num_speculative_tokens=3)
+    steps: list[list[tuple[int, int]]] = []  # per step, each drafting row's (slots, drafts)
+    propose = spec.spec.propose
+
+    def recording(scheduled):
+        propose(scheduled)
+        steps.append([(s.num_lookahead, len(s.draft or ())) for s in scheduled if s.num_lookahead])
+
+    spec.spec.propose = recording
     greedy = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (29, 31)]
     params = [SamplingParams(max_tokens=32, temperature=1.0, top_k=50, seed=11, ignore_eos=True), greedy[0],
               SamplingParams(max_tokens=30, temperature=1.0, top_k=50, seed=12, ignore_eos=True), greedy[1]]
@@ -808,6 +817,8 @@ def test_greedy_and_sampled_requests_share_draft_model_steps(plain: LLMEngine) -
     assert [len(o.token_ids) for o in outs] == [32, 29, 30, 31]
     assert [outs[1].token_ids, outs[3].token_ids] == [o.token_ids for o in plain.generate(PROMPTS[1::2], greedy)]
     assert _acceptance(spec) > 0.85
+    assert all(slots == drafted for step in steps for slots, drafted in step)  # a draft fills its slots, no more
+    assert any(len({slots for slots, _ in step}) > 1 for step in steps)  # rows with different slot counts met
     assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
 
 
