@@ -366,6 +366,16 @@ def test_a_seeded_request_verifies_the_same_whatever_shares_its_step() -> None:
     assert all(verify(others) == alone for others in (1, 3))
 
 
+def test_verify_applies_penalties_in_float32_to_half_precision_logits() -> None:
+    """Half-precision logits (a model's dtype) are penalized in float32, as the sampler does:
+    1.0009765625 / 1.001 = 0.99997 falls below the unpenalized 1.0 (in float16 it rounds
+    to 1.0, a tie that argmax gives to the penalized token 0)."""
+    decoder = SpeculativeDecoder("ngram", 1, Sampler(torch.device("cpu")), ngram=NgramProposer(1, 2))
+    step = [_scheduled([0], SamplingParams(repetition_penalty=1.001, max_tokens=4), [1], "r")]
+    logits = torch.tensor([[1.0009765625, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float16)
+    assert decoder.launch(logits, step)[1].wait().token_ids == [[1, 3]]
+
+
 @pytest.mark.parametrize("with_seeded_row", [False, True])
 def test_unseeded_requests_verify_from_the_samplers_own_generator(with_seeded_row: bool) -> None:
     """Unseeded rows draw from the sampler's generator (the engine's ``seed``), alone or
