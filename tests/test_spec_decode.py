@@ -144,11 +144,13 @@ def test_a_draft_the_target_gives_no_probability_is_never_accepted() -> None:
 def test_a_residual_rounded_to_nothing_falls_back_to_the_target() -> None:
     # p <= q everywhere (p lost a little mass to rounding) and the draft rejected: max(0, p - q)
     # is all zeros, so the correction is drawn from p itself; argmax over the empty residual
-    # would re-emit token 0, the rejected draft.
-    target = torch.tensor([[0.4999, 0.5], [0.5, 0.5]])
-    draft_probs = torch.tensor([[0.5, 0.5]])
-    acc, final = rejection_sample(target, [[0]], draft_probs, torch.tensor([[0.9999999]]), torch.ones(1, 2))
-    assert acc.tolist() == [0] and final.tolist() == [1]
+    # would re-emit token 0, the rejected draft. The second sequence's residual is not empty:
+    # the fallback is decided per sequence.
+    target = torch.tensor([[0.4999, 0.5], [0.5, 0.5], [0.1, 0.9], [0.5, 0.5]])
+    draft_probs = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    acc, final = rejection_sample(target, [[0], [0]], draft_probs, torch.tensor([[0.9999999], [0.9999999]]),
+                                  torch.ones(2, 2))
+    assert acc.tolist() == [0, 0] and final.tolist() == [1, 1]
 
 
 def _reference_rejection(target: torch.Tensor, drafts: list[list[int]], draft_probs: torch.Tensor | None,
