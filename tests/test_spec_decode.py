@@ -312,7 +312,7 @@ def test_verify_step_samples_each_position_from_the_target_with_the_drafts_in_co
     logits = torch.tensor([r for s in step for r in by_row.get(id(s), rows)], dtype=torch.float32)
 
     sampler = Sampler(torch.device("cpu"), seed=3)
-    decoder = SpeculativeDecoder("ngram", 2, sampler, ngram=NgramProposer(1, 2))
+    decoder = SpeculativeDecoder(sampler, ngram=NgramProposer(1, 2))
     plain_logits, pending = decoder.launch(logits, step)
     assert plain_logits.tolist() == plain_rows
     pending.plain = sampler.launch(plain_logits, [s.seq for s in plain])
@@ -345,7 +345,7 @@ def test_verify_step_samples_each_position_from_the_target_with_the_drafts_in_co
 
 def test_every_row_verifying_needs_no_plain_rows() -> None:
     sampler = Sampler(torch.device("cpu"))
-    decoder = SpeculativeDecoder("ngram", 2, sampler, ngram=NgramProposer(1, 2))
+    decoder = SpeculativeDecoder(sampler, ngram=NgramProposer(1, 2))
     step = [_scheduled([1], SamplingParams(max_tokens=4), [2], "a"), _scheduled([1], SamplingParams(max_tokens=4), [0], "b")]
     logits = torch.eye(4)[[2, 3, 1, 0]]
     plain_logits, pending = decoder.launch(logits, step)
@@ -360,7 +360,7 @@ def test_a_seeded_request_verifies_the_same_whatever_shares_its_step() -> None:
     def verify(others: int) -> list[int]:
         step = [_scheduled([1], SamplingParams(temperature=1.0, max_tokens=4), [2, 3], f"o{i}") for i in range(others)]
         step.append(_scheduled([1], params, [2, 3], "seeded"))
-        decoder = SpeculativeDecoder("ngram", 2, Sampler(torch.device("cpu"), seed=others), ngram=NgramProposer(1, 2))
+        decoder = SpeculativeDecoder(Sampler(torch.device("cpu"), seed=others), ngram=NgramProposer(1, 2))
         _, pending = decoder.launch(torch.cat([logits[:3]] * len(step)), step)
         return pending.wait().token_ids[-1]
 
@@ -372,7 +372,7 @@ def test_verify_applies_penalties_in_float32_to_half_precision_logits() -> None:
     """Half-precision logits (a model's dtype) are penalized in float32, as the sampler does:
     1.0009765625 / 1.001 = 0.99997 falls below the unpenalized 1.0 (in float16 it rounds
     to 1.0, a tie that argmax gives to the penalized token 0)."""
-    decoder = SpeculativeDecoder("ngram", 1, Sampler(torch.device("cpu")), ngram=NgramProposer(1, 2))
+    decoder = SpeculativeDecoder(Sampler(torch.device("cpu")), ngram=NgramProposer(1, 2))
     step = [_scheduled([0], SamplingParams(repetition_penalty=1.001, max_tokens=4), [1], "r")]
     logits = torch.tensor([[1.0009765625, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float16)
     assert decoder.launch(logits, step)[1].wait().token_ids == [[1, 3]]
@@ -390,7 +390,7 @@ def test_unseeded_requests_verify_from_the_samplers_own_generator(with_seeded_ro
         if with_seeded_row:
             step[7] = _scheduled([1], SamplingParams(temperature=1.0, seed=1, max_tokens=4), [2, 3], "seeded")
         torch.rand(7)  # moves the process-wide generator
-        decoder = SpeculativeDecoder("ngram", 2, Sampler(torch.device("cpu"), seed=seed), ngram=NgramProposer(1, 2))
+        decoder = SpeculativeDecoder(Sampler(torch.device("cpu"), seed=seed), ngram=NgramProposer(1, 2))
         return decoder.launch(logits, step)[1].wait().token_ids
 
     assert verify(3) == verify(3) != verify(4)

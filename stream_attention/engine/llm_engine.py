@@ -248,8 +248,7 @@ class LLMEngine:
         if cfg.speculative_method == "none":
             return None
         if cfg.speculative_method == "ngram":
-            return SpeculativeDecoder("ngram", cfg.num_speculative_tokens, self.sampler,
-                                      ngram=NgramProposer(cfg.prompt_lookup_min, cfg.prompt_lookup_max))
+            return SpeculativeDecoder(self.sampler, ngram=NgramProposer(cfg.prompt_lookup_min, cfg.prompt_lookup_max))
         if self.scheduler.kv_reach is not None:
             raise ValueError("speculative_method='draft' is not supported for models whose every layer is windowed")
         runner = ModelRunner(draft_model, cfg.replace(
@@ -260,8 +259,7 @@ class LLMEngine:
         if runner.max_model_len < self.max_model_len:
             raise ValueError(f"speculative_draft_model's context ({runner.max_model_len} tokens) is shorter than the "
                              f"target's max_model_len ({self.max_model_len})")
-        return SpeculativeDecoder("draft", cfg.num_speculative_tokens, self.sampler,
-                                  draft=DraftModelProposer(runner, self.sampler))
+        return SpeculativeDecoder(self.sampler, draft=DraftModelProposer(runner, self.sampler))
 
     def speculates(self, params: SamplingParams) -> bool:
         """Whether requests with ``params`` get draft tokens: not with structured output (the

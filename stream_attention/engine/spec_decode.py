@@ -390,10 +390,8 @@ class SpeculativeDecoder:
     the plain rows through the ordinary sampler, the verify rows through rejection
     sampling."""
 
-    def __init__(self, method: str, num_tokens: int, sampler: Sampler, *, ngram: NgramProposer | None = None,
+    def __init__(self, sampler: Sampler, *, ngram: NgramProposer | None = None,
                  draft: DraftModelProposer | None = None) -> None:
-        self.method = method
-        self.num_tokens = num_tokens
         self.sampler = sampler
         self.ngram = ngram
         self.draft = draft

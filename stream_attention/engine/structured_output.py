@@ -163,8 +163,8 @@ class TokenMasker:
     def warm_up(self, dtype: torch.dtype) -> None:
         """Mask once per row-count class the device kernel is specialised on (xgrammar's
         Triton kernel recompiles for one row, a multiple of 16 rows and any other count), so
-        that no constrained step in service waits for a compile: the first batch-64 step on
-        an H200 otherwise took about 150 ms longer, stalling every running stream."""
+        that no constrained step in service waits for a compile, which would stall every
+        running stream (the likely cause of the slow steps in the H200 run of RESULTS v0.10)."""
         for rows in (1, 3, 16):
             logits = torch.zeros(rows, self.vocab_size, dtype=dtype, device=self.device)
             bitmask = self._bitmask(rows)
