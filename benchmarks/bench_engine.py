@@ -484,6 +484,7 @@ ENGINE_STEP_TOKENS = 16384
 ENGINE_FUSED = True
 ENGINE_PROFILE = False
 ENGINE_KV_DTYPE = "auto"
+ENGINE_ASYNC: bool | None = None
 WORKLOAD: dict[str, int] = {}  # --prompts / --prompt-len / --gen overrides
 
 
@@ -521,10 +522,10 @@ def _step_gpu_times(engine, run) -> dict:
     plain = runner.execute
     marks: list[tuple[int, bool, torch.cuda.Event, torch.cuda.Event]] = []
 
-    def timed(scheduled):
+    def timed(scheduled, input_ids=None):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = plain(scheduled)
+        out = plain(scheduled, input_ids)
         end.record()
         marks.append((len(scheduled), all(s.num_new_tokens == 1 for s in scheduled), start, end))
         return out
@@ -562,9 +563,10 @@ def engine_throughput(quick: bool) -> dict:
         model, tok, kv_cache_memory_bytes=ENGINE_KV_BYTES, max_num_seqs=n_prompts,
         max_num_batched_tokens=ENGINE_STEP_TOKENS,
         max_model_len=max(1024, prompts.shape[1] + gen), enable_prefix_caching=False, fused_layers=ENGINE_FUSED,
-        kv_cache_dtype=ENGINE_KV_DTYPE,
+        kv_cache_dtype=ENGINE_KV_DTYPE, async_scheduling=ENGINE_ASYNC,
     )
     result["kv_cache_dtype"] = ENGINE_KV_DTYPE
+    result["async_scheduling"] = engine.async_scheduling
     result["engine_kv_blocks"] = engine.stats().kv_blocks_total
     result["engine_fused_layers"] = engine.runner.fused is not None
     result["engine_init_s"] = time.perf_counter() - t0
@@ -593,6 +595,7 @@ def engine_throughput(quick: bool) -> dict:
     result["engine_prefill_only_s"] = time.perf_counter() - t0
     result["engine_decode_step_ms"] = 1e3 * (eng_s - result["engine_prefill_only_s"]) / max(gen - 1, 1)
     result["preemptions"] = engine.stats().preemptions_total
+    result["steps_launched_ahead"] = engine.num_steps_launched_ahead
     result["engine_step_profile"] = _step_gpu_times(engine, lambda: engine.generate(plist, sp))
     if ENGINE_PROFILE:
         try:
@@ -617,8 +620,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=None, help="workload: number of prompts (default 64)")
     ap.add_argument("--prompt-len", type=int, default=None, help="workload: prompt tokens (default 512)")
     ap.add_argument("--gen", type=int, default=None, help="workload: generated tokens (default 256)")
+    ap.add_argument("--async-scheduling", choices=["on", "off"], default=None,
+                    help="engine async_scheduling (default: the engine's own default)")
     args = ap.parse_args(argv)
-    global ENGINE_KV_BYTES, ENGINE_STEP_TOKENS, ENGINE_FUSED, ENGINE_PROFILE, ENGINE_KV_DTYPE
+    global ENGINE_KV_BYTES, ENGINE_STEP_TOKENS, ENGINE_FUSED, ENGINE_PROFILE, ENGINE_KV_DTYPE, ENGINE_ASYNC
+    ENGINE_ASYNC = None if args.async_scheduling is None else args.async_scheduling == "on"
     ENGINE_KV_DTYPE = args.kv_cache_dtype
     WORKLOAD.update({k: v for k, v in (("prompts", args.prompts), ("prompt_len", args.prompt_len), ("gen", args.gen))
                      if v is not None})

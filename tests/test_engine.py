@@ -244,6 +244,7 @@ def test_cuda_graph_decode_matches_hf(tiny):
     assert eng.runner.graphs, "decode graphs were not captured"
     prompts = _prompts([3, 21, 40, 9, 30, 17], seed=6)
     outs = eng.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
+    assert eng.async_scheduling and eng.num_steps_launched_ahead >= 10  # graph steps fed on the device
     _assert_hf_greedy_on_gpu(tiny, outs, prompts, 20)
 
 
@@ -286,15 +287,15 @@ def test_cuda_graph_decode_under_heavy_preemption_matches_hf(tiny):
     assert eng.runner.graphs and eng.pipeline
     prompts = _prompts([3, 21, 40, 9, 30, 17, 5, 26, 12, 33, 8, 19], seed=8)
     outs = eng.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
-    assert eng.stats().preemptions_total > 0
+    assert eng.stats().preemptions_total > 0 and eng.num_steps_launched_ahead > 0
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
     _assert_hf_greedy_on_gpu(tiny, outs, prompts, 24)
 
 
-def _drive(eng: LLMEngine, requests, arrive_at) -> tuple[dict, int]:
+def _drive_choices(eng: LLMEngine, requests, arrive_at) -> tuple[dict, int]:
     """Stream ``requests`` (``(prompt, params)``) through ``eng.step()``, adding request i
-    before call ``arrive_at[i]``; returns per request the concatenated deltas and the last
-    output, and the number of calls."""
+    before call ``arrive_at[i]``; returns per ``(request, choice index)`` the concatenated
+    deltas and the last output, and the number of calls."""
     got: dict = {}
     ids: dict = {}
     calls = 0
@@ -303,10 +304,17 @@ def _drive(eng: LLMEngine, requests, arrive_at) -> tuple[dict, int]:
             if i not in ids and arrive_at[i] <= calls:
                 ids[i] = eng.add_request(prompt, params)
         for out in eng.step():
-            toks, text, _ = got.get(out.request_id, ([], "", None))
-            got[out.request_id] = (toks + out.delta_token_ids, text + out.delta_text, out)
+            key = (out.request_id, out.index)
+            toks, text, _ = got.get(key, ([], "", None))
+            got[key] = (toks + out.delta_token_ids, text + out.delta_text, out)
         calls += 1
-    return {i: got[rid] for i, rid in ids.items()}, calls
+    return {(i, c): got[(rid, c)] for i, rid in ids.items() for c in range(requests[i][1].n)}, calls
+
+
+def _drive(eng: LLMEngine, requests, arrive_at) -> tuple[dict, int]:
+    """:func:`_drive_choices` for requests of one choice each, keyed by request."""
+    got, calls = _drive_choices(eng, requests, arrive_at)
+    return {i: v for (i, _), v in got.items()}, calls
 
 
 
@@ -382,3 +390,75 @@ def test_pipelined_abort_while_a_step_is_in_flight(tiny):
         for o in eng.step():
             assert o.request_id == keep
     assert len(o.token_ids) == 10 and o.finished and eng.stats().kv_blocks_used == 0
+
+
+def test_async_scheduling_gives_the_outputs_of_synchronous_steps(tiny):
+    """``async_scheduling``: decode steps are launched before the previous step's tokens are
+    read back, which feed them on the device. Outputs must equal synchronous stepping: greedy
+    and seeded tokens, logprobs, stop ids (the extra row dropped), stop strings, lengths
+    (no row past the last token), n > 1, arrivals mid-run with a full batch waiting, and a pool
+    so small that steps which would preempt fall back to launching after the collect."""
+    _, ref, _ = tiny
+    prompts = _prompts([5, 17, 9, 30, 3, 12, 7], seed=21)
+    probe = _engine(tiny, attention_backend="sdpa")
+    free = probe.generate(prompts[1], SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    requests = [
+        (prompts[0], SamplingParams(max_tokens=14, ignore_eos=True)),
+        (prompts[1], SamplingParams(max_tokens=24, ignore_eos=True, stop=[free.text[8:11]])),
+        (prompts[2], SamplingParams(max_tokens=15, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True, logprobs=2)),
+        (prompts[3], SamplingParams(max_tokens=18, ignore_eos=True, stop_token_ids=[free.token_ids[5]])),
+        (prompts[1], SamplingParams(max_tokens=20, ignore_eos=True, stop_token_ids=[free.token_ids[9]])),
+        (prompts[5], SamplingParams(max_tokens=16, temperature=1.0, top_k=20, seed=3, ignore_eos=True, n=2)),
+        (prompts[6], SamplingParams(max_tokens=1, ignore_eos=True)),
+        (prompts[4], SamplingParams(max_tokens=21, ignore_eos=True)),
+    ]
+    arrive_at = [0, 0, 2, 2, 5, 6, 9, 12]
+    for pool in (64, 9):  # 9 blocks of 8: decode growth must wait for blocks, or preempt
+        results = {}
+        for mode in ("sync", "async"):
+            eng = _engine(tiny, attention_backend="sdpa", max_num_seqs=4, num_kv_blocks=pool,
+                          pipeline_steps=mode == "async", async_scheduling=mode == "async")
+            assert eng.async_scheduling is (mode == "async")
+            computed: dict = {}  # per request: the last position a step computed
+            execute = eng.runner.execute
+
+            def spy(scheduled, input_ids=None, _execute=execute, _computed=computed):
+                for s in scheduled:
+                    key = (s.seq.request_id, s.seq.choice_index)
+                    _computed[key] = max(_computed.get(key, -1), s.seq.num_computed_tokens + s.num_new_tokens - 1)
+                return _execute(scheduled, input_ids)
+
+            eng.runner.execute = spy
+            results[mode], _ = _drive_choices(eng, requests, arrive_at)
+            for (i, c), (_, _, last) in results[mode].items():
+                if last.finish_reason is FinishReason.LENGTH:  # the last token is never fed back
+                    final = len(last.prompt_token_ids) + len(last.token_ids)
+                    assert computed[last.request_id, c] == final - 2, (mode, i, c)
+            assert eng.stats().kv_blocks_used == 0 and not eng.scheduler.running
+            eng.block_manager.check_invariants([])
+            if mode == "async":
+                assert eng.num_steps_launched_ahead >= 10, eng.num_steps_launched_ahead
+        assert results["sync"].keys() == results["async"].keys()
+        for i in results["sync"]:
+            (_, _, s_last), (a_toks, a_text, a_last) = results["sync"][i], results["async"][i]
+            assert a_last.finish_reason is not None and (a_toks, a_text) == (a_last.token_ids, a_last.text), (pool, i)
+            assert (a_last.token_ids, a_last.text, a_last.finish_reason) == (
+                s_last.token_ids, s_last.text, s_last.finish_reason), (pool, i)
+            _assert_logprobs_close(a_last.logprobs, s_last.logprobs, (pool, i))
+        assert results["async"][0, 0][2].token_ids == _hf_greedy(ref, prompts[0], 14)
+        for i in (1, 4):  # a stop string, a stop id
+            assert results["async"][i, 0][2].finish_reason is FinishReason.STOP, i
+        assert len(results["async"][6, 0][2].token_ids) == 1
+
+
+def test_async_scheduling_stays_off_where_tokens_are_needed_on_the_host(tiny):
+    """Penalties and speculation read the previous tokens on the host: no step is launched
+    ahead of them, and the tokens still match synchronous stepping."""
+    prompt = _prompts([11], seed=5)[0]
+    params = SamplingParams(max_tokens=12, ignore_eos=True, repetition_penalty=1.3)
+    want = _engine(tiny, attention_backend="sdpa").generate(prompt, params)[0].token_ids
+    eng = _engine(tiny, attention_backend="sdpa", pipeline_steps=True)
+    assert eng.generate(prompt, params)[0].token_ids == want
+    assert eng.num_steps_launched_ahead == 0
+    spec = _engine(tiny, attention_backend="sdpa", pipeline_steps=True, speculative_method="ngram")
+    assert spec.pipeline and not spec.async_scheduling

@@ -140,6 +140,11 @@ class EngineConfig:
     pipeline_steps: bool | None = setting(
         None, "launch the next step before this one's tokens are processed (unset: on CUDA)"
     )
+    async_scheduling: bool | None = setting(
+        None, "with pipeline_steps: schedule and launch a decode step before the previous step's tokens are "
+        "read back, feeding them to it on the device, so the device never waits for the host between "
+        "steps (vLLM's --async-scheduling; unset: on wherever pipeline_steps is)"
+    )
     speculative_method: str = setting(
         "none", "speculative decoding: none, ngram (prompt lookup: propose what followed the latest match of the "
         "last tokens) or draft (a smaller model with the same vocabulary, speculative_draft_model)",

@@ -25,9 +25,9 @@ import torch
 from .attention_spec import kv_reach
 from .config import EngineConfig, parse_dtype
 from .model_runner import ModelRunner
-from .sampler import PendingSample, Sampler
+from .sampler import PendingSample, Sampler, _needs_penalties, _to_device
 from .scheduler import ScheduledSeq, Scheduler
-from .sequence import Sequence, SequenceGroup, SequenceStatus
+from .sequence import PLACEHOLDER_TOKEN, Sequence, SequenceGroup, SequenceStatus
 from .spec_decode import DraftModelProposer, NgramProposer, PendingVerify, SpeculativeDecoder, draft_block_bytes
 from .structured_output import GrammarCompiler
 from .tokenizer import (
@@ -97,7 +97,7 @@ def load_model(model: Any, tokenizer: Any, config: EngineConfig, device: torch.d
 class _Flight:
     """A launched step: what ran, who samples, and the sampling still on the device."""
 
-    __slots__ = ("scheduled", "sampling", "pending", "collector", "verify", "prompt_scores")
+    __slots__ = ("scheduled", "sampling", "pending", "collector", "verify", "prompt_scores", "committed")
 
     def __init__(self, scheduled: list[ScheduledSeq], sampling: list[Sequence],
                  pending: PendingSample | PendingVerify | None, collector: Any,
@@ -108,6 +108,7 @@ class _Flight:
         self.collector = collector
         self.verify = verify  # rows that verified a draft (their sequences end ``sampling``)
         self.prompt_scores = prompt_scores
+        self.committed = False  # the scheduler has advanced past this step (a step launched ahead of it)
 
 
 class _PromptScores:
@@ -223,7 +224,14 @@ class LLMEngine:
         # With speculation too: the next step is launched after this one's tokens are
         # collected (its drafts need them), so only the text side overlaps the device.
         self.pipeline = config.pipeline_steps if config.pipeline_steps is not None else self.device.type == "cuda"
+        # Launching decode steps ahead of their input tokens (see _launch_ahead): not
+        # with speculation (drafts need the tokens) nor an eviction policy (scores a step
+        # collects decide the next step's blocks).
+        self.async_scheduling = self.pipeline and (
+            config.async_scheduling if config.async_scheduling is not None else True
+        ) and self.spec is None and not self.kv_mgr.config.evicts
         self._inflight: _Flight | None = None
+        self.num_steps_launched_ahead = 0
         self._grammar_compiler: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         log.info("engine ready: %s on %s in %.1f s", name, self.device, time.perf_counter() - t0)
@@ -459,11 +467,65 @@ class LLMEngine:
             flight = self._launch()
             if flight is None:
                 return outputs
+        ahead = self._launch_ahead(flight) if self.async_scheduling else None
         done = self._collect(flight)
-        if self.pipeline:
+        if ahead is not None:
+            self._inflight = ahead
+        elif self.pipeline:
             self._inflight = self._launch()
         self._emit(done, outputs)
         return outputs
+
+    def _launch_ahead(self, flight: _Flight) -> _Flight | None:
+        """Launch the decode step after ``flight`` before its tokens are read back (vLLM's
+        async scheduling): the device then goes from one step to the next without waiting
+        for the host to collect, schedule and stage in between.
+
+        The scheduler advances past ``flight`` now, and each sequence that sampled in it
+        gets a placeholder token (``PLACEHOLDER_TOKEN``) that ``_collect`` replaces with the
+        sampled one; the new step reads those tokens straight from the device. Only a step
+        of decode rows for sequences that all sampled in ``flight`` qualifies, with no
+        admission, preemption, grammar or penalties pending (those need the tokens on the
+        host); otherwise None and the caller launches after collecting, as before.
+        Sequences whose token in ``flight`` is their last by length get no row; those that
+        end on it by a stop token or string have a row whose token is dropped."""
+        pending = flight.pending
+        if type(pending) is not PendingSample or flight.verify or flight.prompt_scores is not None:
+            return None
+        scheduler = self.scheduler
+        running = scheduler.running
+        if not running or (scheduler.waiting and len(running) < scheduler.max_num_seqs):
+            return None  # an admission is due: that step needs the host's view of the tokens
+        row_of = {id(seq): i for i, seq in enumerate(flight.sampling)}
+        if any(id(seq) not in row_of or seq.grammar is not None or _needs_penalties(seq.params)
+               for seq in running):
+            return None
+        scheduler.commit(flight.scheduled, flight.collector)
+        flight.committed = True
+        bm = scheduler.bm
+        max_len = self.max_model_len
+        growing = [seq for seq in running if len(seq.token_ids) + 1 < min(seq.token_limit, max_len)]
+        if not growing or sum(bm.blocks_needed(seq, 1) > 0 for seq in growing) > bm.num_free_blocks:
+            return None  # nothing to run, or a preemption would be needed
+        for seq in growing:
+            seq.token_ids.append(PLACEHOLDER_TOKEN)
+        sched = scheduler.schedule()
+        scheduled = sched.scheduled
+        assert not sched.preempted and all(
+            s.num_new_tokens == 1 and s.samples and id(s.seq) in row_of for s in scheduled
+        ), "a step launched ahead holds decode rows of sampled sequences only"
+        if not scheduled:
+            return None
+        rows = [row_of[id(s.seq)] for s in scheduled]
+        tokens = pending.token_ids
+        if rows != list(range(len(rows))):
+            tokens = tokens.index_select(0, _to_device(rows, torch.long, tokens.device))
+        elif len(rows) != tokens.shape[0]:
+            tokens = tokens[:len(rows)]
+        logits, _ = self.runner.execute(scheduled, input_ids=tokens)
+        sampling = [s.seq for s in scheduled]
+        self.num_steps_launched_ahead += 1
+        return _Flight(scheduled, sampling, self.sampler.launch(logits, sampling), None)
 
     def _launch(self) -> _Flight | None:
         """Schedule a step, run the model and queue the sampling (no wait on the device)."""
@@ -556,7 +618,8 @@ class LLMEngine:
             # Keep the K/V of the accepted drafts only (the scheduler rolls back the rest).
             for s, a in zip(flight.verify, flight.pending.accepted, strict=True):
                 s.num_new_tokens = 1 + a
-        scheduler.commit(flight.scheduled, flight.collector)
+        if not flight.committed:
+            scheduler.commit(flight.scheduled, flight.collector)
         if result is None:
             return []
         now = time.time()
@@ -573,7 +636,10 @@ class LLMEngine:
                 seq.first_token_time = now
             # One token, or a verify row's accepted drafts and the token after them: those
             # past a stop are dropped.
-            new = (new,) if type(new) is int else new
+            if type(new) is int:
+                new = (new,)
+                if tokens[-1] == PLACEHOLDER_TOKEN:  # the token a step launched ahead already reads
+                    tokens.pop()
             last = len(new) - 1
             for j, token in enumerate(new):
                 tokens.append(token)

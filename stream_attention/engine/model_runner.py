@@ -317,18 +317,26 @@ class ModelRunner:
                     p.scales[dst] = p.scales[src]
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, BlockScoreCollector | None]:
+    def execute(self, scheduled: list[ScheduledSeq], input_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, BlockScoreCollector | None]:
         """Run one step; returns logits ``[num_sampling_rows, vocab]`` in schedule order (per
         sequence: the rows of its scored prompt positions under ``prompt_logprobs``, then one
         row if it samples, ``1 + len(draft)`` for one that verifies a draft), and
         the block scores the step collected for KV eviction (None unless the policy scores
-        this step; the scheduler takes them in ``commit``)."""
+        this step; the scheduler takes them in ``commit``).
+
+        ``input_ids``: for a decode-only step, its tokens already on the device (one per
+        row, in order), read instead of the sequences' last tokens, which may not be
+        known on the host yet (a step launched ahead, see ``LLMEngine._launch_ahead``)."""
         n = len(scheduled)
+        if input_ids is not None and (input_ids.shape != (n,) or any(s.num_new_tokens != 1 for s in scheduled)):
+            raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} for a step of {n} rows: "
+                             "device-side ids take one token per decode row")
         # A scoring step (heavy-hitter) runs eagerly: the graphs do not collect scores.
         collector = self.kv_mgr.start_step(scheduled)
         if collector is None and self.graphs and n <= self._graph_sizes[-1] and all(
                 s.num_new_tokens == 1 for s in scheduled) and not _scores_prompt(scheduled):
-            return self._run_graph(scheduled), None
+            return self._run_graph(scheduled, input_ids), None
         if collector is None and self.verify_graphs and self._verify_fits(scheduled):
             try:
                 return self._run_verify_graph(scheduled), None
@@ -336,9 +344,10 @@ class ModelRunner:
                 log.exception("a verify-step graph failed; verify steps run eagerly from now on")
                 self.verify_graphs.clear()
                 self._verify_sizes = []
-        return self._run_eager(scheduled, collector), collector
+        return self._run_eager(scheduled, collector, input_ids), collector
 
-    def _run_eager(self, scheduled, collector: BlockScoreCollector | None = None) -> torch.Tensor:
+    def _run_eager(self, scheduled, collector: BlockScoreCollector | None = None,
+                   input_ids: torch.Tensor | None = None) -> torch.Tensor:
         dev = self.device
         ids, pos, slots, seq_lens, cu, tables, rows, max_q, max_kv, fresh = self._prepare(scheduled)
         ctx = attn_hook.AttentionContext(
@@ -358,7 +367,8 @@ class ModelRunner:
             layers=self.layer_attention,
             kernels=self.kernel_switches,
         )
-        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        if input_ids is None:
+            input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
         positions = torch.from_numpy(pos).to(dev, non_blocking=True)
         keep = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
         with attn_hook.attention_context(ctx):
@@ -431,7 +441,7 @@ class ModelRunner:
         m64, m32, mb = self._meta64, self._meta32, self._max_blocks
         return (m64[:b], m64[b:2 * b], m64[2 * b:3 * b], m32[:b], m32[b:b + b * mb].view(b, mb))
 
-    def _run_graph(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+    def _run_graph(self, scheduled: list[ScheduledSeq], input_ids: torch.Tensor | None = None) -> torch.Tensor:
         n = len(scheduled)
         b = next(s for s in self._graph_sizes if s >= n)
         graph = self.graphs[b]
@@ -447,6 +457,8 @@ class ModelRunner:
         self._staging.fill(scheduled, b)
         self._meta64[:3 * b].copy_(self._stage64[:3 * b], non_blocking=True)
         self._meta32[:b + b * mb].copy_(self._stage32[:b + b * mb], non_blocking=True)
+        if input_ids is not None:
+            self._meta64[:n].copy_(input_ids)
         if self._staged_copied is None:
             self._staged_copied = torch.cuda.Event()
         self._staged_copied.record()

@@ -34,6 +34,11 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+# Stands in ``token_ids`` for a token still being sampled on the device, while the engine
+# launches the step that reads it (LLMEngine._launch_ahead); never a vocabulary id.
+PLACEHOLDER_TOKEN = -1
+
+
 @dataclass(eq=False)
 class Sequence:
     """One request inside the engine.
