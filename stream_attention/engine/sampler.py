@@ -281,23 +281,48 @@ class Sampler:
 
 class PendingSample:
     """A step's sampled tokens, still on the device until :meth:`wait` reads them back
-    (in one device->host read, logprobs included: the step's one wait on the device)."""
+    (in one device->host read, logprobs included: the step's one wait on the device).
 
-    __slots__ = ("token_ids", "_n", "_logprobs")
+    On CUDA the read is queued at once, right behind the sampling, into pinned memory,
+    and :meth:`wait` waits for that copy only: a step launched after this one (the
+    engine's async scheduling) is queued behind the copy, so reading these tokens never
+    waits for the next step's forward pass."""
+
+    __slots__ = ("token_ids", "_n", "_logprobs", "_host", "_copied")
 
     def __init__(self, token_ids: torch.Tensor, n: int, logprobs: tuple | None = None) -> None:
         self.token_ids = token_ids  # [n] on the device
         self._n = n
         self._logprobs = logprobs
+        self._host: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None
+        if token_ids.is_cuda:
+            flat = self._flat()
+            self._host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self._host.copy_(flat, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def _flat(self) -> torch.Tensor:
+        """Everything to read back in one tensor: the ids, then the chosen logprobs and the
+        top values and ids (float64 holds the ids and the float32 values exactly)."""
+        if self._logprobs is None:
+            return self.token_ids
+        _, _, chosen_t, top = self._logprobs
+        parts = [self.token_ids, chosen_t] + ([top.values, top.indices] if top is not None else [])
+        return torch.cat([t.reshape(-1).double() for t in parts])
 
     def wait(self) -> SamplerOutput:
         lps: list[TokenLogprob | None] = [None] * self._n
+        if self._copied is not None:
+            self._copied.synchronize()
+            flat_t = self._host
+        else:
+            flat_t = self._flat()
         if self._logprobs is None:
-            return SamplerOutput(self.token_ids.tolist(), lps)
-        rows, counts, chosen_t, top = self._logprobs
-        # One read for everything: float64 holds the ids and the float32 values exactly.
-        parts = [self.token_ids, chosen_t] + ([top.values, top.indices] if top is not None else [])
-        flat = torch.cat([t.reshape(-1).double() for t in parts]).tolist()
+            return SamplerOutput(flat_t.tolist(), lps)
+        rows, counts, _, top = self._logprobs
+        flat = flat_t.tolist()
         n, m = self._n, len(rows)
         ids = [int(x) for x in flat[:n]]
         chosen = flat[n:n + m]
