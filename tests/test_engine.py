@@ -406,13 +406,15 @@ def test_async_scheduling_gives_the_outputs_of_synchronous_steps(tiny):
         (prompts[0], SamplingParams(max_tokens=14, ignore_eos=True)),
         (prompts[1], SamplingParams(max_tokens=24, ignore_eos=True, stop=[free.text[8:11]])),
         (prompts[2], SamplingParams(max_tokens=15, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True, logprobs=2)),
-        (prompts[3], SamplingParams(max_tokens=18, ignore_eos=True, stop_token_ids=[free.token_ids[5]])),
+        (prompts[3], SamplingParams(max_tokens=18, ignore_eos=True, repetition_penalty=1.3)),
+        (prompts[0], SamplingParams(max_tokens=17, ignore_eos=True, frequency_penalty=0.7, presence_penalty=0.5,
+                                    temperature=0.9, seed=5)),
         (prompts[1], SamplingParams(max_tokens=20, ignore_eos=True, stop_token_ids=[free.token_ids[9]])),
         (prompts[5], SamplingParams(max_tokens=16, temperature=1.0, top_k=20, seed=3, ignore_eos=True, n=2)),
         (prompts[6], SamplingParams(max_tokens=1, ignore_eos=True)),
         (prompts[4], SamplingParams(max_tokens=21, ignore_eos=True)),
     ]
-    arrive_at = [0, 0, 2, 2, 5, 6, 9, 12]
+    arrive_at = [0, 0, 2, 2, 3, 5, 6, 9, 12]
     for pool in (64, 9):  # 9 blocks of 8: decode growth must wait for blocks, or preempt
         results = {}
         for mode in ("sync", "async"):
@@ -446,19 +448,28 @@ def test_async_scheduling_gives_the_outputs_of_synchronous_steps(tiny):
                 s_last.token_ids, s_last.text, s_last.finish_reason), (pool, i)
             _assert_logprobs_close(a_last.logprobs, s_last.logprobs, (pool, i))
         assert results["async"][0, 0][2].token_ids == _hf_greedy(ref, prompts[0], 14)
-        for i in (1, 4):  # a stop string, a stop id
+        for i in (1, 5):  # a stop string, a stop id
             assert results["async"][i, 0][2].finish_reason is FinishReason.STOP, i
-        assert len(results["async"][6, 0][2].token_ids) == 1
+        assert len(results["async"][7, 0][2].token_ids) == 1
 
 
-def test_async_scheduling_stays_off_where_tokens_are_needed_on_the_host(tiny):
-    """Penalties and speculation read the previous tokens on the host: no step is launched
-    ahead of them, and the tokens still match synchronous stepping."""
-    prompt = _prompts([11], seed=5)[0]
-    params = SamplingParams(max_tokens=12, ignore_eos=True, repetition_penalty=1.3)
-    want = _engine(tiny, attention_backend="sdpa").generate(prompt, params)[0].token_ids
-    eng = _engine(tiny, attention_backend="sdpa", pipeline_steps=True)
-    assert eng.generate(prompt, params)[0].token_ids == want
-    assert eng.num_steps_launched_ahead == 0
+def test_async_scheduling_penalises_the_token_still_on_the_device(tiny):
+    """Penalties count the previous step's token while it is still on the device: a
+    repetition or presence penalty once per distinct token (the host's copy may already
+    hold it), a frequency penalty once per occurrence. Long greedy runs of a tiny model
+    repeat themselves, so both cases occur; tokens must equal synchronous stepping."""
+    prompts = _prompts([11, 4], seed=5)
+    cases = [SamplingParams(max_tokens=40, ignore_eos=True, repetition_penalty=1.05),
+             SamplingParams(max_tokens=40, ignore_eos=True, presence_penalty=0.4, frequency_penalty=0.1)]
+    for params in cases:
+        want = [o.token_ids for o in _engine(tiny, attention_backend="sdpa").generate(prompts, params)]
+        assert any(len(set(t)) < len(t) for t in want), "no repeated token: the case is not exercised"
+        eng = _engine(tiny, attention_backend="sdpa", pipeline_steps=True)
+        assert [o.token_ids for o in eng.generate(prompts, params)] == want, params
+        assert eng.num_steps_launched_ahead > 30
+
+
+def test_async_scheduling_stays_off_for_speculation(tiny):
+    """Drafts are proposed from the previous tokens on the host: no launch ahead."""
     spec = _engine(tiny, attention_backend="sdpa", pipeline_steps=True, speculative_method="ngram")
     assert spec.pipeline and not spec.async_scheduling

@@ -326,3 +326,28 @@ def test_penalties_skip_token_ids_outside_the_vocabulary():
     expect = torch.ones(VOCAB)
     expect[5], expect[7] = 0.5, 0.5 - 1.0
     assert torch.equal(got, expect)
+
+
+@pytest.mark.parametrize("last_in_history", [True, False])
+def test_penalties_count_the_last_token_while_it_is_on_the_device(last_in_history):
+    """A row whose last token is a placeholder (its step was launched before the token was
+    read back) with that token passed as ``last_tokens``: the penalised logits equal those
+    of the same row with the token on the host, whether or not the token occurred before
+    (repetition and presence once per distinct token, frequency once per occurrence)."""
+    from stream_attention.engine.sequence import PLACEHOLDER_TOKEN
+
+    vocab = 32
+    kinds = [SamplingParams(repetition_penalty=1.7), SamplingParams(presence_penalty=0.8, frequency_penalty=0.3),
+             SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.6, logit_bias={4: 2.0}),
+             SamplingParams(temperature=0.0)]
+    last = [7, 9, 11, 5] if last_in_history else [20, 21, 22, 23]
+    history = (7, 9, 11, 9, 5)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(len(kinds), vocab, generator=g) * 3
+    on_host = [_seq(p, prompt=(1, 7), out=history[1:] + (t,)) for p, t in zip(kinds, last, strict=True)]
+    held = [_seq(p, prompt=(1, 7), out=history[1:] + (PLACEHOLDER_TOKEN,)) for p in kinds]
+    held[3] = on_host[3]  # a row without a placeholder beside them
+    want = apply_penalties(logits.clone(), on_host)
+    got = apply_penalties(logits.clone(), held, torch.tensor(last))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert not torch.equal(want, logits)

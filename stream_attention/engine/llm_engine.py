@@ -25,7 +25,7 @@ import torch
 from .attention_spec import kv_reach
 from .config import EngineConfig, parse_dtype
 from .model_runner import ModelRunner
-from .sampler import PendingSample, Sampler, _needs_penalties, _to_device
+from .sampler import PendingSample, Sampler, _to_device
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import PLACEHOLDER_TOKEN, Sequence, SequenceGroup, SequenceStatus
 from .spec_decode import DraftModelProposer, NgramProposer, PendingVerify, SpeculativeDecoder, draft_block_bytes
@@ -485,8 +485,9 @@ class LLMEngine:
         gets a placeholder token (``PLACEHOLDER_TOKEN``) that ``_collect`` replaces with the
         sampled one; the new step reads those tokens straight from the device. Only a step
         of decode rows for sequences that all sampled in ``flight`` qualifies, with no
-        admission, preemption, grammar or penalties pending (those need the tokens on the
-        host); otherwise None and the caller launches after collecting, as before.
+        admission, preemption or grammar pending (those need the tokens on the host;
+        penalties take them from the device); otherwise None and the caller launches after
+        collecting, as before.
         Sequences whose token in ``flight`` is their last by length get no row; those that
         end on it by a stop token or string have a row whose token is dropped."""
         pending = flight.pending
@@ -497,8 +498,7 @@ class LLMEngine:
         if not running or (scheduler.waiting and len(running) < scheduler.max_num_seqs):
             return None  # an admission is due: that step needs the host's view of the tokens
         row_of = {id(seq): i for i, seq in enumerate(flight.sampling)}
-        if any(id(seq) not in row_of or seq.grammar is not None or _needs_penalties(seq.params)
-               for seq in running):
+        if any(id(seq) not in row_of or seq.grammar is not None for seq in running):
             return None
         scheduler.commit(flight.scheduled, flight.collector)
         flight.committed = True
@@ -525,7 +525,7 @@ class LLMEngine:
         logits, _ = self.runner.execute(scheduled, input_ids=tokens)
         sampling = [s.seq for s in scheduled]
         self.num_steps_launched_ahead += 1
-        return _Flight(scheduled, sampling, self.sampler.launch(logits, sampling), None)
+        return _Flight(scheduled, sampling, self.sampler.launch(logits, sampling, tokens), None)
 
     def _launch(self) -> _Flight | None:
         """Schedule a step, run the model and queue the sampling (no wait on the device)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sequence import Sequence
+from .sequence import PLACEHOLDER_TOKEN, Sequence
 from .structured_output import TokenMasker
 from .types import SamplingParams, TokenLogprob
 
@@ -52,16 +52,24 @@ def _uniform(values: list):
     return first
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], last_tokens: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """``logit_bias`` (OpenAI: added first), repetition (HF: prompt and output tokens),
     presence and frequency (OpenAI: output tokens only) penalties, and ``min_tokens``
     (stop token ids at -inf until that many tokens exist), in place on the rows that ask.
 
     All rows together: one gather/scatter per kind over the ``(row, token)`` pairs
-    concerned, whatever the number of rows."""
+    concerned, whatever the number of rows.
+
+    ``last_tokens`` (``[len(seqs)]`` on the device): the tokens standing behind a
+    ``PLACEHOLDER_TOKEN`` at the end of a sequence (a step launched before they were read
+    back); they count as if they were on the host."""
     rows = [i for i, s in enumerate(seqs) if _needs_penalties(s.params)]
     if not rows:
         return logits
+    # Rows whose last token is still on the device: penalised from the host's tokens
+    # first, then for that token unless the host's tokens already held it.
+    held = [i for i in rows if seqs[i].token_ids[-1] == PLACEHOLDER_TOKEN] if last_tokens is not None else []
     vocab = logits.shape[-1]
     device = logits.device
     bias_rows: list[int] = []
@@ -97,12 +105,12 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         seq = seqs[i]
         p = seq.params
         if p.repetition_penalty != 1.0:
-            seen = [t for t in set(seq.token_ids) if t < vocab]
+            seen = [t for t in set(seq.token_ids) if 0 <= t < vocab]
             rep_rows += [i] * len(seen)
             rep_toks += seen
             rep_vals += [p.repetition_penalty] * len(seen)
         if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
-            counts = Counter(t for t in seq.output_token_ids if t < vocab)
+            counts = Counter(t for t in seq.output_token_ids if 0 <= t < vocab)
             pf_rows += [i] * len(counts)
             pf_toks += counts.keys()
             pf_counts += counts.values()
@@ -113,14 +121,50 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         pen = _to_device(rep_vals, logits.dtype, device)
         vals = logits[r, t]
         logits[r, t] = torch.where(vals > 0, vals / pen, vals * pen)
+    if held:
+        _penalise_held(logits, seqs, held, last_tokens, rep_rows, rep_toks, "rep")
     if pf_rows:
         r, t = _to_device([pf_rows, pf_toks], torch.long, device)
         cnt, freq, pres = _to_device([pf_counts, pf_freq, pf_pres], logits.dtype, device)
         logits[r, t] -= freq * cnt + pres
+    if held:
+        _penalise_held(logits, seqs, held, last_tokens, pf_rows, pf_toks, "pf")
     if ban_rows:
         r, t = _to_device([ban_rows, ban_toks], torch.long, device)
         logits[r, t] = float("-inf")
     return logits
+
+
+def _penalise_held(logits: torch.Tensor, seqs: list[Sequence], held: list[int], last_tokens: torch.Tensor,
+                   host_rows: list[int], host_toks: list[int], kind: str) -> None:
+    """The repetition (``kind="rep"``) or presence/frequency (``"pf"``) penalty for the
+    device-side last token of each row in ``held``: repetition and presence apply only if
+    the host's tokens of that row did not already hold it, frequency always once more."""
+    if kind == "rep":
+        held = [i for i in held if seqs[i].params.repetition_penalty != 1.0]
+    else:
+        held = [i for i in held if seqs[i].params.presence_penalty != 0.0 or seqs[i].params.frequency_penalty != 0.0]
+    if not held:
+        return
+    device = logits.device
+    vocab = logits.shape[-1]
+    local = {row: j for j, row in enumerate(held)}
+    seen = torch.zeros(len(held), vocab, dtype=torch.bool)  # built on the host: the pairs are host lists
+    pairs = [(local[r], t) for r, t in zip(host_rows, host_toks, strict=True) if r in local]
+    if pairs:
+        rr, tt = zip(*pairs, strict=True)
+        seen[list(rr), list(tt)] = True
+    idx = _to_device(held, torch.long, device)
+    tok = last_tokens.index_select(0, idx)
+    already = seen.to(device, non_blocking=True)[torch.arange(len(held), device=device), tok]
+    vals = logits[idx, tok]
+    if kind == "rep":
+        pen = _to_device([seqs[i].params.repetition_penalty for i in held], logits.dtype, device)
+        logits[idx, tok] = torch.where(already, vals, torch.where(vals > 0, vals / pen, vals * pen))
+    else:
+        freq, pres = _to_device([[seqs[i].params.frequency_penalty for i in held],
+                                 [seqs[i].params.presence_penalty for i in held]], logits.dtype, device)
+        logits[idx, tok] = vals - (freq + torch.where(already, torch.zeros_like(pres), pres))
 
 
 _ARANGE: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -210,9 +254,11 @@ class Sampler:
         """``logits``: ``[len(seqs), vocab]`` for the rows that sample this step."""
         return self.launch(logits, seqs).wait()
 
-    def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence], last_tokens: torch.Tensor | None = None
+               ) -> PendingSample:
         """Queue the sampling of ``logits`` on the device without waiting for it (nothing
-        here reads a device value back); :meth:`PendingSample.wait` returns the tokens."""
+        here reads a device value back); :meth:`PendingSample.wait` returns the tokens.
+        ``last_tokens``: see :func:`apply_penalties`."""
         n = len(seqs)
         constrained = [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None]
         if constrained:  # grammar masks first: nothing after them may pick a forbidden token
@@ -226,7 +272,7 @@ class Sampler:
         raw = logits
         logits = logits.float()
         if any(_needs_penalties(p) for p in params):
-            logits = apply_penalties(logits.clone() if logits is raw else logits, seqs)
+            logits = apply_penalties(logits.clone() if logits is raw else logits, seqs, last_tokens)
 
         sample_rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
         if sample_rows:
