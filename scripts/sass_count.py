@@ -135,6 +135,20 @@ def compile_kernel(fn, args, kwargs, arch: int = 90):
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
+def _widen_disasm_addresses() -> None:
+    """Triton <= 3.6 drops SASS instructions past byte 0xffff (4096 instructions) when it
+    disassembles a cubin: its line pattern wants 4-digit addresses. Widen it (a no-op for
+    later versions, which match 4 or more digits)."""
+    try:
+        from triton.tools import disasm
+    except ImportError:  # pragma: no cover - a Triton without the helper
+        return
+    disasm.FLINE_RE = re.compile(r"\s*/\*\w{4,}\*/\s*([^;]*;)\s*/\* 0x(\w{16}) \*/\s*")
+
+
+_widen_disasm_addresses()
+
+
 def compile_sass(fn, args, kwargs, arch: int = 90) -> str:
     return compile_kernel(fn, args, kwargs, arch).asm["sass"]
 
