@@ -398,11 +398,12 @@ def _time_variant(case: Case, fmt: str, variant: dict) -> dict:
     bits = 8 if fp8 else int(fmt[3:])
     kp, vp = case.fp8_pages() if fp8 else case.pages(bits)
     splits = variant["splits"] or case.kq_splits
-    rows = variant["kernel_args"].get("row_splits", 1) > 1
+    row_splits = variant["kernel_args"].get("row_splits", 1)
+    rows = row_splits > 1
     if variant["launch"]:
         launch = variant["launch"]
-    elif rows:
-        launch = kva.rowsplit_launch(bits)
+    elif rows:  # the launch paged_attention_quantized picks (GQA 32/8: no cap on the factor)
+        launch = kva.rowsplit_launch(bits, row_splits)
     else:
         launch = tuple(kva.decode_launch(bits, case.batch * HKV * splits, case.dev))
     ld = dict(zip(LAUNCH_KEYS, launch[:3], strict=True))

@@ -60,7 +60,7 @@ __all__ = [
     "choose_num_splits",
     "defer_row_sums",
     "rowsplit_launch",
-    "ROWSPLIT_LAUNCH",
+    "ROWSPLIT_BLOCK_N",
     "paged_attention_quantized",
     "paged_attention_fp8",
     "paged_attention_ref",
@@ -1243,16 +1243,20 @@ def defer_row_sums(programs: int, max_q_len: int, device: torch.device) -> bool:
     return max_q_len <= 1 and programs <= 2 * num_sms(device)
 
 
-# (BLOCK_N, num_warps, num_stages) of the row-split decode kernel by code width, when the
-# caller passes no launch: sub-tiles of 64 int8/fp8 keys (8 KiB of K and of V codes each,
-# as int4's 128), so that with 4 sub-tiles a stage's buffers (~66 KiB) leave 3 programs
-# per SM. Unmeasured: benchmarks/bench_kv_quant.py --variants times alternatives.
-ROWSPLIT_LAUNCH = {8: (64, 4, 2), 4: (128, 4, 2)}
+# (BLOCK_N, num_warps, num_stages) of the row-split decode kernel when the caller passes no
+# launch, chosen offline (scripts/sass_count.py -rsN cases, Triton 3.6, sm_90; unmeasured on
+# a GPU: benchmarks/bench_kv_quant.py --variants times alternatives). Sub-tiles of 128 keys
+# need the fewest instructions per code (int4 x 4 sub-tiles: 81 warp instructions per 1k
+# codes against the fp16-code kernel's 116; int8 85 vs 124; fp8 78 vs 95; 64-key sub-tiles
+# 121-132, 8 warps 130-160); 8-bit codes with 4 sub-tiles then take 147 KiB of shared
+# memory (one program per SM), so they get sub-tiles of 64.
+ROWSPLIT_BLOCK_N = {8: {2: 128, 4: 64}, 4: {2: 128, 4: 128}}
 
 
-def rowsplit_launch(bits: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of a row-split decode launch over ``bits``-bit codes (fp8: 8)."""
-    return ROWSPLIT_LAUNCH[bits]
+def rowsplit_launch(bits: int, sub: int = 4) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of a row-split decode launch over ``bits``-bit codes
+    (fp8: 8) with ``sub`` key sub-tiles per tile."""
+    return ROWSPLIT_BLOCK_N[bits].get(sub, 64), 4, 2
 
 
 def _row_split_factor(row_splits: int, block_m: int, group: int) -> int:
@@ -1445,7 +1449,7 @@ def paged_attention_quantized(
         args = (q, out, lse_arg, part_out, part_lse, kf, vf, ksf, vsf, block_tables, seq_lens, cu_q,
                 *q.stride(), *out.stride(), *kf.stride()[:3], *vf.stride()[:3], *scale_strides, *tail)
         if launch is None and not interp:
-            launch = dict(zip(_LAUNCH_KEYS, rowsplit_launch(bits), strict=True))
+            launch = dict(zip(_LAUNCH_KEYS, rowsplit_launch(bits, sub), strict=True))
         meta = dict(PART=part, UNITS=part // 2, BLOCK_M=block_m, BLOCK_SIZE=block_size, KV_BITS=bits, FP8=fmt.fp8,
                     CAUSAL=causal, SPLIT=use_split, STORE_LSE=return_lse,
                     USE_ASM=inline_asm and not interp and _asm_supported(device, fmt.fp8), SOFTCAP=has_cap, SUB=sub)
