@@ -6,9 +6,10 @@
 Compiles a kernel for an NVIDIA target with Triton's bundled ptxas (``triton.compile``
 on an ``ASTSource`` with the specialization the JIT would compute from real arguments),
 disassembles it, finds the loops (backward branches) and prints an opcode histogram of
-one: by default the first in SASS order, which for both paged kernels is the unmasked
-loop that carries the bulk of the keys (``--loop 1``: the masked tail; ``-1``: the
-largest). Counts are per loop iteration and, normalised, warp instructions per 1k KV
+one: by default the shortest of those over 50 instructions, which for the paged kernels
+is the unmasked loop that carries the bulk of the keys (their three key stages compile to
+three loops in SASS order: masked window edge, unmasked, masked causal edge; ``--loop I``
+picks one by index, ``-1`` the largest). Counts are per loop iteration and, normalised, warp instructions per 1k KV
 elements (the K and V codes of one iteration: ``2 * BLOCK_N * head_dim``, all warps), with
 registers / local memory from ``cuobjdump -res-usage`` and a rough per-pipe cycle
 estimate for Hopper (which pipe bounds elements per clock per SM at full issue).
@@ -132,6 +133,20 @@ def compile_kernel(fn, args, kwargs, arch: int = 90):
     bound, spec, opts = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def _widen_disasm_addresses() -> None:
+    """Triton <= 3.6 drops SASS instructions past byte 0xffff (4096 instructions) when it
+    disassembles a cubin: its line pattern wants 4-digit addresses. Widen it (a no-op for
+    later versions, which match 4 or more digits)."""
+    try:
+        from triton.tools import disasm
+    except ImportError:  # pragma: no cover - a Triton without the helper
+        return
+    disasm.FLINE_RE = re.compile(r"\s*/\*\w{4,}\*/\s*([^;]*;)\s*/\* 0x(\w{16}) \*/\s*")
+
+
+_widen_disasm_addresses()
 
 
 def compile_sass(fn, args, kwargs, arch: int = 90) -> str:
@@ -258,11 +273,15 @@ def case_launch(case: str, launch: tuple[int, int, int] | None, maxnreg: int | N
     # key column until the end (STREAM_ATTENTION_KV_DEFER_SUMS=1).
     variant = {"fast_kernel": "generic" not in parts, "inline_asm": "noasm" not in parts,
                "defer_sums": "defer" in parts}
+    for p in parts:  # "-rs4": the row-split decode kernel with 4 key sub-tiles per tile
+        if p.startswith("rs") and p[2:].isdigit():
+            variant["row_splits"] = int(p[2:])
     fn, args, kwargs = capture_launch(
         lambda: kq.paged_attention_quantized(q, kp, vp, table, seq_lens, cu, max_q_len=1, num_splits=2,
                                              launch=ld, **variant, **extra),
         kq, ["_paged_attn_kernel", "_paged_attn_tuned_tokens", "_paged_attn_tuned_page",
-             "_paged_attn_f16_kernel", "_paged_attn_f16_tuned", (split_combine, "_combine_splits_kernel")])
+             "_paged_attn_f16_kernel", "_paged_attn_f16_tuned", "_paged_attn_rowsplit_kernel",
+             (split_combine, "_combine_splits_kernel")])
     return fn, args, kwargs, kwargs["BLOCK_N"]
 
 
@@ -270,7 +289,7 @@ CASES = ["engine-bf16", "kq-bf16", "int8", "int4", "fp8", "int8-noasm", "fp8-noa
          "int8-generic", "int4-generic", "int8-kivi", "int4-kivi"]
 
 
-def report(case: str, launch, arch: int, full: bool, dump: str | None, loop: int | None = 0,
+def report(case: str, launch, arch: int, full: bool, dump: str | None, loop: int | None = -2,
            maxnreg: int | None = -1) -> dict:
     fn, args, kwargs, block_n = case_launch(case, launch, maxnreg)
     ck = compile_kernel(fn, args, kwargs, arch)
@@ -284,12 +303,16 @@ def report(case: str, launch, arch: int, full: bool, dump: str | None, loop: int
     bodies = loops(sass)
     if not bodies:
         raise RuntimeError(f"{case}: no loop found in the SASS")
-    # Both paged kernels run their unmasked loop (the bulk of the keys) first and the
-    # masked tail loop (one tile or so per program) second; SASS keeps that order.
-    body = bodies[loop] if loop is not None else max(bodies, key=len)
+    # The paged kernels' three key stages compile to three loops in SASS order (masked
+    # window edge, unmasked, masked causal edge): the unmasked one, which carries the bulk
+    # of the keys, is the shortest non-trivial loop.
+    if loop == -2:
+        body = min((b for b in bodies if len(b) > 50), key=len, default=max(bodies, key=len))
+    else:
+        body = bodies[loop] if loop is not None else max(bodies, key=len)
     hist = histogram(body, full)
     warps = kwargs.get("num_warps", 4)
-    elems = 2 * block_n * D  # K and V codes one iteration consumes
+    elems = 2 * block_n * kwargs.get("SUB", 1) * D  # K and V codes one iteration consumes (all sub-tiles)
     cyc = pipe_cycles(histogram(body, True))
     # Every warp runs the loop body; 4 sub-partitions share an SM's warps.
     per_sm = {p: c * warps / 4 for p, c in cyc.items()}
@@ -329,15 +352,15 @@ def main() -> None:
     p.add_argument("--maxnreg", type=int, default=-1,
                    help="register cap for kv_attention launches (0: none; default: the wrapper's own)")
     p.add_argument("--full", action="store_true", help="keep opcode modifiers in the histogram")
-    p.add_argument("--loop", type=int, default=0,
-                   help="which loop (SASS order) to count; -1: the largest. Default 0: the unmasked one")
+    p.add_argument("--loop", type=int, default=-2,
+                   help="which loop (SASS order) to count; -1: the largest. Default: the unmasked one")
     p.add_argument("--dump", default=None, help="write SASS/PTX/TTGIR of each case here")
     p.add_argument("--json", default=None, help="write the reports as JSON here")
     args = p.parse_args()
     reports = []
     for case in args.cases:
         r = report(case, tuple(args.launch) if args.launch else None, args.arch, args.full, args.dump,
-                   None if args.loop < 0 else args.loop, None if args.maxnreg == 0 else args.maxnreg)
+                   None if args.loop == -1 else args.loop, None if args.maxnreg == 0 else args.maxnreg)
         reports.append(r)
         cap = f", maxnreg {r['maxnreg']}" if r["maxnreg"] else ""
         print(f"\n{case}: BLOCK_N {r['BLOCK_N']}, {r['num_warps']} warps, {r['num_stages']} stages{cap}; "
