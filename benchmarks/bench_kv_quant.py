@@ -2,7 +2,6 @@
 
     python benchmarks/bench_kv_quant.py --out kv_quant.json [--batch 16 64] [--contexts 4096 8192]
                                         [--extra] [--no-sweep]
-    python benchmarks/bench_kv_quant.py --variants default,rowsplit,rowsplit@64x4x3 --out v.json
 
 (a) Paged decode attention, GQA 32/8, head_dim 128, pages of 16 tokens scattered over the
     pool, one bf16 query per sequence, for every batch x context:
@@ -29,11 +28,6 @@
     Median time of a CUDA-graph replay (L2 zeroed before each, as do_bench does), TB/s of page bytes
     read (scales included), ``speedup_vs_bf16`` = bf16 ms / row ms, and the max error
     against float64 attention over the dequantized pages (first sequences).
-``--variants``: only (a)'s bf16 row and, per variant, int8 / int4 / fp8 (per-token scales;
-    fp8 per-head) through ``paged_attention_quantized`` with the variant's kernel arguments:
-    ``default`` (the fp16-code kernel as the engine launches it) and ``rowsplit[N]`` (its
-    row-split decode, ``row_splits=N``, default 4), each optionally ``@BNxWxS[xREGS]`` (launch)
-    and ``:S`` (split count); speedup over bf16 pages and TB/s of page bytes per row.
 (b) Capacity: concurrent 4k-token sequences whose KV cache fits 8 GiB for a 1B-shaped Llama
     (16 layers, 8 KV heads, head_dim 64), per page format; pools really allocated, the
     engine's formats through the engine's own sizing and allocation (``KVPoolLayout``: one
@@ -368,108 +362,6 @@ def decode_case(batch: int, ctx: int, deadline: float, *, sweep: bool, extra: bo
     return res
 
 
-VARIANT_FORMATS = ("int8", "int4", "fp8")
-
-
-def parse_variant(spec: str) -> dict:
-    """``NAME[@BLOCK_NxWARPSxSTAGES[xMAXNREG]][:SPLITS]`` -> ``{"name", "kernel_args", "launch", "splits"}``.
-
-    NAME is ``default`` (the fp16-code kernel as the engine launches it: ``decode_launch``,
-    its register cap and split policy) or ``rowsplitN`` / ``rowsplit`` (N = 4): that
-    kernel's row-split variant, ``row_splits=N``, at ``kv_attention.rowsplit_launch``.
-    A launch or split count after the name replaces the default one."""
-    name, _, splits = spec.partition(":")
-    name, _, launch = name.partition("@")
-    if name == "default":
-        kernel_args: dict = {}
-    elif name.startswith("rowsplit"):
-        kernel_args = {"row_splits": int(name[len("rowsplit"):] or 4)}
-    else:
-        raise ValueError(f"unknown variant {spec!r} (default, rowsplit[N], with @BNxWxS[xREGS] and :SPLITS)")
-    parts = tuple(int(x) for x in launch.split("x")) if launch else None
-    if parts is not None and len(parts) not in (3, 4):
-        raise ValueError(f"launch of {spec!r} must be BLOCK_NxWARPSxSTAGES[xMAXNREG]")
-    return {"name": spec, "kernel_args": kernel_args, "launch": parts, "splits": int(splits) if splits else None}
-
-
-def _time_variant(case: Case, fmt: str, variant: dict) -> dict:
-    """One format through ``paged_attention_quantized`` with a variant's kernel arguments."""
-    fp8 = fmt == "fp8"
-    bits = 8 if fp8 else int(fmt[3:])
-    kp, vp = case.fp8_pages() if fp8 else case.pages(bits)
-    splits = variant["splits"] or case.kq_splits
-    row_splits = variant["kernel_args"].get("row_splits", 1)
-    rows = row_splits > 1
-    if variant["launch"]:
-        launch = variant["launch"]
-    elif rows:  # the launch paged_attention_quantized picks (GQA 32/8: no cap on the factor)
-        launch = kva.rowsplit_launch(bits, row_splits)
-    else:
-        launch = tuple(kva.decode_launch(bits, case.batch * HKV * splits, case.dev))
-    ld = dict(zip(LAUNCH_KEYS, launch[:3], strict=True))
-    if len(launch) > 3:
-        ld["maxnreg"] = launch[3]
-    elif not rows and kva.FAST_DECODE_MAXNREG.get(launch[:3]):  # the cap the engine's launch gets
-        ld["maxnreg"] = kva.FAST_DECODE_MAXNREG[launch[:3]]
-    kernel_args = {**KernelSwitches.from_env().compressed(), **variant["kernel_args"]}
-
-    def fn():
-        return kva.paged_attention_quantized(case.q, kp, vp, case.table, case.seq_lens, case.cu, max_q_len=1,
-                                            softmax_scale=case.scale, num_splits=splits, launch=ld, **kernel_args)
-
-    out = fn()
-    _sync(case.dev)
-    ms = _bench(fn)
-    read = HKV * D * 2 * case.batch * case.avg_ctx if fp8 else _pages_read(bits, False, case.batch, case.avg_ctx)
-    err = case.fp8_error(out) if fp8 else case.kernel_error(out, bits)
-    return {"variant": variant["name"], "format": fmt, "launch": [*launch[:3], ld.get("maxnreg")],
-            "num_splits": splits, "ms": ms, "tb_per_s": read / (ms * 1e-3) / 1e12,
-            "max_abs_err_vs_fp64_on_dequantized": err}
-
-
-def variants_case(batch: int, ctx: int, variants: list[dict], deadline: float,
-                  dev: torch.device | None = None) -> dict:
-    """bf16 pages (the engine's decode kernel) and every format x variant, one case."""
-    case = Case(batch, ctx, dev or torch.device("cuda"))
-    base = _time_engine(case)
-    rows, skipped = [], []
-    for variant in variants:
-        for fmt in VARIANT_FORMATS:
-            if time.perf_counter() > deadline:
-                skipped.append(f"{variant['name']} {fmt}: time budget")
-                continue
-            try:
-                row = _time_variant(case, fmt, variant)
-            except Exception as exc:  # a launch that does not compile or fit
-                row = {"variant": variant["name"], "format": fmt, "error": repr(exc)[:300]}
-            if "ms" in row:
-                row["speedup_vs_bf16"] = base["ms"] / row["ms"]
-            rows.append(row)
-            print(json.dumps({"batch": batch, "context": ctx, **{k: row.get(k) for k in
-                              ("variant", "format", "launch", "num_splits", "ms", "tb_per_s", "speedup_vs_bf16",
-                               "error")}}), flush=True)
-    del case
-    torch.cuda.empty_cache()
-    return {"batch": batch, "context": ctx, "bf16": base, "rows": rows, "skipped": skipped}
-
-
-def _print_variants(cases: list[dict]) -> None:
-    print("\nvariants: speedup over bf16 pages (same run) and read rate of the page bytes (TB/s)")
-    for c in cases:
-        b = c["bf16"]
-        print(f"\nbatch {c['batch']} context {c['context']}: bf16 {b['ms']:.4f} ms ({b['tb_per_s']:.2f} TB/s)")
-        print(f"{'variant':<28}{'format':<7}{'launch':<16}{'spl':>4}{'ms':>10}{'TB/s':>7}{'x bf16':>8}{'err':>10}")
-        for r in c["rows"]:
-            if "ms" not in r:
-                print(f"{r['variant']:<28}{r['format']:<7}error: {r['error'][:80]}")
-                continue
-            print(f"{r['variant']:<28}{r['format']:<7}{_launch_str(r['launch']):<16}{r['num_splits']:>4}"
-                  f"{r['ms']:>10.4f}{r['tb_per_s']:>7.2f}{r['speedup_vs_bf16']:>8.2f}"
-                  f"{r['max_abs_err_vs_fp64_on_dequantized']:>10.1e}")
-        for s in c["skipped"]:
-            print(f"  skipped {s}")
-
-
 def capacity(budget_gib: float, seq_tokens: int) -> dict:
     """Concurrent ``seq_tokens``-token sequences whose pages fit ``budget_gib`` for a 1B Llama."""
     layers, hkv, d = 16, 8, 64
@@ -552,9 +444,6 @@ def main() -> None:
     p.add_argument("--extra", action="store_true", help="also portable conversions, fp8 generic, KIVI, bf16 via kv_attention")
     p.add_argument("--no-capacity", action="store_true")
     p.add_argument("--grid", action="store_true", help="only the launch x splits grid (BF16_GRID, INT8_GRID)")
-    p.add_argument("--variants", default=None,
-                   help="only compare kernel variants, comma-separated NAME[@BNxWxS[xREGS]][:SPLITS] "
-                        "(NAME: default, rowsplit[N]), for int8/int4/fp8 against bf16 pages")
     p.add_argument("--budget-gib", type=float, default=8.0)
     p.add_argument("--seq-tokens", type=int, default=4096)
     p.add_argument("--time-budget", type=float, default=150.0, help="seconds after which optional parts are skipped")
@@ -576,16 +465,6 @@ def main() -> None:
         "env": {k: v for k, v in os.environ.items() if k.startswith("STREAM_ATTENTION_")},
         "decode": [], "summary": [], "notes": [],
     }
-    if args.variants:
-        variants = [parse_variant(v) for v in args.variants.split(",") if v]
-        res["variants"] = [variants_case(batch, ctx, variants, deadline) for batch in args.batch
-                           for ctx in args.contexts]
-        res["wall_s"] = time.perf_counter() - t0
-        _print_variants(res["variants"])
-        print(f"\nwall {res['wall_s']:.1f} s")
-        if args.out:
-            Path(args.out).write_text(json.dumps(res, indent=1))
-        return
     if args.grid:
         res["grid"] = [grid_case(batch, ctx, deadline) for batch in args.batch for ctx in args.contexts]
         if args.out:

@@ -59,8 +59,6 @@ __all__ = [
     "decode_launch",
     "choose_num_splits",
     "defer_row_sums",
-    "rowsplit_launch",
-    "ROWSPLIT_BLOCK_N",
     "paged_attention_quantized",
     "paged_attention_fp8",
     "paged_attention_ref",
@@ -824,282 +822,6 @@ def _paged_attn_f16_kernel(
 
 
 # --------------------------------------------------------------------------------------
-# Row-split decode: key sub-tiles packed into the query rows
-# --------------------------------------------------------------------------------------
-#
-# A decode tile has one query token, so its BLOCK_M = 16 rows (tl.dot's minimum) hold a
-# GQA group of 4 heads and 12 rows of padding: every per-score instruction (scales,
-# masks, max, exp2, row sums, probability scaling: ~290 of the fp16-code kernel's ~860
-# warp instructions per 128 int4 keys, sm_90) is spent 4 times for one useful row. This
-# kernel gives the rows work: row ``r`` is head ``r % GP`` of the group (``GP = BLOCK_M /
-# SUB`` rows per head block) over key sub-tile ``r // GP`` of each ``SUB * BLOCK_N``-key
-# tile. Sub-tile ``t``'s scores come from a full dot of q against its keys, kept on rows
-# ``t`` (a select); its values are read with the probabilities of the other rows zeroed.
-# Tensor-core work per key is unchanged (the padding moves from rows to zeroed operands),
-# the score tile covers SUB times more keys, and each row block keeps its own softmax
-# state, merged at the end like split-K partials.
-#
-# Keys are read like values, as 16-bit units, so both sides share one conversion
-# (:func:`_v_codes_f16`, no subtraction) and the query becomes channel planes matching
-# the code planes (channels ``2 i + j``; int4 high nibbles ``D / 2 + 2 i + j``), 16-bit
-# dot operands that ldmatrix loads (the byte-wide K tiles of the fp16-code kernel make
-# Triton load q with 64-bit loads and register moves each tile). The planes hold
-# ``1024 + M c`` (M = 1 for int8, 16 for int4, whose q planes are pre-divided by 16), so
-#
-#     raw = sum(qp (1024 + M c)) = q16 . c + 1024 sum(qp),   sum(qp) = sum(q16) / M
-#     q16 . (s c + z) = s raw + sum(qp) (M z - 1024 s)
-#
-# one multiply-add per score as before. The offset stays in the fp32 accumulation: terms
-# up to ~8x the codes' own (int8: 1024 vs 127 on average, int4: 1024 / 16 vs 7.5), i.e.
-# about 3 of fp32's 24 bits, a score error near 2^-21 of sum|q16| * s * 1024 / M: far below
-# bf16 query rounding (2^-9 of each product).
-
-
-@triton.jit
-def _attend_tiles_rowsplit(
-    a0, a1, a2, a3, l_i, m_i, corr,
-    q0, q1, q2, q3, q_off, row_scale, row_t,
-    K, V, KS, VS, bt_ptr,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    ks0, ks1, ks2, vs0, vs1, vs2,
-    kv_head, lo, hi, col_lo, ctx, cap_log2,
-    UNITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SUB: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr, MASKED: tl.constexpr,
-    USE_ASM: tl.constexpr, SOFTCAP: tl.constexpr,
-):
-    TILE: tl.constexpr = SUB * BLOCK_N
-    MULT: tl.constexpr = 1.0 if KV_BITS == 8 else 16.0
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_u = tl.arange(0, UNITS)
-    for start in range(lo, hi, TILE):
-        start = tl.multiple_of(start, TILE)
-        # Scores: sub-tile t's dot against every row, kept on rows t.
-        raw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        kw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        vw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        for t in tl.static_range(SUB):
-            cols = start + t * BLOCK_N + offs_n
-            col_ok = (cols < ctx) & (cols >= col_lo)  # keys left of the window are not read
-            page, row = tile_pages(bt_ptr, start + t * BLOCK_N, cols, col_ok, BLOCK_SIZE, False, MASKED)
-            k_ptrs = K + kv_head * stride_kh + (page * stride_kb + row * stride_kt)[None, :] + offs_u[:, None]
-            if MASKED:  # noqa: SIM108
-                kh = tl.load(k_ptrs, mask=col_ok[None, :], other=0)
-            else:
-                kh = tl.load(k_ptrs)
-            k0, k1, k2, k3 = _v_codes_f16(kh, KV_BITS, FP8, USE_ASM)
-            s = tl.dot(q0, k0)
-            s = tl.dot(q1, k1, s)
-            if KV_BITS == 4:
-                s = tl.dot(q2, k2, s)
-                s = tl.dot(q3, k3, s)
-            mine = (row_t == t)[:, None]
-            raw = tl.where(mine, s, raw)
-            if not FP8:  # (scale, zero) words of the keys and values each row sees
-                ks_ptrs = KS + page * ks0 + row * ks1 + kv_head * ks2
-                vs_ptrs = VS + page * vs0 + row * vs1 + kv_head * vs2
-                if MASKED:
-                    ksz = tl.load(ks_ptrs, mask=col_ok, other=0)
-                    vsz = tl.load(vs_ptrs, mask=col_ok, other=0)
-                else:
-                    ksz = tl.load(ks_ptrs)
-                    vsz = tl.load(vs_ptrs)
-                kw = tl.where(mine, ksz[None, :], kw)
-                vw = tl.where(mine, vsz[None, :], vw)
-        if FP8:  # noqa: SIM108 -- exact codes; the per-head key scale is in row_scale
-            qk = raw
-        else:
-            s_k, z_k = _scale_zero(kw)
-            qk = raw * s_k + q_off[:, None] * (MULT * z_k - 1024.0 * s_k)
-        if SOFTCAP:  # the cap needs the scaled scores themselves
-            qk = soft_cap(qk * row_scale[:, None], cap_log2)
-        if MASKED:
-            keys = start + row_t[:, None] * BLOCK_N + offs_n[None, :]
-            qk = tl.where((keys < ctx) & (keys >= col_lo), qk, float("-inf"))
-        if SOFTCAP:  # noqa: SIM108
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * row_scale)
-        m_shift = m_new
-        if MASKED:  # rows that have seen nothing keep m = -inf: shift by 0 so exp2 gives 0, not NaN
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        if SOFTCAP:  # noqa: SIM108
-            p = tl.math.exp2(qk - m_shift[:, None])
-        else:
-            p = tl.math.exp2(qk * row_scale[:, None] - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if FP8:  # noqa: SIM108
-            p16 = p.to(tl.float16)
-        else:
-            s_v, z_v = _scale_zero(vw)
-            p16 = (p * s_v).to(tl.float16)
-            # sum_j p_j x_j = (p16 @ (1024 + M c)) / M + sum_j (p_j z_j - 1024 / M p16_j)
-            corr = corr * alpha + tl.sum(p * z_v - (1024.0 / MULT) * p16.to(tl.float32), 1)
-        a0 = a0 * alpha[:, None]
-        a1 = a1 * alpha[:, None]
-        if KV_BITS == 4:
-            a2 = a2 * alpha[:, None]
-            a3 = a3 * alpha[:, None]
-        # Values: sub-tile t's planes with only rows t's probabilities.
-        zero16 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float16)
-        for t in tl.static_range(SUB):
-            cols = start + t * BLOCK_N + offs_n
-            col_ok = (cols < ctx) & (cols >= col_lo)
-            page, row = tile_pages(bt_ptr, start + t * BLOCK_N, cols, col_ok, BLOCK_SIZE, False, MASKED)
-            v_ptrs = V + kv_head * stride_vh + (page * stride_vb + row * stride_vt)[:, None] + offs_u[None, :]
-            if MASKED:  # noqa: SIM108
-                vh = tl.load(v_ptrs, mask=col_ok[:, None], other=0)
-            else:
-                vh = tl.load(v_ptrs)
-            v0, v1, v2, v3 = _v_codes_f16(vh, KV_BITS, FP8, USE_ASM)
-            pt = tl.where((row_t == t)[:, None], p16, zero16)
-            a0 = tl.dot(pt, v0, a0)
-            a1 = tl.dot(pt, v1, a1)
-            if KV_BITS == 4:
-                a2 = tl.dot(pt, v2, a2)
-                a3 = tl.dot(pt, v3, a3)
-        m_i = m_new
-    return a0, a1, a2, a3, l_i, m_i, corr
-
-
-@triton.jit
-def _merge_row_blocks(x, w, SUB: tl.constexpr, GP: tl.constexpr):
-    """Sum over the SUB row blocks of ``x [SUB * GP]`` weighted by ``w [SUB, GP]``: ``[GP]``."""
-    return tl.sum(tl.reshape(x, (SUB, GP)) * w, 0)
-
-
-@triton.jit
-def _merge_plane(acc, w, SUB: tl.constexpr, GP: tl.constexpr, UNITS: tl.constexpr):
-    """:func:`_merge_row_blocks` for an accumulator ``[SUB * GP, UNITS]``: ``[GP, UNITS]``."""
-    return tl.sum(tl.reshape(acc, (SUB, GP, UNITS)) * w[:, :, None], 0)
-
-
-@triton.jit
-def _paged_attn_rowsplit_kernel(
-    Q, Out, Lse, PartOut, PartLse,
-    K, V, KS, VS, BlockTables, SeqLens, CuSeqlensQ,
-    stride_qt, stride_qh, stride_qd,
-    stride_ot, stride_oh, stride_od,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    ks0, ks1, ks2,
-    vs0, vs1, vs2,
-    stride_bt,
-    stride_ms, stride_mt, stride_mh,
-    stride_ss, stride_st, stride_sh,
-    stride_lh, stride_lt,
-    num_kv_heads, group_size, num_splits, qk_scale,
-    tune_bucket,  # unused (the f16 kernel's autotune key)
-    window_left, cap_log2,
-    PART: tl.constexpr, UNITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, KV_BITS: tl.constexpr, FP8: tl.constexpr, CAUSAL: tl.constexpr,
-    SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, USE_ASM: tl.constexpr, SOFTCAP: tl.constexpr,
-    SUB: tl.constexpr,
-):
-    """Decode (one query per sequence) over int8/int4 pages with per-token scales or fp8
-    pages, 16-bit queries: :func:`_paged_attn_f16_kernel`'s arguments (K is an int16 view
-    of the key bytes, like V) with ``SUB`` key sub-tiles of ``BLOCK_N`` per tile, one per
-    block of ``BLOCK_M / SUB`` query rows (see "Row-split decode" above)."""
-    GP: tl.constexpr = BLOCK_M // SUB
-    TILE: tl.constexpr = SUB * BLOCK_N
-    MULT: tl.constexpr = 1.0 if KV_BITS == 8 else 16.0
-    b, kv_head, pid_s, q_start, q_len, ctx, tok0, toks = _program_tile(
-        SeqLens, CuSeqlensQ, num_kv_heads, group_size, BLOCK_M)
-    if tok0 >= q_len:
-        return
-    lo, full_lo, full_hi, hi = _key_range(ctx, q_len, tok0, 1, pid_s, num_splits, window_left, CAUSAL, TILE)
-    diag = ctx - q_len
-    col_lo = tok0 + diag - window_left
-
-    offs_r = tl.arange(0, BLOCK_M)
-    row_t = offs_r // GP
-    row_g = offs_r % GP
-    row_ok = row_g < group_size
-    row_head = kv_head * group_size + row_g
-    # Query planes: channels 2 i + j (int4 high nibbles D / 2 + 2 i + j), q16 = q * 2^e per
-    # row (max |q16| in [2^14, 2^15), as in the fp16-code kernel), divided by M.
-    offs_u = tl.arange(0, UNITS)
-    q_ptrs = Q + q_start.to(tl.int64) * stride_qt + row_head[:, None] * stride_qh + (2 * offs_u)[None, :] * stride_qd
-    x0 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    x1 = tl.load(q_ptrs + stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x0), 1), tl.max(tl.abs(x1), 1))
-    if KV_BITS == 4:
-        x2 = tl.load(q_ptrs + PART * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        x3 = tl.load(q_ptrs + (PART + 1) * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.maximum(tl.max(tl.abs(x2), 1), tl.max(tl.abs(x3), 1)))
-    expo = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    expo = tl.minimum(tl.maximum(expo, 14), 254)
-    pow2 = ((127 + 127 + 14 - expo) << 23).to(tl.float32, bitcast=True)  # 2^(14 - e)
-    plane_scale = pow2 / MULT  # exact: a power of two
-    q0 = (x0 * plane_scale[:, None]).to(tl.float16)
-    q1 = (x1 * plane_scale[:, None]).to(tl.float16)
-    q_off = tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1)
-    if KV_BITS == 4:
-        q2 = (x2 * plane_scale[:, None]).to(tl.float16)
-        q3 = (x3 * plane_scale[:, None]).to(tl.float16)
-        q_off += tl.sum(q2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1)
-    else:
-        q2 = q0
-        q3 = q1
-    if FP8:  # q . (e * s) = s (q . e): the key scale joins the softmax scale
-        qk_scale = qk_scale * tl.load(KS + kv_head)
-    row_scale = qk_scale / pow2
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    corr = tl.zeros([BLOCK_M], dtype=tl.float32)
-    a0 = tl.zeros([BLOCK_M, UNITS], dtype=tl.float32)
-    a1 = tl.zeros([BLOCK_M, UNITS], dtype=tl.float32)
-    a2 = tl.zeros([BLOCK_M, UNITS], dtype=tl.float32)
-    a3 = tl.zeros([BLOCK_M, UNITS], dtype=tl.float32)
-    bt_ptr = BlockTables + b.to(tl.int64) * stride_bt
-    key_edges = (lo, full_lo, full_hi, hi)
-    for stage in tl.static_range(3):  # only the outer two stages straddle an edge and pay for masks
-        a0, a1, a2, a3, l_i, m_i, corr = _attend_tiles_rowsplit(
-            a0, a1, a2, a3, l_i, m_i, corr, q0, q1, q2, q3, q_off, row_scale, row_t,
-            K, V, KS, VS, bt_ptr, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            ks0, ks1, ks2, vs0, vs1, vs2, kv_head, key_edges[stage], key_edges[stage + 1], col_lo, ctx, cap_log2,
-            UNITS, BLOCK_M, BLOCK_N, BLOCK_SIZE, SUB, KV_BITS, FP8, stage != 1, USE_ASM, SOFTCAP,
-        )
-
-    # Merge the row blocks (each a softmax over its own sub-tiles) per head, as split-K
-    # partials merge: weights 2^(m_t - m) over the blocks' maxima.
-    m3 = tl.reshape(m_i, (SUB, GP))
-    m = tl.max(m3, 0)
-    w = tl.math.exp2(m3 - tl.where(m == float("-inf"), 0.0, m)[None, :])
-    l_m = _merge_row_blocks(l_i, w, SUB, GP)
-    c_m = _merge_row_blocks(corr, w, SUB, GP)
-    a0 = _merge_plane(a0, w, SUB, GP, UNITS)
-    a1 = _merge_plane(a1, w, SUB, GP, UNITS)
-    if FP8:  # sum_j p_j e_j s = s (p @ e): the value scale multiplies the output
-        v_scale = tl.load(VS + kv_head)
-        a0 = a0 * v_scale
-        a1 = a1 * v_scale
-    offs_g = tl.arange(0, GP)
-    g_ok = offs_g < group_size
-    g_head = kv_head * group_size + offs_g
-    q_rows = (q_start + offs_g * 0).to(tl.int64)
-    l_safe = tl.where(l_m == 0.0, 1.0, l_m)
-    chan = tl.arange(0, UNITS) * 2
-    INV_MULT: tl.constexpr = 0.0625 if KV_BITS == 4 else 1.0
-    _store_plane(a0, chan, c_m, l_safe, g_ok, q_rows, g_head, Out, PartOut, pid_s,
-                 stride_ot, stride_oh, stride_od, stride_ms, stride_mt, stride_mh, INV_MULT, SPLIT)
-    _store_plane(a1, chan + 1, c_m, l_safe, g_ok, q_rows, g_head, Out, PartOut, pid_s,
-                 stride_ot, stride_oh, stride_od, stride_ms, stride_mt, stride_mh, INV_MULT, SPLIT)
-    if KV_BITS == 4:
-        a2 = _merge_plane(a2, w, SUB, GP, UNITS)
-        a3 = _merge_plane(a3, w, SUB, GP, UNITS)
-        _store_plane(a2, chan + PART, c_m, l_safe, g_ok, q_rows, g_head, Out, PartOut, pid_s,
-                     stride_ot, stride_oh, stride_od, stride_ms, stride_mt, stride_mh, INV_MULT, SPLIT)
-        _store_plane(a3, chan + PART + 1, c_m, l_safe, g_ok, q_rows, g_head, Out, PartOut, pid_s,
-                     stride_ot, stride_oh, stride_od, stride_ms, stride_mt, stride_mh, INV_MULT, SPLIT)
-    lse2 = tl.where(l_m == 0.0, float("-inf"), m + tl.math.log2(l_safe))
-    _store_lse(lse2, q_rows, g_head, g_ok, Lse, PartLse, pid_s, stride_ss, stride_st, stride_sh,
-               stride_lh, stride_lt, SPLIT, STORE_LSE)
-
-
-# --------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------
 
@@ -1243,31 +965,6 @@ def defer_row_sums(programs: int, max_q_len: int, device: torch.device) -> bool:
     return max_q_len <= 1 and programs <= 2 * num_sms(device)
 
 
-# (BLOCK_N, num_warps, num_stages) of the row-split decode kernel when the caller passes no
-# launch, chosen offline (scripts/sass_count.py -rsN cases, Triton 3.6, sm_90; unmeasured on
-# a GPU: benchmarks/bench_kv_quant.py --variants times alternatives). Sub-tiles of 128 keys
-# need the fewest instructions per code (int4 x 4 sub-tiles: 81 warp instructions per 1k
-# codes against the fp16-code kernel's 116; int8 85 vs 124; fp8 78 vs 95; 64-key sub-tiles
-# 121-132, 8 warps 130-160); 8-bit codes with 4 sub-tiles then take 147 KiB of shared
-# memory (one program per SM), so they get sub-tiles of 64.
-ROWSPLIT_BLOCK_N = {8: {2: 128, 4: 64}, 4: {2: 128, 4: 128}}
-
-
-def rowsplit_launch(bits: int, sub: int = 4) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of a row-split decode launch over ``bits``-bit codes
-    (fp8: 8) with ``sub`` key sub-tiles per tile."""
-    return ROWSPLIT_BLOCK_N[bits].get(sub, 64), 4, 2
-
-
-def _row_split_factor(row_splits: int, block_m: int, group: int) -> int:
-    """Key sub-tiles per tile for the row-split kernel: ``row_splits`` capped so that each
-    block of ``block_m / factor`` rows holds the GQA group (1: the kernel does not apply)."""
-    sub = row_splits
-    while sub > 1 and block_m // sub < group:
-        sub //= 2
-    return sub
-
-
 def _asm_supported(device: torch.device, fp8: bool) -> bool:
     """Whether the inline-PTX code conversion can run on ``device``: fp8's
     ``cvt.rn.f16x2.e4m3x2`` needs compute capability 8.9 (Ada, Hopper) or later."""
@@ -1328,7 +1025,6 @@ def paged_attention_quantized(
     inline_asm: bool = True,
     defer_sums: bool | None = None,
     autotune: bool = False,
-    row_splits: int = 1,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of new query tokens over a paged KV cache in any page format.
 
@@ -1362,17 +1058,10 @@ def paged_attention_quantized(
     * ``defer_sums``: that kernel keeps its row sums per key column until the end (True),
       per tile (False), or as :func:`defer_row_sums` decides for the launch (None);
     * ``autotune``: without a ``launch``, autotune the GPU launch instead of taking the
-      measured schedule;
-    * ``row_splits``: decode steps that take the fp16-code kernel split each tile's keys
-      into up to this many sub-tiles of ``BLOCK_N``, one per block of query rows
-      (:func:`_paged_attn_rowsplit_kernel`; a power of two, at most what leaves a row per
-      head of the GQA group; 1: off). It takes :func:`rowsplit_launch` without a ``launch``
-      and ignores ``defer_sums`` and ``autotune``.
+      measured schedule.
     """
     if window_left is not None and window_left >= 0 and not causal:
         raise ValueError("window_left needs causal=True (a window is measured back from the causal diagonal)")
-    if row_splits < 1 or row_splits & (row_splits - 1):
-        raise ValueError(f"row_splits must be a power of two >= 1, got {row_splits}")
     has_cap, cap_log2 = softcap_arg(softcap)
     fmt = _page_pair(k_pages, v_pages)
     bits, per_channel, block_size, hkv, head_dim = fmt.bits, fmt.per_channel, fmt.block_size, fmt.num_heads, \
@@ -1441,20 +1130,7 @@ def paged_attention_quantized(
     tail = (block_tables.stride(0), *p_strides[:3], *l_strides, *lse_strides,
             hkv, group, num_splits, softmax_scale * _LOG2E, min(max_q_len, 16), window_left_arg(window_left), cap_log2)
     grid = (q_tiles, batch * hkv, num_splits)
-    sub = _row_split_factor(row_splits, block_m, group) if fast is not None and max_q_len <= 1 else 1
-    if sub > 1:
-        kf, vf, ksf, vsf = fast
-        kf = kf.view(torch.int16)  # keys read as 16-bit units, like the values
-        scale_strides = (0,) * 6 if fmt.fp8 else (*ksf.stride()[:3], *vsf.stride()[:3])
-        args = (q, out, lse_arg, part_out, part_lse, kf, vf, ksf, vsf, block_tables, seq_lens, cu_q,
-                *q.stride(), *out.stride(), *kf.stride()[:3], *vf.stride()[:3], *scale_strides, *tail)
-        if launch is None and not interp:
-            launch = dict(zip(_LAUNCH_KEYS, rowsplit_launch(bits, sub), strict=True))
-        meta = dict(PART=part, UNITS=part // 2, BLOCK_M=block_m, BLOCK_SIZE=block_size, KV_BITS=bits, FP8=fmt.fp8,
-                    CAUSAL=causal, SPLIT=use_split, STORE_LSE=return_lse,
-                    USE_ASM=inline_asm and not interp and _asm_supported(device, fmt.fp8), SOFTCAP=has_cap, SUB=sub)
-        _launch(_paged_attn_rowsplit_kernel, None, grid, args, meta, launch, device, max_q_len, False)
-    elif fast is not None:
+    if fast is not None:
         kf, vf, ksf, vsf = fast
         scale_strides = (0,) * 6 if fmt.fp8 else (*ksf.stride()[:3], *vsf.stride()[:3])
         args = (q, out, lse_arg, part_out, part_lse, kf, vf, ksf, vsf, block_tables, seq_lens, cu_q,
@@ -1509,7 +1185,6 @@ def paged_attention_fp8(
     inline_asm: bool = True,
     defer_sums: bool | None = None,
     autotune: bool = False,
-    row_splits: int = 1,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`paged_attention_quantized` over e4m3 pages (checked to be :class:`Fp8Pages`),
     with a ``(BLOCK_N, num_warps, num_stages)`` tuple for ``launch`` (None: the decode
@@ -1522,7 +1197,6 @@ def paged_attention_fp8(
         num_splits=num_splits, causal=causal, return_lse=return_lse,
         launch=None if launch is None else dict(zip(_LAUNCH_KEYS, launch, strict=True)),
         fast_kernel=fast_kernel, inline_asm=inline_asm, defer_sums=defer_sums, autotune=autotune,
-        row_splits=row_splits,
     )
 
 
