@@ -291,7 +291,9 @@ class Scheduler:
             reserve = self.admission_reserve_blocks if self.running else 0
             if not self.bm.can_admit(seq, cached, n, reserve):
                 break
-            if whole_prompts and not self.bm.can_admit(seq, cached, remaining, reserve, window_tokens=n):
+            # A windowed group (hybrid KV cache) holds at most the window and a chunk of the prompt.
+            window = None if self.bm.window_reach is None else min(remaining, n + self.bm.window_reach + block_size)
+            if whole_prompts and not self.bm.can_admit(seq, cached, remaining, reserve, window_tokens=window):
                 break
             self.waiting.popleft()
             self.bm.take_cached(seq, cached)
