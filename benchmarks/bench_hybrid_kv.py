@@ -134,7 +134,7 @@ def measure(layout_name: str, model, args) -> dict:
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--budget-gib", type=float, default=40.0)
@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     model = meta_model(gemma2_2b_config(args.context))
     rows = [measure(name, model, args) for name in ("single_table", "hybrid")]
     single, hybrid = rows
@@ -167,7 +167,8 @@ def main() -> None:
           f"{result['sequences_ratio_measured']:.2f}x the sequences at {args.context} tokens")
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

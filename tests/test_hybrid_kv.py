@@ -320,3 +320,26 @@ def test_capacity_check_counts_both_groups(gemma3):
     eng.make_request(list(range(3, 53)), SamplingParams(max_tokens=50))
     with pytest.raises(PromptTooLongError, match="KV cache"):
         eng.make_request(list(range(3, 53)), SamplingParams(max_tokens=60))
+
+
+def test_bench_hybrid_kv_measures_the_gemma2_shape(tmp_path):
+    """benchmarks/bench_hybrid_kv.py on CPU (meta-device model, the engine's scheduler and
+    block manager, no weights): the Gemma-2-2B shape at 32k holds 3.25 GiB per sequence
+    with one table and 1.83 GiB with the hybrid cache, and that many more sequences run."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_hybrid_kv.py"
+    spec = importlib.util.spec_from_file_location("bench_hybrid_kv", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "hybrid.json"
+    assert bench.main(["--budget-gib", "20", "--out", str(out)]) == 0
+    single, hybrid = json.loads(out.read_text())["rows"]
+    # 26 layers x 4 KV heads x 256 x 2 (K, V) x 2 bytes x 32768 tokens; hybrid: 13 layers of
+    # that plus 13 layers x (ceil(4095 / 16) + 1) blocks of 16 tokens.
+    assert single["kv_gib_per_sequence"] == pytest.approx(26 * 4096 * 32768 / 2**30)
+    assert hybrid["kv_gib_per_sequence"] == pytest.approx(13 * 4096 * (32768 + 257 * 16) / 2**30)
+    assert (single["peak_sequences_at_context"], hybrid["peak_sequences_at_context"]) == (6, 10)
+    assert single["preemptions"] == hybrid["preemptions"] == 0

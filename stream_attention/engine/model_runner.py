@@ -515,7 +515,8 @@ class ModelRunner:
         k = self.kv_groups.window_pages
         # After a step the windowed table starts at the block of position p - reach and
         # ends at the block of the next token: at most ceil((reach + 1) / bs) + 1 blocks.
-        self._window_blocks = wb = min(mb, -(-(self.kv_groups.window_reach + 1) // bs) + 2)
+        # (Padded to a multiple of 16, like the eager tables: one stride specialisation.)
+        self._window_blocks = wb = -(-min(mb, -(-(self.kv_groups.window_reach + 1) // bs) + 2) // 16) * 16
         self._wmeta64 = torch.zeros(k * top, dtype=torch.long, device=dev)
         self._wmeta32 = torch.zeros(top + k * top * wb, dtype=torch.int32, device=dev)
         self._wstage64 = host(k * top, torch.long)
