@@ -120,16 +120,16 @@ def test_block_fork_shares_full_blocks_and_copies_the_partial_one():
     parent = Sequence("r", list(range(10)), SamplingParams())
     assert bm.allocate(parent, 10)
     child = Sequence("r", list(range(10)), SamplingParams())
-    copy = bm.fork(parent, child, 10)
+    copies = bm.fork(parent, child, 10)
     assert child.block_table[:2] == parent.block_table[:2]
-    assert copy == (parent.block_table[2], child.block_table[2]) and child.block_table[2] != parent.block_table[2]
+    assert copies == [(parent.block_table[2], child.block_table[2])] and child.block_table[2] != parent.block_table[2]
     assert child.num_computed_tokens == 10
     bm.check_invariants([parent, child])
     # Nothing free: the child keeps the full blocks and will recompute the partial one.
     other = Sequence("o", list(range(16)), SamplingParams())
     assert bm.allocate(other, 16) and bm.num_free_blocks == 0
     late = Sequence("r", list(range(10)), SamplingParams())
-    assert bm.fork(parent, late, 10) is None
+    assert bm.fork(parent, late, 10) == []
     assert late.block_table == parent.block_table[:2] and late.num_computed_tokens == 8
     bm.check_invariants([parent, child, other, late])
     for s in (parent, child, other, late):

@@ -74,6 +74,11 @@ class AttentionContext:
     layers: list[LayerAttention] | None = None
     # The kernels' launch switches (the runner reads them from the environment once).
     kernels: KernelSwitches = KernelSwitches()
+    # Hybrid KV allocator (layer groups, see attention_spec.KVGroups): per layer, the
+    # context of its group (this one for full-attention layers; for windowed layers one
+    # with the windowed table's slot mapping, block tables and lengths). None: every
+    # layer reads this context.
+    groups: list[AttentionContext] | None = None
 
 
 _local = threading.local()
@@ -118,6 +123,8 @@ def paged_attention_forward(
                                 softcap=softcap, **kwargs)
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not implemented by the paged kernels")
+    if ctx.groups is not None:
+        ctx = ctx.groups[module.layer_idx]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if ctx.layers is not None:
         spec = ctx.layers[module.layer_idx]

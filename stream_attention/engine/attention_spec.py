@@ -75,6 +75,61 @@ def kv_reach(layers: list[LayerAttention]) -> int | None:
     return max(layer.window_left for layer in layers)
 
 
+@dataclass(frozen=True)
+class KVGroups:
+    """How the hybrid KV allocator lays a model's layers out over one page pool (vLLM's
+    KV cache groups), for models that mix full-attention and sliding-window layers.
+
+    The pool holds ``num_slots`` page tensors (K and V each), ``num_slots`` = the number of
+    full-attention layers; a page (one block id) holds ``block_size`` tokens of every slot.
+    A full-attention layer owns one slot and reads the sequence's ``block_table``; the
+    windowed layers are dealt out over the slots in ``window_pages`` rounds (the last one
+    padded when ``num_slots`` does not divide their number), so one logical block of the
+    windowed group takes ``window_pages`` pages, one per round, listed in the sequence's
+    ``window_table``. Both groups draw pages from one free list: short sequences spend the
+    pool as they would without groups (plus any padding), and a long sequence's windowed
+    group holds only its window.
+
+    ``slot_of_layer[l]``: the page tensor layer ``l`` reads and writes;
+    ``group_of_layer[l]``: ``-1`` for the full-attention group, else the round ``r`` of
+    a windowed layer (its pages are ``window_table[r::window_pages]``);
+    ``window_reach``: how far back any windowed layer reads (largest ``window_left``).
+    """
+
+    slot_of_layer: tuple[int, ...]
+    group_of_layer: tuple[int, ...]
+    num_slots: int
+    window_pages: int
+    window_reach: int
+
+    @property
+    def padded_slots(self) -> int:
+        """Slots of the last windowed round that no layer uses (memory the layout wastes)."""
+        windowed = sum(1 for g in self.group_of_layer if g >= 0)
+        return self.window_pages * self.num_slots - windowed
+
+
+def kv_groups(layers: list[LayerAttention]) -> KVGroups | None:
+    """The hybrid layout of a model whose layers mix full and windowed attention, or None
+    (one block table for every layer) when all layers are alike, or when full-attention
+    layers outnumber windowed ones (their pages would need several ids per block; the
+    saving is small there and short sequences would pay for the padding)."""
+    full = [i for i, layer in enumerate(layers) if layer.window_left is None]
+    windowed = [i for i, layer in enumerate(layers) if layer.window_left is not None]
+    if not full or not windowed or len(full) > len(windowed):
+        return None
+    slots = len(full)
+    slot_of = [0] * len(layers)
+    group_of = [-1] * len(layers)
+    for i, layer_idx in enumerate(full):
+        slot_of[layer_idx] = i
+    for w, layer_idx in enumerate(windowed):
+        slot_of[layer_idx] = w % slots
+        group_of[layer_idx] = w // slots
+    return KVGroups(tuple(slot_of), tuple(group_of), slots, -(-len(windowed) // slots),
+                    max(layers[i].window_left for i in windowed))
+
+
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The model's self-attention modules (transformers' ``*Attention`` with a ``layer_idx``)."""
     return [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]

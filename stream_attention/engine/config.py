@@ -123,6 +123,10 @@ class EngineConfig:
     )
     enable_prefix_caching: bool = setting(True, "reuse KV blocks of shared prompt prefixes")
     enable_chunked_prefill: bool = setting(True, "split long prompts over several steps")
+    hybrid_kv_cache: bool = setting(
+        True, "models mixing full and sliding-window layers (Gemma 2/3): windowed layers keep only their window "
+        "of KV blocks (a second block table per sequence, one shared page pool)"
+    )
     prefill_wait_steps: int | None = setting(
         None,
         "decode steps a few new requests may wait for others to share one prefill step "

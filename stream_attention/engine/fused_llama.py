@@ -274,9 +274,10 @@ class FusedLlamaForward:
             cos, sin = rope[layer.rope_key]
             k_pages, v_pages = ctx.kv_caches[layer.attn.layer_idx]
             if isinstance(k_pages, torch.Tensor) and ctx.kv_scores is None:
-                # Plain pages: the RoPE kernel also stores k and v into them.
-                q, k = self._rotary(q, k, cos, sin, v=v, k_pages=k_pages, v_pages=v_pages,
-                                    slot_mapping=ctx.slot_mapping)
+                # Plain pages: the RoPE kernel also stores k and v into them (at the slots of
+                # the layer's group, with the hybrid KV allocator).
+                slots = ctx.slot_mapping if ctx.groups is None else ctx.groups[layer.attn.layer_idx].slot_mapping
+                q, k = self._rotary(q, k, cos, sin, v=v, k_pages=k_pages, v_pages=v_pages, slot_mapping=slots)
                 written = True
             else:
                 q, k = self._rotary(q, k, cos, sin)

@@ -206,7 +206,8 @@ class LLMEngine:
         self.kv_mgr = self.runner.kv_mgr  # the page format (runner) and the eviction policy (scheduler)
         self.max_model_len = self.runner.max_model_len
         self.scheduler = Scheduler.from_config(config, self.runner.num_blocks, kv_policy=self.kv_mgr,
-                                               kv_reach=kv_reach(self.runner.layer_attention))
+                                               kv_reach=kv_reach(self.runner.layer_attention),
+                                               kv_groups=self.runner.kv_groups)
         self.block_manager = self.scheduler.bm
         self.sampler = Sampler(self.device, config.seed)
         if self.device.type == "cuda" and importlib.util.find_spec("xgrammar") is not None:
@@ -259,6 +260,10 @@ class LLMEngine:
             return SpeculativeDecoder(self.sampler, ngram=NgramProposer(cfg.prompt_lookup_min, cfg.prompt_lookup_max))
         if self.scheduler.kv_reach is not None:
             raise ValueError("speculative_method='draft' is not supported for models whose every layer is windowed")
+        if self.runner.kv_groups is not None:
+            raise ValueError("speculative_method='draft' is not supported with the hybrid KV cache (a model mixing "
+                             "full and sliding-window layers); set hybrid_kv_cache=False or use speculative_method="
+                             "'ngram'")
         runner = ModelRunner(draft_model, cfg.replace(
             num_kv_blocks=self.runner.num_blocks, kv_cache_dtype="auto", kv_compression="none",
             kv_compression_ratio=None, kv_budget_tokens=None, max_model_len=self.max_model_len,
@@ -336,9 +341,17 @@ class LLMEngine:
                 f"prompt ({n} tokens) + max_tokens ({req.params.max_tokens}) = {total} exceeds the context length "
                 f"{self.max_model_len}"
             )
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
-        if total > capacity:
-            raise PromptTooLongError(f"prompt + max_tokens = {total} tokens exceeds the KV cache ({capacity} tokens)")
+        bm = self.block_manager
+        if bm.window_reach is None:
+            capacity = bm.num_blocks * bm.block_size
+            if total > capacity:
+                raise PromptTooLongError(
+                    f"prompt + max_tokens = {total} tokens exceeds the KV cache ({capacity} tokens)")
+        else:  # hybrid: the windowed group also holds up to its window plus one prompt chunk
+            pages = bm.pages_for_tokens(total, self.config.max_num_batched_tokens)
+            if pages > bm.num_blocks:
+                raise PromptTooLongError(f"prompt + max_tokens = {total} tokens exceeds the KV cache ({pages} blocks "
+                                         f"over both layer groups, {bm.num_blocks} in the pool)")
         if not self.config.enable_chunked_prefill and total > self.config.max_num_batched_tokens:
             raise PromptTooLongError(f"{total} tokens exceed max_num_batched_tokens without chunked prefill")
         if req.params.n > 1:
@@ -505,7 +518,7 @@ class LLMEngine:
         bm = scheduler.bm
         max_len = self.max_model_len
         growing = [seq for seq in running if len(seq.token_ids) + 1 < min(seq.token_limit, max_len)]
-        if not growing or sum(bm.blocks_needed(seq, 1) > 0 for seq in growing) > bm.num_free_blocks:
+        if not growing or sum(bm.blocks_needed(seq, 1) for seq in growing) > bm.num_free_blocks:
             return None  # nothing to run, or a preemption would be needed
         for seq in growing:
             seq.token_ids.append(PLACEHOLDER_TOKEN)
@@ -589,9 +602,7 @@ class LLMEngine:
             for i in range(1, seq.params.n):
                 params = seq.params if seeds is None else dataclasses.replace(seq.params, seed=seeds + i)
                 child = seq.fork(i, params)
-                copy = self.block_manager.fork(seq, child, computed)
-                if copy is not None:
-                    copies.append(copy)
+                copies.extend(self.block_manager.fork(seq, child, computed))
                 if child.stream or params.stop:
                     child.detokenizer = IncrementalDetokenizer(self.tokenizer, child.prompt_token_ids)
                 if seq.grammar is not None:

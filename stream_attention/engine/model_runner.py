@@ -9,10 +9,19 @@ are projected to the vocabulary (``logits_to_keep`` with indices).
 On CUDA, decode-only steps replay CUDA graphs captured per padded batch size: HF's
 Python per layer costs more than the GPU work of a small model's decode step. Graph
 inputs are two device buffers refreshed by one host-to-device copy each.
+
+Models that mix full-attention and sliding-window layers (Gemma 2/3) get the hybrid
+layout (:class:`~.attention_spec.KVGroups`): the pool has one page tensor per
+full-attention layer, each shared by a full-attention layer and the windowed layers dealt
+onto it; a windowed layer finds its pages through the sequence's ``window_table`` (the
+step's context carries one per layer group, ``AttentionContext.groups``). Memory budget
+rule: the pool is sized as usual, in pages of ``num_slots`` layers, and both groups draw
+from it; a full-attention block costs one page, a windowed block ``window_pages``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -26,7 +35,7 @@ from ..core.kernel_switches import KernelSwitches
 from ..kernels.paged_attention import choose_num_splits
 from . import attention as attn_hook
 from . import fused_llama
-from .attention_spec import layer_attention, unsupported_attention
+from .attention_spec import KVGroups, kv_groups, layer_attention, unsupported_attention
 from .config import EngineConfig, parse_dtype
 from .kv_compression import BlockScoreCollector, KVCompressionManager, QuantizedPages
 from .scheduler import ScheduledSeq
@@ -105,11 +114,13 @@ class ModelRunner:
         # Float pages' dtype; with quantized pages, the dtype K/V are computed in (and the
         # dense format the compression ratio is measured against).
         self.kv_dtype = (None if config.kv_cache_quantized else parse_dtype(config.kv_cache_dtype)) or self.dtype
-        self.kv_mgr = KVCompressionManager(
-            config.kv_compression_config(), num_layers=g.num_layers, num_kv_heads=g.num_kv_heads,
-            head_dim=g.head_dim, block_size=config.block_size, float_dtype=self.kv_dtype,
-        )
         self.layer_attention = layer_attention(model.config)
+        kv_config = config.kv_compression_config()
+        self.kv_groups = self._hybrid_layout(config, kv_config.page_format)
+        self.kv_mgr = KVCompressionManager(
+            kv_config, num_layers=g.num_layers if self.kv_groups is None else self.kv_groups.num_slots,
+            num_kv_heads=g.num_kv_heads, head_dim=g.head_dim, block_size=config.block_size, float_dtype=self.kv_dtype,
+        )
         variants = {("sliding window", s.sliding_window is not None) for s in self.layer_attention}
         variants |= {("logit soft-capping", s.softcap is not None) for s in self.layer_attention}
         named = sorted(name for name, used in variants if used)
@@ -131,13 +142,19 @@ class ModelRunner:
         self.num_blocks = self._size_cache()
         # One extra page per layer is a scratch target for the padding rows of a graph. The
         # pool is one allocation in the cache's format (compressed pages never exist in 16 bits).
-        self.kv_caches = self.kv_mgr.allocate(self.num_blocks + 1, device)
+        self.kv_pools = self.kv_mgr.allocate(self.num_blocks + 1, device)
+        self.kv_caches = self._per_layer(self.kv_pools)
         self.scratch_slot = self.num_blocks * self.block_size
         log.info(
             "KV cache: %d blocks x %d tokens (%.2f GiB, %s, compression %s), attention backend %s",
             self.num_blocks, self.block_size, self.kv_cache_bytes / 2**30, self.kv_cache_format,
             self.kv_mgr.config.policy, self.backend,
         )
+        if self.kv_groups is not None:
+            gr = self.kv_groups
+            log.info("hybrid KV cache: pages of %d layers; windowed layers (reach %d) take %d page(s) per block "
+                     "and keep only their window (%d padded slot(s))", gr.num_slots, gr.window_reach,
+                     gr.window_pages, gr.padded_slots)
 
         if device.type == "cuda" and self.backend == "triton" and self.num_blocks >= 16:
             self._warm_up_kernels()
@@ -158,7 +175,9 @@ class ModelRunner:
                 log.warning("CUDA graph capture failed (%s); decode runs eagerly", exc)
                 self.graphs.clear()
                 self._graph_sizes = []
-            if self.graphs and self.verify_k and not self.kv_mgr.quantized and self.num_blocks >= 4:
+            if self.graphs and self.verify_k and self.kv_groups is not None:
+                log.info("verify steps run eagerly with the hybrid KV cache (no verify graphs for two block tables)")
+            elif self.graphs and self.verify_k and not self.kv_mgr.quantized and self.num_blocks >= 4:
                 try:
                     self._capture_verify_graphs()
                 except Exception as exc:  # pragma: no cover - depends on the model's code
@@ -169,6 +188,23 @@ class ModelRunner:
         self.kv_mgr.reset_calibration(self.kv_caches)
 
     # ----------------------------------------------------------------- sizing
+    def _hybrid_layout(self, config: EngineConfig, page_format: str | None) -> KVGroups | None:
+        """The layer groups of the hybrid KV cache, or None (one block table for every layer)."""
+        groups = kv_groups(self.layer_attention) if config.hybrid_kv_cache else None
+        if groups is not None and page_format == "fp8":
+            # fp8 pages calibrate one scale per page tensor: layers sharing one would share it.
+            log.info("hybrid KV cache off with fp8 pages (one scale per page tensor); every layer keeps every block")
+            return None
+        return groups
+
+    def _fake(self, n: int, table: list[int], computed: int = 0, draft: list[int] | None = None) -> _FakeScheduled:
+        """A dummy scheduled row for profiling and warm-up steps, in this runner's layout."""
+        return _FakeScheduled(n, table, computed, draft, 1 if self.kv_groups is None else self.kv_groups.window_pages)
+
+    def _per_layer(self, pools: list) -> list:
+        """Each layer's ``(k_pages, v_pages)`` out of the pool's page tensors."""
+        return pools if self.kv_groups is None else [pools[s] for s in self.kv_groups.slot_of_layer]
+
     @property
     def block_bytes(self) -> int:
         """Bytes of one block over all layers, K and V (quantization scales included)."""
@@ -211,14 +247,15 @@ class ModelRunner:
         per = -(-tokens // n_seqs)
         lens = [per] * (n_seqs - 1) + [tokens - per * (n_seqs - 1)]
         blocks = sum(-(-n // self.block_size) for n in lens)
-        self.kv_caches = tmp_caches = self.kv_mgr.allocate(blocks + 1, self.device)
+        tmp_caches = self.kv_mgr.allocate(blocks + 1, self.device)
+        self.kv_caches = self._per_layer(tmp_caches)
         tmp_bytes = self.kv_mgr.pool_bytes(blocks + 1)
         tables, nxt = [], 0
         for n in lens:
             nb = -(-n // self.block_size)
             tables.append(list(range(nxt, nxt + nb)))
             nxt += nb
-        fake = [_FakeScheduled(n, t) for n, t in zip(lens, tables, strict=True)]
+        fake = [self._fake(n, t) for n, t in zip(lens, tables, strict=True)]
         with torch.inference_mode():
             self._run_eager(fake)
         torch.cuda.synchronize(self.device)
@@ -307,7 +344,7 @@ class ModelRunner:
             return
         src = torch.tensor([p[0] for p in pairs], dtype=torch.long).to(self.device, non_blocking=True)
         dst = torch.tensor([p[1] for p in pairs], dtype=torch.long).to(self.device, non_blocking=True)
-        for pages in self.kv_caches:
+        for pages in self.kv_pools:  # a page holds every layer group's data for its block
             for p in pages:
                 if isinstance(p, torch.Tensor):  # 16/32-bit pages
                     p[dst] = p[src]
@@ -335,7 +372,8 @@ class ModelRunner:
         # A scoring step (heavy-hitter) runs eagerly: the graphs do not collect scores.
         collector = self.kv_mgr.start_step(scheduled)
         if collector is None and self.graphs and n <= self._graph_sizes[-1] and all(
-                s.num_new_tokens == 1 for s in scheduled) and not _scores_prompt(scheduled):
+                s.num_new_tokens == 1 for s in scheduled) and not _scores_prompt(scheduled) and (
+                self.kv_groups is None or self._window_fits(scheduled)):
             return self._run_graph(scheduled, input_ids), None
         if collector is None and self.verify_graphs and self._verify_fits(scheduled):
             try:
@@ -367,12 +405,47 @@ class ModelRunner:
             layers=self.layer_attention,
             kernels=self.kernel_switches,
         )
+        if self.kv_groups is not None:
+            ctx.groups = self._group_contexts(scheduled, ctx, cu)
         if input_ids is None:
             input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
         positions = torch.from_numpy(pos).to(dev, non_blocking=True)
         keep = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
         with attn_hook.attention_context(ctx):
             return self._forward(input_ids, positions, keep)
+
+    def _group_contexts(self, scheduled, ctx: attn_hook.AttentionContext,
+                        cu: list[int]) -> list[attn_hook.AttentionContext]:
+        """Per layer, the context it attends through (hybrid KV cache): ``ctx`` for the
+        full-attention layers; for the windowed layers of round ``r``, one whose tables,
+        slots and lengths come from the sequences' ``window_table`` (its ``r``-th page of
+        every logical block)."""
+        groups, bs = self.kv_groups, self.block_size
+        k = groups.window_pages
+        rows = len(scheduled)
+        width = -(-max(1, max(len(s.seq.window_table) // k for s in scheduled)) // 16) * 16
+        tables = np.zeros((k, rows, width), dtype=np.int32)
+        slots = np.empty((k, cu[-1]), dtype=np.int64)
+        lens = []
+        for i, s in enumerate(scheduled):
+            seq, n = s.seq, s.num_new_tokens
+            table = seq.window_table
+            nb = len(table) // k
+            if nb:
+                tables[:, i, :nb] = np.asarray(table, dtype=np.int32).reshape(nb, k).T
+            kv0 = seq.num_computed_tokens - seq.window_dropped_tokens
+            idx = np.arange(kv0, kv0 + n, dtype=np.int64)
+            slots[:, cu[i]:cu[i + 1]] = tables[:, i, idx // bs].astype(np.int64) * bs + idx % bs
+            lens.append(kv0 + n)
+        dev = self.device
+        slots_d = torch.from_numpy(slots).to(dev, non_blocking=True)
+        tables_d = torch.from_numpy(tables).to(dev, non_blocking=True)
+        lens_d = torch.tensor(lens, dtype=torch.int32).to(dev, non_blocking=True)
+        max_kv = max(lens)
+        splits = self._decode_splits(rows, max_kv) if ctx.max_q_len == 1 else 1
+        window = [dataclasses.replace(ctx, slot_mapping=slots_d[r], block_tables=tables_d[r], seq_lens=lens_d,
+                                      max_kv_len=max_kv, seq_lens_cpu=lens, num_splits=splits) for r in range(k)]
+        return [ctx if g < 0 else window[g] for g in groups.group_of_layer]
 
     def _warm_up_kernels(self) -> None:
         """Compile the attention kernel variants a server meets (fresh prefill, chunked
@@ -381,12 +454,12 @@ class ModelRunner:
         t0 = time.perf_counter()
         bs = self.block_size
         with torch.inference_mode():
-            self._run_eager([_FakeScheduled(n, list(range(-(-n // bs)))) for n in (bs + 3, 5)])  # fresh
+            self._run_eager([self._fake(n, list(range(-(-n // bs)))) for n in (bs + 3, 5)])  # fresh
             for q_len in (2, 3, 5, 9, 17, 33):  # chunk beside a decode row: every BLOCK_Q class
-                chunk = _FakeScheduled(q_len, list(range(4)), computed=bs)
-                decode = _FakeScheduled(1, [4, 5], computed=bs)
+                chunk = self._fake(q_len, list(range(4)), computed=bs)
+                decode = self._fake(1, [4, 5], computed=bs)
                 self._run_eager([chunk, decode])
-            self._run_eager([_FakeScheduled(1, [6, 7], computed=bs), _FakeScheduled(1, [8], computed=3)])
+            self._run_eager([self._fake(1, [6, 7], computed=bs), self._fake(1, [8], computed=3)])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         log.info("attention kernels warmed up in %.1f s", time.perf_counter() - t0)
@@ -402,29 +475,17 @@ class ModelRunner:
     def _capture_graphs(self) -> None:
         t0 = time.perf_counter()
         sizes = self._graph_batch_sizes()
-        top = sizes[-1]
-        self._max_blocks = -(-self.max_model_len // self.block_size)
         dev = self.device
-        self._meta64 = torch.zeros(3 * top, dtype=torch.long, device=dev)
-        self._meta32 = torch.zeros(top + 1 + top * self._max_blocks, dtype=torch.int32, device=dev)
-        self._stage64 = torch.zeros(3 * top, dtype=torch.long).pin_memory()
-        self._stage32 = torch.zeros(top + 1 + top * self._max_blocks, dtype=torch.int32).pin_memory()
-        self._staging = DecodeStaging(self._stage64.numpy(), self._stage32.numpy(), self.block_size,
-                                      self._max_blocks, self.scratch_slot)
-        self._cu_decode = torch.arange(top + 1, dtype=torch.int32, device=dev)
+        self._alloc_decode_inputs(sizes)
         pool = None
         for b in reversed(sizes):
-            ids, pos, slots, seq_lens, tables = self._graph_views(b)
-            slots.fill_(self.scratch_slot)
-            seq_lens.zero_()
-            tables.zero_()
-            ctx = attn_hook.AttentionContext(
-                kv_caches=self.kv_caches, slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
-                cu_seqlens_q=self._cu_decode[:b + 1], max_q_len=1, max_kv_len=self.max_model_len,
-                backend=self.backend,
-                num_splits=self._decode_splits(b, self.max_model_len),
-                layers=self.layer_attention, kernels=self.kernel_switches,
-            )
+            ids, pos, ctx = self._decode_inputs(b)
+            ctx.slot_mapping.fill_(self.scratch_slot)
+            ctx.seq_lens.zero_()
+            ctx.block_tables.zero_()
+            if self.kv_groups is not None:
+                self._wmeta64.fill_(self.scratch_slot)
+                self._wmeta32.zero_()
             with torch.inference_mode(), attn_hook.attention_context(ctx):
                 self._forward(ids, pos, 0)  # warm-up: compiles kernels outside the capture
                 torch.cuda.synchronize(dev)
@@ -441,11 +502,96 @@ class ModelRunner:
         m64, m32, mb = self._meta64, self._meta32, self._max_blocks
         return (m64[:b], m64[b:2 * b], m64[2 * b:3 * b], m32[:b], m32[b:b + b * mb].view(b, mb))
 
+    def _alloc_decode_inputs(self, sizes: list[int]) -> None:
+        """Device buffers the decode graphs read and their host staging (pinned on CUDA);
+        with the hybrid KV cache also the windowed group's slots, lengths and tables, whose
+        width covers a decoding sequence's window (``_window_blocks`` logical blocks)."""
+        top, bs, dev = sizes[-1], self.block_size, self.device
+
+        def host(n: int, dtype: torch.dtype) -> torch.Tensor:
+            t = torch.zeros(n, dtype=dtype)
+            return t.pin_memory() if dev.type == "cuda" else t
+
+        self._max_blocks = mb = -(-self.max_model_len // bs)
+        self._meta64 = torch.zeros(3 * top, dtype=torch.long, device=dev)
+        self._meta32 = torch.zeros(top + 1 + top * mb, dtype=torch.int32, device=dev)
+        self._stage64 = host(3 * top, torch.long)
+        self._stage32 = host(top + 1 + top * mb, torch.int32)
+        self._cu_decode = torch.arange(top + 1, dtype=torch.int32, device=dev)
+        self._graph_sizes = sizes
+        if self.kv_groups is None:
+            self._staging = DecodeStaging(self._stage64.numpy(), self._stage32.numpy(), bs, mb, self.scratch_slot)
+            return
+        k = self.kv_groups.window_pages
+        # After a step the windowed table starts at the block of position p - reach and
+        # ends at the block of the next token: at most ceil((reach + 1) / bs) + 1 blocks.
+        # (Padded to a multiple of 16, like the eager tables: one stride specialisation.)
+        self._window_blocks = wb = -(-min(mb, -(-(self.kv_groups.window_reach + 1) // bs) + 2) // 16) * 16
+        self._wmeta64 = torch.zeros(k * top, dtype=torch.long, device=dev)
+        self._wmeta32 = torch.zeros(top + k * top * wb, dtype=torch.int32, device=dev)
+        self._wstage64 = host(k * top, torch.long)
+        self._wstage32 = host(top + k * top * wb, torch.int32)
+        self._staging = HybridDecodeStaging(self._stage64.numpy(), self._stage32.numpy(), bs, mb, self.scratch_slot,
+                                            self._wstage64.numpy(), self._wstage32.numpy(), k, wb)
+
+    def _decode_inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor, attn_hook.AttentionContext]:
+        """The ``b``-row decode step's ids, positions and attention context: views of the
+        fixed buffers, so a graph captured over them replays whatever is staged."""
+        ids, pos, slots, seq_lens, tables = self._graph_views(b)
+        ctx = attn_hook.AttentionContext(
+            kv_caches=self.kv_caches, slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
+            cu_seqlens_q=self._cu_decode[:b + 1], max_q_len=1, max_kv_len=self.max_model_len,
+            backend=self.backend,
+            num_splits=self._decode_splits(b, self.max_model_len),
+            layers=self.layer_attention, kernels=self.kernel_switches,
+        )
+        if self.kv_groups is not None:
+            k, wb = self.kv_groups.window_pages, self._window_blocks
+            w_slots = self._wmeta64[:k * b].view(k, b)
+            w_lens = self._wmeta32[:b]
+            w_tables = self._wmeta32[b:b + k * b * wb].view(k, b, wb)
+            span = min(self.max_model_len, wb * self.block_size)
+            window = [dataclasses.replace(ctx, slot_mapping=w_slots[r], block_tables=w_tables[r], seq_lens=w_lens,
+                                          max_kv_len=span, num_splits=self._decode_splits(b, span))
+                      for r in range(k)]
+            ctx.groups = [ctx if g < 0 else window[g] for g in self.kv_groups.group_of_layer]
+        return ids, pos, ctx
+
+    def _stage_decode(self, scheduled: list[ScheduledSeq], b: int) -> None:
+        """Write ``scheduled`` into the decode buffers (host staging, then queued copies)."""
+        mb = self._max_blocks
+        self._staging.fill(scheduled, b)
+        self._meta64[:3 * b].copy_(self._stage64[:3 * b], non_blocking=True)
+        self._meta32[:b + b * mb].copy_(self._stage32[:b + b * mb], non_blocking=True)
+        if self.kv_groups is not None:
+            k, wb = self.kv_groups.window_pages, self._window_blocks
+            self._wmeta64[:k * b].copy_(self._wstage64[:k * b], non_blocking=True)
+            self._wmeta32[:b + k * b * wb].copy_(self._wstage32[:b + k * b * wb], non_blocking=True)
+
+    def _window_fits(self, scheduled: list[ScheduledSeq]) -> bool:
+        """Whether every row's windowed table fits the decode graphs' width (a forked
+        choice holds its parent's last prefill chunk until its first step slides it)."""
+        limit = self._window_blocks * self.kv_groups.window_pages
+        return all(len(s.seq.window_table) <= limit for s in scheduled)
+
+    @torch.inference_mode()
+    def run_decode_static(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """A decode step over the graphs' fixed, padded inputs, run eagerly: what a decode
+        graph computes, on any device (tests compare it with the eager step on CPU)."""
+        if not self._graph_sizes:
+            self._alloc_decode_inputs(self._graph_batch_sizes())
+        n = len(scheduled)
+        b = next(s for s in self._graph_sizes if s >= n)
+        self._stage_decode(scheduled, b)
+        ids, pos, ctx = self._decode_inputs(b)
+        with attn_hook.attention_context(ctx):
+            logits = self._forward(ids, pos, 0)
+        return logits[[i for i, s in enumerate(scheduled) if s.samples]]
+
     def _run_graph(self, scheduled: list[ScheduledSeq], input_ids: torch.Tensor | None = None) -> torch.Tensor:
         n = len(scheduled)
         b = next(s for s in self._graph_sizes if s >= n)
         graph = self.graphs[b]
-        mb = self._max_blocks
         # The pinned staging buffers are copied to the device asynchronously. Usually the
         # engine has read the previous step's sampled tokens back (a sync) before this
         # runs, but a step in which no row samples (only 1-token prefill chunks, common
@@ -454,9 +600,7 @@ class ModelRunner:
         # numbers) and writes into other sequences' pages.
         if self._staged_copied is not None:
             self._staged_copied.synchronize()
-        self._staging.fill(scheduled, b)
-        self._meta64[:3 * b].copy_(self._stage64[:3 * b], non_blocking=True)
-        self._meta32[:b + b * mb].copy_(self._stage32[:b + b * mb], non_blocking=True)
+        self._stage_decode(scheduled, b)
         if input_ids is not None:
             self._meta64[:n].copy_(input_ids)
         if self._staged_copied is None:
@@ -566,8 +710,8 @@ class ModelRunner:
         for pages in self.kv_caches:
             for p in pages:
                 p[:4] = 0
-        rows = [_FakeScheduled(1 + k, [0, 1], computed=bs - 1, draft=list(range(3, 3 + k))),
-                _FakeScheduled(1, [2, 3], computed=bs + 2)]
+        rows = [self._fake(1 + k, [0, 1], computed=bs - 1, draft=list(range(3, 3 + k))),
+                self._fake(1, [2, 3], computed=bs + 2)]
         eager = self._run_eager(rows).float()
         graphed = self._run_verify_graph(rows).float()
         scale = eager.abs().amax().clamp_min(1.0)
@@ -702,6 +846,47 @@ class DecodeStaging:
         s32[n:b] = 0
 
 
+class HybridDecodeStaging(DecodeStaging):
+    """:class:`DecodeStaging` plus the windowed group's inputs (hybrid KV cache), in
+    buffers of their own: ``[slots (k x b)]`` (int64) and ``[lens | tables (k x b x
+    window_blocks)]`` (int32); round ``r``'s slot and table entries are the ``r``-th page
+    of each logical block in the sequence's ``window_table``."""
+
+    def __init__(self, s64: np.ndarray, s32: np.ndarray, block_size: int, max_blocks: int, scratch_slot: int,
+                 w64: np.ndarray, w32: np.ndarray, window_pages: int, window_blocks: int) -> None:
+        super().__init__(s64, s32, block_size, max_blocks, scratch_slot)
+        self.w64, self.w32, self.k, self.window_blocks = w64, w32, window_pages, window_blocks
+        self._wb: int | None = None
+        self._wrows: list[tuple[list[int] | None, int]] = []
+
+    def fill(self, scheduled: list, b: int) -> None:
+        super().fill(scheduled, b)
+        bs, k, wb = self.block_size, self.k, self.window_blocks
+        slots = self.w64[:k * b].reshape(k, b)
+        lens = self.w32[:b]
+        tables = self.w32[b:b + k * b * wb].reshape(k, b, wb)
+        if self._wb != b:  # as DecodeStaging: rows are rewritten from where their table grew
+            self._wb, self._wrows = b, [(None, 0)] * b
+        rows = self._wrows
+        for i, s in enumerate(scheduled):
+            seq = s.seq
+            kv0 = seq.num_computed_tokens - seq.window_dropped_tokens
+            table = seq.window_table
+            first = kv0 // bs * k
+            for r in range(k):
+                slots[r, i] = table[first + r] * bs + kv0 % bs
+            lens[i] = kv0 + 1
+            staged, m = rows[i]
+            size = len(table)
+            if staged is not table or m != size:
+                start = m if staged is table and m < size else 0
+                tables[:, i, start // k:size // k] = np.asarray(table[start:], dtype=np.int32).reshape(-1, k).T
+                rows[i] = (table, size)
+        n = len(scheduled)
+        slots[:, n:b] = self.scratch_slot
+        lens[n:b] = 0
+
+
 @dataclass
 class _FakeSeq:
     """The few fields :meth:`ModelRunner._prepare` reads, for the memory-profiling step."""
@@ -710,6 +895,9 @@ class _FakeSeq:
     block_table: list[int]
     num_computed_tokens: int = 0
     num_kv_slots: int = 0
+    window_table: list[int] = dataclasses.field(default_factory=list)
+    num_dropped_tokens: int = 0
+    window_dropped_tokens: int = 0
     scores_prompt = False
 
     def prompt_logprob_rows(self, start: int, n: int) -> int:
@@ -720,8 +908,11 @@ class _FakeScheduled:
     """A scheduled sequence of ``n`` new tokens after ``computed`` cached ones (dummy ids),
     for profiling and warm-up steps that run before any request exists."""
 
-    def __init__(self, n: int, table: list[int], computed: int = 0, draft: list[int] | None = None) -> None:
-        self.seq = _FakeSeq([0] * (computed + n), table, computed, computed)
+    def __init__(self, n: int, table: list[int], computed: int = 0, draft: list[int] | None = None,
+                 window_pages: int = 1) -> None:
+        # A hybrid layout's windowed group reads the same (dummy) pages, once per round.
+        window = [b for b in table for _ in range(window_pages)]
+        self.seq = _FakeSeq([0] * (computed + n), table, computed, computed, window)
         self.num_new_tokens = n
         self.samples = True
         self.draft = draft

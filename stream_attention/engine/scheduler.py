@@ -34,6 +34,7 @@ from .sequence import Sequence, SequenceStatus
 from .types import FinishReason, QueueFullError
 
 if TYPE_CHECKING:
+    from .attention_spec import KVGroups
     from .config import EngineConfig
     from .kv_compression import BlockScoreCollector, KVCompressionManager
 
@@ -124,10 +125,14 @@ class Scheduler:
     @classmethod
     def from_config(
         cls, config: EngineConfig, num_blocks: int, kv_policy: KVCompressionManager | None = None,
-        kv_reach: int | None = None,
+        kv_reach: int | None = None, kv_groups: KVGroups | None = None,
     ) -> Scheduler:
-        """A scheduler with a block manager of ``num_blocks`` blocks, sized and limited by ``config``."""
-        bm = BlockManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
+        """A scheduler with a block manager of ``num_blocks`` blocks, sized and limited by
+        ``config``; with ``kv_groups`` (the hybrid allocator) its block manager keeps a
+        windowed group beside the full one."""
+        bm = BlockManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching,
+                          window_reach=None if kv_groups is None else kv_groups.window_reach,
+                          window_pages=1 if kv_groups is None else kv_groups.window_pages)
         return cls(
             bm,
             max_num_seqs=config.max_num_seqs,
@@ -286,7 +291,9 @@ class Scheduler:
             reserve = self.admission_reserve_blocks if self.running else 0
             if not self.bm.can_admit(seq, cached, n, reserve):
                 break
-            if whole_prompts and not self.bm.can_admit(seq, cached, remaining, reserve):
+            # A windowed group (hybrid KV cache) holds at most the window and a chunk of the prompt.
+            window = None if self.bm.window_reach is None else min(remaining, n + self.bm.window_reach + block_size)
+            if whole_prompts and not self.bm.can_admit(seq, cached, remaining, reserve, window_tokens=window):
                 break
             self.waiting.popleft()
             self.bm.take_cached(seq, cached)
@@ -384,6 +391,11 @@ class Scheduler:
                     commit(seq)
         if self.kv_reach is not None:
             self._drop_blocks_behind_the_window(scheduled)
+        elif self.bm.window_reach is not None:  # hybrid: only the windowed group's table slides
+            slide = self.bm.slide_window
+            for s in scheduled:
+                if s.seq.status is not finished:
+                    slide(s.seq)
         policy = self.kv_policy
         if policy is None:
             return

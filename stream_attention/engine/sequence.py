@@ -53,10 +53,17 @@ class Sequence:
     running (KV eviction): the K/V of logical token ``p`` then lives at cache slot
     ``p - num_dropped_tokens`` of the compacted block table.
 
-    ``block_table`` only ever grows in place (appends); every other change (free,
-    preemption, eviction) assigns a new list. So ``(table object, length)`` identifies
-    its content, and a consumer that copied it before needs only copy the new tail.
-    ``token_ids`` (and ``logprobs``) only ever grow too.
+    Models whose layers mix full and sliding-window attention (Gemma 2/3, with the hybrid
+    KV allocator: :class:`~.attention_spec.KVGroups`) keep the windowed layers' pages in a
+    second table, ``window_table``: ``window_pages`` page ids per logical block, for the
+    logical blocks from ``window_dropped_tokens // block_size`` on (the ones before left
+    every window and went back to the pool). Its last logical block is always
+    ``block_table``'s last one.
+
+    ``block_table`` (and ``window_table``) only ever grows in place (appends); every other
+    change (free, preemption, eviction, the window moving on) assigns a new list. So
+    ``(table object, length)`` identifies its content, and a consumer that copied it
+    before needs only copy the new tail. ``token_ids`` (and ``logprobs``) only ever grow too.
     """
 
     request_id: str
@@ -74,6 +81,8 @@ class Sequence:
     num_computed_tokens: int = field(default=0, init=False)
     num_dropped_tokens: int = field(default=0, init=False)
     block_table: list[int] = field(default_factory=list, init=False)
+    window_table: list[int] = field(default_factory=list, init=False)
+    window_dropped_tokens: int = field(default=0, init=False)
     # Chained hashes of this sequence's full blocks, in order (prefix caching).
     block_hashes: list[int] = field(default_factory=list, init=False)
     prefix_cacheable: bool = field(default=True, init=False)
@@ -190,6 +199,8 @@ class Sequence:
         self.num_draft_computed_tokens = 0
         self.num_dropped_tokens = 0
         self.block_table = []
+        self.window_table = []
+        self.window_dropped_tokens = 0
         self.block_hashes = []
         self.prefix_cacheable = True
         self.status = SequenceStatus.WAITING

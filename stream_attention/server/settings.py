@@ -286,6 +286,7 @@ PEER_SWITCHES: dict[str, tuple[dict[str, Any], str]] = {
     "--enforce-eager": ({"use_cuda_graphs": False}, "vLLM: same as --no-use-cuda-graphs"),
     "--disable-cuda-graph": ({"use_cuda_graphs": False}, "SGLang: same as --no-use-cuda-graphs"),
     "--disable-radix-cache": ({"enable_prefix_caching": False}, "SGLang: same as --no-enable-prefix-caching"),
+    "--disable-hybrid-kv-cache-manager": ({"hybrid_kv_cache": False}, "vLLM: same as --no-hybrid-kv-cache"),
     "--enable-priority-scheduling": ({"scheduling_policy": "priority"},
                                      "SGLang: same as --scheduling-policy priority"),
     "--enable-auto-tool-choice": ({}, "vLLM: accepted; tool_choice auto is always on here (see --tool-call-parser)"),
