@@ -343,3 +343,20 @@ def test_bench_hybrid_kv_measures_the_gemma2_shape(tmp_path):
     assert hybrid["kv_gib_per_sequence"] == pytest.approx(13 * 4096 * (32768 + 257 * 16) / 2**30)
     assert (single["peak_sequences_at_context"], hybrid["peak_sequences_at_context"]) == (6, 10)
     assert single["preemptions"] == hybrid["preemptions"] == 0
+
+
+def test_async_scheduling_over_both_groups(gemma3):
+    """Decode steps launched ahead of their tokens (pipelined, async scheduling) in a pool
+    small enough that a step launched ahead must count the pages of both groups: the
+    same tokens as transformers, the window held, the books balanced."""
+    model, ref = gemma3
+    prompts = _prompts((21, 18, 14), seed=3)
+    with pytest.MonkeyPatch.context() as mp:
+        watch = _Watch(mp)
+        eng = _engine(model, num_kv_blocks=26, pipeline_steps=True)
+        outs = eng.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS + 8, ignore_eos=True))
+    assert eng.num_steps_launched_ahead > 5
+    for out, prompt in zip(outs, prompts, strict=True):
+        assert out.token_ids == _hf_greedy(ref, prompt, MAX_TOKENS + 8)
+    assert watch.peak_window <= WINDOW_BLOCKS
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
