@@ -230,9 +230,11 @@ def _default_settings(max_num_seqs: int, device: str) -> Any:
 
 
 def build_llm(model: str, device: str, kv_bytes: int = 8 << 30, max_num_seqs: int = 64,
-              fake: dict[str, Any] | None = None, torch_threads: int | None = None) -> Any:
+              fake: dict[str, Any] | None = None, torch_threads: int | None = None,
+              overrides: dict[str, Any] | None = None) -> Any:
     """The engine of ``--model`` (an ``LLMEngine``, or the ``FakeLLM``). Module-level and
-    picklable by reference, so that ``--engine-process`` builds the same in its child."""
+    picklable by reference, so that ``--engine-process`` builds the same in its child.
+    ``overrides``: further ``EngineConfig`` fields (``--engine-opt``)."""
     if torch_threads:
         torch.set_num_threads(torch_threads)
     if model == "fake":
@@ -277,6 +279,7 @@ def build_llm(model: str, device: str, kv_bytes: int = 8 << 30, max_num_seqs: in
         max_num_batched_tokens=16384,
         max_model_len=1024,
         enable_prefix_caching=False,
+        **(overrides or {}),
     )
 
 
@@ -564,6 +567,8 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=None, help=f"default {PROMPT_LEN} (CPU: 64)")
     parser.add_argument("--gen-tokens", type=int, default=None, help="default 128 (--quick: 64, --smoke: 8)")
     parser.add_argument("--endpoint", choices=("generate", "completions", "chat"), default="generate")
+    parser.add_argument("--engine-opt", action="append", default=[], metavar="FIELD=VALUE",
+                        help="an EngineConfig field for the llama1b/tiny engine, e.g. async_scheduling=false")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (CPU default: 1)")
     parser.add_argument("--no-offline", action="store_true", help="skip the offline LLMEngine.generate figure")
     parser.add_argument("--profile-loop", metavar="PATH", help="cProfile uvicorn's thread over the HTTP runs")
@@ -615,6 +620,7 @@ def main() -> int:
         "uvicorn": uvicorn_implementations(),
         "http_engine": "child process" if args.engine_process else "in process (engine thread)",
         "levels": levels,
+        "engine_opts": args.engine_opt,
         "server_cpus": args.server_cpus,
         "client_cpus": args.client_cpus,
     }
@@ -624,7 +630,11 @@ def main() -> int:
 
     fake = {"step_s": args.fake_step_ms * 1e-3, "python_us_per_seq": args.fake_python_us, "op_us": args.fake_op_us,
             "pipeline": not args.fake_serial}  # fmt: skip
-    build = partial(build_llm, model, device, int(args.kv_gib * 2**30), 64, fake, torch.get_num_threads())
+    overrides = {}
+    for opt in args.engine_opt:
+        key, _, value = opt.partition("=")
+        overrides[key] = {"true": True, "false": False}.get(value.lower(), value)
+    build = partial(build_llm, model, device, int(args.kv_gib * 2**30), 64, fake, torch.get_num_threads(), overrides)
     t0 = time.perf_counter()
     engine = AsyncEngine(engine=build())
     if model == "default":
