@@ -48,3 +48,38 @@ def test_a_request_without_the_knob_gets_the_models_value_and_an_explicit_one_wi
     assert max(Counter(lines).values()) < 3, plain
     loops = [ln.strip() for ln in neutral.splitlines() if ln.strip()]
     assert max(Counter(loops).values()) >= 3, neutral  # what the penalty is there for
+
+
+def test_auto_follows_the_served_engine_not_the_embedded_model(tmp_path: Path) -> None:
+    """A server handed an engine built from a model object (no ``--model``) must not apply
+    the embedded default model's repetition penalty to it; a checkpoint directory it was
+    loaded from is read, and the embedded model keeps its own file."""
+    from stream_attention.server.generation_defaults import served_model_source
+
+    assert served_model_source(None, "LlamaForCausalLM") == (None, False)
+    assert served_model_source(None, "stream-attention-default") == (None, True)
+    assert served_model_source(None, None) == (None, True)
+    assert served_model_source("org/model", "LlamaForCausalLM") == ("org/model", True)
+    (tmp_path / "generation_config.json").write_text('{"top_k": 7}')
+    assert served_model_source(None, str(tmp_path)) == (str(tmp_path), True)
+    assert load_sampling_defaults("auto", str(tmp_path)) == {"top_k": 7}
+
+
+def test_server_state_reads_the_defaults_of_the_engine_it_serves() -> None:
+    from types import SimpleNamespace
+
+    from stream_attention.models.default import load_tokenizer
+    from stream_attention.server.settings import ServerSettings
+    from stream_attention.server.state import ServerState
+
+    def engine(name: str) -> SimpleNamespace:
+        return SimpleNamespace(tokenizer=load_tokenizer(), max_model_len=64, model_name=name, device="cpu")
+
+    state = ServerState(ServerSettings())
+    state.attach(engine("LlamaForCausalLM"))  # a model object handed to the engine
+    assert state.sampling_defaults == {}
+    state.attach(engine("stream-attention-default"))
+    assert state.sampling_defaults == {"repetition_penalty": 1.2}
+    state = ServerState(ServerSettings(generation_config="none"))
+    state.attach(engine("stream-attention-default"))
+    assert state.sampling_defaults == {}

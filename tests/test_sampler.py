@@ -351,3 +351,22 @@ def test_penalties_count_the_last_token_while_it_is_on_the_device(last_in_histor
     got = apply_penalties(logits.clone(), held, torch.tensor(last))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert not torch.equal(want, logits)
+
+
+def test_penalties_follow_a_sequence_that_grows_between_steps():
+    """The sampler keeps each sequence's penalty view between steps: after tokens are
+    appended (a new one, a repeated one, one behind a placeholder that is then filled) the
+    penalised logits equal those of a fresh sequence holding the same tokens."""
+    from stream_attention.engine.sequence import PLACEHOLDER_TOKEN
+
+    params = SamplingParams(repetition_penalty=1.5, presence_penalty=0.4, frequency_penalty=0.7)
+    logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(4)) * 3
+    seq = _seq(params, prompt=(1, 2), out=(3,))
+    for new in ([4], [3], [PLACEHOLDER_TOKEN], [], [5, 4]):
+        if seq.token_ids[-1] == PLACEHOLDER_TOKEN:
+            seq.token_ids[-1] = 9
+        seq.token_ids.extend(new)
+        got = apply_penalties(logits.clone(), [seq])
+        known = [t for t in seq.token_ids[2:] if t != PLACEHOLDER_TOKEN]
+        want = apply_penalties(logits.clone(), [_seq(params, prompt=(1, 2), out=tuple(known))])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -9,9 +9,9 @@ noise vector per row and no cumulative sums.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .sequence import PLACEHOLDER_TOKEN, Sequence
@@ -93,70 +93,110 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], last_tokens: tor
     if bias_rows:
         r, t = _to_device([bias_rows, bias_toks], torch.long, device)
         logits[r, t] += _to_device(bias_vals, logits.dtype, device)
-    rep_rows: list[int] = []
-    rep_toks: list[int] = []
-    rep_vals: list[float] = []
-    pf_rows: list[int] = []
-    pf_toks: list[int] = []
-    pf_counts: list[float] = []
-    pf_freq: list[float] = []
-    pf_pres: list[float] = []
-    for i in rows:
-        seq = seqs[i]
-        p = seq.params
-        if p.repetition_penalty != 1.0:
-            seen = [t for t in set(seq.token_ids) if 0 <= t < vocab]
-            rep_rows += [i] * len(seen)
-            rep_toks += seen
-            rep_vals += [p.repetition_penalty] * len(seen)
-        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
-            counts = Counter(t for t in seq.output_token_ids if 0 <= t < vocab)
-            pf_rows += [i] * len(counts)
-            pf_toks += counts.keys()
-            pf_counts += counts.values()
-            pf_freq += [p.frequency_penalty] * len(counts)
-            pf_pres += [p.presence_penalty] * len(counts)
-    if rep_rows:
-        r, t = _to_device([rep_rows, rep_toks], torch.long, device)
-        pen = _to_device(rep_vals, logits.dtype, device)
+    rep = [i for i in rows if seqs[i].params.repetition_penalty != 1.0]
+    pf = [i for i in rows if seqs[i].params.presence_penalty != 0.0 or seqs[i].params.frequency_penalty != 0.0]
+    held_tokens = {i: j for j, i in enumerate(held)}
+    if rep:
+        tables = [_PenaltyTokens.of(seqs[i]).distinct(seqs[i], vocab) for i in rep]
+        r, t = _pairs(rep, tables, device)
+        pen = _to_device([seqs[i].params.repetition_penalty for i in rep], logits.dtype, device)
+        pen_rows = torch.repeat_interleave(pen, _to_device([len(x) for x in tables], torch.long, device))
         vals = logits[r, t]
-        logits[r, t] = torch.where(vals > 0, vals / pen, vals * pen)
-    if held:
-        _penalise_held(logits, seqs, held, last_tokens, rep_rows, rep_toks, "rep")
-    if pf_rows:
-        r, t = _to_device([pf_rows, pf_toks], torch.long, device)
-        cnt, freq, pres = _to_device([pf_counts, pf_freq, pf_pres], logits.dtype, device)
-        logits[r, t] -= freq * cnt + pres
-    if held:
-        _penalise_held(logits, seqs, held, last_tokens, pf_rows, pf_toks, "pf")
+        logits[r, t] = torch.where(vals > 0, vals / pen_rows, vals * pen_rows)
+        extra = [i for i in rep if i in held_tokens]
+        if extra:
+            _penalise_held(logits, seqs, extra, last_tokens, r, t, "rep")
+    if pf:
+        counted = [_PenaltyTokens.of(seqs[i]).output_counts(seqs[i], vocab) for i in pf]
+        r, t = _pairs(pf, [toks for toks, _ in counted], device)
+        sizes = _to_device([len(toks) for toks, _ in counted], torch.long, device)
+        cnt = torch.from_numpy(np.concatenate([c for _, c in counted])).to(device, logits.dtype, non_blocking=True)
+        freq, pres = _to_device([[seqs[i].params.frequency_penalty for i in pf],
+                                 [seqs[i].params.presence_penalty for i in pf]], logits.dtype, device)
+        logits[r, t] -= torch.repeat_interleave(freq, sizes) * cnt + torch.repeat_interleave(pres, sizes)
+        extra = [i for i in pf if i in held_tokens]
+        if extra:
+            _penalise_held(logits, seqs, extra, last_tokens, r, t, "pf")
     if ban_rows:
         r, t = _to_device([ban_rows, ban_toks], torch.long, device)
         logits[r, t] = float("-inf")
     return logits
 
 
+class _PenaltyTokens:
+    """A sequence's token history as the penalties read it, kept up to date incrementally
+    (numpy arrays, so a step costs the new tokens plus one concatenation, not a set and a
+    tensor built from every token of every row). Tokens behind a ``PLACEHOLDER_TOKEN``
+    are not counted until they are known."""
+
+    __slots__ = ("upto", "seen", "distinct_arr", "out_upto", "counts", "count_arrs")
+
+    def __init__(self) -> None:
+        self.upto = 0
+        self.seen: set[int] = set()
+        self.distinct_arr = np.empty(0, dtype=np.int64)
+        self.out_upto = 0
+        self.counts: dict[int, int] = {}
+        self.count_arrs: tuple[np.ndarray, np.ndarray] | None = None
+
+    @staticmethod
+    def of(seq: Sequence) -> _PenaltyTokens:
+        state = seq.penalty_tokens
+        if state is None:
+            state = seq.penalty_tokens = _PenaltyTokens()
+        return state
+
+    @staticmethod
+    def _known(seq: Sequence) -> int:
+        n = len(seq.token_ids)
+        return n - 1 if n and seq.token_ids[-1] == PLACEHOLDER_TOKEN else n
+
+    def distinct(self, seq: Sequence, vocab: int) -> np.ndarray:
+        """The distinct ids in ``[0, vocab)`` among the prompt and output tokens."""
+        end = self._known(seq)
+        if end > self.upto:
+            new = [t for t in seq.token_ids[self.upto:end] if 0 <= t < vocab and t not in self.seen]
+            if new:
+                fresh = list(dict.fromkeys(new))
+                self.seen.update(fresh)
+                self.distinct_arr = np.concatenate([self.distinct_arr, np.asarray(fresh, dtype=np.int64)])
+            self.upto = end
+        return self.distinct_arr
+
+    def output_counts(self, seq: Sequence, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ids in ``[0, vocab)`` among the output tokens and how often each occurs."""
+        start = max(self.out_upto, len(seq.prompt_token_ids))
+        end = self._known(seq)
+        if end > start or self.count_arrs is None:
+            for t in seq.token_ids[start:end]:
+                if 0 <= t < vocab:
+                    self.counts[t] = self.counts.get(t, 0) + 1
+            self.out_upto = max(end, start)
+            self.count_arrs = (np.fromiter(self.counts.keys(), dtype=np.int64, count=len(self.counts)),
+                               np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts)))
+        return self.count_arrs
+
+
+def _pairs(rows: list[int], tokens: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row, token)`` index tensors on ``device`` for each row's token array."""
+    r = np.repeat(np.asarray(rows, dtype=np.int64), [len(x) for x in tokens])
+    t = np.concatenate(tokens) if tokens else np.empty(0, dtype=np.int64)
+    both = torch.from_numpy(np.stack([r, t]))
+    if device.type == "cuda":
+        both = both.pin_memory().to(device, non_blocking=True)
+    return both[0], both[1]
+
+
 def _penalise_held(logits: torch.Tensor, seqs: list[Sequence], held: list[int], last_tokens: torch.Tensor,
-                   host_rows: list[int], host_toks: list[int], kind: str) -> None:
+                   host_rows: torch.Tensor, host_toks: torch.Tensor, kind: str) -> None:
     """The repetition (``kind="rep"``) or presence/frequency (``"pf"``) penalty for the
     device-side last token of each row in ``held``: repetition and presence apply only if
-    the host's tokens of that row did not already hold it, frequency always once more."""
-    if kind == "rep":
-        held = [i for i in held if seqs[i].params.repetition_penalty != 1.0]
-    else:
-        held = [i for i in held if seqs[i].params.presence_penalty != 0.0 or seqs[i].params.frequency_penalty != 0.0]
-    if not held:
-        return
+    the host's ``(row, token)`` pairs (on the device) did not already hold it, frequency
+    always once more. The membership test runs on the device: the token is not on the host."""
     device = logits.device
-    vocab = logits.shape[-1]
-    local = {row: j for j, row in enumerate(held)}
-    seen = torch.zeros(len(held), vocab, dtype=torch.bool)  # built on the host: the pairs are host lists
-    pairs = [(local[r], t) for r, t in zip(host_rows, host_toks, strict=True) if r in local]
-    if pairs:
-        rr, tt = zip(*pairs, strict=True)
-        seen[list(rr), list(tt)] = True
     idx = _to_device(held, torch.long, device)
     tok = last_tokens.index_select(0, idx)
-    already = seen.to(device, non_blocking=True)[torch.arange(len(held), device=device), tok]
+    already = ((host_rows[None, :] == idx[:, None]) & (host_toks[None, :] == tok[:, None])).any(dim=1)
     vals = logits[idx, tok]
     if kind == "rep":
         pen = _to_device([seqs[i].params.repetition_penalty for i in held], logits.dtype, device)

@@ -121,6 +121,8 @@ class Sequence:
     # Prompt lookup's numpy copy of token_ids (spec_decode.TokenArray), kept in step with it.
     lookup_tokens: Any = field(default=None, init=False, repr=False)
     num_draft_computed_tokens: int = field(default=0, init=False, repr=False)
+    # The sampler's incremental view of the tokens its penalties count (sampler._PenaltyTokens).
+    penalty_tokens: Any = field(default=None, init=False, repr=False)
     # params.prompt_logprobs: the scores of the prompt tokens so far (None for the first).
     prompt_logprobs: list[TokenLogprob | None] | None = field(default=None, init=False, repr=False)
     scores_prompt: bool = field(default=False, init=False, repr=False)

@@ -46,3 +46,18 @@ def load_sampling_defaults(source: str, model: str | None) -> dict[str, float]:
     if defaults:
         log.info("sampling defaults from %s: %s", where, defaults)
     return defaults
+
+
+def served_model_source(settings_model: str | None, engine_model_name: str | None) -> tuple[str | None, bool]:
+    """Where ``"auto"`` looks for the served model's ``generation_config.json``:
+    ``(model, known)``. ``--model`` when given; else the engine's own model, which is the
+    embedded default model (``model`` None) or one the engine was handed as an object,
+    found again only when its name is a local checkpoint directory (``known`` False
+    otherwise: the embedded model's knobs must not leak onto another model)."""
+    from ..engine.llm_engine import DEFAULT_MODEL_NAME
+
+    if settings_model is not None or engine_model_name in (None, DEFAULT_MODEL_NAME):
+        return settings_model, True
+    if Path(engine_model_name).is_dir():
+        return engine_model_name, True
+    return None, False

@@ -23,7 +23,7 @@ from starlette.requests import Request as HTTPRequest
 from ..engine.types import EngineStats, PromptTooLongError, QueueFullError, Request, RequestOutput, SamplingParams
 from . import engine_bridge as bridge
 from .errors import APIError, request_error
-from .generation_defaults import load_sampling_defaults
+from .generation_defaults import load_sampling_defaults, served_model_source
 from .metrics import ServerMetrics
 from .settings import ServerSettings
 
@@ -70,7 +70,9 @@ class ServerState:
 
     def attach(self, engine: Any) -> None:
         """Adopt a loaded engine and cache what routes read on every request."""
-        self.sampling_defaults = load_sampling_defaults(self.settings.generation_config, self.settings.model)
+        source = self.settings.generation_config
+        model, known = served_model_source(self.settings.model, getattr(engine, "model_name", None))
+        self.sampling_defaults = load_sampling_defaults(source, model) if known or source != "auto" else {}
         self.tokenizer = bridge.tokenizer(engine)
         self.max_model_len = bridge.max_model_len(engine)
         self.model_name = bridge.model_name(engine, self.settings)
