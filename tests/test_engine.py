@@ -473,3 +473,47 @@ def test_async_scheduling_stays_off_for_speculation(tiny):
     """Drafts are proposed from the previous tokens on the host: no launch ahead."""
     spec = _engine(tiny, attention_backend="sdpa", pipeline_steps=True, speculative_method="ngram")
     assert spec.pipeline and not spec.async_scheduling
+
+
+def test_engine_process_with_async_scheduling_streams_the_synchronous_outputs(tmp_path):
+    """The default engine client on CUDA (a child process, pipelined steps launched ahead),
+    forced on the CPU: concurrent streams with penalties, seeds, stop strings and stop ids
+    end with the outputs of a synchronous in-process engine, and their deltas add up."""
+    import asyncio
+
+    from stream_attention.engine import EngineConfig
+    from stream_attention.engine.process_engine import EngineProcess
+
+    base = dict(device="cpu", max_num_seqs=4, num_kv_blocks=128, max_model_len=512, attention_backend="sdpa")
+    prompts = ["def fibonacci(n):", "import os\n\n", "class Stack:\n    def", "for i in range(", "# sum a list\n",
+               "def parse(line):"]
+    params = [SamplingParams(max_tokens=24, ignore_eos=True, repetition_penalty=1.2),
+              SamplingParams(max_tokens=20, temperature=0.9, seed=4, frequency_penalty=0.5, presence_penalty=0.3),
+              SamplingParams(max_tokens=30, stop=["\n\n"]),
+              SamplingParams(max_tokens=18, ignore_eos=True, logprobs=1),
+              SamplingParams(max_tokens=22, stop_token_ids=[13]),
+              SamplingParams(max_tokens=1, ignore_eos=True)]
+    sync = LLMEngine(config=EngineConfig(**base, pipeline_steps=False))
+    want = [sync.generate(p, sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    engine = EngineProcess(EngineConfig(**base, pipeline_steps=True, async_scheduling=True))
+
+    async def one(prompt, sp):
+        toks, text, last = [], "", None
+        async for out in engine.stream(prompt, sp):
+            toks += out.delta_token_ids
+            text += out.delta_text
+            last = out
+        return toks, text, last
+
+    async def main():
+        await engine.start()
+        try:
+            return await asyncio.gather(*(one(p, sp) for p, sp in zip(prompts, params, strict=True)))
+        finally:
+            await engine.shutdown()
+
+    got = asyncio.run(main())
+    for i, ((toks, text, last), ref) in enumerate(zip(got, want, strict=True)):
+        assert (toks, text) == (list(last.token_ids), last.text), i
+        assert (list(last.token_ids), last.text, last.finish_reason) == (
+            list(ref.token_ids), ref.text, ref.finish_reason), i
