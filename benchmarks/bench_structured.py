@@ -33,6 +33,7 @@ largest step are reported beside it (a few slow steps move the mean, and through
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -97,19 +98,33 @@ def run(engine: LLMEngine, batch: int, gen: int, constrained: bool) -> dict[str,
                             structured_outputs=spec)
     ids = [engine.add_request(PROMPT, params, stream=False, bounded=False) for _ in range(batch)]
     steady: list[float] = []
+    slow: list[dict[str, Any]] = []  # where the time of unusually slow steps went
+    collections = [0]
+
+    def count_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            collections[0] += 1
+
     finals = {}
+    gc.callbacks.append(count_gc)
     with _MaskTimer() as masks:
         while engine.has_unfinished_requests():
             full = engine.stats().running == batch and all(
                 s.num_computed_tokens >= s.num_prompt_tokens for s in engine.scheduler.running)
+            n_masks, n_gc = len(masks.times), collections[0]
             t0 = time.perf_counter()
             outs = engine.step()
             dt = time.perf_counter() - t0
             if full:
                 steady.append(dt)
+                if len(steady) > 8 and dt > 2 * statistics.median(steady):
+                    slow.append({"step": len(steady), "ms": round(dt * 1e3, 2),
+                                 "mask_ms": round(sum(masks.times[n_masks:]) * 1e3, 2),
+                                 "gc_collections": collections[0] - n_gc})
             for out in outs:
                 if out.finished:
                     finals[out.request_id] = out
+    gc.callbacks.remove(count_gc)
     texts = [finals[i].text for i in ids]
     result: dict[str, Any] = {
         "constrained": constrained,
@@ -120,6 +135,8 @@ def run(engine: LLMEngine, batch: int, gen: int, constrained: bool) -> dict[str,
         "step_ms_max": max(steady) * 1e3 if steady else None,
         "tokens_per_s": batch / statistics.median(steady) if steady else None,
         "mask_ms": statistics.median(masks.times) * 1e3 if masks.times else None,
+        "mask_ms_max": max(masks.times) * 1e3 if masks.times else None,
+        "slow_steps": slow[:20],
         "mean_output_tokens": statistics.fmean(len(finals[i].token_ids) for i in ids),
     }
     if constrained:
