@@ -290,13 +290,13 @@ def test_decode_graph_inputs_give_the_eager_step_logits(gemma3):
     eager_execute = runner.execute
     checked = []
 
-    def execute(scheduled):
+    def execute(scheduled, input_ids=None):
         # The staged step first: had it written a token's K/V anywhere but its slot, the
         # pages it reads would lack that token (the eager step writes the same slots next).
         static = None
         if all(s.num_new_tokens == 1 for s in scheduled) and runner._window_fits(scheduled):
             static = runner.run_decode_static(scheduled)
-        logits, collector = eager_execute(scheduled)
+        logits, collector = eager_execute(scheduled, input_ids)
         if static is not None:
             torch.testing.assert_close(static, logits, rtol=1e-4, atol=1e-4)
             checked.append(len(scheduled))
@@ -360,3 +360,17 @@ def test_async_scheduling_over_both_groups(gemma3):
         assert out.token_ids == _hf_greedy(ref, prompt, MAX_TOKENS + 8)
     assert watch.peak_window <= WINDOW_BLOCKS
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_decode_graph_self_check_rejects_wrong_staging(gemma3, monkeypatch):
+    """The start-up check that drops hybrid decode graphs whose logits differ from the eager
+    step's: it passes what a graph computes (``run_decode_static``) and raises when the
+    staged rows come back swapped."""
+    model, _ = gemma3
+    runner = _engine(model, max_num_seqs=3).runner
+    runner._alloc_decode_inputs([1, 2, 4])
+    monkeypatch.setattr(runner, "_run_graph", lambda rows, input_ids=None: runner.run_decode_static(rows))
+    runner._check_decode_graphs()
+    monkeypatch.setattr(runner, "_run_graph", lambda rows, input_ids=None: runner.run_decode_static(rows).flip(0))
+    with pytest.raises(RuntimeError, match="decode graph logits differ"):
+        runner._check_decode_graphs()

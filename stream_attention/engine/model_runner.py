@@ -171,6 +171,8 @@ class ModelRunner:
         if config.use_cuda_graphs and device.type == "cuda" and self.backend == "triton":
             try:
                 self._capture_graphs()
+                if self.kv_groups is not None and self.num_blocks >= 4 and not self.kv_mgr.quantized:
+                    self._check_decode_graphs()
             except Exception as exc:  # pragma: no cover - depends on the model's code
                 log.warning("CUDA graph capture failed (%s); decode runs eagerly", exc)
                 self.graphs.clear()
@@ -701,6 +703,26 @@ class ModelRunner:
         self._check_verify_graphs()
         log.info("captured %d verify-step CUDA graphs (batch %s, %d query tokens each) in %.1f s",
                  len(sizes), sizes, 1 + self.verify_k, time.perf_counter() - t0)
+
+    def _check_decode_graphs(self) -> None:
+        """Run one small decode step eagerly and through its graph on the same pages; raise
+        (the caller then decodes eagerly) if the logits disagree. Done for the hybrid KV
+        cache, whose graphs stage a second group of tables: a staging mistake there would
+        otherwise give wrong tokens silently."""
+        bs = self.block_size
+        with torch.inference_mode():
+            for pages in self.kv_caches:
+                for p in pages:
+                    p[:4] = 0
+            rows = [self._fake(1, [0, 1], computed=bs + 2), self._fake(1, [2, 3], computed=bs - 1)]
+            for token, row in zip((5, 9), rows, strict=True):  # distinct inputs: swapped rows must show
+                row.seq.token_ids[-1] = token
+            eager = self._run_eager(rows).float()
+            graphed = self._run_graph(rows).float()
+        scale = eager.abs().amax().clamp_min(1.0)
+        err = ((eager - graphed).abs().amax() / scale).item()
+        if not err < 2e-2:  # the same math in two kernel schedules; NaN fails too
+            raise RuntimeError(f"decode graph logits differ from the eager step's (relative error {err:.3g})")
 
     def _check_verify_graphs(self) -> None:
         """Run one small verify step eagerly and through its graph on the same pages; keep
