@@ -1,7 +1,7 @@
 """Host-side cost of an engine step, with the model forward excluded (runs on CPU).
 
     python benchmarks/bench_engine_host.py [--batch 64] [--prompt-len 512] [--gen 256]
-        [--scenario bench|stream|server|all] [--pipeline] [--real-forward] [--profile]
+        [--scenario bench|stream|server|penalised|all] [--pipeline] [--real-forward] [--profile]
         [--json out.json]
 
 On a GPU a decode step is the CUDA-graph replay plus whatever Python runs between two
@@ -163,6 +163,9 @@ def _params(scenario: str, gen: int):
         return SamplingParams(max_tokens=gen, ignore_eos=True), False
     if scenario == "stream":
         return SamplingParams(max_tokens=gen, ignore_eos=True, stop=["\n\nUser:", "<|im_end|>"]), True
+    if scenario == "penalised":  # what the embedded model's requests run with (its generation config)
+        return SamplingParams(max_tokens=gen, ignore_eos=True, repetition_penalty=1.2,
+                              stop=["\n\nUser:", "<|im_end|>"]), True
     # Stop strings the random model will not produce, so that every sequence keeps
     # streaming (the checks still run every step).
     return SamplingParams(max_tokens=gen, temperature=0.8, top_p=0.95, ignore_eos=True,
@@ -356,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--scenario", choices=["bench", "server", "stream", "all"], default="all")
+    ap.add_argument("--scenario", choices=["bench", "server", "stream", "penalised", "all"], default="all")
     ap.add_argument("--profile", action="store_true", help="cProfile the steady decode steps (top 25 by tottime)")
     ap.add_argument("--real-forward", action="store_true",
                     help="run the tiny model (timed and subtracted) instead of a stub that returns random logits")

@@ -97,7 +97,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], last_tokens: tor
     pf = [i for i in rows if seqs[i].params.presence_penalty != 0.0 or seqs[i].params.frequency_penalty != 0.0]
     held_tokens = {i: j for j, i in enumerate(held)}
     if rep:
-        tables = [_PenaltyTokens.of(seqs[i]).distinct(seqs[i], vocab) for i in rep]
+        tables = [_PenaltyTokens.of(seqs[i], vocab).distinct(seqs[i], vocab) for i in rep]
         r, t = _pairs(rep, tables, device)
         pen = _to_device([seqs[i].params.repetition_penalty for i in rep], logits.dtype, device)
         pen_rows = torch.repeat_interleave(pen, _to_device([len(x) for x in tables], torch.long, device))
@@ -107,7 +107,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], last_tokens: tor
         if extra:
             _penalise_held(logits, seqs, extra, last_tokens, r, t, "rep")
     if pf:
-        counted = [_PenaltyTokens.of(seqs[i]).output_counts(seqs[i], vocab) for i in pf]
+        counted = [_PenaltyTokens.of(seqs[i], vocab).output_counts(seqs[i], vocab) for i in pf]
         r, t = _pairs(pf, [toks for toks, _ in counted], device)
         sizes = _to_device([len(toks) for toks, _ in counted], torch.long, device)
         cnt = torch.from_numpy(np.concatenate([c for _, c in counted])).to(device, logits.dtype, non_blocking=True)
@@ -129,9 +129,10 @@ class _PenaltyTokens:
     tensor built from every token of every row). Tokens behind a ``PLACEHOLDER_TOKEN``
     are not counted until they are known."""
 
-    __slots__ = ("upto", "seen", "distinct_arr", "out_upto", "counts", "count_arrs")
+    __slots__ = ("vocab", "upto", "seen", "distinct_arr", "out_upto", "counts", "count_arrs")
 
-    def __init__(self) -> None:
+    def __init__(self, vocab: int = 0) -> None:
+        self.vocab = vocab  # ids at or past it are left out (a model's logits may be narrower than its tokenizer)
         self.upto = 0
         self.seen: set[int] = set()
         self.distinct_arr = np.empty(0, dtype=np.int64)
@@ -140,10 +141,10 @@ class _PenaltyTokens:
         self.count_arrs: tuple[np.ndarray, np.ndarray] | None = None
 
     @staticmethod
-    def of(seq: Sequence) -> _PenaltyTokens:
+    def of(seq: Sequence, vocab: int) -> _PenaltyTokens:
         state = seq.penalty_tokens
-        if state is None:
-            state = seq.penalty_tokens = _PenaltyTokens()
+        if state is None or state.vocab != vocab:
+            state = seq.penalty_tokens = _PenaltyTokens(vocab)
         return state
 
     @staticmethod
