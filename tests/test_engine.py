@@ -517,3 +517,22 @@ def test_engine_process_with_async_scheduling_streams_the_synchronous_outputs(tm
         assert (toks, text) == (list(last.token_ids), last.text), i
         assert (list(last.token_ids), last.text, last.finish_reason) == (
             list(ref.token_ids), ref.text, ref.finish_reason), i
+
+
+def test_device_input_ids_must_be_one_per_decode_row(tiny):
+    """``ModelRunner.execute(input_ids=...)`` takes one device-side token per decode row: a
+    wrong length or a prefill row is a ValueError naming the shape, not a wrong step."""
+    from stream_attention.engine.model_runner import _FakeScheduled
+
+    eng = _engine(tiny, attention_backend="sdpa")
+    rows = [_FakeScheduled(1, [0, 1], computed=9), _FakeScheduled(1, [2], computed=3)]
+    with pytest.raises(ValueError, match=r"input_ids of shape \(3,\) for a step of 2 rows"):
+        eng.runner.execute(rows, input_ids=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        eng.runner.execute([rows[0], _FakeScheduled(4, [3])], input_ids=torch.zeros(2, dtype=torch.long))
+    got, _ = eng.runner.execute(rows, input_ids=torch.tensor([5, 9]))
+    for token, row in zip((5, 9), rows, strict=True):  # the same ids from the host
+        row.seq.token_ids[-1] = token
+    want, _ = eng.runner.execute(rows)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(got[0], got[1])
