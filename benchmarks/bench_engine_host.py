@@ -321,7 +321,7 @@ def _graph_staging_ms(engine, scheduled) -> float | None:
 
     The sequences were advanced after this step; the loop only reads their state, so
     it is re-run as if they were about to decode the last token again."""
-    from stream_attention.engine.model_runner import ModelRunner
+    from stream_attention.engine.model_runner import DecodeStaging, ModelRunner
 
     runner = engine.runner
     n = len(scheduled)
@@ -335,8 +335,11 @@ def _graph_staging_ms(engine, scheduled) -> float | None:
         block_size=bs, _max_blocks=mb, scratch_slot=runner.num_blocks * bs,
         _meta64=torch.zeros(3 * top, dtype=torch.long), _meta32=torch.zeros(top + 1 + top * mb, dtype=torch.int32),
         _stage64=torch.zeros(3 * top, dtype=torch.long), _stage32=torch.zeros(top + 1 + top * mb, dtype=torch.int32),
-        _cu_decode=torch.arange(top + 1, dtype=torch.int32), device=torch.device("cpu"),
+        _cu_decode=torch.arange(top + 1, dtype=torch.int32), device=torch.device("cpu"), kv_groups=None,
+        _staged_copied=types.SimpleNamespace(synchronize=lambda: None, record=lambda: None),
     )
+    fake._staging = DecodeStaging(fake._stage64.numpy(), fake._stage32.numpy(), bs, mb, fake.scratch_slot)
+    fake._stage_decode = lambda sched, b: ModelRunner._stage_decode(fake, sched, b)
     # Make every sequence look like it is about to compute its last token.
     saved = [(s.seq.num_computed_tokens, s.seq) for s in scheduled]
     for s in scheduled:
