@@ -522,10 +522,10 @@ def _step_gpu_times(engine, run) -> dict:
     plain = runner.execute
     marks: list[tuple[int, bool, torch.cuda.Event, torch.cuda.Event]] = []
 
-    def timed(scheduled, input_ids=None):
+    def timed(scheduled, fed=None):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = plain(scheduled, input_ids)
+        out = plain(scheduled, fed)
         end.record()
         marks.append((len(scheduled), all(s.num_new_tokens == 1 for s in scheduled), start, end))
         return out

@@ -178,7 +178,7 @@ def _stub_forward(engine) -> None:
     g = torch.Generator().manual_seed(1)
     bufs = itertools.cycle([torch.randn(engine.scheduler.max_num_seqs, vocab, generator=g) for _ in range(7)])
 
-    def execute(scheduled, input_ids=None):
+    def execute(scheduled, fed=None):
         return next(bufs)[:sum(1 for s in scheduled if s.samples)], None
 
     engine.runner.execute = execute

@@ -396,8 +396,9 @@ def test_async_scheduling_gives_the_outputs_of_synchronous_steps(tiny):
     """``async_scheduling``: decode steps are launched before the previous step's tokens are
     read back, which feed them on the device. Outputs must equal synchronous stepping: greedy
     and seeded tokens, logprobs, stop ids (the extra row dropped), stop strings, lengths
-    (no row past the last token), n > 1, arrivals mid-run with a full batch waiting, and a pool
-    so small that steps which would preempt fall back to launching after the collect."""
+    (no row past the last token), n > 1, arrivals mid-run (admitted in steps launched ahead,
+    beside fed decode rows, or waiting for a full batch), and a pool so small that steps which
+    would preempt fall back to launching after the collect."""
     _, ref, _ = tiny
     prompts = _prompts([5, 17, 9, 30, 3, 12, 7], seed=21)
     probe = _engine(tiny, attention_backend="sdpa")
@@ -422,13 +423,16 @@ def test_async_scheduling_gives_the_outputs_of_synchronous_steps(tiny):
                           pipeline_steps=mode == "async", async_scheduling=mode == "async")
             assert eng.async_scheduling is (mode == "async")
             computed: dict = {}  # per request: the last position a step computed
+            mixed: list[int] = []  # steps launched ahead that also admitted a prompt
             execute = eng.runner.execute
 
-            def spy(scheduled, input_ids=None, _execute=execute, _computed=computed):
+            def spy(scheduled, fed=None, _execute=execute, _computed=computed, _mixed=mixed):
+                if fed is not None and len(fed[0]) < len(scheduled):
+                    _mixed.append(len(scheduled))
                 for s in scheduled:
                     key = (s.seq.request_id, s.seq.choice_index)
                     _computed[key] = max(_computed.get(key, -1), s.seq.num_computed_tokens + s.num_new_tokens - 1)
-                return _execute(scheduled, input_ids)
+                return _execute(scheduled, fed)
 
             eng.runner.execute = spy
             results[mode], _ = _drive_choices(eng, requests, arrive_at)
@@ -440,6 +444,7 @@ def test_async_scheduling_gives_the_outputs_of_synchronous_steps(tiny):
             eng.block_manager.check_invariants([])
             if mode == "async":
                 assert eng.num_steps_launched_ahead >= 10, eng.num_steps_launched_ahead
+                assert mixed, "no step launched ahead admitted a new request"
         assert results["sync"].keys() == results["async"].keys()
         for i in results["sync"]:
             (_, _, s_last), (a_toks, a_text, a_last) = results["sync"][i], results["async"][i]
@@ -519,20 +524,26 @@ def test_engine_process_with_async_scheduling_streams_the_synchronous_outputs(tm
             list(ref.token_ids), ref.text, ref.finish_reason), i
 
 
-def test_device_input_ids_must_be_one_per_decode_row(tiny):
-    """``ModelRunner.execute(input_ids=...)`` takes one device-side token per decode row: a
-    wrong length or a prefill row is a ValueError naming the shape, not a wrong step."""
+def test_fed_tokens_replace_the_decode_rows_input_ids(tiny):
+    """``ModelRunner.execute(scheduled, fed=(rows, tokens))``: device-side tokens feed the
+    given decode rows (all of them, or some beside a prefill chunk) exactly as the same ids
+    from the host would; a wrong length or a row that is not one token is a ValueError
+    naming the shape."""
     from stream_attention.engine.model_runner import _FakeScheduled
 
     eng = _engine(tiny, attention_backend="sdpa")
     rows = [_FakeScheduled(1, [0, 1], computed=9), _FakeScheduled(1, [2], computed=3)]
-    with pytest.raises(ValueError, match=r"input_ids of shape \(3,\) for a step of 2 rows"):
-        eng.runner.execute(rows, input_ids=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"fed tokens of shape \(3,\) for rows \[0, 1\] of a 2-row step"):
+        eng.runner.execute(rows, ([0, 1], torch.zeros(3, dtype=torch.long)))
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
-        eng.runner.execute([rows[0], _FakeScheduled(4, [3])], input_ids=torch.zeros(2, dtype=torch.long))
-    got, _ = eng.runner.execute(rows, input_ids=torch.tensor([5, 9]))
+        eng.runner.execute([rows[0], _FakeScheduled(4, [3])], ([0, 1], torch.zeros(2, dtype=torch.long)))
+    mixed = [rows[0], _FakeScheduled(4, [3], computed=0), rows[1]]
+    got_all, _ = eng.runner.execute(rows, ([0, 1], torch.tensor([5, 9])))
+    got_mixed, _ = eng.runner.execute(mixed, ([0, 2], torch.tensor([5, 9])))
     for token, row in zip((5, 9), rows, strict=True):  # the same ids from the host
         row.seq.token_ids[-1] = token
-    want, _ = eng.runner.execute(rows)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert not torch.equal(got[0], got[1])
+    want_all, _ = eng.runner.execute(rows)
+    want_mixed, _ = eng.runner.execute(mixed)
+    torch.testing.assert_close(got_all, want_all, rtol=0, atol=0)
+    torch.testing.assert_close(got_mixed, want_mixed, rtol=0, atol=0)
+    assert not torch.equal(got_all[0], got_all[1])

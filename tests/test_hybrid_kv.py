@@ -290,13 +290,13 @@ def test_decode_graph_inputs_give_the_eager_step_logits(gemma3):
     eager_execute = runner.execute
     checked = []
 
-    def execute(scheduled, input_ids=None):
+    def execute(scheduled, fed=None):
         # The staged step first: had it written a token's K/V anywhere but its slot, the
         # pages it reads would lack that token (the eager step writes the same slots next).
         static = None
         if all(s.num_new_tokens == 1 for s in scheduled) and runner._window_fits(scheduled):
             static = runner.run_decode_static(scheduled)
-        logits, collector = eager_execute(scheduled, input_ids)
+        logits, collector = eager_execute(scheduled, fed)
         if static is not None:
             torch.testing.assert_close(static, logits, rtol=1e-4, atol=1e-4)
             checked.append(len(scheduled))
@@ -369,8 +369,8 @@ def test_decode_graph_self_check_rejects_wrong_staging(gemma3, monkeypatch):
     model, _ = gemma3
     runner = _engine(model, max_num_seqs=3).runner
     runner._alloc_decode_inputs([1, 2, 4])
-    monkeypatch.setattr(runner, "_run_graph", lambda rows, input_ids=None: runner.run_decode_static(rows))
+    monkeypatch.setattr(runner, "_run_graph", lambda rows, fed=None: runner.run_decode_static(rows))
     runner._check_decode_graphs()
-    monkeypatch.setattr(runner, "_run_graph", lambda rows, input_ids=None: runner.run_decode_static(rows).flip(0))
+    monkeypatch.setattr(runner, "_run_graph", lambda rows, fed=None: runner.run_decode_static(rows).flip(0))
     with pytest.raises(RuntimeError, match="decode graph logits differ"):
         runner._check_decode_graphs()

@@ -26,7 +26,7 @@ from .attention_spec import kv_reach
 from .config import EngineConfig, parse_dtype
 from .model_runner import ModelRunner
 from .sampler import PendingSample, Sampler, _to_device
-from .scheduler import ScheduledSeq, Scheduler
+from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import PLACEHOLDER_TOKEN, Sequence, SequenceGroup, SequenceStatus
 from .spec_decode import DraftModelProposer, NgramProposer, PendingVerify, SpeculativeDecoder, draft_block_bytes
 from .structured_output import GrammarCompiler
@@ -490,26 +490,26 @@ class LLMEngine:
         return outputs
 
     def _launch_ahead(self, flight: _Flight) -> _Flight | None:
-        """Launch the decode step after ``flight`` before its tokens are read back (vLLM's
-        async scheduling): the device then goes from one step to the next without waiting
-        for the host to collect, schedule and stage in between.
+        """Launch the step after ``flight`` before its tokens are read back (vLLM's async
+        scheduling): the device then goes from one step to the next without waiting for the
+        host to collect, schedule and stage in between.
 
         The scheduler advances past ``flight`` now, and each sequence that sampled in it
         gets a placeholder token (``PLACEHOLDER_TOKEN``) that ``_collect`` replaces with the
-        sampled one; the new step reads those tokens straight from the device. Only a step
-        of decode rows for sequences that all sampled in ``flight`` qualifies, with no
-        admission, preemption or grammar pending (those need the tokens on the host;
-        penalties take them from the device); otherwise None and the caller launches after
-        collecting, as before.
-        Sequences whose token in ``flight`` is their last by length get no row; those that
-        end on it by a stop token or string have a row whose token is dropped."""
+        sampled one; the new step reads those tokens straight from the device. It qualifies
+        when every running sequence sampled in ``flight`` and none needs its tokens on the
+        host (a grammar) or would need a preemption; new requests may be admitted beside
+        the decode rows (their prompts are known). Otherwise None, and the caller launches
+        after collecting, as before. Sequences whose token in ``flight`` is their last by
+        length get no row; those that end on it by a stop token or string have a row whose
+        token is dropped."""
         pending = flight.pending
         if type(pending) is not PendingSample or flight.verify or flight.prompt_scores is not None:
             return None
         scheduler = self.scheduler
         running = scheduler.running
-        if not running or (scheduler.waiting and len(running) < scheduler.max_num_seqs):
-            return None  # an admission is due: that step needs the host's view of the tokens
+        if not running:
+            return None
         row_of = {id(seq): i for i, seq in enumerate(flight.sampling)}
         if any(id(seq) not in row_of or seq.grammar is not None for seq in running):
             return None
@@ -518,32 +518,43 @@ class LLMEngine:
         bm = scheduler.bm
         max_len = self.max_model_len
         growing = [seq for seq in running if len(seq.token_ids) + 1 < min(seq.token_limit, max_len)]
+        # Decode rows are scheduled before admissions, so only they could need a preemption.
         if not growing or sum(bm.blocks_needed(seq, 1) for seq in growing) > bm.num_free_blocks:
-            return None  # nothing to run, or a preemption would be needed
+            return None
         for seq in growing:
             seq.token_ids.append(PLACEHOLDER_TOKEN)
         sched = scheduler.schedule()
-        scheduled = sched.scheduled
         assert not sched.preempted and all(
-            s.num_new_tokens == 1 and s.samples and id(s.seq) in row_of for s in scheduled
-        ), "a step launched ahead holds decode rows of sampled sequences only"
-        if not scheduled:
-            return None
-        rows = [row_of[id(s.seq)] for s in scheduled]
-        tokens = pending.token_ids
-        if rows != list(range(len(rows))):
-            tokens = tokens.index_select(0, _to_device(rows, torch.long, tokens.device))
-        elif len(rows) != tokens.shape[0]:
-            tokens = tokens[:len(rows)]
-        logits, _ = self.runner.execute(scheduled, input_ids=tokens)
-        sampling = [s.seq for s in scheduled]
-        self.num_steps_launched_ahead += 1
-        return _Flight(scheduled, sampling, self.sampler.launch(logits, sampling, tokens), None)
+            s.num_new_tokens == 1 and id(s.seq) in row_of
+            for s in sched.scheduled if s.seq.token_ids[-1] == PLACEHOLDER_TOKEN
+        ), "a step launched ahead feeds decode rows of sampled sequences only"
+        ahead = self._launch(sched, fed=(row_of, pending.token_ids))
+        if ahead is not None:
+            self.num_steps_launched_ahead += 1
+        return ahead
 
-    def _launch(self) -> _Flight | None:
-        """Schedule a step, run the model and queue the sampling (no wait on the device)."""
+    @staticmethod
+    def _fed_tokens(seqs: list[Sequence], row_of: dict[int, int], tokens: torch.Tensor
+                    ) -> tuple[list[int], torch.Tensor] | None:
+        """For the rows of ``seqs`` whose last token is a placeholder: their indices and
+        those tokens, gathered from the previous step's sampled ``tokens`` (``row_of``: a
+        sequence's row there). None when no row has one."""
+        rows = [i for i, seq in enumerate(seqs) if seq.token_ids[-1] == PLACEHOLDER_TOKEN]
+        if not rows:
+            return None
+        src = [row_of[id(seqs[i])] for i in rows]
+        if src == list(range(len(src))):  # the common case: same sequences, same order
+            return rows, tokens if len(src) == tokens.shape[0] else tokens[:len(src)]
+        return rows, tokens.index_select(0, _to_device(src, torch.long, tokens.device))
+
+    def _launch(self, sched: SchedulerOutput | None = None,
+                fed: tuple[dict[int, int], torch.Tensor] | None = None) -> _Flight | None:
+        """Schedule a step (or take ``sched``), run the model and queue the sampling (no
+        wait on the device). ``fed``: a step launched ahead's map from a sequence to its row
+        in the previous step and that step's sampled tokens, for the rows they feed."""
         scheduler = self.scheduler
-        sched = scheduler.schedule()
+        if sched is None:
+            sched = scheduler.schedule()
         counters = self._counters
         counters.preemptions_total = scheduler.num_preemptions
         if not sched:
@@ -566,7 +577,10 @@ class LLMEngine:
         spec = self.spec
         if spec is not None:
             spec.propose(scheduled)
-        logits, collector = self.runner.execute(scheduled)
+        fed_rows = None
+        if fed is not None:
+            fed_rows = self._fed_tokens([s.seq for s in scheduled], *fed)
+        logits, collector = self.runner.execute(scheduled, fed_rows)
         logits, prompt_scores = _PromptScores.split(scheduled, logits)
         verify = [s for s in scheduled if s.draft] if spec is not None else None
         if verify:
@@ -574,7 +588,15 @@ class LLMEngine:
             sampling = [s.seq for s in scheduled if s.samples and not s.draft]
         if forks:
             logits, sampling = self._fork(forks, logits, sampling)
-        pending = self.sampler.launch(logits, sampling) if sampling else None
+        last_tokens = None
+        if fed is not None and sampling:
+            held = self._fed_tokens(sampling, *fed)
+            if held is not None:  # penalties read a row's placeholder token from here
+                rows, tokens = held
+                last_tokens = tokens if len(rows) == len(sampling) else torch.zeros(
+                    len(sampling), dtype=tokens.dtype, device=tokens.device).index_copy_(
+                    0, _to_device(rows, torch.long, tokens.device), tokens)
+        pending = self.sampler.launch(logits, sampling, last_tokens) if sampling else None
         if verify:
             pending_verify.plain = pending
             return _Flight(scheduled, sampling + [s.seq for s in verify], pending_verify, collector, verify,

@@ -356,7 +356,7 @@ class ModelRunner:
                     p.scales[dst] = p.scales[src]
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq], input_ids: torch.Tensor | None = None
+    def execute(self, scheduled: list[ScheduledSeq], fed: tuple[list[int], torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, BlockScoreCollector | None]:
         """Run one step; returns logits ``[num_sampling_rows, vocab]`` in schedule order (per
         sequence: the rows of its scored prompt positions under ``prompt_logprobs``, then one
@@ -364,19 +364,22 @@ class ModelRunner:
         the block scores the step collected for KV eviction (None unless the policy scores
         this step; the scheduler takes them in ``commit``).
 
-        ``input_ids``: for a decode-only step, its tokens already on the device (one per
-        row, in order), read instead of the sequences' last tokens, which may not be
-        known on the host yet (a step launched ahead, see ``LLMEngine._launch_ahead``)."""
+        ``fed``: ``(rows, tokens)``, decode rows whose input token is already on the device
+        (``tokens``, one per row, in order) and may not be known on the host yet (a step
+        launched ahead, see ``LLMEngine._launch_ahead``): read instead of the sequences'
+        last tokens."""
         n = len(scheduled)
-        if input_ids is not None and (input_ids.shape != (n,) or any(s.num_new_tokens != 1 for s in scheduled)):
-            raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} for a step of {n} rows: "
-                             "device-side ids take one token per decode row")
+        if fed is not None:
+            rows, tokens = fed
+            if tokens.shape != (len(rows),) or any(not 0 <= r < n or scheduled[r].num_new_tokens != 1 for r in rows):
+                raise ValueError(f"fed tokens of shape {tuple(tokens.shape)} for rows {rows[:8]} of a {n}-row step: "
+                                 "one device-side token per decode row")
         # A scoring step (heavy-hitter) runs eagerly: the graphs do not collect scores.
         collector = self.kv_mgr.start_step(scheduled)
         if collector is None and self.graphs and n <= self._graph_sizes[-1] and all(
                 s.num_new_tokens == 1 for s in scheduled) and not _scores_prompt(scheduled) and (
                 self.kv_groups is None or self._window_fits(scheduled)):
-            return self._run_graph(scheduled, input_ids), None
+            return self._run_graph(scheduled, fed), None
         if collector is None and self.verify_graphs and self._verify_fits(scheduled):
             try:
                 return self._run_verify_graph(scheduled), None
@@ -384,10 +387,10 @@ class ModelRunner:
                 log.exception("a verify-step graph failed; verify steps run eagerly from now on")
                 self.verify_graphs.clear()
                 self._verify_sizes = []
-        return self._run_eager(scheduled, collector, input_ids), collector
+        return self._run_eager(scheduled, collector, fed), collector
 
     def _run_eager(self, scheduled, collector: BlockScoreCollector | None = None,
-                   input_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   fed: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
         dev = self.device
         ids, pos, slots, seq_lens, cu, tables, rows, max_q, max_kv, fresh = self._prepare(scheduled)
         ctx = attn_hook.AttentionContext(
@@ -409,8 +412,10 @@ class ModelRunner:
         )
         if self.kv_groups is not None:
             ctx.groups = self._group_contexts(scheduled, ctx, cu)
-        if input_ids is None:
-            input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        if fed is not None:  # each fed row is one token, at the row's offset in the packed ids
+            fed_rows, fed_tokens = fed
+            input_ids.index_copy_(0, torch.tensor([cu[r] for r in fed_rows], dtype=torch.long).to(dev), fed_tokens)
         positions = torch.from_numpy(pos).to(dev, non_blocking=True)
         keep = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
         with attn_hook.attention_context(ctx):
@@ -590,7 +595,8 @@ class ModelRunner:
             logits = self._forward(ids, pos, 0)
         return logits[[i for i, s in enumerate(scheduled) if s.samples]]
 
-    def _run_graph(self, scheduled: list[ScheduledSeq], input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def _run_graph(self, scheduled: list[ScheduledSeq], fed: tuple[list[int], torch.Tensor] | None = None
+                   ) -> torch.Tensor:
         n = len(scheduled)
         b = next(s for s in self._graph_sizes if s >= n)
         graph = self.graphs[b]
@@ -603,8 +609,12 @@ class ModelRunner:
         if self._staged_copied is not None:
             self._staged_copied.synchronize()
         self._stage_decode(scheduled, b)
-        if input_ids is not None:
-            self._meta64[:n].copy_(input_ids)
+        if fed is not None:
+            rows, tokens = fed
+            if len(rows) == n:  # every row fed, in order (rows are increasing)
+                self._meta64[:n].copy_(tokens)
+            else:
+                self._meta64.index_copy_(0, torch.tensor(rows, dtype=torch.long).to(self.device), tokens)
         if self._staged_copied is None:
             self._staged_copied = torch.cuda.Event()
         self._staged_copied.record()
