@@ -662,8 +662,8 @@ def test_verify_graph_inputs_give_the_eager_step_logits() -> None:
     eager_execute = runner.execute
     checked: list[tuple[int, int]] = []
 
-    def execute(scheduled):
-        logits, collector = eager_execute(scheduled)
+    def execute(scheduled, fed=None):
+        logits, collector = eager_execute(scheduled, fed)
         if any(s.draft for s in scheduled) and runner._verify_fits(scheduled):
             static = runner.run_verify_static(scheduled)
             assert static.shape == logits.shape
@@ -851,8 +851,8 @@ def test_verify_graph_inputs_with_split_k_attention_give_the_eager_step_logits(m
     eager_execute = runner.execute
     checked: list[int] = []
 
-    def execute(scheduled):
-        logits, collector = eager_execute(scheduled)
+    def execute(scheduled, fed=None):
+        logits, collector = eager_execute(scheduled, fed)
         if any(s.draft for s in scheduled) and runner._verify_fits(scheduled):
             static = runner.run_verify_static(scheduled)
             torch.testing.assert_close(static, logits, rtol=1e-4, atol=1e-4)

@@ -142,9 +142,13 @@ class _PenaltyTokens:
 
     @staticmethod
     def of(seq: Sequence, vocab: int) -> _PenaltyTokens:
-        state = seq.penalty_tokens
+        """The state kept on ``seq``; a fresh one for stand-ins that keep none (the
+        speculative sampler's per-position contexts)."""
+        state = getattr(seq, "penalty_tokens", None)
         if state is None or state.vocab != vocab:
-            state = seq.penalty_tokens = _PenaltyTokens(vocab)
+            state = _PenaltyTokens(vocab)
+            if hasattr(seq, "penalty_tokens"):
+                seq.penalty_tokens = state
         return state
 
     @staticmethod
@@ -166,7 +170,7 @@ class _PenaltyTokens:
 
     def output_counts(self, seq: Sequence, vocab: int) -> tuple[np.ndarray, np.ndarray]:
         """The ids in ``[0, vocab)`` among the output tokens and how often each occurs."""
-        start = max(self.out_upto, len(seq.prompt_token_ids))
+        start = max(self.out_upto, seq.num_prompt_tokens)
         end = self._known(seq)
         if end > start or self.count_arrs is None:
             for t in seq.token_ids[start:end]:

@@ -334,6 +334,10 @@ class _Context:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt:]
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.num_prompt
+
 
 # ------------------------------------------------------------------- the engine's part
 @dataclass
