@@ -253,6 +253,8 @@ class BlockManager:
         return True
 
     def _release_pages(self, pages: list[int]) -> None:
+        """Drop one reference to each page, tail first: freed pages join the free list in that
+        order, so a sequence's private tail is reused before a prefix others may share."""
         for bid in reversed(pages):
             block = self.blocks[bid]
             block.ref_count -= 1
@@ -374,13 +376,7 @@ class BlockManager:
         """Release all of ``seq``'s blocks. Safe to call twice."""
         # Tail blocks go to the free list first so that they are reused first: a shared
         # prefix is worth more to later requests than a sequence's private tail.
-        for bid in reversed(seq.block_table):
-            block = self.blocks[bid]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[bid] = None
-            elif block.ref_count < 0:  # pragma: no cover - would be an accounting bug
-                raise RuntimeError(f"block {bid} freed more often than allocated")
+        self._release_pages(seq.block_table)
         seq.block_table = []
         seq.block_hashes = []
         if seq.window_table:
