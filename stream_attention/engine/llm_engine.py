@@ -580,7 +580,8 @@ class LLMEngine:
         fed_rows = None
         if fed is not None:
             fed_rows = self._fed_tokens([s.seq for s in scheduled], *fed)
-        logits, collector = self.runner.execute(scheduled, fed_rows)
+        logits, collector = (self.runner.execute(scheduled) if fed_rows is None
+                             else self.runner.execute(scheduled, fed_rows))
         logits, prompt_scores = _PromptScores.split(scheduled, logits)
         verify = [s for s in scheduled if s.draft] if spec is not None else None
         if verify:
@@ -596,7 +597,10 @@ class LLMEngine:
                 last_tokens = tokens if len(rows) == len(sampling) else torch.zeros(
                     len(sampling), dtype=tokens.dtype, device=tokens.device).index_copy_(
                     0, _to_device(rows, torch.long, tokens.device), tokens)
-        pending = self.sampler.launch(logits, sampling, last_tokens) if sampling else None
+        pending = None
+        if sampling:
+            pending = (self.sampler.launch(logits, sampling) if last_tokens is None
+                       else self.sampler.launch(logits, sampling, last_tokens))
         if verify:
             pending_verify.plain = pending
             return _Flight(scheduled, sampling + [s.seq for s in verify], pending_verify, collector, verify,
