@@ -471,7 +471,8 @@ class LLMEngine:
         output objects overlap the GPU. Each call still returns one step's outputs; a
         request added between calls joins the step after the one already running, and a
         request that ends on a stop string has already been given a row in the running
-        step (its token is dropped)."""
+        step (its token is dropped). With :attr:`async_scheduling` on as well, the next step
+        is launched even before this one's tokens are read back (see :meth:`_launch_ahead`)."""
         if self.config.fault_file is not None:
             self._inject_fault(self.config.fault_file)
         outputs, self._pending = self._pending, []
