@@ -328,27 +328,39 @@ def test_penalties_skip_token_ids_outside_the_vocabulary():
     assert torch.equal(got, expect)
 
 
-@pytest.mark.parametrize("last_in_history", [True, False])
-def test_penalties_count_the_last_token_while_it_is_on_the_device(last_in_history):
-    """A row whose last token is a placeholder (its step was launched before the token was
-    read back) with that token passed as ``last_tokens``: the penalised logits equal those
-    of the same row with the token on the host, whether or not the token occurred before
-    (repetition and presence once per distinct token, frequency once per occurrence)."""
+def test_penalties_count_the_last_token_while_it_is_on_the_device():
+    """Rows whose last token is a placeholder (their step was launched before the token was
+    read back), with those tokens passed as ``last_tokens``: the penalised logits equal those
+    of the same rows with the tokens on the host. Per row a different history, the last
+    token inside it or not (repetition and presence count once per distinct token, frequency
+    per occurrence), logits at the last token on both sides of 0 and inside (0, 1] (where
+    the repetition penalty switches between dividing and multiplying), a row with no output
+    before its placeholder, and a row without a placeholder beside them."""
     from stream_attention.engine.sequence import PLACEHOLDER_TOKEN
 
-    vocab = 32
-    kinds = [SamplingParams(repetition_penalty=1.7), SamplingParams(presence_penalty=0.8, frequency_penalty=0.3),
-             SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.6, logit_bias={4: 2.0}),
-             SamplingParams(temperature=0.0)]
-    last = [7, 9, 11, 5] if last_in_history else [20, 21, 22, 23]
-    history = (7, 9, 11, 9, 5)
+    rep = SamplingParams(repetition_penalty=1.7)
+    pf = SamplingParams(presence_penalty=0.8, frequency_penalty=0.3)
+    both = SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.6, logit_bias={4: 2.0})
+    rows = [  # (params, prompt, output before the last token, last token, its logit)
+        (rep, (1, 7), (9, 11), 9, 0.5),     # in the history
+        (rep, (1, 7), (9, 11), 20, 0.5),    # not in it
+        (pf, (2,), (12, 12, 5), 12, -0.7),  # an output token already
+        (pf, (2, 21), (5,), 21, 0.3),       # only in the prompt: presence applies again
+        (both, (3,), (14, 6), 6, 0.9),
+        (both, (3,), (14, 6), 25, -1.5),
+        (pf, (4, 8), (), 8, 0.0),           # the first output token is on the device
+        (rep, (1,), (2,), 3, 2.0),          # no placeholder: on the host already
+    ]
     g = torch.Generator().manual_seed(3)
-    logits = torch.randn(len(kinds), vocab, generator=g) * 3
-    on_host = [_seq(p, prompt=(1, 7), out=history[1:] + (t,)) for p, t in zip(kinds, last, strict=True)]
-    held = [_seq(p, prompt=(1, 7), out=history[1:] + (PLACEHOLDER_TOKEN,)) for p in kinds]
-    held[3] = on_host[3]  # a row without a placeholder beside them
+    logits = torch.randn(len(rows), VOCAB, generator=g) * 3
+    on_host, held = [], []
+    for i, (p, prompt, out, last, value) in enumerate(rows):
+        logits[i, last] = value
+        on_host.append(_seq(p, prompt=prompt, out=out + (last,)))
+        held.append(on_host[-1] if i == len(rows) - 1 else _seq(p, prompt=prompt, out=out + (PLACEHOLDER_TOKEN,)))
+    last_tokens = torch.tensor([last for _, _, _, last, _ in rows])
     want = apply_penalties(logits.clone(), on_host)
-    got = apply_penalties(logits.clone(), held, torch.tensor(last))
+    got = apply_penalties(logits.clone(), held, last_tokens)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert not torch.equal(want, logits)
 
