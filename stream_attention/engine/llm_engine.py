@@ -591,7 +591,9 @@ class LLMEngine:
         if forks:
             logits, sampling = self._fork(forks, logits, sampling)
         last_tokens = None
-        if fed is not None and sampling:
+        if fed_rows is not None and not forks and len(fed_rows[0]) == len(scheduled) == len(sampling):
+            last_tokens = fed_rows[1]  # every row fed and sampling, in order: the same tokens
+        elif fed is not None and sampling:
             held = self._fed_tokens(sampling, *fed)
             if held is not None:  # penalties read a row's placeholder token from here
                 rows, tokens = held
