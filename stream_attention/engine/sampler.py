@@ -110,7 +110,10 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], last_tokens: tor
         counted = [_PenaltyTokens.of(seqs[i], vocab).output_counts(seqs[i], vocab) for i in pf]
         r, t = _pairs(pf, [toks for toks, _ in counted], device)
         sizes = _to_device([len(toks) for toks, _ in counted], torch.long, device)
-        cnt = torch.from_numpy(np.concatenate([c for _, c in counted])).to(device, logits.dtype, non_blocking=True)
+        cnt = torch.from_numpy(np.concatenate([c for _, c in counted]))
+        if device.type == "cuda":  # pinned: a copy from pageable memory would wait for the forward pass
+            cnt = cnt.pin_memory()
+        cnt = cnt.to(device, logits.dtype, non_blocking=True)
         freq, pres = _to_device([[seqs[i].params.frequency_penalty for i in pf],
                                  [seqs[i].params.presence_penalty for i in pf]], logits.dtype, device)
         logits[r, t] -= torch.repeat_interleave(freq, sizes) * cnt + torch.repeat_interleave(pres, sizes)
