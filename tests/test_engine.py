@@ -547,3 +547,20 @@ def test_fed_tokens_replace_the_decode_rows_input_ids(tiny):
     torch.testing.assert_close(got_all, want_all, rtol=0, atol=0)
     torch.testing.assert_close(got_mixed, want_mixed, rtol=0, atol=0)
     assert not torch.equal(got_all[0], got_all[1])
+
+
+def test_freeze_startup_objects_takes_live_objects_out_of_collections():
+    """After start-up on CUDA the engine freezes what is alive: later full collections no
+    longer walk those objects (``gc.get_objects`` no longer lists them)."""
+    import gc
+
+    from stream_attention.engine.llm_engine import freeze_startup_objects
+
+    marker = [object() for _ in range(100)]
+    try:
+        frozen = freeze_startup_objects()
+        assert frozen >= 100 and gc.get_freeze_count() == frozen
+        tracked = {id(o) for o in gc.get_objects()}
+        assert id(marker) not in tracked
+    finally:
+        gc.unfreeze()
